@@ -1,0 +1,1 @@
+"""The gRPC layer: validation, conversion, thin servicers and the server builder."""

@@ -1,0 +1,103 @@
+"""Script replies (plain dicts) to protobuf messages."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+
+POLICY_NAMES = {
+    common_pb2.OVERAGE_POLICY_UNSPECIFIED: "DENY",
+    common_pb2.DENY: "DENY",
+    common_pb2.ALLOW: "ALLOW",
+    common_pb2.AUTO_PURCHASE: "AUTO_PURCHASE",
+}
+
+
+def timestamp(ms: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMilliseconds(int(ms))
+    return ts
+
+
+def _labels(value: Any) -> dict[str, str]:
+    # Lua hands an empty map back as an empty array.
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def grant(view: Mapping[str, Any]) -> common_pb2.Grant:
+    message = common_pb2.Grant(
+        grant_id=view["grant_id"],
+        kind=common_pb2.GrantKind.Value(view["kind"]),
+        units_granted=int(view["granted"]),
+        units_remaining=int(view["remaining"]),
+        granted_at=timestamp(view["granted_at"]),
+        reference=view.get("reference", ""),
+    )
+    if view["expires_at"]:
+        message.expires_at.CopyFrom(timestamp(view["expires_at"]))
+    return message
+
+
+def balance(view: Mapping[str, Any]) -> common_pb2.Balance:
+    grants = view["grants"] if isinstance(view["grants"], list) else []
+    return common_pb2.Balance(
+        account_id=view["account_id"],
+        available=int(view["available"]),
+        held=int(view["held"]),
+        grants=[grant(g) for g in grants],
+        overage_used=int(view["overage_used"]),
+        overage_limit=int(view["overage_limit"]),
+        period_start=timestamp(view["period_start"]),
+        period_end=timestamp(view["period_end"]),
+        period_consumed=int(view["period_consumed"]),
+        overage_held=int(view["overage_held"]),
+        auto_purchased=int(view["auto_purchased"]),
+        units_granted_total=int(view["total_granted"]),
+        units_charged_total=int(view["total_charged"]),
+        units_refunded_total=int(view["total_refunded"]),
+        units_expired_total=int(view["total_expired"]),
+        as_of=timestamp(view["as_of"]),
+    )
+
+
+def account(view: Mapping[str, Any], replayed: bool = False) -> account_pb2.Account:
+    return account_pb2.Account(
+        account_id=view["account_id"],
+        monthly_allotment=int(view["allotment"]),
+        overage_policy=common_pb2.OveragePolicy.Value(view["policy"]),
+        overage_limit=int(view["overage_limit"]),
+        labels=_labels(view["labels"]),
+        auto_purchase_units=int(view["ap_units"]),
+        auto_purchase_threshold=int(view["ap_threshold"]),
+        billing_anchor_day=int(view["anchor_day"]),
+        created_at=timestamp(view["created_at"]),
+        period_start=timestamp(view["period_start"]),
+        period_end=timestamp(view["period_end"]),
+        replayed=replayed,
+    )
+
+
+def reserve_response(reply: Mapping[str, Any]) -> quota_pb2.ReserveResponse:
+    return quota_pb2.ReserveResponse(
+        reservation_id=reply["reservation_id"],
+        units=int(reply["units"]),
+        expires_at=timestamp(reply["expires_at"]),
+        balance=balance(reply["balance"]),
+        replayed=bool(reply["replayed"]),
+        price_version=int(reply["price_version"]),
+        units_per_quantity=int(reply["unit_price"]),
+        quantity=int(reply["quantity"]),
+    )
+
+
+def price(record: Mapping[str, Any]) -> catalog_pb2.Price:
+    return catalog_pb2.Price(
+        operation=record["operation"],
+        units_per_quantity=int(record["price"]),
+        version=int(record["version"]),
+        effective_at=timestamp(record["at"]),
+    )

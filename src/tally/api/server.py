@@ -1,0 +1,61 @@
+"""Builds the gRPC server: services, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
+from tally.api.validation import HoldTtlLimits
+from tally.store.quota_store import QuotaStore
+from tally.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    catalog_pb2,
+    catalog_pb2_grpc,
+    quota_pb2,
+    quota_pb2_grpc,
+)
+
+MESSAGE_BYTES_MAX = 1024 * 1024
+SERVICE_NAMES = (
+    quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
+    account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+    catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
+)
+
+
+def build_server(
+    store: QuotaStore, ttl_limits: HoldTtlLimits, listen: str
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Returns the server (not started), the bound port and its health servicer."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", 4 * MESSAGE_BYTES_MAX),
+            ("grpc.max_concurrent_streams", 1000),
+        ]
+    )
+    quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(store, ttl_limits), server)
+    account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(store), server)
+    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(store), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise RuntimeError(f"could not listen on {listen}")
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, status)

@@ -1,0 +1,136 @@
+"""Validation of every request field. Bad input raises InvalidArgument naming
+the field, before anything reaches the store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tally.domain.errors import InvalidArgument
+
+MAX_UNITS = 2**53 - 1
+ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+OPERATION = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
+LABEL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,62}")
+LABELS_MAX = 32
+LABEL_VALUE_BYTES_MAX = 256
+REFERENCE_BYTES_MAX = 256
+REASON_BYTES_MAX = 512
+
+
+@dataclass(frozen=True)
+class HoldTtlLimits:
+    default_ms: int
+    min_ms: int
+    max_ms: int
+
+
+def account_id(value: str, field: str = "account_id") -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required", field_name=field)
+    if not ACCOUNT_ID.fullmatch(value):
+        raise InvalidArgument(
+            f"{field} must be 1-128 characters of A-Z a-z 0-9 . _ @ - and start with a "
+            "letter or digit",
+            field_name=field,
+        )
+    return value
+
+
+def operation(value: str, field: str = "operation") -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required", field_name=field)
+    if not OPERATION.fullmatch(value):
+        raise InvalidArgument(
+            f"{field} must be 1-128 characters of a-z 0-9 . _ -", field_name=field
+        )
+    return value
+
+
+def idempotency_key(value: str, field: str = "idempotency_key") -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required", field_name=field)
+    if not IDEMPOTENCY_KEY.fullmatch(value):
+        raise InvalidArgument(
+            f"{field} must be 1-128 printable ASCII characters without spaces", field_name=field
+        )
+    return value
+
+
+def units(value: int, field: str, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{field} must be an integer", field_name=field)
+    if value < minimum or value > MAX_UNITS:
+        raise InvalidArgument(
+            f"{field} must be between {minimum} and {MAX_UNITS} (2^53 - 1)", field_name=field
+        )
+    return value
+
+
+def quantity(value: int, field: str = "quantity") -> int:
+    """0 means 1, per the API contract."""
+    return units(value, field) or 1
+
+
+def labels(value: Mapping[str, str], field: str = "labels") -> dict[str, str]:
+    if len(value) > LABELS_MAX:
+        raise InvalidArgument(f"{field} may hold at most {LABELS_MAX} entries", field_name=field)
+    for key, text in value.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise InvalidArgument(
+                f"{field} key {key[:64]!r} must match {LABEL_KEY.pattern}", field_name=field
+            )
+        if len(text.encode()) > LABEL_VALUE_BYTES_MAX:
+            raise InvalidArgument(
+                f"{field}[{key}] must be at most {LABEL_VALUE_BYTES_MAX} bytes", field_name=field
+            )
+    return dict(value)
+
+
+def text(value: str, field: str, max_bytes: int) -> str:
+    if len(value.encode()) > max_bytes:
+        raise InvalidArgument(f"{field} must be at most {max_bytes} bytes", field_name=field)
+    return value
+
+
+def duration_ms(value: Duration, field: str) -> int:
+    if value.seconds < 0 or value.nanos < 0:
+        raise InvalidArgument(f"{field} must not be negative", field_name=field)
+    if value.nanos % 1_000_000:
+        raise InvalidArgument(f"{field} must be a whole number of milliseconds", field_name=field)
+    return value.seconds * 1000 + value.nanos // 1_000_000
+
+
+def hold_ttl_ms(value: Duration | None, field: str, limits: HoldTtlLimits) -> int:
+    if value is None:
+        return limits.default_ms
+    ttl = duration_ms(value, field)
+    if not limits.min_ms <= ttl <= limits.max_ms:
+        raise InvalidArgument(
+            f"{field} must be between {limits.min_ms / 1000:g}s and {limits.max_ms / 1000:g}s",
+            field_name=field,
+        )
+    return ttl
+
+
+def timestamp_ms(value: Timestamp, field: str) -> int:
+    if value.seconds < 0 or value.nanos < 0:
+        raise InvalidArgument(f"{field} must not be before 1970", field_name=field)
+    ms = value.seconds * 1000 + value.nanos // 1_000_000
+    if ms > 253402300799999:
+        raise InvalidArgument(f"{field} must be before year 10000", field_name=field)
+    return ms
+
+
+def fingerprint(method: str, fields: Mapping[str, Any]) -> str:
+    """What makes two requests under one idempotency key "the same request"."""
+    canonical = json.dumps({"method": method, **fields}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]

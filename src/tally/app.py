@@ -1,0 +1,143 @@
+"""Assembles a running authority from settings, and takes it apart again.
+
+Everything that must be closed on shutdown is created here, in one place:
+the embedded Redis (when no URL is set), the Redis pool, the gRPC server
+and the reaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health
+
+from tally.api.server import build_server, set_serving
+from tally.api.validation import HoldTtlLimits
+from tally.clock import Clock, SystemClock
+from tally.config import Settings
+from tally.store.client import ScriptRunner, connect
+from tally.store.embedded import EmbeddedRedis
+from tally.store.quota_store import QuotaStore, StoreLimits
+from tally.store.reaper import Reaper
+
+log = logging.getLogger("tally.app")
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ttl_limits(settings: Settings) -> HoldTtlLimits:
+    return HoldTtlLimits(
+        default_ms=round(settings.hold_ttl_default * 1000),
+        min_ms=round(settings.hold_ttl_min * 1000),
+        max_ms=round(settings.hold_ttl_max * 1000),
+    )
+
+
+def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
+    from tally.store.keys import KeySpace
+
+    redis = connect(
+        redis_url,
+        socket_timeout_s=settings.redis_timeout,
+        max_connections=settings.redis_max_connections,
+    )
+    limits = StoreLimits(
+        idempotency_window_ms=round(settings.idempotency_window * 1000),
+        reservation_retention_ms=round(settings.reservation_retention * 1000),
+    )
+    return QuotaStore(ScriptRunner(redis), KeySpace(settings.shards), clock, limits)
+
+
+@dataclass
+class Authority:
+    """A started authority: what tests and `tally serve` hold on to."""
+
+    settings: Settings
+    store: QuotaStore
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    reaper: Reaper
+    embedded: EmbeddedRedis | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stops taking calls, drains the ones in flight, then closes the store."""
+        grace = self.settings.shutdown_grace if grace_s is None else grace_s
+        log.info("shutting down", extra={"grace_s": grace})
+        await set_serving(self.health, False)
+        self.reaper.stop()
+        await self.server.stop(grace)
+        for task in self._tasks:
+            await task
+        await self.store.redis.aclose()
+        if self.embedded is not None:
+            self.embedded.stop()
+        log.info("stopped")
+
+
+async def start(settings: Settings, clock: Clock | None = None) -> Authority:
+    if not is_loopback(settings.listen) and not settings.allow_remote_without_auth:
+        raise RuntimeError(
+            f"refusing to listen on {settings.listen}: no authentication is configured. "
+            "Listen on 127.0.0.1, or set TALLY_ALLOW_REMOTE_WITHOUT_AUTH=true behind a "
+            "trusted network boundary."
+        )
+    embedded = None
+    redis_url = settings.redis_url
+    if not redis_url:
+        embedded = EmbeddedRedis(settings.data_path / "redis", settings.redis_appendfsync)
+        redis_url = embedded.start()
+    try:
+        store = build_store(settings, redis_url, clock or SystemClock())
+        await store.check_deployment()
+        await store.runner.load()
+        await store.sync_catalog(load_defaults=settings.default_catalog)
+        server, port, health_servicer = build_server(store, ttl_limits(settings), settings.listen)
+        await server.start()
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
+    await set_serving(health_servicer, True)
+    reaper = Reaper(store, settings.reaper_interval, settings.reaper_batch)
+    authority = Authority(settings, store, server, port, health_servicer, reaper, embedded)
+    authority._tasks.append(asyncio.create_task(reaper.run()))
+    log.info(
+        "serving",
+        extra={"address": authority.address, "shards": settings.shards,
+               "redis": "embedded" if embedded else "external"},
+    )
+    return authority
+
+
+async def serve_until_signalled(
+    settings: Settings, on_ready: Callable[[Authority], Awaitable[None]] | None = None
+) -> None:
+    authority = await start(settings)
+    if on_ready is not None:
+        await on_ready(authority)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await authority.stop()

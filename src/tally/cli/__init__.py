@@ -1,0 +1,1 @@
+"""The `tally` command line: the server and every admin task."""

@@ -1,0 +1,34 @@
+"""Entry point of the `tally` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tally import __version__
+from tally.cli import admin, serve
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tally", description="Tally: a gRPC quota authority for prepaid usage credits."
+    )
+    parser.add_argument("--version", action="version", version=f"tally {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve.register(subparsers)
+    admin.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""`tally serve`: run the authority until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from tally import app, config, logs
+from tally.store.embedded import RedisNotInstalled
+
+log = logging.getLogger("tally.serve")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the quota authority",
+        description="Run the quota authority. Every flag also reads a TALLY_* variable; "
+        "a flag wins over its variable.",
+    )
+    config.add_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+async def _announce(authority: app.Authority) -> None:
+    print(
+        f"tally: serving on {authority.address} "
+        f"({'embedded Redis under ' + authority.settings.data_dir if authority.embedded else 'Redis at ' + authority.settings.redis_url}). "
+        f"Try: tally accounts create demo --allotment 5000 --target {authority.address}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = config.from_sources(args)
+    except ValueError as exc:
+        print(f"tally serve: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    if settings.ledger_url:
+        log.warning("ledger_url is accepted but the ledger arrives in a later release")
+    try:
+        asyncio.run(app.serve_until_signalled(settings, on_ready=_announce))
+    except RedisNotInstalled as exc:
+        print(f"tally serve: {exc}", file=sys.stderr)
+        return 3
+    except RuntimeError as exc:
+        print(f"tally serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,158 @@
+"""One typed settings object, from flags and TALLY_* environment variables.
+
+Every setting has a flag, an environment variable and a typed default; a
+flag always wins over its variable. Durations accept 500ms, 30s, 5m, 1h, 2d
+or a bare number of seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration_s(text: str) -> float:
+    match = _DURATION.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (examples: 500ms, 30s, 5m, 1h, 2d)")
+    return float(match.group(1)) * _UNIT_S[match.group(2)]
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{text!r} is not a boolean")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    help: str
+    parse: Callable[[str], Any]
+    default: Any
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "host:port to serve gRPC on", str, "127.0.0.1:50051"),
+    Setting("redis_url", "Redis URL; unset: start a private redis-server under data_dir", str, ""),
+    Setting("ledger_url", "ledger URL (sqlite:///path or postgresql://...)", str, ""),
+    Setting("data_dir", "folder for the embedded Redis and ledger", str, "./var"),
+    Setting("shards", "virtual shards accounts are spread over (fixed once data exists)", int, 16),
+    Setting("hold_ttl_default", "hold lifetime when a Reserve sets no ttl", parse_duration_s, 300.0),
+    Setting("hold_ttl_min", "shortest hold lifetime accepted", parse_duration_s, 1.0),
+    Setting("hold_ttl_max", "longest hold lifetime accepted (per Reserve or Extend)",
+            parse_duration_s, 3600.0),
+    Setting("idempotency_window", "how long idempotency records are kept", parse_duration_s,
+            86400.0),
+    Setting("reservation_retention", "how long closed reservations stay refundable",
+            parse_duration_s, 35 * 86400.0),
+    Setting("reaper_interval", "how often each shard's expired holds are released",
+            parse_duration_s, 1.0),
+    Setting("reaper_batch", "holds released per shard per reaper pass, at most", int, 500),
+    Setting("redis_timeout", "Redis socket timeout when the caller sets no deadline",
+            parse_duration_s, 5.0),
+    Setting("redis_max_connections", "Redis connection pool size", int, 64),
+    Setting("redis_appendfsync", "embedded Redis AOF fsync policy: always|everysec|no", str,
+            "always"),
+    Setting("shutdown_grace", "how long SIGTERM waits for in-flight calls", parse_duration_s, 10.0),
+    Setting("default_catalog", "load the default prices into an empty catalog", parse_bool, True),
+    Setting("allow_remote_without_auth", "listen beyond loopback although no authentication "
+            "is configured (authentication arrives in a later release)", parse_bool, False),
+    Setting("log_level", "DEBUG, INFO, WARNING or ERROR", str, "INFO"),
+    Setting("log_format", "json or text", str, "json"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str
+    redis_url: str
+    ledger_url: str
+    data_dir: str
+    shards: int
+    hold_ttl_default: float
+    hold_ttl_min: float
+    hold_ttl_max: float
+    idempotency_window: float
+    reservation_retention: float
+    reaper_interval: float
+    reaper_batch: int
+    redis_timeout: float
+    redis_max_connections: int
+    redis_appendfsync: str
+    shutdown_grace: float
+    default_catalog: bool
+    allow_remote_without_auth: bool
+    log_level: str
+    log_format: str
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def validate(self) -> None:
+        if not self.hold_ttl_min <= self.hold_ttl_default <= self.hold_ttl_max:
+            raise ValueError("hold ttls must satisfy min <= default <= max")
+        if self.hold_ttl_min < 0.001:
+            raise ValueError("hold_ttl_min must be at least 1ms")
+        if self.redis_appendfsync not in {"always", "everysec", "no"}:
+            raise ValueError("redis_appendfsync must be always, everysec or no")
+        if self.log_format not in {"json", "text"}:
+            raise ValueError("log_format must be json or text")
+        if self.reaper_batch < 1 or self.redis_max_connections < 1:
+            raise ValueError("reaper_batch and redis_max_connections must be positive")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"listen must be host:port, got {self.listen!r}")
+
+
+def env_name(setting: Setting) -> str:
+    return "TALLY_" + setting.name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for setting in SETTINGS:
+        flag = "--" + setting.name.replace("_", "-")
+        parser.add_argument(
+            flag,
+            dest=setting.name,
+            default=None,
+            help=f"{setting.help} [env {env_name(setting)}, default {setting.default!r}]",
+        )
+
+
+def from_sources(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over TALLY_* variables, which win over defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = getattr(args, setting.name, None)
+        source = "--" + setting.name.replace("_", "-")
+        if raw is None:
+            raw = env.get(env_name(setting))
+            source = env_name(setting)
+        if raw is None:
+            values[setting.name] = setting.default
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+    settings = Settings(**values)
+    settings.validate()
+    return settings
+
+
+if {f.name for f in fields(Settings)} != {s.name for s in SETTINGS}:
+    raise RuntimeError("Settings and SETTINGS disagree")  # a programmer error

@@ -1,0 +1,1 @@
+"""Plain-Python domain values and errors, free of gRPC and Redis."""

@@ -1,0 +1,134 @@
+"""The Redis connection and script calls: one EVALSHA per call, never retried.
+
+redis-py retries a command after a connection error by default; a retried
+EVALSHA that had already run would move units twice. Retries are off; the
+only repeat is after NOSCRIPT, which means the script did not run. Callers
+retry with their idempotency key instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    NoScriptError,
+    ReadOnlyError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tally.domain.errors import (
+    ERRORS_BY_CODE,
+    DeadlineExceeded,
+    ResourceExhausted,
+    Shortfall,
+    TallyError,
+    Unavailable,
+)
+from tally.store.scripts import LuaScript, load_all
+
+
+def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+        retry=Retry(NoBackoff(), retries=0),
+        retry_on_timeout=False,
+        retry_on_error=[],
+        max_connections=max_connections,
+        health_check_interval=0,
+    )
+
+
+def _decode(value: Any) -> Any:
+    """msgpack maps from Lua turn empty tables into empty arrays; keep both usable."""
+    return msgpack.unpackb(value, raw=False, strict_map_key=False)
+
+
+def _raise_script_error(reply: dict[str, Any]) -> None:
+    code = reply.get("code", "INTERNAL")
+    message = reply.get("message", "")
+    field_name = reply.get("field", "")
+    if code == "RESOURCE_EXHAUSTED":
+        extra = reply.get("extra") or {}
+        raise ResourceExhausted(
+            message,
+            field_name=field_name,
+            shortfall=Shortfall(
+                account_id=str(extra.get("account_id", "")),
+                operation=str(extra.get("operation", "")),
+                available=int(extra.get("available", 0)),
+                required=int(extra.get("required", 0)),
+            ),
+        )
+    error_cls = ERRORS_BY_CODE.get(code)
+    if error_cls is None:
+        raise RuntimeError(f"script returned unknown error code {code!r}: {message}")
+    raise error_cls(message, field_name=field_name)
+
+
+class ScriptRunner:
+    """Runs the composed Lua scripts against one Redis connection pool."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.scripts: dict[str, LuaScript] = load_all()
+
+    async def load(self) -> None:
+        for script in self.scripts.values():
+            sha = await self.redis.script_load(script.source)
+            if sha != script.sha:
+                raise RuntimeError(f"Redis hashed {script.name}.lua as {sha}, expected {script.sha}")
+
+    async def run(
+        self, name: str, keys: list[str], request: dict[str, Any], timeout_s: float | None
+    ) -> dict[str, Any]:
+        """One EVALSHA (or EVALSHA_RO); raises the script's typed error, if any."""
+        if timeout_s is not None and timeout_s <= 0:
+            raise DeadlineExceeded("the call's deadline passed before the store was asked")
+        script = self.scripts[name]
+        payload = msgpack.packb(request, use_bin_type=True)
+        try:
+            async with asyncio.timeout(timeout_s):
+                raw = await self._evalsha(script, keys, payload)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                "the store did not answer before the call's deadline; "
+                "retry with the same idempotency key"
+            ) from exc
+        except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError) as exc:
+            raise Unavailable(
+                f"the store is unreachable ({type(exc).__name__}); "
+                "retry with the same idempotency key"
+            ) from exc
+        except ResponseError as exc:
+            if str(exc).startswith("OOM"):
+                raise Unavailable("the store is out of memory") from exc
+            raise
+        reply = _decode(raw)
+        if not isinstance(reply, dict):
+            raise RuntimeError(f"{name}.lua returned {reply!r}")
+        if not reply.get("ok"):
+            _raise_script_error(reply)
+        result = reply.get("r")
+        return result if isinstance(result, dict) else {}
+
+    async def _evalsha(self, script: LuaScript, keys: list[str], payload: bytes) -> Any:
+        command = self.redis.evalsha_ro if script.read_only else self.redis.evalsha
+        try:
+            return await command(script.sha, len(keys), *keys, payload)  # type: ignore[arg-type]
+        except NoScriptError:
+            # NOSCRIPT means the script did not run: loading and calling again is safe.
+            await self.redis.script_load(script.source)
+            return await command(script.sha, len(keys), *keys, payload)  # type: ignore[arg-type]
+
+
+__all__ = ["ScriptRunner", "TallyError", "connect"]

@@ -1,0 +1,138 @@
+"""The embedded default: a private redis-server under the data folder.
+
+Started when no Redis URL is configured: its own port on 127.0.0.1, its own
+folder, AOF on (`appendfsync always` unless configured otherwise), no
+eviction. It dies with the server process (PR_SET_PDEATHSIG), and a leftover
+one from a killed run is stopped before a new one starts on the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger("tally.embedded")
+
+INSTALL_HINT = (
+    "redis-server was not found on PATH. Install it (Debian/Ubuntu: "
+    "`sudo apt-get install -y redis-server`; macOS: `brew install redis`) "
+    "or point Tally at a Redis with --redis-url / TALLY_REDIS_URL."
+)
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+
+
+class RedisNotInstalled(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _stop_leftover(pidfile: Path) -> None:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return
+    if b"redis-server" not in cmdline:
+        return
+    log.warning("stopping a leftover embedded redis-server", extra={"pid": pid})
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class EmbeddedRedis:
+    def __init__(self, folder: Path, appendfsync: str = "always") -> None:
+        self.folder = folder.resolve()
+        self.appendfsync = appendfsync
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> str:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RedisNotInstalled(INSTALL_HINT)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        pidfile = self.folder / "redis.pid"
+        _stop_leftover(pidfile)
+        self.port = free_port()
+        args = [
+            binary,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.folder),
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--maxmemory-policy", "noeviction",
+            "--protected-mode", "yes",
+            "--pidfile", str(pidfile),
+            "--logfile", str(self.folder / "redis.log"),
+            "--daemonize", "no",
+        ]
+        self.process = subprocess.Popen(  # noqa: S603 - fixed binary and arguments
+            args, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._wait_ready()
+        log.info(
+            "embedded redis-server started",
+            extra={"port": self.port, "dir": str(self.folder), "appendfsync": self.appendfsync},
+        )
+        return self.url
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+                raise RuntimeError(
+                    f"redis-server exited at start: {stderr.strip()} (see {self.folder}/redis.log)"
+                )
+            with contextlib.suppress(OSError), socket.create_connection(
+                ("127.0.0.1", self.port), timeout=0.2
+            ) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT_S}s")
+
+    def stop(self) -> None:
+        """SIGTERM lets Redis fsync its AOF and exit cleanly."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        log.info("embedded redis-server stopped")

@@ -1,0 +1,15 @@
+--! flags: no-writes
+--! include: codec calendar account
+-- balance: an account's balance and settings as of now, with due holds,
+-- expiries and a new period applied in memory (nothing is written).
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- ARGV[1] (msgpack): now, prefix, shard, account_id
+-- Returns: {account = account view, balance = balance view}.
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
+  touch(ctx)
+  return {account = account_view(acct), balance = balance_view(ctx)}
+end)

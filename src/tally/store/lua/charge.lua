@@ -1,0 +1,39 @@
+--! include: codec calendar account
+-- charge: reserves and commits in one step.
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
+--       4 shard event stream, 5 idempotency record, 6 shard prices hash,
+--       7 shard price history hash
+-- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, operation,
+--   quantity (>= 1), idempotency_key, fingerprint, labels, price_version,
+--   idem_window_ms
+-- Returns: {reservation_id, units, balance, replayed, price_version, overage_units}.
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local spend = check_spend_request(req)
+  local acct = load_account(ctx, spend.account_id)
+  local replay = idem_lookup(KEYS[5], req.fingerprint)
+  if replay then return replay end
+  local unit_price, version = price_of(ctx, KEYS[6], KEYS[7], spend.operation, spend.price_version)
+  local units = units_for(unit_price, spend.quantity)
+  touch(ctx)
+  local moves, short = allocate(ctx, spend.operation, units)
+  local hold = new_hold(ctx, spend, unit_price, version, units)
+  hold.state, hold.closed_at = 'COMMITTED', ctx.now
+  hold.charged, hold.charged_quantity, hold.charge_moves = units, spend.quantity, moves
+  hold.overage_charged, hold.charge_period = short, acct.period_start
+  acct.overage_used = acct.overage_used + short
+  acct.total_charged = acct.total_charged + units
+  acct.period_consumed = acct.period_consumed + units
+  mark_hold(ctx, hold)
+  emit(ctx, 'charge', {reservation_id = hold.id, operation = hold.operation,
+    quantity = hold.quantity, units = units, overage = short, moves = moves_text(moves),
+    labels = hold.labels, idempotency_key = spend.idem_key, price_version = version})
+  local answer = {reservation_id = hold.id, units = units, balance = balance_view(ctx),
+    replayed = false, price_version = version, overage_units = short}
+  hold.commit_answer = answer
+  commit_ctx(ctx)
+  idem_store(KEYS[5], req.fingerprint, answer, spend.window_ms)
+  return answer
+end)

@@ -1,0 +1,72 @@
+--! include: codec calendar account
+-- commit: charges a hold, whole or for a smaller quantity; the rest goes back
+-- to the grants it came from. A hold that expired before the commit is
+-- charged anyway (the work was done) from what is available, the rest as
+-- overage, and flagged late. Idempotent by reservation id.
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id,
+--   quantity (-1: the whole reserved quantity)
+-- Returns: {units_charged, units_released, balance, replayed, late, overage_units}.
+
+local function charge_hold(ctx, hold, units)
+  local acct = ctx.acct
+  local grant_units = hold.units - hold.overage
+  local from_grants = math.min(units, grant_units)
+  local charged_moves, rest = split_moves(hold.moves, from_grants)
+  give_back(acct, rest, grant_units - from_grants)
+  acct.held = acct.held - hold.units
+  acct.overage_held = acct.overage_held - hold.overage
+  return charged_moves, units - from_grants
+end
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
+  local rid = check_str(req.reservation_id, 'reservation_id', 300)
+  local quantity = check_int(req.quantity, 'quantity', -1, MAX_UNITS)
+  local hold = load_hold(ctx, rid)
+  if not hold then raise('NOT_FOUND', 'reservation_id', 'reservation ' .. rid .. ' not found') end
+  if quantity == -1 then quantity = hold.quantity end
+  if quantity > hold.quantity then
+    raise('INVALID_ARGUMENT', 'quantity',
+      string.format('quantity %d is more than the %d reserved', quantity, hold.quantity))
+  end
+  if hold.state == 'COMMITTED' then
+    if hold.charged_quantity ~= quantity then
+      raise('FAILED_PRECONDITION', 'quantity', string.format(
+        'reservation was already committed with quantity %d', hold.charged_quantity))
+    end
+    hold.commit_answer.replayed = true
+    return hold.commit_answer
+  end
+  if hold.state == 'RELEASED' then
+    raise('FAILED_PRECONDITION', 'reservation_id', 'reservation ' .. rid .. ' was released')
+  end
+  touch(ctx)
+  settle_if_due(ctx, hold)
+  local units = hold.unit_price * quantity
+  local moves, overage
+  local late = hold.state == 'EXPIRED'
+  if late then
+    moves, overage = take(acct, units)
+  else
+    moves, overage = charge_hold(ctx, hold, units)
+  end
+  acct.overage_used = acct.overage_used + overage
+  acct.total_charged = acct.total_charged + units
+  acct.period_consumed = acct.period_consumed + units
+  local released = late and 0 or hold.units - units
+  hold.state, hold.closed_at, hold.late = 'COMMITTED', ctx.now, late
+  hold.charged, hold.charged_quantity, hold.charge_moves = units, quantity, moves
+  hold.overage_charged, hold.charge_period = overage, acct.period_start
+  mark_hold(ctx, hold)
+  emit(ctx, late and 'late_commit' or 'commit', {reservation_id = rid, operation = hold.operation,
+    quantity = quantity, units = units, released = released, overage = overage,
+    moves = moves_text(moves), labels = hold.labels})
+  local answer = {units_charged = units, units_released = released, balance = balance_view(ctx),
+    replayed = false, late = late, overage_units = overage}
+  hold.commit_answer = answer
+  commit_ctx(ctx)
+  return answer
+end)

@@ -1,0 +1,55 @@
+--! include: codec calendar account
+-- create_account: creates an account and its first period's allotment.
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- ARGV[1] (msgpack): now, prefix, shard, account_id, allotment, policy,
+--   overage_limit, ap_units, ap_threshold, anchor_day (0: today's day), labels
+-- Returns: {account = account view, balance = balance view, replayed = bool}.
+-- Creating an account that exists with the same settings replays it;
+-- different settings are ALREADY_EXISTS.
+
+local SETTINGS = {'allotment', 'policy', 'overage_limit', 'ap_units', 'ap_threshold'}
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local account_id = check_str(req.account_id, 'account_id', 128)
+  check_int(req.allotment, 'monthly_allotment', 0, MAX_UNITS)
+  check_int(req.overage_limit, 'overage_limit', 0, MAX_UNITS)
+  check_int(req.ap_units, 'auto_purchase_units', 0, MAX_UNITS)
+  check_int(req.ap_threshold, 'auto_purchase_threshold', 0, MAX_UNITS)
+  check_int(req.anchor_day, 'billing_anchor_day', 0, 31)
+  check_labels(req.labels, 'labels')
+  check_policy(req.policy, req.ap_units)
+  local existing = load_blob(ctx.acct_key)
+  if existing then
+    ctx.acct = existing
+    for _, name in ipairs(SETTINGS) do
+      if existing[name] ~= req[name] then
+        raise('ALREADY_EXISTS', 'account_id', 'account ' .. account_id .. ' exists with other settings')
+      end
+    end
+    touch(ctx)
+    return {account = account_view(existing), balance = balance_view(ctx), replayed = true}
+  end
+  local anchor_day = req.anchor_day
+  if anchor_day == 0 then anchor_day = day_of_month(ctx.now) end
+  local period_start, period_end = period_bounds(ctx.now, anchor_day)
+  local acct = {id = account_id, allotment = req.allotment, policy = req.policy,
+    overage_limit = req.overage_limit, ap_units = req.ap_units, ap_threshold = req.ap_threshold,
+    anchor_day = anchor_day, labels = req.labels, created_at = ctx.now,
+    period_start = period_start, period_end = period_end, period_consumed = 0,
+    overage_used = 0, overage_held = 0, auto_purchased = 0, held = 0, seq = 0,
+    total_granted = 0, total_charged = 0, total_refunded = 0, total_expired = 0, grants = {}}
+  ctx.acct = acct
+  emit(ctx, 'plan_change', {created = 1, allotment = acct.allotment, policy = acct.policy,
+    overage_limit = acct.overage_limit, ap_units = acct.ap_units, ap_threshold = acct.ap_threshold,
+    anchor_day = anchor_day, labels = acct.labels})
+  if acct.allotment > 0 then
+    local g = add_grant(ctx, 'ALLOTMENT', acct.allotment, period_end, '')
+    acct.total_granted = acct.allotment
+    emit(ctx, 'allotment', {grant_id = g.id, units = acct.allotment,
+      period_start = period_start, period_end = period_end})
+  end
+  commit_ctx(ctx)
+  return {account = account_view(acct), balance = balance_view(ctx), replayed = false}
+end)

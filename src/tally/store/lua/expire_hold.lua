@@ -1,0 +1,31 @@
+--! include: codec calendar account
+-- expire_hold: the reaper's step for one due hold. Brings its account up to
+-- now (which expires every due hold of the account, this one included).
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id
+-- Returns: {expired = number of holds expired by this call}.
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local rid = check_str(req.reservation_id, 'reservation_id', 300)
+  check_str(req.account_id, 'account_id', 128)
+  local acct = load_blob(ctx.acct_key)
+  local hold = load_hold(ctx, rid)
+  if not acct or not hold or hold.state ~= 'HELD' then
+    -- nothing left to expire: drop the stale index entries
+    redis.call('ZREM', ctx.expiries_key, rid)
+    redis.call('ZREM', ctx.holds_key, rid)
+    return {expired = 0}
+  end
+  ctx.acct = acct
+  touch(ctx)
+  settle_if_due(ctx, hold)
+  local expired = 0
+  for rid_done in pairs(ctx.dirty) do
+    if ctx.holds[rid_done].state == 'EXPIRED' then expired = expired + 1 end
+  end
+  if hold.state == 'HELD' then mark_hold(ctx, hold) end  -- re-index an extended hold
+  commit_ctx(ctx)
+  return {expired = expired}
+end)

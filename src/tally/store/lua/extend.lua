@@ -1,0 +1,32 @@
+--! include: codec calendar account
+-- extend: gives a held reservation a new lifetime of ttl_ms from now.
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id, ttl_ms
+-- Returns: {reservation_id, units, expires_at, balance, replayed, price_version,
+--   unit_price, quantity}.
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
+  local rid = check_str(req.reservation_id, 'reservation_id', 300)
+  local ttl_ms = check_int(req.ttl_ms, 'ttl', 1, MAX_TIME_MS)
+  local hold = load_hold(ctx, rid)
+  if not hold then raise('NOT_FOUND', 'reservation_id', 'reservation ' .. rid .. ' not found') end
+  if hold.state == 'HELD' and hold.expires_at <= ctx.now then
+    raise('FAILED_PRECONDITION', 'reservation_id', 'reservation ' .. rid .. ' has expired')
+  end
+  if hold.state ~= 'HELD' then
+    raise('FAILED_PRECONDITION', 'reservation_id',
+      'reservation ' .. rid .. ' is ' .. string.lower(hold.state) .. ', not held')
+  end
+  touch(ctx)
+  hold.expires_at = ctx.now + ttl_ms
+  mark_hold(ctx, hold)
+  emit(ctx, 'extend', {reservation_id = rid, operation = hold.operation, units = 0,
+    expires_at = hold.expires_at})
+  commit_ctx(ctx)
+  return {reservation_id = rid, units = hold.units, expires_at = hold.expires_at,
+    balance = balance_view(ctx), replayed = false, price_version = hold.price_version,
+    unit_price = hold.unit_price, quantity = hold.quantity}
+end)

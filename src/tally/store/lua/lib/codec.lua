@@ -1,0 +1,78 @@
+-- codec: argument decoding, typed failures and the script runner.
+-- Every script receives one msgpack-encoded request table in ARGV[1] and
+-- returns one msgpack-encoded reply: {ok=true, r=<result>} or
+-- {ok=false, code=<grpc code name>, field=<field>, message=<text>, ...}.
+-- Amounts are Lua numbers (doubles): every amount is checked to be an
+-- integer no larger than MAX_UNITS = 2^53 - 1 before it is used.
+
+local MAX_UNITS = 9007199254740991
+local MAX_TIME_MS = 253402300799999  -- 9999-12-31T23:59:59.999Z
+
+local function raise(code, field, message, extra)
+  error({tally_err = true, code = code, field = field, message = message, extra = extra}, 0)
+end
+
+local function check_int(value, field, lo, hi)
+  if type(value) ~= 'number' or value ~= value or math.floor(value) ~= value then
+    raise('INVALID_ARGUMENT', field, field .. ' must be an integer')
+  end
+  if value < lo or value > hi then
+    raise('INVALID_ARGUMENT', field, string.format('%s must be between %d and %d', field, lo, hi))
+  end
+  return value
+end
+
+local function check_str(value, field, max_len, allow_empty)
+  if type(value) ~= 'string' then raise('INVALID_ARGUMENT', field, field .. ' must be a string') end
+  if #value == 0 and not allow_empty then raise('INVALID_ARGUMENT', field, field .. ' is required') end
+  if #value > max_len then
+    raise('INVALID_ARGUMENT', field, string.format('%s must be at most %d bytes', field, max_len))
+  end
+  return value
+end
+
+local function check_labels(value, field)
+  if type(value) ~= 'table' then raise('INVALID_ARGUMENT', field, field .. ' must be a map') end
+  for k, v in pairs(value) do
+    if type(k) ~= 'string' or type(v) ~= 'string' then
+      raise('INVALID_ARGUMENT', field, field .. ' keys and values must be strings')
+    end
+  end
+  return value
+end
+
+local function decode_request()
+  local ok, req = pcall(cmsgpack.unpack, ARGV[1] or '')
+  if not ok or type(req) ~= 'table' then raise('INVALID_ARGUMENT', 'request', 'request is not a msgpack map') end
+  check_int(req.now, 'now', 0, MAX_TIME_MS)
+  return req
+end
+
+local function load_blob(key)
+  local raw = redis.call('GET', key)
+  if not raw then return nil end
+  return cmsgpack.unpack(raw)
+end
+
+local function save_blob(key, value, ttl_ms)
+  if ttl_ms and ttl_ms > 0 then
+    redis.call('SET', key, cmsgpack.pack(value), 'PX', ttl_ms)
+  else
+    redis.call('SET', key, cmsgpack.pack(value))
+  end
+end
+
+-- Integer to decimal text without the 14-digit rounding of tostring().
+local function int_text(n)
+  return string.format('%d', n)
+end
+
+local function run(main)
+  local ok, result = pcall(main)
+  if ok then return cmsgpack.pack({ok = true, r = result}) end
+  if type(result) == 'table' and result.tally_err then
+    return cmsgpack.pack({ok = false, code = result.code, field = result.field or '',
+      message = result.message or '', extra = result.extra or {}})
+  end
+  error(result, 0)
+end

@@ -1,0 +1,35 @@
+--! include: codec calendar account
+-- purchase: adds a PURCHASE grant bought by the customer.
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
+--       4 shard event stream, 5 idempotency record
+-- ARGV[1] (msgpack): now, prefix, shard, account_id, units, expires_at (0: never),
+--   reference, idempotency_key, fingerprint, idem_window_ms
+-- Returns: {grant = grant view, balance = balance view, replayed = bool}.
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
+  local units = check_int(req.units, 'units', 1, MAX_UNITS)
+  local expires_at = check_int(req.expires_at, 'expires_at', 0, MAX_TIME_MS)
+  local reference = check_str(req.reference, 'reference', 256, true)
+  local idem_key = check_str(req.idempotency_key, 'idempotency_key', 128)
+  local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, MAX_TIME_MS)
+  local replay = idem_lookup(KEYS[5], req.fingerprint)
+  if replay then return replay end
+  if expires_at ~= 0 and expires_at <= ctx.now then
+    raise('INVALID_ARGUMENT', 'expires_at', 'expires_at must be in the future')
+  end
+  touch(ctx)
+  if acct.total_granted + units > MAX_UNITS then
+    raise('INVALID_ARGUMENT', 'units', 'the account would hold more than 2^53 - 1 units')
+  end
+  local g = add_grant(ctx, 'PURCHASE', units, expires_at, reference)
+  acct.total_granted = acct.total_granted + units
+  emit(ctx, 'purchase', {grant_id = g.id, units = units, reference = reference,
+    expires_at = expires_at, idempotency_key = idem_key})
+  local answer = {grant = grant_view(g), balance = balance_view(ctx), replayed = false}
+  commit_ctx(ctx)
+  idem_store(KEYS[5], req.fingerprint, answer, window_ms)
+  return answer
+end)

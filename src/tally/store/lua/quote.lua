@@ -1,0 +1,23 @@
+--! flags: no-writes
+--! include: codec calendar account
+-- quote: the exact cost of an operation now and whether the account could
+-- pay it (auto-purchases included); moves nothing.
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
+--       4 shard event stream, 5 shard prices hash, 6 shard price history hash
+-- ARGV[1] (msgpack): now, prefix, shard, account_id, operation, quantity (>= 1)
+-- Returns: {units, unit_price, price_version, affordable, available}.
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
+  local operation = check_str(req.operation, 'operation', 128)
+  local quantity = check_int(req.quantity, 'quantity', 1, MAX_UNITS)
+  local unit_price, version = price_of(ctx, KEYS[5], KEYS[6], operation, 0)
+  local units = units_for(unit_price, quantity)
+  touch(ctx)
+  local spendable_now = spendable(acct)
+  auto_purchase(ctx, units)
+  return {units = units, unit_price = unit_price, price_version = version,
+    affordable = units <= spendable(acct), available = spendable_now}
+end)

@@ -1,0 +1,85 @@
+--! include: codec calendar account
+-- refund: releases a hold (whole), or gives back part or all of a committed
+-- charge. Overage of the current period is given back first; overage of a
+-- period already invoiced comes back as a PROMOTIONAL credit; grant units go
+-- back to their grants (counted as expired if the grant has expired since).
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
+--       4 shard event stream, 5 idempotency record
+-- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id,
+--   units (-1: all that is refundable), reason, idempotency_key, fingerprint,
+--   idem_window_ms
+-- Returns: {units_refunded, units_refundable, balance, replayed}.
+
+local function refund_charge(ctx, hold, units, reason)
+  local acct = ctx.acct
+  local from_overage = math.min(units, hold.overage_charged - hold.overage_refunded)
+  local credit = 0
+  if from_overage > 0 then
+    hold.overage_refunded = hold.overage_refunded + from_overage
+    if hold.charge_period == acct.period_start then
+      acct.overage_used = acct.overage_used - from_overage
+    else
+      credit = from_overage
+      add_grant(ctx, 'PROMOTIONAL', credit, 0, 'refund:' .. hold.id)
+    end
+  end
+  local back = refund_moves(acct, hold.charge_moves, units - from_overage)
+  hold.refunded = hold.refunded + units
+  acct.total_refunded = acct.total_refunded + units
+  if hold.charge_period == acct.period_start then
+    acct.period_consumed = acct.period_consumed - units
+  end
+  mark_hold(ctx, hold)
+  emit(ctx, 'refund', {reservation_id = hold.id, operation = hold.operation, units = units,
+    overage = from_overage, credit = credit, moves = moves_text(back), reason = reason,
+    labels = hold.labels, idempotency_key = hold.refund_key})
+end
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
+  local rid = check_str(req.reservation_id, 'reservation_id', 300)
+  local units = check_int(req.units, 'units', -1, MAX_UNITS)
+  if units == 0 then raise('INVALID_ARGUMENT', 'units', 'units must be positive when set') end
+  local reason = check_str(req.reason, 'reason', 512, true)
+  local idem_key = check_str(req.idempotency_key, 'idempotency_key', 128)
+  local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, MAX_TIME_MS)
+  local replay = idem_lookup(KEYS[5], req.fingerprint)
+  if replay then return replay end
+  local hold = load_hold(ctx, rid)
+  if not hold then raise('NOT_FOUND', 'reservation_id', 'reservation ' .. rid .. ' not found') end
+  touch(ctx)
+  settle_if_due(ctx, hold)
+  local refunded = 0
+  if hold.state == 'HELD' then
+    if units ~= -1 and units ~= hold.units then
+      raise('FAILED_PRECONDITION', 'units', string.format(
+        'a hold is released whole (%d units); commit a smaller quantity instead', hold.units))
+    end
+    release_hold(ctx, hold, 'RELEASED', 'release')
+    hold.refunded, refunded = hold.units, hold.units
+  elseif hold.state == 'COMMITTED' then
+    local refundable = hold.charged - hold.refunded
+    if units == -1 then units = refundable end
+    if units > refundable then
+      raise('FAILED_PRECONDITION', 'units', string.format(
+        'refund of %d units is more than the %d still refundable', units, refundable))
+    end
+    if units > 0 then
+      hold.refund_key = idem_key
+      refund_charge(ctx, hold, units, reason)
+      refunded = units
+    end
+  elseif units ~= -1 then
+    raise('FAILED_PRECONDITION', 'units', 'reservation ' .. rid .. ' is ' .. string.lower(hold.state)
+      .. ' and holds nothing to refund')
+  end
+  local refundable_after = 0
+  if hold.state == 'COMMITTED' then refundable_after = hold.charged - hold.refunded end
+  local answer = {units_refunded = refunded, units_refundable = refundable_after,
+    balance = balance_view(ctx), replayed = false}
+  commit_ctx(ctx)
+  idem_store(KEYS[5], req.fingerprint, answer, window_ms)
+  return answer
+end)
