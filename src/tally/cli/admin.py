@@ -1,0 +1,7 @@
+"""Admin commands (being written)."""
+
+import argparse
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    del subparsers

@@ -1,0 +1,149 @@
+"""Test support: real redis-server processes and in-process authorities."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tally import app, config
+from tally.clock import ManualClock
+from tally.v1 import account_pb2_grpc, catalog_pb2_grpc, quota_pb2_grpc
+
+REDIS_START_TIMEOUT_S = 10.0
+# A fixed, known instant: the 25th of November 2026, noon UTC.
+T0_MS = int(datetime(2026, 11, 25, 12, 0, tzinfo=UTC).timestamp() * 1000)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def unique(prefix: str = "acct") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class RedisProcess:
+    """A private redis-server on a free port; tests may kill and restart it."""
+
+    def __init__(self, folder: Path, *extra: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
+        self.binary = binary
+        self.folder = folder
+        self.port = free_port()
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
+                "--dir", str(self.folder), "--save", "", "--appendonly", "yes",
+                "--appendfsync", "always", "--maxmemory-policy", "noeviction",
+                "--logfile", str(self.folder / "redis.log"), *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a shutdown."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def settings(redis_url: str, **overrides: Any) -> config.Settings:
+    environ = {
+        "TALLY_REDIS_URL": redis_url,
+        "TALLY_LISTEN": "127.0.0.1:0",
+        "TALLY_REAPER_INTERVAL": "50ms",
+        "TALLY_SHUTDOWN_GRACE": "1s",
+        "TALLY_LOG_FORMAT": "text",
+        "TALLY_LOG_LEVEL": "WARNING",
+    }
+    environ.update({f"TALLY_{k.upper()}": str(v) for k, v in overrides.items()})
+    return config.from_sources(argparse.Namespace(), environ)
+
+
+@dataclass
+class Stubs:
+    channel: grpc.aio.Channel
+    quota: quota_pb2_grpc.QuotaServiceStub
+    accounts: account_pb2_grpc.AccountServiceStub
+    catalog: catalog_pb2_grpc.CatalogServiceStub
+
+    @classmethod
+    def connect(cls, address: str) -> Stubs:
+        channel = grpc.aio.insecure_channel(address)
+        return cls(
+            channel=channel,
+            quota=quota_pb2_grpc.QuotaServiceStub(channel),
+            accounts=account_pb2_grpc.AccountServiceStub(channel),
+            catalog=catalog_pb2_grpc.CatalogServiceStub(channel),
+        )
+
+
+@dataclass
+class Running:
+    """An in-process authority with a manual clock, and stubs to call it."""
+
+    authority: app.Authority
+    clock: ManualClock
+    stubs: Stubs
+
+    @property
+    def quota(self) -> quota_pb2_grpc.QuotaServiceStub:
+        return self.stubs.quota
+
+    @property
+    def accounts(self) -> account_pb2_grpc.AccountServiceStub:
+        return self.stubs.accounts
+
+    @property
+    def catalog(self) -> catalog_pb2_grpc.CatalogServiceStub:
+        return self.stubs.catalog
+
+
+async def start_running(redis_url: str, now_ms: int = T0_MS, **overrides: Any) -> Running:
+    clock = ManualClock(now_ms)
+    authority = await app.start(settings(redis_url, **overrides), clock=clock)
+    return Running(authority, clock, Stubs.connect(authority.address))
+
+
+async def stop_running(running: Running) -> None:
+    await running.stubs.channel.close()
+    await running.authority.stop(grace_s=1)
