@@ -36,7 +36,7 @@ STATUS_BY_CODE: dict[str, grpc.StatusCode] = {
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]
 
 
 def _packed(message: Any) -> any_pb2.Any:
@@ -86,12 +86,15 @@ def rich_status(error: TallyError) -> grpc.Status:
                 )
             )
         )
-    return rpc_status.to_status(status)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result
 
 
 def map_errors(handler: Handler[Request, Response]) -> Handler[Request, Response]:
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+    async def wrapper(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Response:
         try:
             return await handler(self, request, context)
         except TallyError as error:
@@ -110,7 +113,7 @@ def map_errors(handler: Handler[Request, Response]) -> Handler[Request, Response
     return wrapper
 
 
-def deadline_s(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_s(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     """The caller's remaining deadline, passed down as the store timeout."""
     remaining = context.time_remaining()
     return None if remaining is None else float(remaining)

@@ -21,7 +21,7 @@ from tally.v1 import (
     quota_pb2_grpc,
 )
 
-Context = grpc.aio.ServicerContext
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
@@ -153,9 +153,10 @@ def _reservation_id(value: str) -> str:
 
 
 def _policy(value: int, field: str = "overage_policy") -> str:
-    if value not in convert.POLICY_NAMES:
+    name = convert.POLICY_NAMES.get(common_pb2.OveragePolicy.ValueType(value))
+    if name is None:
         raise InvalidArgument(f"{field} {value} is not a known policy", field_name=field)
-    return convert.POLICY_NAMES[value]
+    return name
 
 
 class AccountServicer(account_pb2_grpc.AccountServiceServicer):

@@ -25,10 +25,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 async def _announce(authority: app.Authority) -> None:
+    if authority.embedded is not None:
+        where = f"embedded Redis (AOF) under {authority.embedded.folder}"
+    else:
+        where = "the Redis at --redis-url"
     print(
-        f"tally: serving on {authority.address} "
-        f"({'embedded Redis under ' + authority.settings.data_dir if authority.embedded else 'Redis at ' + authority.settings.redis_url}). "
-        f"Try: tally accounts create demo --allotment 5000 --target {authority.address}",
+        f"tally: serving on {authority.address} with {where}.\n"
+        f"  Try: .venv/bin/tally accounts create demo --allotment 5000 "
+        f"--target {authority.address}\n"
+        f"  Stop with Ctrl-C (in-flight calls drain first).",
         file=sys.stderr,
         flush=True,
     )

@@ -86,7 +86,9 @@ class ScriptRunner:
         for script in self.scripts.values():
             sha = await self.redis.script_load(script.source)
             if sha != script.sha:
-                raise RuntimeError(f"Redis hashed {script.name}.lua as {sha}, expected {script.sha}")
+                raise RuntimeError(
+                    f"Redis hashed {script.name}.lua as {sha}, expected {script.sha}"
+                )
 
     async def run(
         self, name: str, keys: list[str], request: dict[str, Any], timeout_s: float | None
@@ -124,11 +126,11 @@ class ScriptRunner:
     async def _evalsha(self, script: LuaScript, keys: list[str], payload: bytes) -> Any:
         command = self.redis.evalsha_ro if script.read_only else self.redis.evalsha
         try:
-            return await command(script.sha, len(keys), *keys, payload)  # type: ignore[arg-type]
+            return await command(script.sha, len(keys), *keys, payload)
         except NoScriptError:
             # NOSCRIPT means the script did not run: loading and calling again is safe.
             await self.redis.script_load(script.source)
-            return await command(script.sha, len(keys), *keys, payload)  # type: ignore[arg-type]
+            return await command(script.sha, len(keys), *keys, payload)
 
 
 __all__ = ["ScriptRunner", "TallyError", "connect"]

@@ -98,7 +98,7 @@ class EmbeddedRedis:
             "--logfile", str(self.folder / "redis.log"),
             "--daemonize", "no",
         ]
-        self.process = subprocess.Popen(  # noqa: S603 - fixed binary and arguments
+        self.process = subprocess.Popen(
             args, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         self._wait_ready()

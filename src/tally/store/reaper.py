@@ -8,6 +8,7 @@ expire_hold.lua is a no-op for a hold that is no longer due.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from tally.domain.errors import TallyError
@@ -40,10 +41,8 @@ class Reaper:
                     log.info("holds expired", extra={"holds_expired": expired})
             except TallyError as error:
                 log.warning("reaper pass failed", extra={"error": error.message})
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.interval_s)
-            except TimeoutError:
-                pass
 
     def stop(self) -> None:
         self._stopping.set()
