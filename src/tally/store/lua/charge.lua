@@ -13,7 +13,7 @@ return run(function()
   local ctx = new_ctx(req, KEYS)
   local spend = check_spend_request(req)
   local acct = load_account(ctx, spend.account_id)
-  local replay = idem_lookup(KEYS[5], req.fingerprint)
+  local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
   if replay then return replay end
   local unit_price, version = price_of(ctx, KEYS[6], KEYS[7], spend.operation, spend.price_version)
   local units = units_for(unit_price, spend.quantity)
@@ -34,6 +34,6 @@ return run(function()
     replayed = false, price_version = version, overage_units = short}
   hold.commit_answer = answer
   commit_ctx(ctx)
-  idem_store(KEYS[5], req.fingerprint, answer, spend.window_ms)
+  idem_store(KEYS[5], req.fingerprint, answer, spend.window_ms, ctx.now)
   return answer
 end)

@@ -15,7 +15,7 @@ return run(function()
   local reference = check_str(req.reference, 'reference', 256, true)
   local idem_key = check_str(req.idempotency_key, 'idempotency_key', 128)
   local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, MAX_TIME_MS)
-  local replay = idem_lookup(KEYS[5], req.fingerprint)
+  local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
   if replay then return replay end
   if expires_at ~= 0 and expires_at <= ctx.now then
     raise('INVALID_ARGUMENT', 'expires_at', 'expires_at must be in the future')
@@ -30,6 +30,6 @@ return run(function()
     expires_at = expires_at, idempotency_key = idem_key})
   local answer = {grant = grant_view(g), balance = balance_view(ctx), replayed = false}
   commit_ctx(ctx)
-  idem_store(KEYS[5], req.fingerprint, answer, window_ms)
+  idem_store(KEYS[5], req.fingerprint, answer, window_ms, ctx.now)
   return answer
 end)

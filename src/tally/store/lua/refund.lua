@@ -45,7 +45,7 @@ return run(function()
   local reason = check_str(req.reason, 'reason', 512, true)
   local idem_key = check_str(req.idempotency_key, 'idempotency_key', 128)
   local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, MAX_TIME_MS)
-  local replay = idem_lookup(KEYS[5], req.fingerprint)
+  local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
   if replay then return replay end
   local hold = load_hold(ctx, rid)
   if not hold then raise('NOT_FOUND', 'reservation_id', 'reservation ' .. rid .. ' not found') end
@@ -80,6 +80,6 @@ return run(function()
   local answer = {units_refunded = refunded, units_refundable = refundable_after,
     balance = balance_view(ctx), replayed = false}
   commit_ctx(ctx)
-  idem_store(KEYS[5], req.fingerprint, answer, window_ms)
+  idem_store(KEYS[5], req.fingerprint, answer, window_ms, ctx.now)
   return answer
 end)

@@ -340,10 +340,12 @@ local function commit_ctx(ctx)
   end
 end
 
--- Idempotency records: {fp = request fingerprint, answer = reply}.
-local function idem_lookup(key, fingerprint)
+-- Idempotency records: {fp = request fingerprint, answer = reply, exp = clock
+-- value it lapses at}. The clock decides (so tests can move it); Redis' own
+-- PX removes the record from memory later.
+local function idem_lookup(key, fingerprint, now)
   local rec = load_blob(key)
-  if not rec then return nil end
+  if not rec or (rec.exp and rec.exp <= now) then return nil end
   if rec.fp ~= fingerprint then
     raise('FAILED_PRECONDITION', 'idempotency_key',
       'idempotency_key was already used with a different request')
@@ -352,8 +354,8 @@ local function idem_lookup(key, fingerprint)
   return rec.answer
 end
 
-local function idem_store(key, fingerprint, answer, window_ms)
-  save_blob(key, {fp = fingerprint, answer = answer}, window_ms)
+local function idem_store(key, fingerprint, answer, window_ms, now)
+  save_blob(key, {fp = fingerprint, answer = answer, exp = now + window_ms}, window_ms)
 end
 
 -- Gives back up to `units` of a charge, newest-taken first; each move keeps
