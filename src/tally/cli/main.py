@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from tally import __version__
-from tally.cli import admin, serve
+from tally.cli import admin, health, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve.register(subparsers)
     admin.register(subparsers)
+    health.register(subparsers)
     return parser
 
 

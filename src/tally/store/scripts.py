@@ -37,12 +37,13 @@ class LuaScript:
     read_only: bool
 
 
-def _read(relative: str) -> str:
+def read_source(relative: str) -> str:
+    """The text of a Lua file under store/lua/ (a script or lib/<helper>.lua)."""
     return resources.files("tally.store").joinpath("lua", relative).read_text(encoding="utf-8")
 
 
 def compose(name: str) -> LuaScript:
-    body = _read(f"{name}.lua")
+    body = read_source(f"{name}.lua")
     flags: list[str] = []
     includes: list[str] = []
     for line in body.splitlines():
@@ -56,7 +57,7 @@ def compose(name: str) -> LuaScript:
         else:
             raise ValueError(f"{name}.lua: unknown directive {line!r}")
     shebang = "#!lua flags=" + ",".join(flags) if flags else "#!lua"
-    parts = [shebang, *(_read(f"lib/{lib}.lua") for lib in includes), body]
+    parts = [shebang, *(read_source(f"lib/{lib}.lua") for lib in includes), body]
     source = "\n".join(parts)
     sha = hashlib.sha1(source.encode()).hexdigest()
     return LuaScript(name=name, source=source, sha=sha, read_only="no-writes" in flags)

@@ -1,0 +1,35 @@
+# Multi-stage image: stubs are generated and the package built in the first
+# stage; the runtime stage holds the venv, redis-server (for the embedded
+# default) and runs as a non-root user.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml constraints.txt README.md ./
+COPY protos protos
+COPY scripts scripts
+COPY src src
+RUN python -m venv /opt/tally \
+ && /opt/tally/bin/pip install --no-cache-dir -c constraints.txt grpcio-tools mypy-protobuf \
+ && PYTHON=/opt/tally/bin/python ./scripts/gen_protos.sh \
+ && /opt/tally/bin/pip install --no-cache-dir -c constraints.txt . \
+ && /opt/tally/bin/pip uninstall -y grpcio-tools mypy-protobuf
+
+FROM python:3.11-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends redis-server \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --create-home --home-dir /var/lib/tally tally
+COPY --from=build /opt/tally /opt/tally
+USER tally
+WORKDIR /var/lib/tally
+# Listening beyond loopback needs TALLY_ALLOW_REMOTE_WITHOUT_AUTH=true until
+# authentication lands: the server refuses otherwise (see README, Security).
+ENV PATH=/opt/tally/bin:$PATH \
+    TALLY_LISTEN=0.0.0.0:50051 \
+    TALLY_DATA_DIR=/var/lib/tally \
+    PYTHONUNBUFFERED=1
+VOLUME /var/lib/tally
+EXPOSE 50051
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["tally", "health", "--target", "127.0.0.1:50051"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["tally", "serve"]

@@ -1,0 +1,39 @@
+"""`tally health`: asks a server's gRPC health service; exit 0 when SERVING."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "health", help="check that a server is serving (for HEALTHCHECK and probes)"
+    )
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("TALLY_TARGET", "127.0.0.1:50051"),
+        help="server address [env TALLY_TARGET, default 127.0.0.1:50051]",
+    )
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+    parser.add_argument("--service", default="", help="service name; empty: the whole server")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"tally: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
