@@ -348,3 +348,26 @@ async def test_refund_of_invoiced_overage_becomes_a_credit(running: Running) -> 
     rhs = (b.available + b.held + b.units_charged_total - b.units_refunded_total
            + b.units_expired_total)
     assert lhs == rhs
+
+
+async def test_refund_after_the_period_restores_a_pruned_purchase_not_an_expired_allotment(
+    running: Running,
+) -> None:
+    """Proves that at a period's end exhausted grants leave the balance, that a later
+    refund brings a still-valid purchase back, and that units whose allotment has
+    expired are counted as expired."""
+    account_id = await create(running, allotment=100)
+    await purchase(running, account_id, 50, "p1")
+    charged = await charge(running, account_id, 15, "c1")  # 100 allotment + 50 purchase
+    running.clock.set(ms(2026, 12, 26))
+    await charge(running, account_id, 1, "c2")  # persists the new period: 10 of 100
+    b = await balance(running, account_id)
+    assert remaining_by_kind(b) == [("ALLOTMENT", 90)]
+    refund = await running.quota.Refund(
+        quota_pb2.RefundRequest(reservation_id=charged.reservation_id, idempotency_key="f1")
+    )
+    b = refund.balance
+    assert refund.units_refunded == 150
+    assert remaining_by_kind(b) == [("ALLOTMENT", 90), ("PURCHASE", 50)]
+    assert b.available == 140
+    assert b.units_expired_total == 100

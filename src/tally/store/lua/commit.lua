@@ -13,7 +13,7 @@ local function charge_hold(ctx, hold, units)
   local grant_units = hold.units - hold.overage
   local from_grants = math.min(units, grant_units)
   local charged_moves, rest = split_moves(hold.moves, from_grants)
-  give_back(acct, rest, grant_units - from_grants)
+  give_back(ctx, rest, grant_units - from_grants)
   acct.held = acct.held - hold.units
   acct.overage_held = acct.overage_held - hold.overage
   return charged_moves, units - from_grants

@@ -24,6 +24,10 @@ return run(function()
   if acct.total_granted + units > MAX_UNITS then
     raise('INVALID_ARGUMENT', 'units', 'the account would hold more than 2^53 - 1 units')
   end
+  if #acct.grants >= MAX_GRANTS then
+    raise('FAILED_PRECONDITION', 'account_id',
+      string.format('account %s has %d live grants, the maximum', acct.id, MAX_GRANTS))
+  end
   local g = add_grant(ctx, 'PURCHASE', units, expires_at, reference)
   acct.total_granted = acct.total_granted + units
   emit(ctx, 'purchase', {grant_id = g.id, units = units, reference = reference,

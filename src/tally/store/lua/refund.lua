@@ -23,7 +23,7 @@ local function refund_charge(ctx, hold, units, reason)
       add_grant(ctx, 'PROMOTIONAL', credit, 0, 'refund:' .. hold.id)
     end
   end
-  local back = refund_moves(acct, hold.charge_moves, units - from_overage)
+  local back = refund_moves(ctx, hold.charge_moves, units - from_overage)
   hold.refunded = hold.refunded + units
   acct.total_refunded = acct.total_refunded + units
   if hold.charge_period == acct.period_start then

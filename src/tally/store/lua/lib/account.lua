@@ -81,9 +81,6 @@ end
 
 local function add_grant(ctx, kind, units, expires_at, reference)
   local acct = ctx.acct
-  if #acct.grants >= MAX_GRANTS then
-    raise('FAILED_PRECONDITION', 'account_id', string.format('account has %d live grants, the maximum', MAX_GRANTS))
-  end
   local grant = {id = 'g' .. int_text(next_seq(acct)), kind = kind, granted = units, remaining = units,
     expires_at = expires_at, granted_at = ctx.now, reference = reference or '', seq = acct.seq}
   acct.grants[#acct.grants + 1] = grant
@@ -91,24 +88,37 @@ local function add_grant(ctx, kind, units, expires_at, reference)
   return grant
 end
 
--- Gives units back to the grants they came from, newest-taken first. Units
--- whose grant has expired since are counted as expired: unused, they would
--- have expired with it.
-local function give_back(acct, moves, units)
-  local back, lost = {}, 0
+-- Puts n units back into the grant a move took them from. A grant pruned
+-- while exhausted comes back with them; units whose grant has expired since
+-- are counted as expired (unused, they would have expired with it).
+local function return_units(ctx, mv, n)
+  local acct = ctx.acct
+  local g = find_grant(acct, mv.g)
+  if g then
+    g.remaining = g.remaining + n
+  elseif mv.e == 0 or mv.e > ctx.now then
+    acct.grants[#acct.grants + 1] = {id = mv.g, kind = mv.k, granted = 0, remaining = n,
+      expires_at = mv.e, granted_at = ctx.now, reference = 'restored', seq = next_seq(acct)}
+    table.sort(acct.grants, grant_before)
+  else
+    acct.total_expired = acct.total_expired + n
+  end
+end
+
+-- Gives units back to the grants they came from, newest-taken first.
+local function give_back(ctx, moves, units)
+  local back = {}
   for i = #moves, 1, -1 do
     if units <= 0 then break end
     local mv = moves[i]
     local n = math.min(mv.n, units)
     if n > 0 then
-      local g = find_grant(acct, mv.g)
-      if g then g.remaining = g.remaining + n else lost = lost + n end
+      return_units(ctx, mv, n)
       back[#back + 1] = {g = mv.g, n = n}
       units = units - n
     end
   end
-  acct.total_expired = acct.total_expired + lost
-  return back, lost
+  return back
 end
 
 -- Takes units from live grants in consumption order; returns the moves and
@@ -120,7 +130,7 @@ local function take(acct, units)
     local n = math.min(g.remaining, units)
     if n > 0 then
       g.remaining = g.remaining - n
-      moves[#moves + 1] = {g = g.id, n = n}
+      moves[#moves + 1] = {g = g.id, n = n, e = g.expires_at, k = g.kind}
       units = units - n
     end
   end
@@ -149,7 +159,7 @@ end
 -- Returns a HELD hold's units to the account (release or expiry).
 local function release_hold(ctx, hold, state, event_type)
   local acct = ctx.acct
-  local back = give_back(acct, hold.moves, hold.units - hold.overage)
+  local back = give_back(ctx, hold.moves, hold.units - hold.overage)
   acct.overage_held = acct.overage_held - hold.overage
   acct.held = acct.held - hold.units
   hold.state = state
@@ -199,6 +209,13 @@ local function roll_period(ctx)
     acct.overage_used = 0
     emit(ctx, 'overage', {units = units, period_start = acct.period_start, period_end = acct.period_end})
   end
+  -- Exhausted grants leave the account at the period's end (a refund brings
+  -- a still-valid one back); the number of live grants stays bounded.
+  local live = {}
+  for _, g in ipairs(acct.grants) do
+    if g.remaining > 0 then live[#live + 1] = g end
+  end
+  acct.grants = live
   acct.period_start, acct.period_end = period_bounds(ctx.now, acct.anchor_day)
   acct.period_consumed = 0
   acct.auto_purchased = 0
@@ -360,21 +377,19 @@ end
 
 -- Gives back up to `units` of a charge, newest-taken first; each move keeps
 -- what was refunded from it in mv.r.
-local function refund_moves(acct, moves, units)
-  local back, lost = {}, 0
+local function refund_moves(ctx, moves, units)
+  local back = {}
   for i = #moves, 1, -1 do
     if units <= 0 then break end
     local mv = moves[i]
     local n = math.min(mv.n - (mv.r or 0), units)
     if n > 0 then
       mv.r = (mv.r or 0) + n
-      local g = find_grant(acct, mv.g)
-      if g then g.remaining = g.remaining + n else lost = lost + n end
+      return_units(ctx, mv, n)
       back[#back + 1] = {g = mv.g, n = n}
       units = units - n
     end
   end
-  acct.total_expired = acct.total_expired + lost
   return back
 end
 
@@ -383,8 +398,8 @@ local function split_moves(moves, units)
   local charged, rest = {}, {}
   for _, mv in ipairs(moves) do
     local n = math.min(mv.n, units)
-    if n > 0 then charged[#charged + 1] = {g = mv.g, n = n} end
-    if mv.n - n > 0 then rest[#rest + 1] = {g = mv.g, n = mv.n - n} end
+    if n > 0 then charged[#charged + 1] = {g = mv.g, n = n, e = mv.e, k = mv.k} end
+    if mv.n - n > 0 then rest[#rest + 1] = {g = mv.g, n = mv.n - n, e = mv.e, k = mv.k} end
     units = units - n
   end
   return charged, rest

@@ -1,0 +1,160 @@
+"""`tally serve` as a user runs it: embedded Redis, signals, restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
+from tests.support import free_port
+
+TALLY = str(Path(sys.executable).with_name("tally"))
+START_TIMEOUT_S = 30.0
+
+
+def wait_serving(address: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"tally serve exited with {process.returncode}")
+        with grpc.insecure_channel(address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.5
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+        time.sleep(0.1)
+    raise AssertionError("tally serve did not become SERVING")
+
+
+def redis_pid(data_dir: Path) -> int:
+    return int((data_dir / "redis" / "redis.pid").read_text().strip())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(
+        f"/proc/{pid}/status"
+    ).read_text().lower()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[tuple[str, Path, list[subprocess.Popen[bytes]]]]:
+    address = f"127.0.0.1:{free_port()}"
+    started: list[subprocess.Popen[bytes]] = []
+    yield address, tmp_path, started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def start(address: str, data_dir: Path) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    process = subprocess.Popen(
+        [TALLY, "serve", "--listen", address, "--data-dir", str(data_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    wait_serving(address, process)
+    return process
+
+
+def test_sigterm_shuts_down_cleanly_and_data_survives_restart(
+    serve: tuple[str, Path, list[subprocess.Popen[bytes]]],
+) -> None:
+    """Proves `tally serve` with the embedded Redis exits 0 on SIGTERM, stops its
+    redis-server, and a restart on the same data folder serves the same balance."""
+    address, data_dir, started = serve
+    process = start(address, data_dir)
+    started.append(process)
+    with grpc.insecure_channel(address) as channel:
+        account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
+            account_pb2.CreateAccountRequest(account_id="durable", monthly_allotment=5000)
+        )
+        quota_pb2_grpc.QuotaServiceStub(channel).Charge(
+            quota_pb2.ChargeRequest(
+                account_id="durable", operation="image.upscale", quantity=7, idempotency_key="c"
+            )
+        )
+    pid = redis_pid(data_dir)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    assert '"msg": "stopped"' in stderr
+    assert not alive(pid)
+    again = start(address, data_dir)
+    started.append(again)
+    with grpc.insecure_channel(address) as channel:
+        b = quota_pb2_grpc.QuotaServiceStub(channel).GetBalance(
+            quota_pb2.GetBalanceRequest(account_id="durable")
+        )
+    assert (b.available, b.units_charged_total) == (4930, 70)
+
+
+def test_sigkill_takes_the_embedded_redis_down_and_restart_recovers(
+    serve: tuple[str, Path, list[subprocess.Popen[bytes]]],
+) -> None:
+    """Proves a SIGKILLed server leaves no orphan redis-server behind, and that what
+    it acknowledged is served again after a restart (AOF appendfsync always)."""
+    address, data_dir, started = serve
+    process = start(address, data_dir)
+    started.append(process)
+    with grpc.insecure_channel(address) as channel:
+        account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
+            account_pb2.CreateAccountRequest(account_id="crashy", monthly_allotment=100)
+        )
+        account_pb2_grpc.AccountServiceStub(channel).PurchaseUnits(
+            account_pb2.PurchaseUnitsRequest(account_id="crashy", units=50, idempotency_key="p")
+        )
+    pid = redis_pid(data_dir)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(pid)
+    again = start(address, data_dir)
+    started.append(again)
+    with grpc.insecure_channel(address) as channel:
+        b = quota_pb2_grpc.QuotaServiceStub(channel).GetBalance(
+            quota_pb2.GetBalanceRequest(account_id="crashy")
+        )
+    assert b.available == 150
+
+
+def test_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path) -> None:
+    """Proves the server will not listen on 0.0.0.0 while no authentication is set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    result = subprocess.run(
+        [TALLY, "serve", "--listen", f"0.0.0.0:{free_port()}", "--data-dir", str(tmp_path)],
+        env=env, capture_output=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert b"refusing to listen on 0.0.0.0" in result.stderr
+
+
+def test_missing_redis_server_binary_says_how_to_install(tmp_path: Path) -> None:
+    """Proves that without redis-server on PATH the error tells the user how to get it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env["PATH"] = str(Path(sys.executable).parent)
+    result = subprocess.run(
+        [TALLY, "serve", "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path)],
+        env=env, capture_output=True, timeout=60,
+    )
+    assert result.returncode == 3
+    assert b"apt-get install -y redis-server" in result.stderr
