@@ -33,7 +33,7 @@ return run(function()
   local answer = {reservation_id = hold.id, units = units, balance = balance_view(ctx),
     replayed = false, price_version = version, overage_units = short}
   hold.commit_answer = answer
+  remember(ctx, KEYS[5], req.fingerprint, answer, spend.window_ms)
   commit_ctx(ctx)
-  idem_store(KEYS[5], req.fingerprint, answer, spend.window_ms, ctx.now)
   return answer
 end)

@@ -13,10 +13,10 @@ local function charge_hold(ctx, hold, units)
   local grant_units = hold.units - hold.overage
   local from_grants = math.min(units, grant_units)
   local charged_moves, rest = split_moves(hold.moves, from_grants)
-  give_back(ctx, rest, grant_units - from_grants)
+  local _, lost = give_back(ctx, rest, grant_units - from_grants)
   acct.held = acct.held - hold.units
   acct.overage_held = acct.overage_held - hold.overage
-  return charged_moves, units - from_grants
+  return charged_moves, units - from_grants, lost
 end
 
 return run(function()
@@ -47,11 +47,12 @@ return run(function()
   settle_if_due(ctx, hold)
   local units = hold.unit_price * quantity
   local moves, overage
+  local lost = 0
   local late = hold.state == 'EXPIRED'
   if late then
     moves, overage = take(acct, units)
   else
-    moves, overage = charge_hold(ctx, hold, units)
+    moves, overage, lost = charge_hold(ctx, hold, units)
   end
   acct.overage_used = acct.overage_used + overage
   acct.total_charged = acct.total_charged + units
@@ -63,7 +64,7 @@ return run(function()
   mark_hold(ctx, hold)
   emit(ctx, late and 'late_commit' or 'commit', {reservation_id = rid, operation = hold.operation,
     quantity = quantity, units = units, released = released, overage = overage,
-    moves = moves_text(moves), labels = hold.labels})
+    moves = moves_text(moves), expired = lost, labels = hold.labels})
   local answer = {units_charged = units, units_released = released, balance = balance_view(ctx),
     replayed = false, late = late, overage_units = overage}
   hold.commit_answer = answer

@@ -33,7 +33,7 @@ return run(function()
   emit(ctx, 'purchase', {grant_id = g.id, units = units, reference = reference,
     expires_at = expires_at, idempotency_key = idem_key})
   local answer = {grant = grant_view(g), balance = balance_view(ctx), replayed = false}
+  remember(ctx, KEYS[5], req.fingerprint, answer, window_ms)
   commit_ctx(ctx)
-  idem_store(KEYS[5], req.fingerprint, answer, window_ms, ctx.now)
   return answer
 end)

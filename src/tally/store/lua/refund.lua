@@ -23,7 +23,7 @@ local function refund_charge(ctx, hold, units, reason)
       add_grant(ctx, 'PROMOTIONAL', credit, 0, 'refund:' .. hold.id)
     end
   end
-  local back = refund_moves(ctx, hold.charge_moves, units - from_overage)
+  local back, lost = refund_moves(ctx, hold.charge_moves, units - from_overage)
   hold.refunded = hold.refunded + units
   acct.total_refunded = acct.total_refunded + units
   if hold.charge_period == acct.period_start then
@@ -31,7 +31,7 @@ local function refund_charge(ctx, hold, units, reason)
   end
   mark_hold(ctx, hold)
   emit(ctx, 'refund', {reservation_id = hold.id, operation = hold.operation, units = units,
-    overage = from_overage, credit = credit, moves = moves_text(back), reason = reason,
+    overage = from_overage, credit = credit, moves = moves_text(back), expired = lost, reason = reason,
     labels = hold.labels, idempotency_key = hold.refund_key})
 end
 
@@ -79,7 +79,7 @@ return run(function()
   if hold.state == 'COMMITTED' then refundable_after = hold.charged - hold.refunded end
   local answer = {units_refunded = refunded, units_refundable = refundable_after,
     balance = balance_view(ctx), replayed = false}
+  remember(ctx, KEYS[5], req.fingerprint, answer, window_ms)
   commit_ctx(ctx)
-  idem_store(KEYS[5], req.fingerprint, answer, window_ms, ctx.now)
   return answer
 end)

@@ -33,7 +33,7 @@ return run(function()
   local answer = {reservation_id = hold.id, units = units, expires_at = hold.expires_at,
     balance = balance_view(ctx), replayed = false, price_version = version,
     unit_price = unit_price, quantity = hold.quantity}
+  remember(ctx, KEYS[5], req.fingerprint, answer, spend.window_ms)
   commit_ctx(ctx)
-  idem_store(KEYS[5], req.fingerprint, answer, spend.window_ms, ctx.now)
   return answer
 end)

@@ -102,23 +102,26 @@ local function return_units(ctx, mv, n)
     table.sort(acct.grants, grant_before)
   else
     acct.total_expired = acct.total_expired + n
+    return n
   end
+  return 0
 end
 
 -- Gives units back to the grants they came from, newest-taken first.
+-- Returns the moves made and the units counted as expired on the way.
 local function give_back(ctx, moves, units)
-  local back = {}
+  local back, lost = {}, 0
   for i = #moves, 1, -1 do
     if units <= 0 then break end
     local mv = moves[i]
     local n = math.min(mv.n, units)
     if n > 0 then
-      return_units(ctx, mv, n)
+      lost = lost + return_units(ctx, mv, n)
       back[#back + 1] = {g = mv.g, n = n}
       units = units - n
     end
   end
-  return back
+  return back, lost
 end
 
 -- Takes units from live grants in consumption order; returns the moves and
@@ -159,14 +162,15 @@ end
 -- Returns a HELD hold's units to the account (release or expiry).
 local function release_hold(ctx, hold, state, event_type)
   local acct = ctx.acct
-  local back = give_back(ctx, hold.moves, hold.units - hold.overage)
+  local back, lost = give_back(ctx, hold.moves, hold.units - hold.overage)
   acct.overage_held = acct.overage_held - hold.overage
   acct.held = acct.held - hold.units
   hold.state = state
   hold.closed_at = ctx.now
   mark_hold(ctx, hold)
   emit(ctx, event_type, {reservation_id = hold.id, operation = hold.operation,
-    quantity = hold.quantity, units = hold.units, moves = moves_text(back), labels = hold.labels})
+    quantity = hold.quantity, units = hold.units, moves = moves_text(back), expired = lost,
+    overage = hold.overage, labels = hold.labels})
 end
 
 local function expire_due_holds(ctx)
@@ -335,28 +339,6 @@ local function assert_books(acct)
   end
 end
 
--- The single write phase of a script.
-local function commit_ctx(ctx)
-  local acct = ctx.acct
-  assert_books(acct)
-  save_blob(ctx.acct_key, acct)
-  for rid in pairs(ctx.dirty) do
-    local hold = ctx.holds[rid]
-    if hold.state == 'HELD' then
-      save_blob(hold_key(ctx, rid), hold)
-      redis.call('ZADD', ctx.holds_key, hold.expires_at, rid)
-      redis.call('ZADD', ctx.expiries_key, hold.expires_at, rid)
-    else
-      save_blob(hold_key(ctx, rid), hold, ctx.retention_ms)
-      redis.call('ZREM', ctx.holds_key, rid)
-      redis.call('ZREM', ctx.expiries_key, rid)
-    end
-  end
-  for _, event in ipairs(ctx.events) do
-    redis.call('XADD', ctx.events_key, '*', unpack(event))
-  end
-end
-
 -- Idempotency records: {fp = request fingerprint, answer = reply, exp = clock
 -- value it lapses at}. The clock decides (so tests can move it); Redis' own
 -- PX removes the record from memory later.
@@ -371,26 +353,70 @@ local function idem_lookup(key, fingerprint, now)
   return rec.answer
 end
 
-local function idem_store(key, fingerprint, answer, window_ms, now)
-  save_blob(key, {fp = fingerprint, answer = answer, exp = now + window_ms}, window_ms)
+-- An idempotency record to write with the script's other changes.
+local function remember(ctx, key, fingerprint, answer, window_ms)
+  ctx.idem = {key = key, window_ms = window_ms,
+    record = {fp = fingerprint, answer = answer, exp = ctx.now + window_ms}}
+end
+
+-- The single write phase of a script. The last event carries images of the
+-- account, the holds and the idempotency record as written (`_acct`,
+-- `_holds`, `_idem`), so the ledger can restore Redis from events alone.
+-- Returns the stream ids of the events.
+local function commit_ctx(ctx)
+  local acct = ctx.acct
+  assert_books(acct)
+  save_blob(ctx.acct_key, acct)
+  local hold_images = {}
+  for rid in pairs(ctx.dirty) do
+    local hold = ctx.holds[rid]
+    hold_images[rid] = hold
+    if hold.state == 'HELD' then
+      save_blob(hold_key(ctx, rid), hold)
+      redis.call('ZADD', ctx.holds_key, hold.expires_at, rid)
+      redis.call('ZADD', ctx.expiries_key, hold.expires_at, rid)
+    else
+      save_blob(hold_key(ctx, rid), hold, ctx.retention_ms)
+      redis.call('ZREM', ctx.holds_key, rid)
+      redis.call('ZREM', ctx.expiries_key, rid)
+    end
+  end
+  local last = ctx.events[#ctx.events]
+  if last == nil then error('a writing script emitted no event', 0) end
+  last[#last + 1] = '_acct'
+  last[#last + 1] = cmsgpack.pack(acct)
+  if next(hold_images) ~= nil then
+    last[#last + 1] = '_holds'
+    last[#last + 1] = cmsgpack.pack(hold_images)
+  end
+  if ctx.idem then
+    save_blob(ctx.idem.key, ctx.idem.record, ctx.idem.window_ms)
+    last[#last + 1] = '_idem'
+    last[#last + 1] = cmsgpack.pack({key = ctx.idem.key, record = ctx.idem.record})
+  end
+  local ids = {}
+  for i, event in ipairs(ctx.events) do
+    ids[i] = redis.call('XADD', ctx.events_key, '*', unpack(event))
+  end
+  return ids
 end
 
 -- Gives back up to `units` of a charge, newest-taken first; each move keeps
 -- what was refunded from it in mv.r.
 local function refund_moves(ctx, moves, units)
-  local back = {}
+  local back, lost = {}, 0
   for i = #moves, 1, -1 do
     if units <= 0 then break end
     local mv = moves[i]
     local n = math.min(mv.n - (mv.r or 0), units)
     if n > 0 then
       mv.r = (mv.r or 0) + n
-      return_units(ctx, mv, n)
+      lost = lost + return_units(ctx, mv, n)
       back[#back + 1] = {g = mv.g, n = n}
       units = units - n
     end
   end
-  return back
+  return back, lost
 end
 
 -- Splits a hold's grant moves into the first `units` (charged) and the rest.
