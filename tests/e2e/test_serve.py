@@ -62,6 +62,8 @@ def serve(tmp_path: Path) -> Iterator[tuple[str, Path, list[subprocess.Popen[byt
         if process.poll() is None:
             process.kill()
             process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
 
 
 def start(address: str, data_dir: Path) -> subprocess.Popen[bytes]:

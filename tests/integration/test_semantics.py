@@ -371,3 +371,18 @@ async def test_refund_after_the_period_restores_a_pruned_purchase_not_an_expired
     assert remaining_by_kind(b) == [("ALLOTMENT", 90), ("PURCHASE", 50)]
     assert b.available == 140
     assert b.units_expired_total == 100
+
+
+async def test_update_merges_labels_unless_told_to_replace(running: Running) -> None:
+    """Proves UpdateAccount adds to the labels by default and replaces them when asked."""
+    account_id = await create(running, labels={"team": "x"})
+    merged = await running.accounts.UpdateAccount(
+        account_pb2.UpdateAccountRequest(account_id=account_id, labels={"tier": "pro"})
+    )
+    assert dict(merged.labels) == {"team": "x", "tier": "pro"}
+    replaced = await running.accounts.UpdateAccount(
+        account_pb2.UpdateAccountRequest(
+            account_id=account_id, labels={"tier": "max"}, replace_labels=True
+        )
+    )
+    assert dict(replaced.labels) == {"tier": "max"}

@@ -211,8 +211,10 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             changes["ap_threshold"] = v.units(
                 request.auto_purchase_threshold, "auto_purchase_threshold"
             )
-        if request.replace_labels or request.labels:
+        if request.replace_labels:
             changes["labels"] = v.labels(request.labels)
+        elif request.labels:
+            changes["merge_labels"] = v.labels(request.labels)
         reply = await self.store.update_account(account_id, changes, deadline_s(context))
         return convert.account(reply["account"])
 

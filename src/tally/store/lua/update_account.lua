@@ -3,7 +3,7 @@
 -- A new allotment applies from the next billing period.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
 -- ARGV[1] (msgpack): now, prefix, shard, account_id, set = {allotment?, policy?,
---   overage_limit?, ap_units?, ap_threshold?, labels?}
+--   overage_limit?, ap_units?, ap_threshold?, labels? (replace), merge_labels? (add or change)}
 -- Returns: {account = account view, balance = balance view}.
 
 return run(function()
@@ -18,6 +18,13 @@ return run(function()
     if set[name] ~= nil then check_int(set[name], field, 0, MAX_UNITS) end
   end
   if set.labels ~= nil then check_labels(set.labels, 'labels') end
+  if set.merge_labels ~= nil then
+    check_labels(set.merge_labels, 'labels')
+    local merged = {}
+    for k, val in pairs(acct.labels) do merged[k] = val end
+    for k, val in pairs(set.merge_labels) do merged[k] = val end
+    set.labels = merged
+  end
   local policy = set.policy or acct.policy
   local ap_units = set.ap_units or acct.ap_units
   check_policy(policy, ap_units)

@@ -1,0 +1,422 @@
+"""A small typed asyncio client for workers.
+
+    async with TallyClient("127.0.0.1:50051") as tally:
+        async with tally.hold("acct-1", "image.upscale", 4, labels={"model": "x"}) as hold:
+            images = await upscale(...)          # an exception releases the hold
+            hold.deliver(len(images))            # charge for what was delivered
+        # on normal exit the hold is committed
+
+Every mutating call carries an idempotency key, made once per logical call
+(unless the caller passes one) and reused on every retry, so a retry never
+moves a unit twice. Only UNAVAILABLE is retried, with capped exponential
+backoff and jitter; DEADLINE_EXCEEDED and every other status surface at once
+as a `TallyRpcError`. `timeout_s` bounds a whole logical call, retries and
+backoff included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Self, TypeVar
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2, status_pb2
+
+from tally.v1 import (
+    account_pb2,
+    account_pb2_grpc,
+    common_pb2,
+    quota_pb2,
+    quota_pb2_grpc,
+)
+
+__all__ = ["Hold", "TallyClient", "TallyRpcError"]
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class TallyRpcError(Exception):
+    """A call the authority refused (or that could not reach it).
+
+    For RESOURCE_EXHAUSTED, `available` and `required` come from the rich
+    status details (tally.v1.InsufficientUnits); otherwise they are None.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        available: int | None = None,
+        required: int | None = None,
+    ) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.available = available
+        self.required = required
+
+    @classmethod
+    def from_aio(cls, error: grpc.aio.AioRpcError) -> TallyRpcError:
+        code = error.code()
+        available, required = _shortfall(error.trailing_metadata())
+        return cls(code, error.details() or "", available, required)
+
+
+def _shortfall(metadata: grpc.aio.Metadata | None) -> tuple[int | None, int | None]:
+    """`available`/`required` from the google.rpc.Status in the trailers."""
+    if metadata is None:
+        return None, None
+    for key, value in metadata:
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None, None
+        info: dict[str, str] = {}
+        for detail in status.details:
+            if detail.Is(common_pb2.InsufficientUnits.DESCRIPTOR):
+                units = common_pb2.InsufficientUnits()
+                detail.Unpack(units)
+                return units.available, units.required
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                error_info = error_details_pb2.ErrorInfo()
+                detail.Unpack(error_info)
+                info = dict(error_info.metadata)
+        try:
+            return int(info["available"]), int(info["required"])
+        except (KeyError, ValueError):
+            return None, None
+    return None, None
+
+
+def _key(value: str | None) -> str:
+    return value if value else str(uuid.uuid4())
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromMilliseconds(round(seconds * 1000))
+    return duration
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    if moment.tzinfo is None:
+        raise ValueError("expires_at must be timezone-aware (e.g. datetime.now(UTC))")
+    ts = Timestamp()
+    ts.FromDatetime(moment.astimezone(UTC))
+    return ts
+
+
+class TallyClient:
+    """Typed async access to the quota hot path (and purchases)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout_s: float = 10.0,
+        max_attempts: int = 5,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 2.0,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be more than 0")
+        self.target = target
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._metadata = tuple(metadata) if metadata else None
+        self._own_channel = channel is None
+        self._channel = (
+            channel
+            if channel is not None
+            else grpc.aio.insecure_channel(target, interceptors=interceptors)
+        )
+        self._quota = quota_pb2_grpc.QuotaServiceStub(self._channel)
+        self._accounts = account_pb2_grpc.AccountServiceStub(self._channel)
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Closes the channel (when the client made it)."""
+        if self._own_channel:
+            await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- the retry loop ----------------------------------------------------------
+
+    def _backoff_s(self, retry: int) -> float:
+        """Capped exponential backoff with "equal jitter": half fixed, half random."""
+        ceiling = min(self.backoff_max_s, self.backoff_initial_s * (1 << retry))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    async def _call(
+        self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req
+    ) -> Resp:
+        """One logical call: the same request (and so the same idempotency key)
+        is sent on every attempt; only UNAVAILABLE is retried."""
+        deadline = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            try:
+                return await method(request, timeout=max(remaining, 0.001), metadata=self._metadata)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.max_attempts:
+                    raise TallyRpcError.from_aio(error) from None
+                pause = self._backoff_s(attempt - 1)
+                if time.monotonic() + pause >= deadline:
+                    raise TallyRpcError.from_aio(error) from None
+                await asyncio.sleep(pause)
+
+    # --- the hot path --------------------------------------------------------------
+
+    async def reserve(
+        self,
+        account_id: str,
+        operation: str,
+        quantity: int = 1,
+        *,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
+        idempotency_key: str | None = None,
+        price_version: int = 0,
+    ) -> quota_pb2.ReserveResponse:
+        """Holds the units `quantity` of `operation` costs; `ttl_s` None: the server's default."""
+        request = quota_pb2.ReserveRequest(
+            account_id=account_id,
+            operation=operation,
+            quantity=quantity,
+            idempotency_key=_key(idempotency_key),
+            labels=dict(labels or {}),
+            price_version=price_version,
+        )
+        if ttl_s is not None:
+            request.ttl.CopyFrom(_duration(ttl_s))
+        return await self._call(self._quota.Reserve, request)
+
+    async def commit(
+        self, reservation_id: str, quantity: int | None = None
+    ) -> quota_pb2.CommitResponse:
+        """Charges a hold: the whole reserved quantity, or `quantity` of it."""
+        request = quota_pb2.CommitRequest(reservation_id=reservation_id)
+        if quantity is not None:
+            request.quantity = quantity
+        return await self._call(self._quota.Commit, request)
+
+    async def refund(
+        self,
+        reservation_id: str,
+        units: int | None = None,
+        reason: str = "",
+        idempotency_key: str | None = None,
+    ) -> quota_pb2.RefundResponse:
+        """Releases a hold, or gives back `units` (None: all refundable) of a charge."""
+        request = quota_pb2.RefundRequest(
+            reservation_id=reservation_id, reason=reason, idempotency_key=_key(idempotency_key)
+        )
+        if units is not None:
+            request.units = units
+        return await self._call(self._quota.Refund, request)
+
+    async def charge(
+        self,
+        account_id: str,
+        operation: str,
+        quantity: int = 1,
+        *,
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        price_version: int = 0,
+    ) -> quota_pb2.ChargeResponse:
+        """Reserves and commits in one step."""
+        request = quota_pb2.ChargeRequest(
+            account_id=account_id,
+            operation=operation,
+            quantity=quantity,
+            idempotency_key=_key(idempotency_key),
+            labels=dict(labels or {}),
+            price_version=price_version,
+        )
+        return await self._call(self._quota.Charge, request)
+
+    async def extend(self, reservation_id: str, ttl_s: float) -> quota_pb2.ReserveResponse:
+        """Keeps a hold alive: its new lifetime is `ttl_s` from now."""
+        request = quota_pb2.ExtendRequest(reservation_id=reservation_id, ttl=_duration(ttl_s))
+        return await self._call(self._quota.Extend, request)
+
+    async def quote(
+        self, account_id: str, operation: str, quantity: int = 1
+    ) -> quota_pb2.QuoteResponse:
+        """The exact cost now and whether it is affordable; moves nothing."""
+        request = quota_pb2.QuoteRequest(
+            account_id=account_id, operation=operation, quantity=quantity
+        )
+        return await self._call(self._quota.Quote, request)
+
+    async def balance(self, account_id: str) -> common_pb2.Balance:
+        return await self._call(
+            self._quota.GetBalance, quota_pb2.GetBalanceRequest(account_id=account_id)
+        )
+
+    async def purchase(
+        self,
+        account_id: str,
+        units: int,
+        *,
+        reference: str = "",
+        expires_at: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> common_pb2.Grant:
+        """Adds purchased units; `expires_at` None: they never expire."""
+        request = account_pb2.PurchaseUnitsRequest(
+            account_id=account_id,
+            units=units,
+            reference=reference,
+            idempotency_key=_key(idempotency_key),
+        )
+        if expires_at is not None:
+            request.expires_at.CopyFrom(_timestamp(expires_at))
+        return await self._call(self._accounts.PurchaseUnits, request)
+
+    def hold(
+        self,
+        account_id: str,
+        operation: str,
+        quantity: int = 1,
+        *,
+        labels: Mapping[str, str] | None = None,
+        ttl_s: float | None = None,
+        idempotency_key: str | None = None,
+        price_version: int = 0,
+    ) -> Hold:
+        """A hold as an async context manager: reserved on enter, committed on
+        normal exit (the whole quantity, or what `deliver()` set), released on
+        an exception, which is then re-raised."""
+        return Hold(
+            self,
+            account_id,
+            operation,
+            quantity,
+            labels=labels,
+            ttl_s=ttl_s,
+            idempotency_key=_key(idempotency_key),
+            price_version=price_version,
+        )
+
+
+class Hold:
+    """One reservation for the length of an `async with` block."""
+
+    def __init__(
+        self,
+        client: TallyClient,
+        account_id: str,
+        operation: str,
+        quantity: int,
+        *,
+        labels: Mapping[str, str] | None,
+        ttl_s: float | None,
+        idempotency_key: str,
+        price_version: int,
+    ) -> None:
+        self._client = client
+        self.account_id = account_id
+        self.operation = operation
+        self.quantity = quantity
+        self.labels = dict(labels or {})
+        self.ttl_s = ttl_s
+        self.idempotency_key = idempotency_key
+        self.price_version = price_version
+        self._delivered: int | None = None
+        self.reservation: quota_pb2.ReserveResponse | None = None
+        self.committed: quota_pb2.CommitResponse | None = None
+        self.released: quota_pb2.RefundResponse | None = None
+
+    @property
+    def reservation_id(self) -> str:
+        if self.reservation is None:
+            raise RuntimeError("the hold is not reserved yet (use it with `async with`)")
+        return self.reservation.reservation_id
+
+    @property
+    def units(self) -> int:
+        """Units held."""
+        if self.reservation is None:
+            raise RuntimeError("the hold is not reserved yet (use it with `async with`)")
+        return self.reservation.units
+
+    def deliver(self, quantity: int) -> None:
+        """Commits `quantity` (at most what was reserved) instead of the whole."""
+        if not 0 <= quantity <= self.quantity:
+            raise ValueError(f"deliver() takes 0..{self.quantity}, got {quantity}")
+        self._delivered = quantity
+
+    async def extend(self, ttl_s: float) -> quota_pb2.ReserveResponse:
+        """Keeps the hold alive for `ttl_s` more seconds from now."""
+        reply = await self._client.extend(self.reservation_id, ttl_s)
+        self.reservation = reply
+        return reply
+
+    async def __aenter__(self) -> Self:
+        self.reservation = await self._client.reserve(
+            self.account_id,
+            self.operation,
+            self.quantity,
+            labels=self.labels,
+            ttl_s=self.ttl_s,
+            idempotency_key=self.idempotency_key,
+            price_version=self.price_version,
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        reservation_id = self.reservation_id
+        if exc is None:
+            self.committed = await self._client.commit(reservation_id, self._delivered)
+            return
+        try:
+            self.released = await self._client.refund(
+                reservation_id,
+                reason=f"released: the work failed ({exc_type.__name__ if exc_type else '?'})",
+                idempotency_key=f"release-{self.idempotency_key}"[:128],
+            )
+        except Exception as release_error:
+            # The original exception matters more; the hold expires on its own.
+            exc.add_note(f"tally: releasing hold {reservation_id} failed: {release_error}")
+        # Returning None re-raises the original exception.
