@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.support import RedisProcess, Running, start_running, stop_running
+from tests.support import PostgresServer, RedisProcess, Running, start_running, stop_running
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +26,34 @@ async def running(redis_server: RedisProcess) -> AsyncIterator[Running]:
     authority = await start_running(redis_server.url)
     yield authority
     await stop_running(authority)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    server = PostgresServer(Path(tmp_path_factory.mktemp("postgres")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[str]:
+    """A fresh, empty ledger on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private redis-server this test may kill, restart or wipe."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()

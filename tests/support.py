@@ -6,6 +6,7 @@ import argparse
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -86,9 +87,10 @@ class RedisProcess:
             self.process.wait(10)
 
 
-def settings(redis_url: str, **overrides: Any) -> config.Settings:
+def settings(redis_url: str, ledger_url: str = "", **overrides: Any) -> config.Settings:
     environ = {
         "TALLY_REDIS_URL": redis_url,
+        "TALLY_LEDGER_URL": ledger_url,
         "TALLY_LISTEN": "127.0.0.1:0",
         "TALLY_REAPER_INTERVAL": "50ms",
         "TALLY_SHUTDOWN_GRACE": "1s",
@@ -124,6 +126,7 @@ class Running:
     authority: app.Authority
     clock: ManualClock
     stubs: Stubs
+    scratch: Path | None = None
 
     @property
     def quota(self) -> quota_pb2_grpc.QuotaServiceStub:
@@ -138,12 +141,91 @@ class Running:
         return self.stubs.catalog
 
 
-async def start_running(redis_url: str, now_ms: int = T0_MS, **overrides: Any) -> Running:
+async def start_running(
+    redis_url: str, now_ms: int = T0_MS, ledger_url: str | None = None, **overrides: Any
+) -> Running:
+    """An in-process authority; without a ledger URL it gets a fresh SQLite ledger."""
+    scratch = None
+    if ledger_url is None:
+        scratch = Path(tempfile.mkdtemp(prefix="tally-ledger-"))
+        ledger_url = f"sqlite:///{scratch / 'ledger.sqlite3'}"
     clock = ManualClock(now_ms)
-    authority = await app.start(settings(redis_url, **overrides), clock=clock)
-    return Running(authority, clock, Stubs.connect(authority.address))
+    authority = await app.start(settings(redis_url, ledger_url, **overrides), clock=clock)
+    return Running(authority, clock, Stubs.connect(authority.address), scratch)
 
 
 async def stop_running(running: Running) -> None:
     await running.stubs.channel.close()
     await running.authority.stop(grace_s=1)
+    if running.scratch is not None:
+        shutil.rmtree(running.scratch, ignore_errors=True)
+
+
+class PostgresServer:
+    """The machine's PostgreSQL on 127.0.0.1:5432 (trust auth) when it answers;
+    otherwise a private cluster started with initdb on a free port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.process: subprocess.Popen[bytes] | None = None
+        self.base_url = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+    def start(self) -> None:
+        import psycopg
+
+        try:
+            psycopg.connect(self.base_url, connect_timeout=3).close()
+            return
+        except psycopg.OperationalError:
+            pass
+        bin_dir = _postgres_bin()
+        data = self.folder / "pgdata"
+        subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+            check=True, capture_output=True,
+        )
+        port = free_port()
+        self.process = subprocess.Popen(
+            [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(self.folder),
+             "-c", "listen_addresses=127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.base_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                psycopg.connect(self.base_url, connect_timeout=1).close()
+                return
+            except psycopg.OperationalError:
+                time.sleep(0.2)
+        raise RuntimeError("the private PostgreSQL did not start")
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = f"tally_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.base_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.base_url.rsplit("/", 1)[0] + f"/{name}"
+
+    def drop_database(self, url: str) -> None:
+        import psycopg
+
+        name = url.rsplit("/", 1)[1]
+        with psycopg.connect(self.base_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        raise RuntimeError(
+            "PostgreSQL is not reachable on 127.0.0.1:5432 and initdb is not installed "
+            "(apt-get install -y postgresql)"
+        )
+    return found[-1].parent

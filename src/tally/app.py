@@ -1,8 +1,8 @@
 """Assembles a running authority from settings, and takes it apart again.
 
 Everything that must be closed on shutdown is created here, in one place:
-the embedded Redis (when no URL is set), the Redis pool, the gRPC server
-and the reaper.
+the embedded Redis (when no URL is set), the Redis pool, the ledger, the
+gRPC server, the reaper and the flusher.
 """
 
 from __future__ import annotations
@@ -21,8 +21,13 @@ from tally.api.server import build_server, set_serving
 from tally.api.validation import HoldTtlLimits
 from tally.clock import Clock, SystemClock
 from tally.config import Settings
+from tally.ledger import recovery
+from tally.ledger.backend import SqlLedger, open_ledger
+from tally.ledger.durability import MoneyInBarrier
+from tally.ledger.flusher import Flusher, FlusherSettings
 from tally.store.client import ScriptRunner, connect
 from tally.store.embedded import EmbeddedRedis
+from tally.store.keys import KeySpace
 from tally.store.quota_store import QuotaStore, StoreLimits
 from tally.store.reaper import Reaper
 
@@ -48,8 +53,6 @@ def ttl_limits(settings: Settings) -> HoldTtlLimits:
 
 
 def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
-    from tally.store.keys import KeySpace
-
     redis = connect(
         redis_url,
         socket_timeout_s=settings.redis_timeout,
@@ -62,12 +65,59 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
     return QuotaStore(ScriptRunner(redis), KeySpace(settings.shards), clock, limits)
 
 
+def build_flusher(settings: Settings, store: QuotaStore, ledger: SqlLedger) -> Flusher:
+    return Flusher(
+        store.redis,
+        store.keys,
+        ledger,
+        FlusherSettings(
+            interval_s=settings.flush_interval,
+            batch=settings.flush_batch,
+            claim_idle_ms=round(settings.flush_claim_idle * 1000),
+            snapshot_interval_s=settings.snapshot_interval,
+        ),
+    )
+
+
+async def open_and_migrate(settings: Settings) -> SqlLedger:
+    ledger = open_ledger(settings.ledger_location)
+    applied = await asyncio.to_thread(ledger.migrate)
+    if applied:
+        log.info("ledger migrated", extra={"versions": applied, "ledger": ledger.dialect})
+    return ledger
+
+
+async def ensure_current(
+    store: QuotaStore, ledger: SqlLedger, recover_on_start: bool
+) -> None:
+    """Refuses to serve from a Redis that is empty or behind the ledger."""
+    stale = await recovery.stale_accounts(store.redis, store.keys, ledger)
+    prices_in_ledger = await asyncio.to_thread(ledger.catalog_prices)
+    catalog_lost = bool(prices_in_ledger) and not await store.redis.exists(store.keys.prices(0))
+    if not stale and not catalog_lost:
+        return
+    if not recover_on_start:
+        sample = ", ".join(stale[:3])
+        raise RuntimeError(
+            f"Redis is empty or behind the ledger ({len(stale)} accounts, e.g. {sample or '-'}; "
+            f"catalog lost: {catalog_lost}). Run `tally recover`, or start with "
+            "--recover-on-start, rather than serve wrong balances."
+        )
+    result = await recovery.recover(
+        store.redis, store.keys, ledger, store.clock.now_ms(),
+        lambda line: log.warning("recovery", extra={"progress": line}),
+    )
+    log.warning("recovered Redis from the ledger", extra={"accounts": result.accounts})
+
+
 @dataclass
 class Authority:
     """A started authority: what tests and `tally serve` hold on to."""
 
     settings: Settings
     store: QuotaStore
+    ledger: SqlLedger
+    flusher: Flusher
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
@@ -80,15 +130,24 @@ class Authority:
         return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stops taking calls, drains the ones in flight, then closes the store."""
+        """Stops taking calls, drains the ones in flight, flushes the ledger,
+        writes a snapshot, then closes the store."""
         grace = self.settings.shutdown_grace if grace_s is None else grace_s
         log.info("shutting down", extra={"grace_s": grace})
         await set_serving(self.health, False)
         self.reaper.stop()
+        self.flusher.stop()
         await self.server.stop(grace)
         for task in self._tasks:
             await task
+        try:
+            flushed = await self.flusher.flush_all(steal=True)
+            await self.flusher.snapshot("shutdown")
+            log.info("ledger flushed", extra={"events": flushed})
+        except Exception:
+            log.exception("final flush failed; the events stay in Redis for the next flusher")
         await self.store.redis.aclose()
+        self.ledger.close()
         if self.embedded is not None:
             self.embedded.stop()
         log.info("stopped")
@@ -106,25 +165,41 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     if not redis_url:
         embedded = EmbeddedRedis(settings.data_path / "redis", settings.redis_appendfsync)
         redis_url = embedded.start()
+    ledger: SqlLedger | None = None
+    store: QuotaStore | None = None
     try:
+        ledger = await open_and_migrate(settings)
         store = build_store(settings, redis_url, clock or SystemClock())
         await store.check_deployment()
         await store.runner.load()
+        await ensure_current(store, ledger, settings.recover_on_start)
+        flusher = build_flusher(settings, store, ledger)
+        await flusher.ensure_groups()
         await store.sync_catalog(load_defaults=settings.default_catalog)
-        server, port, health_servicer = build_server(store, ttl_limits(settings), settings.listen)
+        await flusher.flush_shard(0, steal=True)  # the default catalog is money-in too
+        server, port, health_servicer = build_server(
+            store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger
+        )
         await server.start()
     except BaseException:
+        if store is not None:
+            await store.redis.aclose()
+        if ledger is not None:
+            ledger.close()
         if embedded is not None:
             embedded.stop()
         raise
     await set_serving(health_servicer, True)
     reaper = Reaper(store, settings.reaper_interval, settings.reaper_batch)
-    authority = Authority(settings, store, server, port, health_servicer, reaper, embedded)
+    authority = Authority(
+        settings, store, ledger, flusher, server, port, health_servicer, reaper, embedded
+    )
     authority._tasks.append(asyncio.create_task(reaper.run()))
+    authority._tasks.append(asyncio.create_task(flusher.run()))
     log.info(
         "serving",
         extra={"address": authority.address, "shards": settings.shards,
-               "redis": "embedded" if embedded else "external"},
+               "redis": "embedded" if embedded else "external", "ledger": ledger.dialect},
     )
     return authority
 

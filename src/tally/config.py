@@ -46,7 +46,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", "host:port to serve gRPC on", str, "127.0.0.1:50051"),
     Setting("redis_url", "Redis URL; unset: start a private redis-server under data_dir", str, ""),
-    Setting("ledger_url", "ledger URL (sqlite:///path or postgresql://...)", str, ""),
+    Setting("ledger_url", "ledger URL (sqlite:///path or postgresql://...); unset: "
+            "sqlite under data_dir", str, ""),
     Setting("data_dir", "folder for the embedded Redis and ledger", str, "./var"),
     Setting("shards", "virtual shards accounts are spread over (fixed once data exists)", int, 16),
     Setting("hold_ttl_default", "hold lifetime when a Reserve sets no ttl", parse_duration_s,
@@ -61,6 +62,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reaper_interval", "how often each shard's expired holds are released",
             parse_duration_s, 1.0),
     Setting("reaper_batch", "holds released per shard per reaper pass, at most", int, 500),
+    Setting("flush_interval", "how often the flusher moves events to the ledger",
+            parse_duration_s, 1.0),
+    Setting("flush_batch", "events per ledger transaction, at most", int, 500),
+    Setting("flush_claim_idle", "events left pending this long by a dead flusher are taken over",
+            parse_duration_s, 30.0),
+    Setting("snapshot_interval", "how often balance snapshots are written", parse_duration_s,
+            300.0),
+    Setting("recover_on_start", "rebuild Redis from the ledger at start when it is empty or "
+            "behind (otherwise refuse to serve)", parse_bool, False),
     Setting("redis_timeout", "Redis socket timeout when the caller sets no deadline",
             parse_duration_s, 5.0),
     Setting("redis_max_connections", "Redis connection pool size", int, 64),
@@ -89,6 +99,11 @@ class Settings:
     reservation_retention: float
     reaper_interval: float
     reaper_batch: int
+    flush_interval: float
+    flush_batch: int
+    flush_claim_idle: float
+    snapshot_interval: float
+    recover_on_start: bool
     redis_timeout: float
     redis_max_connections: int
     redis_appendfsync: str
@@ -102,6 +117,10 @@ class Settings:
     def data_path(self) -> Path:
         return Path(self.data_dir)
 
+    @property
+    def ledger_location(self) -> str:
+        return self.ledger_url or f"sqlite:///{self.data_path / 'ledger.sqlite3'}"
+
     def validate(self) -> None:
         if not self.hold_ttl_min <= self.hold_ttl_default <= self.hold_ttl_max:
             raise ValueError("hold ttls must satisfy min <= default <= max")
@@ -111,8 +130,8 @@ class Settings:
             raise ValueError("redis_appendfsync must be always, everysec or no")
         if self.log_format not in {"json", "text"}:
             raise ValueError("log_format must be json or text")
-        if self.reaper_batch < 1 or self.redis_max_connections < 1:
-            raise ValueError("reaper_batch and redis_max_connections must be positive")
+        if min(self.reaper_batch, self.redis_max_connections, self.flush_batch) < 1:
+            raise ValueError("reaper_batch, flush_batch and redis_max_connections must be positive")
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"listen must be host:port, got {self.listen!r}")

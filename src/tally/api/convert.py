@@ -7,6 +7,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tally.ledger.backend import EntryRow
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 
 POLICY_NAMES = {
@@ -100,4 +101,20 @@ def price(record: Mapping[str, Any]) -> catalog_pb2.Price:
         units_per_quantity=int(record["price"]),
         version=int(record["version"]),
         effective_at=timestamp(record["at"]),
+    )
+
+
+def ledger_entry(row: EntryRow) -> account_pb2.LedgerEntry:
+    return account_pb2.LedgerEntry(
+        entry_id=row.entry_id,
+        account_id=row.account_id,
+        type=row.type,
+        reservation_id=row.reservation_id,
+        operation=row.operation,
+        quantity=row.quantity,
+        units=row.units,
+        available_after=row.available_after,
+        occurred_at=timestamp(row.occurred_at_ms),
+        labels=row.labels,
+        idempotency_key=row.idempotency_key,
     )

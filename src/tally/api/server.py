@@ -8,6 +8,8 @@ from grpc_reflection.v1alpha import reflection
 
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
 from tally.api.validation import HoldTtlLimits
+from tally.ledger.backend import SqlLedger
+from tally.ledger.durability import MoneyInBarrier
 from tally.store.quota_store import QuotaStore
 from tally.v1 import (
     account_pb2,
@@ -27,7 +29,11 @@ SERVICE_NAMES = (
 
 
 def build_server(
-    store: QuotaStore, ttl_limits: HoldTtlLimits, listen: str
+    store: QuotaStore,
+    ttl_limits: HoldTtlLimits,
+    listen: str,
+    barrier: MoneyInBarrier,
+    ledger: SqlLedger,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Returns the server (not started), the bound port and its health servicer."""
     server = grpc.aio.server(
@@ -38,8 +44,12 @@ def build_server(
         ]
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(store, ttl_limits), server)
-    account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(store), server)
-    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(store), server)
+    account_pb2_grpc.add_AccountServiceServicer_to_server(
+        AccountServicer(store, barrier, ledger), server
+    )
+    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
+        CatalogServicer(store, barrier), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -6,10 +6,12 @@ from typing import Any
 
 import grpc
 
-from tally.api import convert
+from tally.api import convert, ledger_query
 from tally.api import validation as v
 from tally.api.errors import deadline_s, map_errors
 from tally.domain.errors import InvalidArgument
+from tally.ledger.backend import SqlLedger
+from tally.ledger.durability import MoneyInBarrier
 from tally.store.quota_store import QuotaStore
 from tally.v1 import (
     account_pb2,
@@ -160,8 +162,10 @@ def _policy(value: int, field: str = "overage_policy") -> str:
 
 
 class AccountServicer(account_pb2_grpc.AccountServiceServicer):
-    def __init__(self, store: QuotaStore) -> None:
+    def __init__(self, store: QuotaStore, barrier: MoneyInBarrier, ledger: SqlLedger) -> None:
         self.store = store
+        self.barrier = barrier
+        self.ledger = ledger
 
     @map_errors
     async def CreateAccount(
@@ -173,7 +177,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 "billing_anchor_day must be between 1 and 31 (0: the creation day)",
                 field_name="billing_anchor_day",
             )
-        fields = {
+        fields: dict[str, Any] = {
             "account_id": v.account_id(request.account_id),
             "allotment": v.units(request.monthly_allotment, "monthly_allotment"),
             "policy": _policy(request.overage_policy),
@@ -184,6 +188,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             "anchor_day": anchor_day,
         }
         reply = await self.store.create_account(fields, deadline_s(context))
+        await self.barrier.settle_account(fields["account_id"])
         return convert.account(reply["account"], replayed=bool(reply["replayed"]))
 
     @map_errors
@@ -216,6 +221,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         elif request.labels:
             changes["merge_labels"] = v.labels(request.labels)
         reply = await self.store.update_account(account_id, changes, deadline_s(context))
+        await self.barrier.settle_account(account_id)
         return convert.account(reply["account"])
 
     @map_errors
@@ -237,21 +243,27 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             "PurchaseUnits", {k: val for k, val in fields.items() if k != "idempotency_key"}
         )
         reply = await self.store.purchase(account_id, fields, deadline_s(context))
+        await self.barrier.settle_account(account_id)
         return convert.grant(reply["grant"])
 
+    @map_errors
     async def ListLedgerEntries(
         self, request: account_pb2.ListLedgerEntriesRequest, context: Context
     ) -> account_pb2.ListLedgerEntriesResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "ListLedgerEntries arrives with the durable ledger (a later release)",
+        query = ledger_query.parse(request)
+        rows = await ledger_query.read(self.ledger, query)
+        more = len(rows) > query.page_size
+        rows = rows[: query.page_size]
+        return account_pb2.ListLedgerEntriesResponse(
+            entries=[convert.ledger_entry(row) for row in rows],
+            next_page_token=ledger_query.token_after(rows[-1].seq) if more else "",
         )
-        raise AssertionError("abort returned")  # pragma: no cover
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
-    def __init__(self, store: QuotaStore) -> None:
+    def __init__(self, store: QuotaStore, barrier: MoneyInBarrier) -> None:
         self.store = store
+        self.barrier = barrier
 
     @map_errors
     async def SetPrice(
@@ -262,6 +274,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             v.units(request.units_per_quantity, "units_per_quantity", minimum=1),
             deadline_s(context),
         )
+        await self.barrier.settle_shard(0)
         return convert.price(reply)
 
     @map_errors

@@ -375,6 +375,46 @@ def _balance(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
+def _ledger(args: argparse.Namespace, api: Api) -> int:
+    """Every page of the account's entries (up to --limit), oldest first."""
+    request = account_pb2.ListLedgerEntriesRequest(
+        account_id=args.account_id, types=args.type or [], page_size=min(args.limit, 1000)
+    )
+    if args.start is not None:
+        request.start.CopyFrom(args.start)
+    if args.end is not None:
+        request.end.CopyFrom(args.end)
+    entries: list[account_pb2.LedgerEntry] = []
+    while len(entries) < args.limit:
+        reply = api.accounts.ListLedgerEntries(request, timeout=api.timeout_s)
+        entries.extend(reply.entries)
+        if not reply.next_page_token:
+            break
+        request.page_token = reply.next_page_token
+    entries = entries[: args.limit]
+
+    def text() -> str:
+        if not entries:
+            return "(no ledger entries)"
+        return output.table(
+            ["AT", "TYPE", "OPERATION", "QTY", "UNITS", "AVAILABLE AFTER", "RESERVATION"],
+            [
+                [
+                    output.iso(e.occurred_at), e.type, e.operation or "-", e.quantity, e.units,
+                    e.available_after, e.reservation_id or "-",
+                ]
+                for e in entries
+            ],
+        )
+
+    _emit(
+        args,
+        {"account_id": args.account_id, "entries": [output.message_dict(e) for e in entries]},
+        text,
+    )
+    return 0
+
+
 # --- the parsers ---------------------------------------------------------------
 
 
@@ -553,6 +593,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     setting.add_argument("operation", metavar="OPERATION")
     setting.add_argument("units_per_quantity", type=int, metavar="UNITS_PER_QUANTITY")
     setting.set_defaults(handler=_run(_prices_set))
+
+    ledger = subparsers.add_parser(
+        "ledger",
+        parents=[common],
+        help="an account's ledger entries",
+        description="List an account's durable ledger entries, oldest first.",
+    )
+    ledger.add_argument("account_id", metavar="ACCOUNT_ID")
+    ledger.add_argument(
+        "--type", action="append", metavar="TYPE", help="only entries of this type; repeatable"
+    )
+    ledger.add_argument("--from", dest="start", type=_timestamp, default=None, metavar="ISO8601")
+    ledger.add_argument("--to", dest="end", type=_timestamp, default=None, metavar="ISO8601")
+    ledger.add_argument(
+        "--limit", type=int, default=1000, metavar="N", help="at most N entries (default 1000)"
+    )
+    ledger.set_defaults(handler=_run(_ledger))
 
     balance = subparsers.add_parser(
         "balance",

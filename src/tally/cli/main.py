@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from tally import __version__
-from tally.cli import admin, health, serve
+from tally.cli import admin, health, ops, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(subparsers)
     admin.register(subparsers)
     health.register(subparsers)
+    ops.register(subparsers)
     return parser
 
 

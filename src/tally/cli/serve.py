@@ -46,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"tally serve: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    if settings.ledger_url:
-        log.warning("ledger_url is accepted but the ledger arrives in a later release")
     try:
         asyncio.run(app.serve_until_signalled(settings, on_ready=_announce))
     except RedisNotInstalled as exc:

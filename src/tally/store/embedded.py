@@ -65,6 +65,17 @@ def _stop_leftover(pidfile: Path) -> None:
         time.sleep(0.05)
 
 
+def running_url(folder: Path) -> str | None:
+    """The URL of an embedded redis-server that is running for this folder, if any."""
+    try:
+        pid = int((folder / "redis.pid").read_text().strip())
+        url = (folder / "redis.url").read_text().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError):
+        return None
+    return url if b"redis-server" in cmdline else None
+
+
 class EmbeddedRedis:
     def __init__(self, folder: Path, appendfsync: str = "always") -> None:
         self.folder = folder.resolve()
@@ -102,6 +113,7 @@ class EmbeddedRedis:
             args, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         self._wait_ready()
+        (self.folder / "redis.url").write_text(self.url + "\n")
         log.info(
             "embedded redis-server started",
             extra={"port": self.port, "dir": str(self.folder), "appendfsync": self.appendfsync},

@@ -1,0 +1,191 @@
+"""Operator commands that work on Redis and the ledger directly:
+`tally migrate | flusher | status | verify | recover`.
+
+They take the same settings as `tally serve` (flags and TALLY_* variables).
+Without a Redis URL they use the embedded Redis of the data folder: the one a
+running `tally serve` started, or one they start for themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from tally import app, config, logs
+from tally.cli.output import table
+from tally.clock import SystemClock
+from tally.ledger import recovery
+from tally.ledger.backend import SqlLedger
+from tally.ledger.flusher import Flusher
+from tally.store.embedded import EmbeddedRedis, running_url
+from tally.store.quota_store import QuotaStore
+
+
+@dataclass
+class Ops:
+    settings: config.Settings
+    store: QuotaStore
+    ledger: SqlLedger
+    flusher: Flusher
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@asynccontextmanager
+async def opened(settings: config.Settings) -> AsyncIterator[Ops]:
+    embedded = None
+    redis_url = settings.redis_url or running_url(settings.data_path / "redis")
+    if not redis_url:
+        say(f"starting the embedded Redis under {settings.data_path / 'redis'}")
+        embedded = EmbeddedRedis(settings.data_path / "redis", settings.redis_appendfsync)
+        redis_url = embedded.start()
+    try:
+        ledger = await app.open_and_migrate(settings)
+        store = app.build_store(settings, redis_url, SystemClock())
+        await store.check_deployment()
+        await store.runner.load()
+        flusher = app.build_flusher(settings, store, ledger)
+        await flusher.ensure_groups()
+        try:
+            yield Ops(settings, store, ledger, flusher)
+        finally:
+            await store.redis.aclose()
+            ledger.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
+        ("migrate", "apply the ledger's schema migrations", run_migrate),
+        ("flusher", "run a standalone flusher (streams -> ledger) until SIGTERM", run_flusher),
+        ("status", "flusher lag per shard and the ledger's state", run_status),
+        ("verify", "flush, then compare every account in Redis with the ledger", run_verify),
+        ("recover", "rebuild Redis from the ledger (accounts missing or behind)", run_recover),
+    ]
+    for name, help_text, handler in commands:
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        config.add_arguments(parser)
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.set_defaults(handler=handler)
+
+
+def _run(args: argparse.Namespace, work: Callable[[Ops], Awaitable[int]]) -> int:
+    try:
+        settings = config.from_sources(args)
+    except ValueError as exc:
+        say(f"tally: {exc}")
+        return 2
+    logs.configure("WARNING", "text")
+
+    async def main() -> int:
+        async with opened(settings) as ops:
+            return await work(ops)
+
+    try:
+        return asyncio.run(main())
+    except RuntimeError as exc:
+        say(f"tally: {exc}")
+        return 1
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    async def work(ops: Ops) -> int:
+        version = await asyncio.to_thread(ops.ledger.schema_version)
+        print(json.dumps({"schema_version": version}) if args.json
+              else f"ledger ({ops.ledger.dialect}) at schema version {version}")
+        return 0
+
+    return _run(args, work)
+
+
+def run_flusher(args: argparse.Namespace) -> int:
+    async def work(ops: Ops) -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(ops.flusher.run())
+        say(f"flusher {ops.flusher.consumer} running; Ctrl-C to stop")
+        await stop.wait()
+        ops.flusher.stop()
+        await task
+        flushed = await ops.flusher.flush_all()
+        say(f"flusher stopped after a final pass of {flushed} events")
+        return 0
+
+    return _run(args, work)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    async def work(ops: Ops) -> int:
+        lags = await ops.flusher.lag()
+        entries = await asyncio.to_thread(ops.ledger.count_entries)
+        snapshot = await asyncio.to_thread(ops.ledger.latest_snapshot)
+        waiting = sum(lag.waiting for lag in lags)
+        oldest_ms = max((lag.oldest_unflushed_ms for lag in lags), default=0)
+        if args.json:
+            print(json.dumps({
+                "ledger": ops.ledger.dialect, "ledger_entries": entries,
+                "events_waiting": waiting, "oldest_unflushed_ms": oldest_ms,
+                "latest_snapshot": None if snapshot is None else {
+                    "snapshot_id": snapshot[0], "taken_at_ms": snapshot[1],
+                    "accounts": snapshot[2]},
+                "shards": [asdict(lag) for lag in lags],
+            }))
+            return 0
+        print(f"ledger: {ops.ledger.dialect}, {entries} entries")
+        print(f"events waiting to be flushed: {waiting} (oldest {oldest_ms / 1000:.1f}s old)")
+        if snapshot is not None:
+            taken = datetime.fromtimestamp(snapshot[1] / 1000, UTC).isoformat()
+            print(f"latest snapshot: #{snapshot[0]} at {taken}, {snapshot[2]} accounts")
+        rows = [[str(lag.shard), str(lag.length), str(lag.pending), str(lag.waiting),
+                 f"{lag.oldest_unflushed_ms / 1000:.1f}s"] for lag in lags]
+        print(table(["shard", "stream", "pending", "waiting", "oldest"], rows))
+        return 0
+
+    return _run(args, work)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    async def work(ops: Ops) -> int:
+        report = await recovery.verify(
+            ops.store.redis, ops.store.keys, ops.ledger, ops.flusher, say
+        )
+        if args.json:
+            print(json.dumps({"accounts": report.accounts,
+                              "differences": [asdict(d) for d in report.differences]}))
+        elif report.differences:
+            rows = [[d.account_id, d.what, d.redis, d.ledger] for d in report.differences]
+            print(table(["account", "what", "redis", "ledger"], rows))
+            print(f"{len(report.differences)} differences in {report.accounts} accounts")
+        else:
+            print(f"verified {report.accounts} accounts: Redis and the ledger agree")
+        return 1 if report.differences else 0
+
+    return _run(args, work)
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    async def work(ops: Ops) -> int:
+        result = await recovery.recover(
+            ops.store.redis, ops.store.keys, ops.ledger, ops.store.clock.now_ms(), say
+        )
+        await ops.store.sync_catalog(load_defaults=False)
+        if args.json:
+            print(json.dumps(asdict(result)))
+        return 0
+
+    return _run(args, work)
+
+

@@ -1,0 +1,1 @@
+"""The durable ledger: events and state images flushed from the Redis streams."""

@@ -1,0 +1,458 @@
+"""Ledger backends: SQLite (embedded default) and PostgreSQL, one SQL dialect.
+
+The backends are synchronous DB-API code behind one lock, called from the
+event loop through `asyncio.to_thread` by the async facade in `ledger.py`.
+Statements are written with `?` placeholders; PostgreSQL gets `%s`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from tally.ledger.events import LedgerEvent
+from tally.ledger.schema import MIGRATIONS
+
+BUSY_TIMEOUT_MS = 10_000
+ENTRY_COLUMNS = (
+    "entry_id, account_id, seq, type, reservation_id, operation, quantity, units, "
+    "available_after, occurred_at, labels, idempotency_key, shard, detail, flushed_at"
+)
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchone(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class EntryRow:
+    entry_id: str
+    account_id: str
+    seq: int
+    type: str
+    reservation_id: str
+    operation: str
+    quantity: int
+    units: int
+    available_after: int
+    occurred_at_ms: int
+    labels: dict[str, str]
+    idempotency_key: str
+    detail: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StateRow:
+    key: str
+    account_id: str
+    seq: int
+    state: bytes
+    expires_at_ms: int = 0
+
+
+class SqlLedger:
+    """The schema and every query; subclasses only connect."""
+
+    dialect = "sql"
+    blob_type = "BLOB"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: Any = None
+
+    # --- connection -------------------------------------------------------
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Cursor]:
+        """One transaction; a failure rolls back and drops the connection."""
+        with self._lock:
+            if self._conn is None:
+                self._conn = self._connect()
+            cursor = _Translating(self._conn.cursor(), self._sql)
+            try:
+                self._begin(cursor)
+                yield cursor
+                self._conn.commit()
+            except BaseException:
+                try:
+                    self._conn.rollback()
+                except Exception:  # the connection is gone; it is replaced next time
+                    self._conn = None
+                raise
+
+    def _begin(self, cursor: Cursor) -> None:
+        del cursor
+
+    # --- schema -----------------------------------------------------------
+
+    def migrate(self) -> list[int]:
+        """Applies what is missing; returns the versions applied now."""
+        with self.transaction() as cur:
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
+                "applied_at BIGINT NOT NULL)"
+            )
+        applied: list[int] = []
+        for version, description, statements in MIGRATIONS:
+            with self.transaction() as cur:
+                cur.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,))
+                if cur.fetchone() is not None:
+                    continue
+                for statement in statements:
+                    cur.execute(statement.format(blob=self.blob_type))
+                cur.execute(
+                    "INSERT INTO schema_migrations (version, description, applied_at) "
+                    "VALUES (?, ?, ?)",
+                    (version, description, _now_ms()),
+                )
+                applied.append(version)
+        return applied
+
+    def schema_version(self) -> int:
+        with self.transaction() as cur:
+            cur.execute("SELECT MAX(version) FROM schema_migrations")
+            row = cur.fetchone()
+        return int(row[0] or 0)
+
+    # --- writes -----------------------------------------------------------
+
+    def write_batch(self, events: Sequence[LedgerEvent]) -> int:
+        """Inserts events (ignoring ones already there) and upserts the state
+        images they carry, in one transaction. Returns the new entries' count."""
+        flushed_at = _now_ms()
+        inserted = 0
+        with self.transaction() as cur:
+            for event in events:
+                cur.execute(
+                    f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (entry_id) DO NOTHING",
+                    (
+                        event.event_id, event.account_id, event.seq, event.type,
+                        event.reservation_id, event.operation, event.quantity, event.units,
+                        event.available_after, event.occurred_at_ms,
+                        json.dumps(event.labels, sort_keys=True), event.idempotency_key,
+                        event.shard, json.dumps(event.detail, sort_keys=True), flushed_at,
+                    ),
+                )
+                inserted += max(cur.rowcount, 0)
+                self._write_images(cur, event, flushed_at)
+            self._advance_positions(cur, events, flushed_at)
+        return inserted
+
+    def _write_images(self, cur: Cursor, event: LedgerEvent, now_ms: int) -> None:
+        if event.type == "price_change":
+            cur.execute(
+                "INSERT INTO catalog_prices (operation, version, price, effective_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (operation, version) DO NOTHING",
+                (event.operation, event.price_version, event.units, event.occurred_at_ms),
+            )
+        if event.account_image is not None:
+            cur.execute(
+                "INSERT INTO account_states (account_id, shard, seq, state, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE SET "
+                "seq = excluded.seq, state = excluded.state, updated_at = excluded.updated_at "
+                "WHERE excluded.seq > account_states.seq",
+                (event.account_id, event.shard, event.seq, event.account_image, now_ms),
+            )
+        for rid, image in event.hold_images.items():
+            cur.execute(
+                "INSERT INTO reservation_states (reservation_id, account_id, seq, state) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (reservation_id) DO UPDATE SET "
+                "seq = excluded.seq, state = excluded.state "
+                "WHERE excluded.seq > reservation_states.seq",
+                (rid, event.account_id, event.seq, image),
+            )
+        idem = event.idempotency_image
+        if idem is not None:
+            cur.execute(
+                "INSERT INTO idempotency_states (record_key, account_id, seq, state, expires_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (record_key) DO UPDATE SET "
+                "seq = excluded.seq, state = excluded.state, expires_at = excluded.expires_at "
+                "WHERE excluded.seq > idempotency_states.seq",
+                (idem.key, event.account_id, event.seq, idem.record, idem.expires_at_ms),
+            )
+
+    def _advance_positions(
+        self, cur: Cursor, events: Sequence[LedgerEvent], now_ms: int
+    ) -> None:
+        newest: dict[int, str] = {}
+        for event in events:
+            if event.shard not in newest or _id_key(event.stream_id) > _id_key(newest[event.shard]):
+                newest[event.shard] = event.stream_id
+        for shard, stream_id in newest.items():
+            cur.execute("SELECT stream_id FROM flush_positions WHERE shard = ?", (shard,))
+            row = cur.fetchone()
+            if row is None:
+                cur.execute(
+                    "INSERT INTO flush_positions (shard, stream_id, updated_at) VALUES (?, ?, ?)",
+                    (shard, stream_id, now_ms),
+                )
+            elif _id_key(stream_id) > _id_key(row[0]):
+                cur.execute(
+                    "UPDATE flush_positions SET stream_id = ?, updated_at = ? WHERE shard = ?",
+                    (stream_id, now_ms, shard),
+                )
+
+    def snapshot(
+        self, reason: str, balances: Iterable[tuple[str, int, dict[str, int], bytes]]
+    ) -> int:
+        """Freezes every account's balance as of the flushed positions."""
+        with self.transaction() as cur:
+            cur.execute("SELECT COALESCE(MAX(snapshot_id), 0) + 1 FROM snapshots")
+            snapshot_id = int(cur.fetchone()[0])
+            cur.execute("SELECT shard, stream_id FROM flush_positions ORDER BY shard")
+            positions = {str(shard): stream_id for shard, stream_id in cur.fetchall()}
+            count = 0
+            for account_id, seq, figures, state in balances:
+                cur.execute(
+                    "INSERT INTO snapshot_balances (snapshot_id, account_id, seq, available, held, "
+                    "granted_total, charged_total, refunded_total, expired_total, state) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        snapshot_id, account_id, seq, figures["available"], figures["held"],
+                        figures["granted"], figures["charged"], figures["refunded"],
+                        figures["expired"], state,
+                    ),
+                )
+                count += 1
+            cur.execute(
+                "INSERT INTO snapshots (snapshot_id, taken_at, reason, accounts, positions) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (snapshot_id, _now_ms(), reason, count, json.dumps(positions)),
+            )
+        return snapshot_id
+
+    # --- reads ------------------------------------------------------------
+
+    def has_entries(self, entry_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with self.transaction() as cur:
+            for entry_id in entry_ids:
+                cur.execute("SELECT 1 FROM ledger_entries WHERE entry_id = ?", (entry_id,))
+                if cur.fetchone() is not None:
+                    found.add(entry_id)
+        return found
+
+    def entries(
+        self,
+        account_id: str,
+        *,
+        start_ms: int = 0,
+        end_ms: int = 0,
+        types: Sequence[str] = (),
+        after_seq: int = 0,
+        limit: int = 1000,
+    ) -> list[EntryRow]:
+        sql = [f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE account_id = ? AND seq > ?"]
+        params: list[Any] = [account_id, after_seq]
+        if start_ms:
+            sql.append("AND occurred_at >= ?")
+            params.append(start_ms)
+        if end_ms:
+            sql.append("AND occurred_at < ?")
+            params.append(end_ms)
+        if types:
+            sql.append("AND type IN (" + ", ".join("?" for _ in types) + ")")
+            params.extend(types)
+        sql.append("ORDER BY seq LIMIT ?")
+        params.append(limit)
+        with self.transaction() as cur:
+            cur.execute(" ".join(sql), params)
+            rows = cur.fetchall()
+        return [
+            EntryRow(
+                entry_id=r[0], account_id=r[1], seq=int(r[2]), type=r[3], reservation_id=r[4],
+                operation=r[5], quantity=int(r[6]), units=int(r[7]), available_after=int(r[8]),
+                occurred_at_ms=int(r[9]), labels=json.loads(r[10]), idempotency_key=r[11],
+                detail=json.loads(r[13]),
+            )
+            for r in rows
+        ]
+
+    def count_entries(self) -> int:
+        with self.transaction() as cur:
+            cur.execute("SELECT COUNT(*) FROM ledger_entries")
+            return int(cur.fetchone()[0])
+
+    def account_states(self) -> list[StateRow]:
+        with self.transaction() as cur:
+            cur.execute("SELECT account_id, seq, state FROM account_states ORDER BY account_id")
+            return [StateRow(r[0], r[0], int(r[1]), bytes(r[2])) for r in cur.fetchall()]
+
+    def reservation_states(self) -> list[StateRow]:
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT reservation_id, account_id, seq, state FROM reservation_states"
+            )
+            return [StateRow(r[0], r[1], int(r[2]), bytes(r[3])) for r in cur.fetchall()]
+
+    def idempotency_states(self, now_ms: int) -> list[StateRow]:
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT record_key, account_id, seq, state, expires_at FROM idempotency_states "
+                "WHERE expires_at > ?",
+                (now_ms,),
+            )
+            return [
+                StateRow(r[0], r[1], int(r[2]), bytes(r[3]), int(r[4])) for r in cur.fetchall()
+            ]
+
+    def catalog_prices(self) -> list[tuple[str, int, int, int]]:
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT operation, version, price, effective_at FROM catalog_prices "
+                "ORDER BY version"
+            )
+            return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in cur.fetchall()]
+
+    def entry_sums(self) -> dict[str, dict[str, int]]:
+        """Per account and event type: units moved, and units lost to expiry."""
+        sums: dict[str, dict[str, int]] = {}
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT account_id, type, SUM(units), COUNT(*) FROM ledger_entries "
+                "WHERE account_id <> '' GROUP BY account_id, type"
+            )
+            for account_id, etype, units, _count in cur.fetchall():
+                sums.setdefault(account_id, {})[etype] = int(units or 0)
+            cur.execute(
+                "SELECT account_id, detail FROM ledger_entries "
+                "WHERE type IN ('release', 'expire', 'commit', 'refund')"
+            )
+            for account_id, detail in cur.fetchall():
+                lost = int(json.loads(detail).get("expired", "0") or 0)
+                if lost:
+                    per = sums.setdefault(account_id, {})
+                    per["lost"] = per.get("lost", 0) + lost
+        return sums
+
+    def latest_snapshot(self) -> tuple[int, int, int] | None:
+        """(snapshot_id, taken_at_ms, accounts) of the newest snapshot."""
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT snapshot_id, taken_at, accounts FROM snapshots "
+                "ORDER BY snapshot_id DESC LIMIT 1"
+            )
+            row = cur.fetchone()
+        return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
+
+    def positions(self) -> dict[int, str]:
+        with self.transaction() as cur:
+            cur.execute("SELECT shard, stream_id FROM flush_positions")
+            return {int(r[0]): r[1] for r in cur.fetchall()}
+
+
+class _Translating:
+    """A cursor that rewrites `?` placeholders for the dialect."""
+
+    def __init__(self, cursor: Any, translate: Any) -> None:
+        self._cursor = cursor
+        self._translate = translate
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cursor.rowcount)
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._cursor.execute(self._translate(sql), params)
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cursor.fetchall())
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+
+class SqliteLedger(SqlLedger):
+    """One file, WAL with synchronous=FULL: a committed batch survives a crash."""
+
+    dialect = "sqlite"
+    blob_type = "BLOB"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def _connect(self) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        return conn
+
+    def _begin(self, cursor: Cursor) -> None:
+        cursor.execute("BEGIN IMMEDIATE")
+
+    def pragma(self, name: str) -> str:
+        with self.transaction() as cur:
+            cur.execute(f"PRAGMA {name}")
+            return str(cur.fetchone()[0])
+
+
+class PostgresLedger(SqlLedger):
+    dialect = "postgresql"
+    blob_type = "BYTEA"
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.url, connect_timeout=10)
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+
+def open_ledger(url: str) -> SqlLedger:
+    """sqlite:///relative/or/absolute.db, sqlite:////abs.db, or postgresql://..."""
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else parsed.path
+        if not path:
+            raise ValueError(f"ledger url {url!r} names no file")
+        return SqliteLedger(Path(path))
+    if parsed.scheme in {"postgresql", "postgres"}:
+        return PostgresLedger(url)
+    raise ValueError(f"ledger url {url!r}: use sqlite:///path or postgresql://...")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _id_key(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)

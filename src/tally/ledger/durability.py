@@ -1,0 +1,38 @@
+"""Money in is durable before it is acknowledged.
+
+Purchases, account creations and plan and price changes flush their shard's
+stream into the ledger (taking over entries other flushers hold: the ledger
+ignores duplicates) before the RPC answers. A replay does the same, so a
+retry after a failed ledger write still ends durable.
+"""
+
+from __future__ import annotations
+
+from redis.exceptions import RedisError
+
+from tally.domain.errors import Unavailable
+from tally.ledger.flusher import Flusher
+
+
+class MoneyInBarrier:
+    def __init__(self, flusher: Flusher) -> None:
+        self.flusher = flusher
+
+    async def settle_account(self, account_id: str) -> None:
+        await self.settle_shard(self.flusher.keys.shard_of(account_id))
+
+    async def settle_shard(self, shard: int) -> None:
+        try:
+            await self.flusher.flush_shard(shard, steal=True)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(
+                f"the change is recorded but not yet durable in the ledger ({exc}); "
+                "retry with the same idempotency key"
+            ) from exc
+        except Exception as exc:
+            if type(exc).__module__.split(".")[0] in {"sqlite3", "psycopg"}:
+                raise Unavailable(
+                    f"the ledger is unavailable ({type(exc).__name__}); "
+                    "retry with the same idempotency key"
+                ) from exc
+            raise

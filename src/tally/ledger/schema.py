@@ -1,0 +1,90 @@
+"""Versioned migrations, the same schema on SQLite and PostgreSQL.
+
+`{blob}` is the binary column type of the dialect. Each migration runs once,
+in its own transaction, and is recorded in schema_migrations.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (
+        1,
+        "events, state images, catalog and snapshots",
+        (
+            """CREATE TABLE ledger_entries (
+                entry_id TEXT PRIMARY KEY,
+                account_id TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                type TEXT NOT NULL,
+                reservation_id TEXT NOT NULL,
+                operation TEXT NOT NULL,
+                quantity BIGINT NOT NULL,
+                units BIGINT NOT NULL,
+                available_after BIGINT NOT NULL,
+                occurred_at BIGINT NOT NULL,
+                labels TEXT NOT NULL,
+                idempotency_key TEXT NOT NULL,
+                shard INTEGER NOT NULL,
+                detail TEXT NOT NULL,
+                flushed_at BIGINT NOT NULL
+            )""",
+            "CREATE INDEX ledger_entries_by_account ON ledger_entries (account_id, seq)",
+            "CREATE INDEX ledger_entries_by_time ON ledger_entries (account_id, occurred_at)",
+            """CREATE TABLE account_states (
+                account_id TEXT PRIMARY KEY,
+                shard INTEGER NOT NULL,
+                seq BIGINT NOT NULL,
+                state {blob} NOT NULL,
+                updated_at BIGINT NOT NULL
+            )""",
+            """CREATE TABLE reservation_states (
+                reservation_id TEXT PRIMARY KEY,
+                account_id TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                state {blob} NOT NULL
+            )""",
+            "CREATE INDEX reservation_states_by_account ON reservation_states (account_id)",
+            """CREATE TABLE idempotency_states (
+                record_key TEXT PRIMARY KEY,
+                account_id TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                state {blob} NOT NULL,
+                expires_at BIGINT NOT NULL
+            )""",
+            """CREATE TABLE catalog_prices (
+                operation TEXT NOT NULL,
+                version BIGINT NOT NULL,
+                price BIGINT NOT NULL,
+                effective_at BIGINT NOT NULL,
+                PRIMARY KEY (operation, version)
+            )""",
+            """CREATE TABLE snapshots (
+                snapshot_id BIGINT PRIMARY KEY,
+                taken_at BIGINT NOT NULL,
+                reason TEXT NOT NULL,
+                accounts BIGINT NOT NULL,
+                positions TEXT NOT NULL
+            )""",
+            """CREATE TABLE snapshot_balances (
+                snapshot_id BIGINT NOT NULL,
+                account_id TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                available BIGINT NOT NULL,
+                held BIGINT NOT NULL,
+                granted_total BIGINT NOT NULL,
+                charged_total BIGINT NOT NULL,
+                refunded_total BIGINT NOT NULL,
+                expired_total BIGINT NOT NULL,
+                state {blob} NOT NULL,
+                PRIMARY KEY (snapshot_id, account_id)
+            )""",
+            """CREATE TABLE flush_positions (
+                shard INTEGER PRIMARY KEY,
+                stream_id TEXT NOT NULL,
+                updated_at BIGINT NOT NULL
+            )""",
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1][0]
