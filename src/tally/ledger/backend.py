@@ -88,14 +88,14 @@ class SqlLedger:
                 self._conn = None
 
     @contextmanager
-    def transaction(self) -> Iterator[Cursor]:
+    def transaction(self, write: bool = True) -> Iterator[Cursor]:
         """One transaction; a failure rolls back and drops the connection."""
         with self._lock:
             if self._conn is None:
                 self._conn = self._connect()
             cursor = _Translating(self._conn.cursor(), self._sql)
             try:
-                self._begin(cursor)
+                self._begin(cursor, write)
                 yield cursor
                 self._conn.commit()
             except BaseException:
@@ -105,13 +105,15 @@ class SqlLedger:
                     self._conn = None
                 raise
 
-    def _begin(self, cursor: Cursor) -> None:
-        del cursor
+    def _begin(self, cursor: Cursor, write: bool) -> None:
+        del cursor, write
 
     # --- schema -----------------------------------------------------------
 
     def migrate(self) -> list[int]:
         """Applies what is missing; returns the versions applied now."""
+        if self._applied_version() >= MIGRATIONS[-1][0]:
+            return []
         with self.transaction() as cur:
             cur.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -134,8 +136,18 @@ class SqlLedger:
                 applied.append(version)
         return applied
 
+    def _applied_version(self) -> int:
+        """0 when the ledger has no schema yet; a read, so it never waits on a writer."""
+        try:
+            return self.schema_version()
+        except Exception as exc:
+            if "schema_migrations" in str(exc):
+                self.close()  # PostgreSQL leaves the failed transaction's connection unusable
+                return 0
+            raise
+
     def schema_version(self) -> int:
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute("SELECT MAX(version) FROM schema_migrations")
             row = cur.fetchone()
         return int(row[0] or 0)
@@ -253,7 +265,7 @@ class SqlLedger:
 
     def has_entries(self, entry_ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             for entry_id in entry_ids:
                 cur.execute("SELECT 1 FROM ledger_entries WHERE entry_id = ?", (entry_id,))
                 if cur.fetchone() is not None:
@@ -283,7 +295,7 @@ class SqlLedger:
             params.extend(types)
         sql.append("ORDER BY seq LIMIT ?")
         params.append(limit)
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute(" ".join(sql), params)
             rows = cur.fetchall()
         return [
@@ -297,24 +309,24 @@ class SqlLedger:
         ]
 
     def count_entries(self) -> int:
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute("SELECT COUNT(*) FROM ledger_entries")
             return int(cur.fetchone()[0])
 
     def account_states(self) -> list[StateRow]:
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute("SELECT account_id, seq, state FROM account_states ORDER BY account_id")
             return [StateRow(r[0], r[0], int(r[1]), bytes(r[2])) for r in cur.fetchall()]
 
     def reservation_states(self) -> list[StateRow]:
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute(
                 "SELECT reservation_id, account_id, seq, state FROM reservation_states"
             )
             return [StateRow(r[0], r[1], int(r[2]), bytes(r[3])) for r in cur.fetchall()]
 
     def idempotency_states(self, now_ms: int) -> list[StateRow]:
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute(
                 "SELECT record_key, account_id, seq, state, expires_at FROM idempotency_states "
                 "WHERE expires_at > ?",
@@ -325,7 +337,7 @@ class SqlLedger:
             ]
 
     def catalog_prices(self) -> list[tuple[str, int, int, int]]:
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute(
                 "SELECT operation, version, price, effective_at FROM catalog_prices "
                 "ORDER BY version"
@@ -335,7 +347,7 @@ class SqlLedger:
     def entry_sums(self) -> dict[str, dict[str, int]]:
         """Per account and event type: units moved, and units lost to expiry."""
         sums: dict[str, dict[str, int]] = {}
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute(
                 "SELECT account_id, type, SUM(units), COUNT(*) FROM ledger_entries "
                 "WHERE account_id <> '' GROUP BY account_id, type"
@@ -355,7 +367,7 @@ class SqlLedger:
 
     def latest_snapshot(self) -> tuple[int, int, int] | None:
         """(snapshot_id, taken_at_ms, accounts) of the newest snapshot."""
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute(
                 "SELECT snapshot_id, taken_at, accounts FROM snapshots "
                 "ORDER BY snapshot_id DESC LIMIT 1"
@@ -364,7 +376,7 @@ class SqlLedger:
         return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
     def positions(self) -> dict[int, str]:
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute("SELECT shard, stream_id FROM flush_positions")
             return {int(r[0]): r[1] for r in cur.fetchall()}
 
@@ -410,11 +422,13 @@ class SqliteLedger(SqlLedger):
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         return conn
 
-    def _begin(self, cursor: Cursor) -> None:
-        cursor.execute("BEGIN IMMEDIATE")
+    def _begin(self, cursor: Cursor, write: bool) -> None:
+        # A writer takes the write lock up front, so it waits (busy_timeout)
+        # rather than failing half-way; readers never wait in WAL mode.
+        cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
     def pragma(self, name: str) -> str:
-        with self.transaction() as cur:
+        with self.transaction(write=False) as cur:
             cur.execute(f"PRAGMA {name}")
             return str(cur.fetchone()[0])
 

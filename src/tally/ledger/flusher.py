@@ -98,16 +98,15 @@ class Flusher:
         total = 0
         min_idle_ms = 0 if steal else self.settings.claim_idle_ms
         for _ in range(BATCHES_PER_PASS_MAX):
+            # Our own pending entries first (a write that failed is retried at
+            # once), then ones a dead flusher left idle, then new ones.
+            entries = await self._read(stream, "0")
             claimed = await self.redis.xautoclaim(
                 stream, GROUP, self.consumer, min_idle_time=min_idle_ms,
                 start_id="0-0", count=self.settings.batch,
             )
-            entries = list(claimed[1])
-            fresh = await self.redis.xreadgroup(
-                GROUP, self.consumer, {stream: ">"}, count=self.settings.batch
-            )
-            for _, messages in fresh:
-                entries.extend(messages)
+            entries.extend(claimed[1])
+            entries.extend(await self._read(stream, ">"))
             live = [(sid, fields) for sid, fields in entries if fields]
             if not entries:
                 break
@@ -118,6 +117,12 @@ class Flusher:
             total += len(events)
         await self._trim(shard)
         return total
+
+    async def _read(self, stream: str, position: str) -> list[Any]:
+        reply = await self.redis.xreadgroup(
+            GROUP, self.consumer, {stream: position}, count=self.settings.batch
+        )
+        return [entry for _, messages in reply for entry in messages]
 
     async def _trim(self, shard: int) -> None:
         """Removes entries before the oldest one not yet acknowledged."""

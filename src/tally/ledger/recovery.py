@@ -62,7 +62,7 @@ async def redis_seqs(redis: Any, keys: KeySpace, account_ids: list[str]) -> dict
         for account_id in chunk:
             pipe.get(keys.account_keys(account_id)[0])
         for account_id, raw in zip(chunk, await pipe.execute(), strict=True):
-            seqs[account_id] = -1 if raw is None else int(_unpack(raw)["seq"])
+            seqs[account_id] = -1 if raw is None else int(_unpack(raw).get("event_seq", 0))
     return seqs
 
 

@@ -9,6 +9,8 @@ retry with their idempotency key instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -46,6 +48,22 @@ def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aiore
         max_connections=max_connections,
         health_check_interval=0,
     )
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """Connection-level Redis failures become Unavailable (safe to retry)."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError) as exc:
+        raise Unavailable(
+            f"the store is unreachable ({type(exc).__name__}); "
+            "retry with the same idempotency key"
+        ) from exc
+    except ResponseError as exc:
+        if str(exc).startswith("OOM"):
+            raise Unavailable("the store is out of memory") from exc
+        raise
 
 
 def _decode(value: Any) -> Any:
@@ -99,22 +117,14 @@ class ScriptRunner:
         script = self.scripts[name]
         payload = msgpack.packb(request, use_bin_type=True)
         try:
-            async with asyncio.timeout(timeout_s):
-                raw = await self._evalsha(script, keys, payload)
+            with store_errors():
+                async with asyncio.timeout(timeout_s):
+                    raw = await self._evalsha(script, keys, payload)
         except TimeoutError as exc:
             raise DeadlineExceeded(
                 "the store did not answer before the call's deadline; "
                 "retry with the same idempotency key"
             ) from exc
-        except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError) as exc:
-            raise Unavailable(
-                f"the store is unreachable ({type(exc).__name__}); "
-                "retry with the same idempotency key"
-            ) from exc
-        except ResponseError as exc:
-            if str(exc).startswith("OOM"):
-                raise Unavailable("the store is out of memory") from exc
-            raise
         reply = _decode(raw)
         if not isinstance(reply, dict):
             raise RuntimeError(f"{name}.lua returned {reply!r}")

@@ -14,7 +14,7 @@ import msgpack
 
 from tally.clock import Clock
 from tally.domain.catalog import DEFAULT_CATALOG
-from tally.store.client import ScriptRunner
+from tally.store.client import ScriptRunner, store_errors
 from tally.store.keys import META_KEY, KeySpace
 
 
@@ -155,9 +155,10 @@ class QuotaStore:
         )
 
     async def due_holds(self, shard: int, batch: int) -> list[str]:
-        raw = await self.redis.zrangebyscore(
-            self.keys.expiries(shard), "-inf", self.clock.now_ms(), start=0, num=batch
-        )
+        with store_errors():
+            raw = await self.redis.zrangebyscore(
+                self.keys.expiries(shard), "-inf", self.clock.now_ms(), start=0, num=batch
+            )
         return [r.decode() for r in raw]
 
     # --- catalog -----------------------------------------------------------
@@ -198,12 +199,13 @@ class QuotaStore:
             await self.runner.run("apply_price", keys, request, timeout_s)
 
     async def list_prices(self) -> tuple[list[dict[str, Any]], int]:
-        raw = await self.redis.hgetall(self.keys.prices(0))
+        with store_errors():
+            raw = await self.redis.hgetall(self.keys.prices(0))
+            version = await self.redis.hget(self.keys.catalog_meta(), "version")
         prices = []
         for operation, packed in sorted(raw.items()):
             record = msgpack.unpackb(packed, raw=False)
             prices.append({"operation": operation.decode(), **record})
-        version = await self.redis.hget(self.keys.catalog_meta(), "version")
         return prices, int(version or 0)
 
     async def sync_catalog(self, load_defaults: bool) -> None:

@@ -38,7 +38,7 @@ return run(function()
     overage_limit = req.overage_limit, ap_units = req.ap_units, ap_threshold = req.ap_threshold,
     anchor_day = anchor_day, labels = req.labels, created_at = ctx.now,
     period_start = period_start, period_end = period_end, period_consumed = 0,
-    overage_used = 0, overage_held = 0, auto_purchased = 0, held = 0, seq = 0,
+    overage_used = 0, overage_held = 0, auto_purchased = 0, held = 0, seq = 0, event_seq = 0,
     total_granted = 0, total_charged = 0, total_refunded = 0, total_expired = 0, grants = {}}
   ctx.acct = acct
   emit(ctx, 'plan_change', {created = 1, allotment = acct.allotment, policy = acct.policy,

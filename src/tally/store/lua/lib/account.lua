@@ -59,10 +59,13 @@ local function find_grant(acct, grant_id)
   return nil
 end
 
+-- Events are numbered 1, 2, 3... per account (event_seq), so a gap in the
+-- ledger is visible; ids of grants and holds come from another counter (seq).
 local function emit(ctx, etype, fields)
   local acct = ctx.acct
-  local seq = next_seq(acct)
-  local event = {'type', etype, 'event_id', acct.id .. '/' .. int_text(seq), 'account_id', acct.id,
+  acct.event_seq = (acct.event_seq or 0) + 1
+  local event = {'type', etype, 'event_id', acct.id .. '/' .. int_text(acct.event_seq),
+    'account_id', acct.id,
     'at', ctx.now}
   for k, v in pairs(fields) do
     event[#event + 1] = k

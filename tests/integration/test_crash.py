@@ -1,0 +1,214 @@
+"""Crash tests with real processes and SIGKILL: nothing acknowledged is lost.
+
+Each test runs worker traffic that retries every call with its idempotency key
+until it is acknowledged, counts what was acknowledged, and compares it with
+the ledger to the unit, then runs `tally verify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tally.ledger.backend import open_ledger
+from tests.integration.crash_support import (
+    TALLY,
+    Acknowledged,
+    Serve,
+    create_accounts,
+    ledger_matches,
+    run_tally,
+    tally_env,
+    worker,
+)
+from tests.support import RedisProcess, free_port
+
+pytestmark = pytest.mark.slow
+TRAFFIC_DEADLINE_S = 90.0
+
+
+async def run_traffic_around(address: str, accounts: list[str], crash, seconds: float):  # type: ignore[no-untyped-def]
+    """Workers run; after `seconds` the crash happens; workers run on until they
+    have made progress after it; then they stop and every call is acknowledged."""
+    seen = Acknowledged()
+    stop = asyncio.Event()
+    deadline = time.monotonic() + TRAFFIC_DEADLINE_S
+    tasks = [asyncio.create_task(worker(address, a, stop, seen, deadline)) for a in accounts]
+    await asyncio.sleep(seconds)
+    before_crash = seen.operations
+    await crash()
+    while seen.operations < before_crash + 3 * len(accounts) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.gather(*tasks)
+    assert seen.operations > before_crash, "no traffic got through after the crash"
+    return seen
+
+
+def verify_clean(env: dict[str, str]) -> None:
+    result = run_tally(env, "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "agree" in result.stdout
+
+
+async def test_sigkill_of_the_server_loses_nothing_acknowledged(
+    own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """Proves that after `tally serve` is SIGKILLed under traffic and restarted, the
+    ledger holds every acknowledged operation exactly once and verify is clean."""
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    env = tally_env(own_redis.url, ledger_url, flush_interval="200ms")
+    serve = Serve(f"127.0.0.1:{free_port()}", env, tmp_path / "serve.log")
+    await serve.start()
+    try:
+        accounts = await create_accounts(serve.address, 3, 1_000_000)
+
+        async def crash() -> None:
+            serve.kill()
+            await asyncio.sleep(0.3)
+            await serve.start()
+
+        seen = await run_traffic_around(serve.address, accounts, crash, 1.0)
+        assert serve.terminate() == 0, serve.log
+        ledger_matches(ledger_url, seen, accounts)
+        verify_clean(env)
+    finally:
+        serve.kill()
+
+
+async def test_sigkill_of_redis_loses_nothing_acknowledged(
+    own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """Proves that after redis-server (AOF appendfsync always) is SIGKILLed under
+    traffic and restarted, the server reconnects by itself and every acknowledged
+    operation is in Redis and in the ledger."""
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    env = tally_env(own_redis.url, ledger_url, flush_interval="200ms")
+    serve = Serve(f"127.0.0.1:{free_port()}", env, tmp_path / "serve.log")
+    await serve.start()
+    try:
+        accounts = await create_accounts(serve.address, 3, 1_000_000)
+
+        async def crash() -> None:
+            own_redis.kill()
+            await asyncio.sleep(0.3)
+            own_redis.start()
+
+        seen = await run_traffic_around(serve.address, accounts, crash, 1.0)
+        assert serve.process is not None and serve.process.poll() is None
+        assert serve.terminate() == 0, serve.log
+        ledger_matches(ledger_url, seen, accounts)
+        verify_clean(env)
+    finally:
+        serve.kill()
+
+
+async def test_recover_rebuilds_a_wiped_redis_from_the_ledger(
+    own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """Proves that after FLUSHALL, `tally recover` restores every balance exactly as
+    the ledger has it, the server refuses to start before that, and verify is clean."""
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    env = tally_env(own_redis.url, ledger_url, flush_interval="200ms")
+    serve = Serve(f"127.0.0.1:{free_port()}", env, tmp_path / "serve.log")
+    await serve.start()
+    try:
+        accounts = await create_accounts(serve.address, 3, 1_000_000)
+
+        async def nothing() -> None:
+            return None
+
+        seen = await run_traffic_around(serve.address, accounts, nothing, 0.5)
+        assert serve.terminate() == 0, serve.log
+        client = redis.Redis.from_url(own_redis.url)
+        before = {a: client.get(f"tally:{{{tag(a, env)}}}:acct:{a}") for a in accounts}
+        client.flushall()
+        refused = subprocess.run(
+            [TALLY, "serve", "--listen", f"127.0.0.1:{free_port()}"], env=env,
+            capture_output=True, text=True, timeout=60,
+        )
+        assert refused.returncode == 1 and "tally recover" in refused.stderr
+        recovered = run_tally(env, "recover")
+        assert recovered.returncode == 0, recovered.stderr
+        after = {a: client.get(f"tally:{{{tag(a, env)}}}:acct:{a}") for a in accounts}
+        client.close()
+        assert after == before
+        ledger_matches(ledger_url, seen, accounts)
+        verify_clean(env)
+        await serve.start()
+    finally:
+        serve.kill()
+
+
+def tag(account_id: str, env: dict[str, str]) -> str:
+    from tally.store.keys import KeySpace
+
+    keys = KeySpace(int(env.get("TALLY_SHARDS", "16")))
+    return keys.tag(keys.shard_of(account_id))
+
+
+async def test_a_flusher_killed_mid_batch_is_finished_by_another(
+    own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """Proves that events a flusher read and then died on (SIGKILL while its ledger
+    write waited on a lock) are claimed and written by another flusher: no
+    duplicates, no gaps."""
+    ledger_path = tmp_path / "ledger.sqlite3"
+    ledger_url = f"sqlite:///{ledger_path}"
+    env = tally_env(own_redis.url, ledger_url, flush_interval="1h", snapshot_interval="1h")
+    serve = Serve(f"127.0.0.1:{free_port()}", env, tmp_path / "serve.log")
+    await serve.start()
+    try:
+        accounts = await create_accounts(serve.address, 2, 1_000_000)
+
+        async def nothing() -> None:
+            return None
+
+        seen = await run_traffic_around(serve.address, accounts, nothing, 0.5)
+        blocker = sqlite3.connect(ledger_path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        flusher_env = tally_env(own_redis.url, ledger_url, flush_batch="5")
+        doomed = subprocess.Popen([TALLY, "flusher"], env=flusher_env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(own_redis.url)
+        streams = [k for k in client.scan_iter(match="tally:{*}:events")]
+        deadline = time.monotonic() + 30
+        while sum(client.xpending(s, "ledger")["pending"] for s in streams) == 0:
+            assert time.monotonic() < deadline, "the flusher never read a batch"
+            await asyncio.sleep(0.05)
+        doomed.kill()
+        doomed.wait()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        pending = sum(client.xpending(s, "ledger")["pending"] for s in streams)
+        assert pending > 0
+        rescuer = subprocess.Popen(
+            [TALLY, "flusher"], env=tally_env(own_redis.url, ledger_url, flush_claim_idle="100ms",
+                                              flush_interval="100ms"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while sum(client.xpending(s, "ledger")["pending"] for s in streams) or sum(
+                client.xlen(s) for s in streams
+            ) > len(streams):
+                assert time.monotonic() < deadline, "the pending events were never finished"
+                await asyncio.sleep(0.1)
+        finally:
+            rescuer.terminate()
+            rescuer.wait(30)
+        client.close()
+        ledger = open_ledger(ledger_url)
+        total = ledger.count_entries()
+        ledger.close()
+        assert total > 0
+        ledger_matches(ledger_url, seen, accounts)
+        verify_clean(env)
+    finally:
+        serve.kill()
