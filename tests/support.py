@@ -96,6 +96,7 @@ def settings(redis_url: str, ledger_url: str = "", **overrides: Any) -> config.S
         "TALLY_SHUTDOWN_GRACE": "1s",
         "TALLY_LOG_FORMAT": "text",
         "TALLY_LOG_LEVEL": "WARNING",
+        "TALLY_METRICS_LISTEN": "",
     }
     environ.update({f"TALLY_{k.upper()}": str(v) for k, v in overrides.items()})
     return config.from_sources(argparse.Namespace(), environ)

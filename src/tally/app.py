@@ -13,10 +13,12 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
 
+from tally import metrics
 from tally.api.server import build_server, set_serving
 from tally.api.validation import HoldTtlLimits
 from tally.clock import Clock, SystemClock
@@ -123,6 +125,7 @@ class Authority:
     health: health.aio.HealthServicer
     reaper: Reaper
     embedded: EmbeddedRedis | None = None
+    metrics_server: Any = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -148,6 +151,9 @@ class Authority:
             log.exception("final flush failed; the events stay in Redis for the next flusher")
         await self.store.redis.aclose()
         self.ledger.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         if self.embedded is not None:
             self.embedded.stop()
         log.info("stopped")
@@ -194,6 +200,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     authority = Authority(
         settings, store, ledger, flusher, server, port, health_servicer, reaper, embedded
     )
+    if settings.metrics_listen:
+        authority.metrics_server = metrics.serve(settings.metrics_listen)
     authority._tasks.append(asyncio.create_task(reaper.run()))
     authority._tasks.append(asyncio.create_task(flusher.run()))
     log.info(

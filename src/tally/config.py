@@ -80,6 +80,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("default_catalog", "load the default prices into an empty catalog", parse_bool, True),
     Setting("allow_remote_without_auth", "listen beyond loopback although no authentication "
             "is configured (authentication arrives in a later release)", parse_bool, False),
+    Setting("metrics_listen", "host:port of the Prometheus /metrics endpoint; empty: off", str,
+            "127.0.0.1:9464"),
     Setting("log_level", "DEBUG, INFO, WARNING or ERROR", str, "INFO"),
     Setting("log_format", "json or text", str, "json"),
 )
@@ -110,6 +112,7 @@ class Settings:
     shutdown_grace: float
     default_catalog: bool
     allow_remote_without_auth: bool
+    metrics_listen: str
     log_level: str
     log_format: str
 

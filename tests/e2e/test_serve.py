@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,8 +67,9 @@ def serve(tmp_path: Path) -> Iterator[tuple[str, Path, list[subprocess.Popen[byt
             process.stderr.close()
 
 
-def start(address: str, data_dir: Path) -> subprocess.Popen[bytes]:
+def start(address: str, data_dir: Path, metrics: str = "") -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env["TALLY_METRICS_LISTEN"] = metrics
     process = subprocess.Popen(
         [TALLY, "serve", "--listen", address, "--data-dir", str(data_dir)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -82,8 +84,11 @@ def test_sigterm_shuts_down_cleanly_and_data_survives_restart(
     """Proves `tally serve` with the embedded Redis exits 0 on SIGTERM, stops its
     redis-server, and a restart on the same data folder serves the same balance."""
     address, data_dir, started = serve
-    process = start(address, data_dir)
+    metrics = f"127.0.0.1:{free_port()}"
+    process = start(address, data_dir, metrics)
     started.append(process)
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
+        assert b"tally_flusher_events_waiting" in reply.read()
     with grpc.insecure_channel(address) as channel:
         account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
             account_pb2.CreateAccountRequest(account_id="durable", monthly_allotment=5000)

@@ -28,7 +28,7 @@ START_TIMEOUT_S = 30.0
 def tally_env(redis_url: str, ledger_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update({"TALLY_REDIS_URL": redis_url, "TALLY_LEDGER_URL": ledger_url,
-                "TALLY_LOG_LEVEL": "WARNING"})
+                "TALLY_LOG_LEVEL": "WARNING", "TALLY_METRICS_LISTEN": ""})
     env.update({f"TALLY_{k.upper()}": v for k, v in extra.items()})
     return env
 

@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 from redis.exceptions import ResponseError
 
+from tally import metrics
 from tally.domain.errors import Unavailable
 from tally.ledger.backend import SqlLedger
 from tally.ledger.events import decode
@@ -29,6 +30,7 @@ log = logging.getLogger("tally.flusher")
 
 GROUP = "ledger"
 BATCHES_PER_PASS_MAX = 20
+LAG_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -190,23 +192,35 @@ class Flusher:
         """Flushes every interval and snapshots on schedule until stopped."""
         loop = asyncio.get_running_loop()
         next_snapshot = loop.time() + self.settings.snapshot_interval_s
+        next_lag = loop.time()
         while not self._stopping.is_set():
             try:
-                await self.flush_all()
+                metrics.FLUSHER_EVENTS_FLUSHED.inc(await self.flush_all())
+                if loop.time() >= next_lag:
+                    self._record_lag(await self.lag())
+                    next_lag = loop.time() + LAG_INTERVAL_S
                 if loop.time() >= next_snapshot:
                     await self.snapshot("scheduled")
                     next_snapshot = loop.time() + self.settings.snapshot_interval_s
             except (Unavailable, OSError, ConnectionError) as exc:
+                metrics.FLUSHER_FAILURES.inc()
                 log.warning("flush pass failed", extra={"error": str(exc)})
             except Exception as exc:  # the ledger's driver errors vary by backend
                 if not _is_transient(exc):
                     raise
+                metrics.FLUSHER_FAILURES.inc()
                 log.warning("flush pass failed", extra={"error": str(exc)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.interval_s)
 
     def stop(self) -> None:
         self._stopping.set()
+
+    @staticmethod
+    def _record_lag(lags: list[ShardLag]) -> None:
+        metrics.FLUSHER_EVENTS_WAITING.set(sum(lag.waiting for lag in lags))
+        oldest_ms = max((lag.oldest_unflushed_ms for lag in lags), default=0)
+        metrics.FLUSHER_OLDEST_UNFLUSHED_SECONDS.set(oldest_ms / 1000)
 
 
 def figures_of(state: bytes) -> dict[str, int]:
