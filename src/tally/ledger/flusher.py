@@ -31,6 +31,7 @@ log = logging.getLogger("tally.flusher")
 GROUP = "ledger"
 BATCHES_PER_PASS_MAX = 20
 LAG_INTERVAL_S = 5.0
+LAG_COUNT_MAX = 10_000  # "waiting" is a lower bound beyond this
 
 
 @dataclass(frozen=True)
@@ -161,8 +162,12 @@ class Flusher:
                 groups = await self.redis.xinfo_groups(stream)
                 ours = [g for g in groups if _text(g["name"]) == GROUP]
                 last = _text(ours[0]["last-delivered-id"]) if ours else "0-0"
-                undelivered = await self.redis.xrange(stream, min=f"({last}", count=1)
-                waiting = pending + int(ours[0].get("lag") or 0) if ours else length
+                # XINFO's own `lag` is unknown after a trim, so count what follows
+                # the last delivered entry (bounded).
+                undelivered = await self.redis.xrange(
+                    stream, min=f"({last}", count=LAG_COUNT_MAX
+                )
+                waiting = pending + len(undelivered)
                 candidates = []
                 if pending:
                     candidates.append(_text(summary["min"]))
