@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import socket
 import subprocess
@@ -178,17 +179,27 @@ class PostgresServer:
             psycopg.connect(self.base_url, connect_timeout=3).close()
             return
         except psycopg.OperationalError:
-            pass
+            self.start_private()
+
+    def start_private(self) -> None:
+        import psycopg
+
         bin_dir = _postgres_bin()
         data = self.folder / "pgdata"
+        # PostgreSQL refuses to run as root: run it as the postgres user then.
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.folder, "postgres")
         subprocess.run(
-            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+            [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
+             "--auth=trust"],
             check=True, capture_output=True,
         )
         port = free_port()
         self.process = subprocess.Popen(
-            [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(self.folder),
-             "-c", "listen_addresses=127.0.0.1"],
+            [*as_user, str(bin_dir / "postgres"), "-D", str(data), "-p", str(port),
+             "-k", str(self.folder), "-c", "listen_addresses=127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.base_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
