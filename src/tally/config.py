@@ -125,8 +125,18 @@ class Settings:
         return self.ledger_url or f"sqlite:///{self.data_path / 'ledger.sqlite3'}"
 
     def validate(self) -> None:
+        if not 1 <= self.shards <= 4096:
+            raise ValueError(f"shards must be between 1 and 4096, got {self.shards}")
+        for name in ("idempotency_window", "reservation_retention", "reaper_interval",
+                     "redis_timeout", "flush_interval", "flush_claim_idle",
+                     "snapshot_interval"):
+            if getattr(self, name) < 0.001:
+                raise ValueError(f"{name} must be at least 1ms, got {getattr(self, name)}s")
         if not self.hold_ttl_min <= self.hold_ttl_default <= self.hold_ttl_max:
-            raise ValueError("hold ttls must satisfy min <= default <= max")
+            raise ValueError(
+                "hold_ttl_min <= hold_ttl_default <= hold_ttl_max must hold, got "
+                f"{self.hold_ttl_min}s, {self.hold_ttl_default}s, {self.hold_ttl_max}s"
+            )
         if self.hold_ttl_min < 0.001:
             raise ValueError("hold_ttl_min must be at least 1ms")
         if self.redis_appendfsync not in {"always", "everysec", "no"}:

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,30 @@ TALLY = str(Path(sys.executable).with_name("tally"))
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 CALL_TIMEOUT_S = 2.0
 START_TIMEOUT_S = 30.0
+POLL_S = 0.05
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], timeout_s: float, what: str
+) -> None:
+    """Polls an outside condition (a process, Redis, the ledger) until it holds."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / POLL_S) + 1):
+        if await condition():
+            return
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(POLL_S)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def run_tally_async(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        TALLY, *args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 def tally_env(redis_url: str, ledger_url: str, **extra: str) -> dict[str, str]:
@@ -33,10 +58,6 @@ def tally_env(redis_url: str, ledger_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_tally(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TALLY, *args], env=env, capture_output=True, text=True, timeout=120)
-
-
 class Serve:
     """`tally serve` in its own process on a fixed address, restartable."""
 
@@ -44,7 +65,7 @@ class Serve:
         self.address = address
         self.env = env
         self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: asyncio.subprocess.Process | None = None
 
     @property
     def log(self) -> str:
@@ -52,35 +73,35 @@ class Serve:
 
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [TALLY, "serve", "--listen", self.address], env=self.env,
+            self.process = await asyncio.create_subprocess_exec(
+                TALLY, "serve", "--listen", self.address, env=self.env,
                 stdout=subprocess.DEVNULL, stderr=log,
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        process = self.process
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"tally serve exited with {self.process.returncode}")
+
+            async def serving() -> bool:
+                if process.returncode is not None:
+                    raise AssertionError(f"tally serve exited with {process.returncode}")
                 try:
                     reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.5)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
                 except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
-        raise AssertionError("tally serve did not become SERVING")
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+            await wait_until(serving, START_TIMEOUT_S, "tally serve to become SERVING")
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
             self.process.kill()
-            self.process.wait()
+            await self.process.wait()
 
-    def terminate(self) -> int:
-        """SIGTERM; returns the exit code (the log is in the assertion message on failure)."""
+    async def terminate(self) -> int:
+        """SIGTERM; returns the exit code."""
         assert self.process is not None
         self.process.terminate()
-        return self.process.wait(60)
+        return await asyncio.wait_for(self.process.wait(), 60)
 
 
 @dataclass
@@ -126,7 +147,7 @@ async def worker(
         while not stop.is_set():
             key = uuid.uuid4().hex
             held = await call_until_acknowledged(
-                lambda: quota.Reserve(
+                lambda key=key: quota.Reserve(  # type: ignore[misc]
                     quota_pb2.ReserveRequest(
                         account_id=account_id, operation="image.vectorize", quantity=3,
                         idempotency_key=f"r-{key}",
@@ -136,7 +157,7 @@ async def worker(
                 deadline,
             )
             committed = await call_until_acknowledged(
-                lambda: quota.Commit(
+                lambda held=held: quota.Commit(  # type: ignore[misc]
                     quota_pb2.CommitRequest(reservation_id=held.reservation_id, quantity=2),
                     timeout=CALL_TIMEOUT_S,
                 ),
@@ -145,7 +166,7 @@ async def worker(
             seen.charged[account_id] += committed.units_charged
             seen.commits.add(held.reservation_id)
             refund = await call_until_acknowledged(
-                lambda: quota.Refund(
+                lambda held=held, key=key: quota.Refund(  # type: ignore[misc]
                     quota_pb2.RefundRequest(
                         reservation_id=held.reservation_id, units=5, idempotency_key=f"f-{key}"
                     ),

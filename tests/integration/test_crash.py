@@ -23,8 +23,9 @@ from tests.integration.crash_support import (
     Serve,
     create_accounts,
     ledger_matches,
-    run_tally,
+    run_tally_async,
     tally_env,
+    wait_until,
     worker,
 )
 from tests.support import RedisProcess, free_port
@@ -43,18 +44,21 @@ async def run_traffic_around(address: str, accounts: list[str], crash, seconds: 
     await asyncio.sleep(seconds)
     before_crash = seen.operations
     await crash()
-    while seen.operations < before_crash + 3 * len(accounts) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+
+    async def progressed() -> bool:
+        return seen.operations >= before_crash + 3 * len(accounts)
+
+    await wait_until(progressed, TRAFFIC_DEADLINE_S, "traffic after the crash")
     stop.set()
     await asyncio.gather(*tasks)
     assert seen.operations > before_crash, "no traffic got through after the crash"
     return seen
 
 
-def verify_clean(env: dict[str, str]) -> None:
-    result = run_tally(env, "verify")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "agree" in result.stdout
+async def verify_clean(env: dict[str, str]) -> None:
+    code, out, err = await run_tally_async(env, "verify")
+    assert code == 0, out + err
+    assert "agree" in out
 
 
 async def test_sigkill_of_the_server_loses_nothing_acknowledged(
@@ -70,16 +74,16 @@ async def test_sigkill_of_the_server_loses_nothing_acknowledged(
         accounts = await create_accounts(serve.address, 3, 1_000_000)
 
         async def crash() -> None:
-            serve.kill()
+            await serve.kill()
             await asyncio.sleep(0.3)
             await serve.start()
 
         seen = await run_traffic_around(serve.address, accounts, crash, 1.0)
-        assert serve.terminate() == 0, serve.log
+        assert await serve.terminate() == 0, serve.log
         ledger_matches(ledger_url, seen, accounts)
-        verify_clean(env)
+        await verify_clean(env)
     finally:
-        serve.kill()
+        await serve.kill()
 
 
 async def test_sigkill_of_redis_loses_nothing_acknowledged(
@@ -101,12 +105,12 @@ async def test_sigkill_of_redis_loses_nothing_acknowledged(
             own_redis.start()
 
         seen = await run_traffic_around(serve.address, accounts, crash, 1.0)
-        assert serve.process is not None and serve.process.poll() is None
-        assert serve.terminate() == 0, serve.log
+        assert serve.process is not None and serve.process.returncode is None
+        assert await serve.terminate() == 0, serve.log
         ledger_matches(ledger_url, seen, accounts)
-        verify_clean(env)
+        await verify_clean(env)
     finally:
-        serve.kill()
+        await serve.kill()
 
 
 async def test_recover_rebuilds_a_wiped_redis_from_the_ledger(
@@ -125,25 +129,24 @@ async def test_recover_rebuilds_a_wiped_redis_from_the_ledger(
             return None
 
         seen = await run_traffic_around(serve.address, accounts, nothing, 0.5)
-        assert serve.terminate() == 0, serve.log
+        assert await serve.terminate() == 0, serve.log
         client = redis.Redis.from_url(own_redis.url)
         before = {a: client.get(f"tally:{{{tag(a, env)}}}:acct:{a}") for a in accounts}
         client.flushall()
-        refused = subprocess.run(
-            [TALLY, "serve", "--listen", f"127.0.0.1:{free_port()}"], env=env,
-            capture_output=True, text=True, timeout=60,
+        code, _, err = await run_tally_async(
+            env, "serve", "--listen", f"127.0.0.1:{free_port()}"
         )
-        assert refused.returncode == 1 and "tally recover" in refused.stderr
-        recovered = run_tally(env, "recover")
-        assert recovered.returncode == 0, recovered.stderr
+        assert code == 1 and "tally recover" in err
+        code, _, err = await run_tally_async(env, "recover")
+        assert code == 0, err
         after = {a: client.get(f"tally:{{{tag(a, env)}}}:acct:{a}") for a in accounts}
         client.close()
         assert after == before
         ledger_matches(ledger_url, seen, accounts)
-        verify_clean(env)
+        await verify_clean(env)
         await serve.start()
     finally:
-        serve.kill()
+        await serve.kill()
 
 
 def tag(account_id: str, env: dict[str, str]) -> str:
@@ -174,41 +177,46 @@ async def test_a_flusher_killed_mid_batch_is_finished_by_another(
         blocker = sqlite3.connect(ledger_path, isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         flusher_env = tally_env(own_redis.url, ledger_url, flush_batch="5")
-        doomed = subprocess.Popen([TALLY, "flusher"], env=flusher_env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(own_redis.url)
-        streams = [k for k in client.scan_iter(match="tally:{*}:events")]
-        deadline = time.monotonic() + 30
-        while sum(client.xpending(s, "ledger")["pending"] for s in streams) == 0:
-            assert time.monotonic() < deadline, "the flusher never read a batch"
-            await asyncio.sleep(0.05)
-        doomed.kill()
-        doomed.wait()
-        blocker.execute("ROLLBACK")
-        blocker.close()
-        pending = sum(client.xpending(s, "ledger")["pending"] for s in streams)
-        assert pending > 0
-        rescuer = subprocess.Popen(
-            [TALLY, "flusher"], env=tally_env(own_redis.url, ledger_url, flush_claim_idle="100ms",
-                                              flush_interval="100ms"),
+        doomed = await asyncio.create_subprocess_exec(
+            TALLY, "flusher", env=flusher_env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+        client = redis.Redis.from_url(own_redis.url)
+        streams = [k for k in client.scan_iter(match="tally:{*}:events")]
+
+        def pending() -> int:
+            return sum(int(client.xpending(s, "ledger")["pending"]) for s in streams)
+
+        async def read_a_batch() -> bool:
+            return pending() > 0
+
+        await wait_until(read_a_batch, 30, "the doomed flusher to read a batch")
+        doomed.kill()
+        await doomed.wait()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert pending() > 0
+        rescuer = await asyncio.create_subprocess_exec(
+            TALLY, "flusher",
+            env=tally_env(own_redis.url, ledger_url, flush_claim_idle="100ms",
+                          flush_interval="100ms"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        async def finished() -> bool:
+            return pending() == 0 and sum(client.xlen(s) for s in streams) <= len(streams)
+
         try:
-            deadline = time.monotonic() + 30
-            while sum(client.xpending(s, "ledger")["pending"] for s in streams) or sum(
-                client.xlen(s) for s in streams
-            ) > len(streams):
-                assert time.monotonic() < deadline, "the pending events were never finished"
-                await asyncio.sleep(0.1)
+            await wait_until(finished, 30, "the pending events to be finished")
         finally:
             rescuer.terminate()
-            rescuer.wait(30)
+            await asyncio.wait_for(rescuer.wait(), 30)
         client.close()
         ledger = open_ledger(ledger_url)
         total = ledger.count_entries()
         ledger.close()
         assert total > 0
         ledger_matches(ledger_url, seen, accounts)
-        verify_clean(env)
+        await verify_clean(env)
     finally:
-        serve.kill()
+        await serve.kill()

@@ -77,7 +77,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self, request: quota_pb2.CommitRequest, context: Context
     ) -> quota_pb2.CommitResponse:
         reservation_id = _reservation_id(request.reservation_id)
-        quantity = v.units(request.quantity, "quantity") if request.HasField("quantity") else -1
+        quantity = v.units(request.quantity, "quantity") if request.HasField("quantity") else None
         reply = await self.store.commit(reservation_id, quantity, deadline_s(context))
         return quota_pb2.CommitResponse(
             units_charged=int(reply["units_charged"]),
@@ -95,7 +95,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         fields: dict[str, Any] = {
             "reservation_id": _reservation_id(request.reservation_id),
             "units": (
-                v.units(request.units, "units", minimum=1) if request.HasField("units") else -1
+                v.units(request.units, "units", minimum=1) if request.HasField("units") else None
             ),
             "reason": v.text(request.reason, "reason", v.REASON_BYTES_MAX),
             "idempotency_key": v.idempotency_key(request.idempotency_key),

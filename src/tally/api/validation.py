@@ -14,9 +14,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tally.domain.errors import InvalidArgument
+from tally.domain.ids import ACCOUNT_ID
 
 MAX_UNITS = 2**53 - 1
-ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 OPERATION = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
 LABEL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,62}")

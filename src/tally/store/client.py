@@ -25,6 +25,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from tally.domain.errors import (
     ERRORS_BY_CODE,
@@ -35,6 +36,10 @@ from tally.domain.errors import (
     Unavailable,
 )
 from tally.store.scripts import LuaScript, load_all
+
+# A call with less time left than this is refused before it reaches Redis: it
+# could not get its answer back in time anyway, and refusing moves nothing.
+DEADLINE_SLACK_S = 0.005
 
 
 def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aioredis.Redis:
@@ -47,6 +52,10 @@ def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aiore
         retry_on_error=[],
         max_connections=max_connections,
         health_check_interval=0,
+        # With maintenance notifications on ("auto"), redis-py skips its check for
+        # sockets that died with a restarted Redis; without retries that would
+        # turn every pooled connection into one UNAVAILABLE after each restart.
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
 
 
@@ -112,8 +121,10 @@ class ScriptRunner:
         self, name: str, keys: list[str], request: dict[str, Any], timeout_s: float | None
     ) -> dict[str, Any]:
         """One EVALSHA (or EVALSHA_RO); raises the script's typed error, if any."""
-        if timeout_s is not None and timeout_s <= 0:
-            raise DeadlineExceeded("the call's deadline passed before the store was asked")
+        if timeout_s is not None and timeout_s < DEADLINE_SLACK_S:
+            raise DeadlineExceeded(
+                "the call's deadline passed (or is too close) before the store was asked"
+            )
         script = self.scripts[name]
         payload = msgpack.packb(request, use_bin_type=True)
         try:

@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass
 
 from tally.domain.errors import InvalidArgument
+from tally.domain.ids import ACCOUNT_ID, SEQUENCE
 
 META_KEY = "tally:meta"
 
@@ -82,7 +83,11 @@ class KeySpace:
 
     def parse_reservation_id(self, reservation_id: str) -> ReservationRef:
         parts = reservation_id.split(".", 2)
-        if len(parts) != 3 or not parts[1].isdigit() or not parts[2]:
+        if (
+            len(parts) != 3
+            or not SEQUENCE.fullmatch(parts[1])
+            or not ACCOUNT_ID.fullmatch(parts[2])
+        ):
             raise InvalidArgument(
                 "reservation_id is malformed (expected <shard>.<seq>.<account>)",
                 field_name="reservation_id",

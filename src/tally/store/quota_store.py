@@ -103,19 +103,20 @@ class QuotaStore:
         return await self.runner.run("charge", keys, full, timeout_s)
 
     async def commit(
-        self, reservation_id: str, quantity: int, timeout_s: float | None
+        self, reservation_id: str, quantity: int | None, timeout_s: float | None
     ) -> dict[str, Any]:
+        """quantity None: the whole reserved quantity."""
         ref = self.keys.parse_reservation_id(reservation_id)
-        request = self._base(ref.account_id) | {
-            "reservation_id": reservation_id,
-            "quantity": quantity,
-        }
+        request = self._base(ref.account_id) | {"reservation_id": reservation_id}
+        if quantity is not None:
+            request["quantity"] = quantity
         keys = self.keys.account_keys(ref.account_id)
         return await self.runner.run("commit", keys, request, timeout_s)
 
     async def refund(self, request: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+        """request["units"] None: all that is still refundable."""
         ref = self.keys.parse_reservation_id(request["reservation_id"])
-        full = self._base(ref.account_id) | request
+        full = self._base(ref.account_id) | {k: v for k, v in request.items() if v is not None}
         full["idem_window_ms"] = self.limits.idempotency_window_ms
         keys = [
             *self.keys.account_keys(ref.account_id),

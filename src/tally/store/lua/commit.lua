@@ -5,7 +5,7 @@
 -- overage, and flagged late. Idempotent by reservation id.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
 -- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id,
---   quantity (-1: the whole reserved quantity)
+--   quantity (absent: the whole reserved quantity)
 -- Returns: {units_charged, units_released, balance, replayed, late, overage_units}.
 
 local function charge_hold(ctx, hold, units)
@@ -24,10 +24,11 @@ return run(function()
   local ctx = new_ctx(req, KEYS)
   local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
   local rid = check_str(req.reservation_id, 'reservation_id', 300)
-  local quantity = check_int(req.quantity, 'quantity', -1, MAX_UNITS)
+  local quantity = nil
+  if req.quantity ~= nil then quantity = check_int(req.quantity, 'quantity', 0, MAX_UNITS) end
   local hold = load_hold(ctx, rid)
   if not hold then raise('NOT_FOUND', 'reservation_id', 'reservation ' .. rid .. ' not found') end
-  if quantity == -1 then quantity = hold.quantity end
+  if quantity == nil then quantity = hold.quantity end
   if quantity > hold.quantity then
     raise('INVALID_ARGUMENT', 'quantity',
       string.format('quantity %d is more than the %d reserved', quantity, hold.quantity))

@@ -18,6 +18,12 @@ return run(function()
     redis.call('ZREM', ctx.holds_key, rid)
     return {expired = 0}
   end
+  if hold.expires_at > ctx.now then
+    -- extended since it was indexed: only the index needs the new expiry
+    redis.call('ZADD', ctx.expiries_key, hold.expires_at, rid)
+    redis.call('ZADD', ctx.holds_key, hold.expires_at, rid)
+    return {expired = 0}
+  end
   ctx.acct = acct
   touch(ctx)
   settle_if_due(ctx, hold)
@@ -25,7 +31,6 @@ return run(function()
   for rid_done in pairs(ctx.dirty) do
     if ctx.holds[rid_done].state == 'EXPIRED' then expired = expired + 1 end
   end
-  if hold.state == 'HELD' then mark_hold(ctx, hold) end  -- re-index an extended hold
   commit_ctx(ctx)
   return {expired = expired}
 end)

@@ -15,6 +15,7 @@ return run(function()
   local reference = check_str(req.reference, 'reference', 256, true)
   local idem_key = check_str(req.idempotency_key, 'idempotency_key', 128)
   local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, MAX_TIME_MS)
+  check_str(req.fingerprint, 'fingerprint', 64)
   local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
   if replay then return replay end
   if expires_at ~= 0 and expires_at <= ctx.now then

@@ -6,7 +6,7 @@
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
 -- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id,
---   units (-1: all that is refundable), reason, idempotency_key, fingerprint,
+--   units (absent: all that is refundable), reason, idempotency_key, fingerprint,
 --   idem_window_ms
 -- Returns: {units_refunded, units_refundable, balance, replayed}.
 
@@ -40,11 +40,12 @@ return run(function()
   local ctx = new_ctx(req, KEYS)
   local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
   local rid = check_str(req.reservation_id, 'reservation_id', 300)
-  local units = check_int(req.units, 'units', -1, MAX_UNITS)
-  if units == 0 then raise('INVALID_ARGUMENT', 'units', 'units must be positive when set') end
+  local units = nil
+  if req.units ~= nil then units = check_int(req.units, 'units', 1, MAX_UNITS) end
   local reason = check_str(req.reason, 'reason', 512, true)
   local idem_key = check_str(req.idempotency_key, 'idempotency_key', 128)
   local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, MAX_TIME_MS)
+  check_str(req.fingerprint, 'fingerprint', 64)
   local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
   if replay then return replay end
   local hold = load_hold(ctx, rid)
@@ -53,7 +54,7 @@ return run(function()
   settle_if_due(ctx, hold)
   local refunded = 0
   if hold.state == 'HELD' then
-    if units ~= -1 and units ~= hold.units then
+    if units ~= nil and units ~= hold.units then
       raise('FAILED_PRECONDITION', 'units', string.format(
         'a hold is released whole (%d units); commit a smaller quantity instead', hold.units))
     end
@@ -61,7 +62,7 @@ return run(function()
     hold.refunded, refunded = hold.units, hold.units
   elseif hold.state == 'COMMITTED' then
     local refundable = hold.charged - hold.refunded
-    if units == -1 then units = refundable end
+    if units == nil then units = refundable end
     if units > refundable then
       raise('FAILED_PRECONDITION', 'units', string.format(
         'refund of %d units is more than the %d still refundable', units, refundable))
@@ -71,7 +72,7 @@ return run(function()
       refund_charge(ctx, hold, units, reason)
       refunded = units
     end
-  elseif units ~= -1 then
+  elseif units ~= nil then
     raise('FAILED_PRECONDITION', 'units', 'reservation ' .. rid .. ' is ' .. string.lower(hold.state)
       .. ' and holds nothing to refund')
   end

@@ -466,6 +466,7 @@ local function check_spend_request(req)
     price_version = check_int(req.price_version, 'price_version', 0, MAX_UNITS),
     labels = check_labels(req.labels, 'labels'),
     window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, MAX_TIME_MS),
+    fingerprint = check_str(req.fingerprint, 'fingerprint', 64),
   }
 end
 

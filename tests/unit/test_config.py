@@ -1,0 +1,173 @@
+"""Settings: flags win over TALLY_* variables, which win over defaults; durations parse;
+bad values are a ValueError that names the flag or variable they came from."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from tally import config
+
+
+def parse(argv: list[str], environ: dict[str, str] | None = None) -> config.Settings:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    return config.from_sources(parser.parse_args(argv), {} if environ is None else environ)
+
+
+def test_defaults_apply_without_flags_or_variables() -> None:
+    """Proves every setting takes its declared default when neither flag nor variable is set."""
+    settings = parse([])
+    for setting in config.SETTINGS:
+        assert getattr(settings, setting.name) == setting.default, setting.name
+    assert settings.listen == "127.0.0.1:50051"
+    assert settings.shards == 16
+    assert settings.hold_ttl_default == 300.0
+
+
+def test_every_setting_has_a_flag_and_a_variable() -> None:
+    """Proves each setting is reachable as --kebab-case flag and as TALLY_UPPER variable,
+    and the flag's help names the variable."""
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    actions = {a.dest: a for a in parser._actions}
+    for setting in config.SETTINGS:
+        action = actions[setting.name]
+        assert action.option_strings == ["--" + setting.name.replace("_", "-")]
+        assert config.env_name(setting) == "TALLY_" + setting.name.upper()
+        assert config.env_name(setting) in (action.help or "")
+
+
+def test_variables_win_over_defaults() -> None:
+    """Proves TALLY_* variables replace the defaults, each parsed to its type."""
+    settings = parse([], {
+        "TALLY_SHARDS": "32",
+        "TALLY_HOLD_TTL_DEFAULT": "2m",
+        "TALLY_DEFAULT_CATALOG": "false",
+        "TALLY_REDIS_URL": "redis://example:6379/2",
+        "TALLY_LOG_FORMAT": "text",
+    })
+    assert settings.shards == 32
+    assert settings.hold_ttl_default == 120.0
+    assert settings.default_catalog is False
+    assert settings.redis_url == "redis://example:6379/2"
+    assert settings.log_format == "text"
+
+
+def test_flags_win_over_variables() -> None:
+    """Proves a flag wins over its variable, setting by setting, while other variables
+    still apply; a flag's value is used even when the variable's would not parse."""
+    environ = {
+        "TALLY_SHARDS": "not-a-number",
+        "TALLY_HOLD_TTL_DEFAULT": "2m",
+        "TALLY_REAPER_INTERVAL": "5s",
+        "TALLY_DEFAULT_CATALOG": "true",
+        "TALLY_LISTEN": "127.0.0.1:1111",
+    }
+    settings = parse(
+        ["--shards", "8", "--hold-ttl-default", "90s", "--default-catalog", "no",
+         "--listen", "127.0.0.1:2222"],
+        environ,
+    )
+    assert settings.shards == 8
+    assert settings.hold_ttl_default == 90.0
+    assert settings.default_catalog is False
+    assert settings.listen == "127.0.0.1:2222"
+    assert settings.reaper_interval == 5.0  # no flag: the variable applies
+
+
+def test_process_environment_is_read_when_none_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves from_sources reads os.environ by default, and flags still win over it."""
+    monkeypatch.setenv("TALLY_SHARDS", "24")
+    monkeypatch.setenv("TALLY_REAPER_BATCH", "7")
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    settings = config.from_sources(parser.parse_args(["--reaper-batch", "9"]))
+    assert (settings.shards, settings.reaper_batch) == (24, 9)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("2d", 172800.0),
+     ("1.5h", 5400.0), ("250ms", 0.25), ("10", 10.0), (" 45s ", 45.0), ("0s", 0.0)],
+)
+def test_durations_parse(text: str, seconds: float) -> None:
+    """Proves the duration forms 500ms, 30s, 5m, 1h, 2d (and bare seconds) parse exactly."""
+    assert config.parse_duration_s(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5x", "-1s", "1 h", "ms", "1h30m", "1e3s", "5M"])
+def test_bad_durations_are_refused(text: str) -> None:
+    """Proves text that is not a duration is a ValueError that shows the text and examples."""
+    with pytest.raises(ValueError, match="is not a duration") as refused:
+        config.parse_duration_s(text)
+    assert repr(text) in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "named"),
+    [
+        ([], {"TALLY_SHARDS": "abc"}, "TALLY_SHARDS"),
+        ([], {"TALLY_SHARDS": "1.5"}, "TALLY_SHARDS"),
+        (["--shards", "abc"], {}, "--shards"),
+        ([], {"TALLY_REAPER_INTERVAL": "soon"}, "TALLY_REAPER_INTERVAL"),
+        (["--hold-ttl-max", "1 h"], {}, "--hold-ttl-max"),
+        ([], {"TALLY_IDEMPOTENCY_WINDOW": "-5m"}, "TALLY_IDEMPOTENCY_WINDOW"),
+        ([], {"TALLY_DEFAULT_CATALOG": "maybe"}, "TALLY_DEFAULT_CATALOG"),
+        (["--allow-remote-without-auth", "2"], {}, "--allow-remote-without-auth"),
+        ([], {"TALLY_REDIS_MAX_CONNECTIONS": "many"}, "TALLY_REDIS_MAX_CONNECTIONS"),
+    ],
+)
+def test_unparsable_values_name_their_source(
+    argv: list[str], environ: dict[str, str], named: str
+) -> None:
+    """Proves a value that does not parse is a ValueError naming the flag or variable."""
+    with pytest.raises(ValueError) as refused:
+        parse(argv, environ)
+    assert str(refused.value).startswith(named + ":"), str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "named"),
+    [
+        ([], {"TALLY_REDIS_APPENDFSYNC": "sometimes"}, "redis_appendfsync"),
+        (["--log-format", "xml"], {}, "log_format"),
+        ([], {"TALLY_REAPER_BATCH": "0"}, "reaper_batch"),
+        (["--redis-max-connections", "-1"], {}, "redis_max_connections"),
+        (["--listen", "50051"], {}, "listen"),
+        ([], {"TALLY_LISTEN": "127.0.0.1:http"}, "listen"),
+        (["--hold-ttl-min", "10m"], {}, "hold_ttl"),  # above the 5m default
+        (["--hold-ttl-default", "2h"], {}, "hold_ttl"),  # above the 1h maximum
+        ([], {"TALLY_HOLD_TTL_MIN": "0s", "TALLY_HOLD_TTL_DEFAULT": "1s"}, "hold_ttl_min"),
+    ],
+)
+def test_values_that_parse_but_cannot_work_are_refused(
+    argv: list[str], environ: dict[str, str], named: str
+) -> None:
+    """Proves values that parse but cannot work are a ValueError naming the setting."""
+    with pytest.raises(ValueError) as refused:
+        parse(argv, environ)
+    assert named in str(refused.value).replace("-", "_").replace(" ", "_"), str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"TALLY_SHARDS": "0"}, "shards"),
+        ({"TALLY_SHARDS": "-3"}, "shards"),
+        ({"TALLY_SHARDS": "5000"}, "shards"),
+        ({"TALLY_IDEMPOTENCY_WINDOW": "0s"}, "idempotency_window"),
+        ({"TALLY_REDIS_TIMEOUT": "0s"}, "redis_timeout"),
+        ({"TALLY_REAPER_INTERVAL": "0ms"}, "reaper_interval"),
+    ],
+)
+def test_settings_the_server_cannot_run_with_are_refused_up_front(
+    environ: dict[str, str], named: str
+) -> None:
+    """Proves settings that would only fail later (a shard count KeySpace rejects, a zero
+    idempotency window every script refuses, a zero Redis timeout, a reaper that never
+    sleeps) are refused when the settings are read, naming the setting."""
+    with pytest.raises(ValueError) as refused:
+        parse([], environ)
+    assert named in str(refused.value).lower().replace("-", "_"), str(refused.value)
