@@ -1,15 +1,25 @@
-"""Prometheus metrics. Labels are low-cardinality only: never an account id."""
+"""Prometheus metrics. Labels are low-cardinality only: never an account id,
+a reservation id, an idempotency key or a request label value.
+
+The label values in use are bounded sets: gRPC method names (the registered
+services), status code names, Lua script names, Redis error kinds, and
+operation names from the price catalog (capped at OPERATION_LABELS_MAX
+distinct values; the rest are counted as "other").
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger("tally.metrics")
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+# --- flusher ----------------------------------------------------------------
 
 FLUSHER_EVENTS_WAITING = Gauge(
     "tally_flusher_events_waiting",
@@ -31,6 +41,120 @@ FLUSHER_FAILURES = Counter(
     "Flush passes that failed (Redis or ledger unreachable)",
     registry=REGISTRY,
 )
+
+# --- gRPC -------------------------------------------------------------------
+
+# From half a millisecond (a cached hot-path call) to the longest sensible deadline.
+RPC_DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+
+RPC_REQUESTS = Counter(
+    "tally_rpc_requests_total",
+    "gRPC calls handled, by method (Service/Method) and final status code",
+    ["method", "code"],
+    registry=REGISTRY,
+)
+RPC_DURATION = Histogram(
+    "tally_rpc_duration_seconds",
+    "Time the server spent on a unary gRPC call, by method (Service/Method)",
+    ["method"],
+    buckets=RPC_DURATION_BUCKETS,
+    registry=REGISTRY,
+)
+
+# --- units ------------------------------------------------------------------
+
+UNITS_RESERVED = Counter(
+    "tally_units_reserved_total",
+    "Units held by Reserve (replays not counted), by operation",
+    ["operation"],
+    registry=REGISTRY,
+)
+UNITS_CHARGED = Counter(
+    "tally_units_charged_total",
+    "Units charged by Commit and Charge (replays not counted), by operation",
+    ["operation"],
+    registry=REGISTRY,
+)
+UNITS_REFUNDED = Counter(
+    "tally_units_refunded_total",
+    "Units given back by Refund, released holds included (replays not counted), by operation",
+    ["operation"],
+    registry=REGISTRY,
+)
+OVERAGE_UNITS = Counter(
+    "tally_overage_units_total",
+    "Part of the units charged by Commit and Charge taken as overage, by operation",
+    ["operation"],
+    registry=REGISTRY,
+)
+
+# --- holds ------------------------------------------------------------------
+
+OPEN_HOLDS = Gauge(
+    "tally_open_holds",
+    "Open holds in the store, all shards (refreshed by each reaper pass)",
+    registry=REGISTRY,
+)
+HOLDS_EXPIRED = Counter(
+    "tally_holds_expired_total",
+    "Expired holds released by this process's reaper",
+    registry=REGISTRY,
+)
+
+# --- Redis ------------------------------------------------------------------
+
+REDIS_SCRIPT_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0,
+)
+REDIS_ERROR_KINDS = ("unavailable", "deadline", "other")
+
+REDIS_SCRIPT_DURATION = Histogram(
+    "tally_redis_script_duration_seconds",
+    "Round trip of one Lua script call (EVALSHA), by script",
+    ["script"],
+    buckets=REDIS_SCRIPT_BUCKETS,
+    registry=REGISTRY,
+)
+REDIS_ERRORS = Counter(
+    "tally_redis_errors_total",
+    "Lua script calls that failed in Redis: unavailable (connection, timeout, "
+    "loading, read-only, OOM), deadline (the caller's deadline passed), other",
+    ["kind"],
+    registry=REGISTRY,
+)
+for _kind in REDIS_ERROR_KINDS:
+    REDIS_ERRORS.labels(kind=_kind)
+
+# --- bounded operation labels -------------------------------------------------
+
+OPERATION_LABELS_MAX = 200
+OTHER_OPERATION = "other"
+UNKNOWN_OPERATION = "unknown"
+
+_operations_seen: set[str] = set()
+_operations_lock = threading.Lock()
+
+
+def operation_label(operation: str) -> str:
+    """The label value for an operation: itself while fewer than
+    OPERATION_LABELS_MAX distinct operations have been seen, else "other"."""
+    if not operation:
+        return UNKNOWN_OPERATION
+    if operation in _operations_seen:
+        return operation
+    with _operations_lock:
+        if len(_operations_seen) >= OPERATION_LABELS_MAX:
+            return OTHER_OPERATION
+        _operations_seen.add(operation)
+    return operation
+
+
+def redis_error(kind: str) -> None:
+    """Counts one failed script call; kind is one of REDIS_ERROR_KINDS."""
+    REDIS_ERRORS.labels(kind=kind if kind in REDIS_ERROR_KINDS else "other").inc()
 
 
 def serve(listen: str) -> Any:

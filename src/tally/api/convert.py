@@ -79,6 +79,26 @@ def account(view: Mapping[str, Any], replayed: bool = False) -> account_pb2.Acco
         period_start=timestamp(view["period_start"]),
         period_end=timestamp(view["period_end"]),
         replayed=replayed,
+        alerts=alert_settings(view.get("alerts") or {}),
+    )
+
+
+def alert_settings(view: Mapping[str, Any]) -> common_pb2.AlertSettings:
+    return common_pb2.AlertSettings(
+        allotment_used_percent=[int(p) for p in view.get("percent") or []],
+        balance_below=int(view.get("below") or 0),
+        overage_started=bool(view.get("overage")),
+    )
+
+
+def budget(budget_id: str, view: Mapping[str, Any]) -> common_pb2.Budget:
+    return common_pb2.Budget(
+        budget_id=budget_id,
+        operation=view.get("operation", ""),
+        label_key=view.get("label_key", ""),
+        label_value=view.get("label_value", ""),
+        limit_units=int(view["limit"]),
+        used_units=int(view["used"]),
     )
 
 

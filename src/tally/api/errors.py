@@ -57,6 +57,7 @@ def rich_status(error: TallyError) -> grpc.Status:
                     operation=shortfall.operation,
                     available=shortfall.available,
                     required=shortfall.required,
+                    budget_id=shortfall.budget_id,
                 )
             )
         )
@@ -70,6 +71,7 @@ def rich_status(error: TallyError) -> grpc.Status:
                         "operation": shortfall.operation,
                         "available": str(shortfall.available),
                         "required": str(shortfall.required),
+                        "budget_id": shortfall.budget_id,
                     },
                 )
             )

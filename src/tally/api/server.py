@@ -6,8 +6,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tally.api.interceptors import MetricsInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
+from tally.api.usage import UsageServicer
 from tally.api.validation import HoldTtlLimits
+from tally.api.watch import UsageWatch
 from tally.ledger.backend import SqlLedger
 from tally.ledger.durability import MoneyInBarrier
 from tally.store.quota_store import QuotaStore
@@ -18,6 +21,8 @@ from tally.v1 import (
     catalog_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
 )
 
 MESSAGE_BYTES_MAX = 1024 * 1024
@@ -25,6 +30,7 @@ SERVICE_NAMES = (
     quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
 )
 
 
@@ -37,6 +43,7 @@ def build_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Returns the server (not started), the bound port and its health servicer."""
     server = grpc.aio.server(
+        interceptors=[MetricsInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", 4 * MESSAGE_BYTES_MAX),
@@ -49,6 +56,9 @@ def build_server(
     )
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
         CatalogServicer(store, barrier), server
+    )
+    usage_pb2_grpc.add_UsageServiceServicer_to_server(
+        UsageServicer(store, ledger, UsageWatch(store.redis, store.keys, ledger)), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -86,6 +86,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             replayed=bool(reply["replayed"]),
             late=bool(reply["late"]),
             overage_units=int(reply["overage_units"]),
+            operation=str(reply.get("operation", "")),
         )
 
     @map_errors
@@ -109,6 +110,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             balance=convert.balance(reply["balance"]),
             replayed=bool(reply["replayed"]),
             units_refundable=int(reply["units_refundable"]),
+            operation=str(reply.get("operation", "")),
         )
 
     @map_errors
@@ -186,6 +188,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             "ap_units": v.units(request.auto_purchase_units, "auto_purchase_units"),
             "ap_threshold": v.units(request.auto_purchase_threshold, "auto_purchase_threshold"),
             "anchor_day": anchor_day,
+            "alerts": v.alert_settings(request.alerts),
         }
         reply = await self.store.create_account(fields, deadline_s(context))
         await self.barrier.settle_account(fields["account_id"])
@@ -216,6 +219,8 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             changes["ap_threshold"] = v.units(
                 request.auto_purchase_threshold, "auto_purchase_threshold"
             )
+        if request.HasField("alerts"):
+            changes["alerts"] = v.alert_settings(request.alerts)
         if request.replace_labels:
             changes["labels"] = v.labels(request.labels)
         elif request.labels:
@@ -258,6 +263,42 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             entries=[convert.ledger_entry(row) for row in rows],
             next_page_token=ledger_query.token_after(rows[-1].seq) if more else "",
         )
+
+
+    @map_errors
+    async def SetBudget(
+        self, request: account_pb2.SetBudgetRequest, context: Context
+    ) -> common_pb2.Budget:
+        account_id = v.account_id(request.account_id)
+        if not request.HasField("budget"):
+            raise InvalidArgument("budget is required", field_name="budget")
+        reply = await self.store.set_budget(
+            account_id, v.budget(request.budget), deadline_s(context)
+        )
+        await self.barrier.settle_account(account_id)
+        return convert.budget(reply["budget"]["budget_id"], reply["budget"])
+
+    @map_errors
+    async def ListBudgets(
+        self, request: account_pb2.ListBudgetsRequest, context: Context
+    ) -> account_pb2.ListBudgetsResponse:
+        reply = await self.store.balance(v.account_id(request.account_id), deadline_s(context))
+        budgets = reply["account"].get("budgets") or {}
+        return account_pb2.ListBudgetsResponse(
+            budgets=[convert.budget(bid, view) for bid, view in sorted(budgets.items())]
+        )
+
+    @map_errors
+    async def DeleteBudget(
+        self, request: account_pb2.DeleteBudgetRequest, context: Context
+    ) -> common_pb2.Budget:
+        account_id = v.account_id(request.account_id)
+        budget_id = v.text(request.budget_id, "budget_id", 400)
+        if not budget_id:
+            raise InvalidArgument("budget_id is required", field_name="budget_id")
+        reply = await self.store.delete_budget(account_id, budget_id, deadline_s(context))
+        await self.barrier.settle_account(account_id)
+        return convert.budget(reply["budget"]["budget_id"], reply["budget"])
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):

@@ -134,3 +134,56 @@ def fingerprint(method: str, fields: Mapping[str, Any]) -> str:
     """What makes two requests under one idempotency key "the same request"."""
     canonical = json.dumps({"method": method, **fields}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+ALERT_PERCENTAGES_MAX = 16
+
+
+def alert_settings(value: Any, field: str = "alerts") -> dict[str, Any]:
+    """AlertSettings to the scripts' shape: {percent, below, overage}."""
+    percentages = list(value.allotment_used_percent)
+    if len(percentages) > ALERT_PERCENTAGES_MAX:
+        raise InvalidArgument(
+            f"{field}.allotment_used_percent may hold at most {ALERT_PERCENTAGES_MAX} values",
+            field_name=f"{field}.allotment_used_percent",
+        )
+    for percent in percentages:
+        if not 1 <= percent <= 1000:
+            raise InvalidArgument(
+                f"{field}.allotment_used_percent values must be between 1 and 1000",
+                field_name=f"{field}.allotment_used_percent",
+            )
+    return {
+        "percent": sorted(set(percentages)),
+        "below": units(value.balance_below, f"{field}.balance_below"),
+        "overage": bool(value.overage_started),
+    }
+
+
+def budget(value: Any, field: str = "budget") -> dict[str, Any]:
+    """A Budget to the scripts' shape: an operation, or a label key and value."""
+    has_operation = bool(value.operation)
+    has_label = bool(value.label_key)
+    if has_operation == has_label:
+        raise InvalidArgument(
+            f"{field} names either an operation or a label_key (with label_value)",
+            field_name=field,
+        )
+    if has_operation:
+        operation(value.operation, f"{field}.operation")
+    else:
+        if not LABEL_KEY.fullmatch(value.label_key):
+            raise InvalidArgument(
+                f"{field}.label_key must match {LABEL_KEY.pattern}", field_name=f"{field}.label_key"
+            )
+        if not value.label_value:
+            raise InvalidArgument(
+                f"{field}.label_value is required with label_key", field_name=f"{field}.label_value"
+            )
+        text(value.label_value, f"{field}.label_value", LABEL_VALUE_BYTES_MAX)
+    return {
+        "operation": value.operation,
+        "label_key": value.label_key,
+        "label_value": value.label_value,
+        "limit": units(value.limit_units, f"{field}.limit_units"),
+    }

@@ -48,6 +48,7 @@ class Shortfall:
     operation: str
     available: int
     required: int
+    budget_id: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
 

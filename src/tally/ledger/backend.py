@@ -298,15 +298,22 @@ class SqlLedger:
         with self.transaction(write=False) as cur:
             cur.execute(" ".join(sql), params)
             rows = cur.fetchall()
-        return [
-            EntryRow(
-                entry_id=r[0], account_id=r[1], seq=int(r[2]), type=r[3], reservation_id=r[4],
-                operation=r[5], quantity=int(r[6]), units=int(r[7]), available_after=int(r[8]),
-                occurred_at_ms=int(r[9]), labels=json.loads(r[10]), idempotency_key=r[11],
-                detail=json.loads(r[13]),
-            )
-            for r in rows
-        ]
+        return [_entry_row(r) for r in rows]
+
+    def usage_entries(self, since_ms: int, account_id: str = "") -> list[EntryRow]:
+        """Charges and refunds that occurred at or after since_ms (all accounts when
+        account_id is empty), in no particular order."""
+        sql = (
+            f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE occurred_at >= ? "
+            "AND type IN ('commit', 'late_commit', 'charge', 'refund')"
+        )
+        params: list[Any] = [since_ms]
+        if account_id:
+            sql += " AND account_id = ?"
+            params.append(account_id)
+        with self.transaction(write=False) as cur:
+            cur.execute(sql, params)
+            return [_entry_row(r) for r in cur.fetchall()]
 
     def count_entries(self) -> int:
         with self.transaction(write=False) as cur:
@@ -461,6 +468,15 @@ def open_ledger(url: str) -> SqlLedger:
     if parsed.scheme in {"postgresql", "postgres"}:
         return PostgresLedger(url)
     raise ValueError(f"ledger url {url!r}: use sqlite:///path or postgresql://...")
+
+
+def _entry_row(r: Sequence[Any]) -> EntryRow:
+    return EntryRow(
+        entry_id=r[0], account_id=r[1], seq=int(r[2]), type=r[3], reservation_id=r[4],
+        operation=r[5], quantity=int(r[6]), units=int(r[7]), available_after=int(r[8]),
+        occurred_at_ms=int(r[9]), labels=json.loads(r[10]), idempotency_key=r[11],
+        detail=json.loads(r[13]),
+    )
 
 
 def _now_ms() -> int:

@@ -194,11 +194,16 @@ class Flusher:
         return snapshot_id
 
     async def run(self) -> None:
-        """Flushes every interval and snapshots on schedule until stopped."""
+        """Flushes every interval (the first pass after one interval: start-up has
+        flushed already) and snapshots on schedule until stopped."""
         loop = asyncio.get_running_loop()
         next_snapshot = loop.time() + self.settings.snapshot_interval_s
         next_lag = loop.time()
         while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.interval_s)
+            if self._stopping.is_set():
+                break
             try:
                 metrics.FLUSHER_EVENTS_FLUSHED.inc(await self.flush_all())
                 if loop.time() >= next_lag:
@@ -215,8 +220,6 @@ class Flusher:
                     raise
                 metrics.FLUSHER_FAILURES.inc()
                 log.warning("flush pass failed", extra={"error": str(exc)})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.interval_s)
 
     def stop(self) -> None:
         self._stopping.set()

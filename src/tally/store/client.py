@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
+from tally import metrics
 from tally.domain.errors import (
     ERRORS_BY_CODE,
     DeadlineExceeded,
@@ -94,6 +96,7 @@ def _raise_script_error(reply: dict[str, Any]) -> None:
                 operation=str(extra.get("operation", "")),
                 available=int(extra.get("available", 0)),
                 required=int(extra.get("required", 0)),
+                budget_id=str(extra.get("budget_id", "")),
             ),
         )
     error_cls = ERRORS_BY_CODE.get(code)
@@ -127,15 +130,27 @@ class ScriptRunner:
             )
         script = self.scripts[name]
         payload = msgpack.packb(request, use_bin_type=True)
+        started = time.perf_counter()
         try:
             with store_errors():
                 async with asyncio.timeout(timeout_s):
                     raw = await self._evalsha(script, keys, payload)
         except TimeoutError as exc:
+            metrics.redis_error("deadline")
             raise DeadlineExceeded(
                 "the store did not answer before the call's deadline; "
                 "retry with the same idempotency key"
             ) from exc
+        except Unavailable:
+            metrics.redis_error("unavailable")
+            raise
+        except Exception:
+            metrics.redis_error("other")
+            raise
+        finally:
+            metrics.REDIS_SCRIPT_DURATION.labels(script=name).observe(
+                time.perf_counter() - started
+            )
         reply = _decode(raw)
         if not isinstance(reply, dict):
             raise RuntimeError(f"{name}.lua returned {reply!r}")

@@ -63,6 +63,30 @@ class QuotaStore:
             "update_account", self.keys.account_keys(account_id), request, timeout_s
         )
 
+    async def set_budget(
+        self, account_id: str, budget: dict[str, Any], timeout_s: float | None
+    ) -> dict[str, Any]:
+        request = self._base(account_id) | budget
+        return await self.runner.run(
+            "set_budget", self.keys.account_keys(account_id), request, timeout_s
+        )
+
+    async def delete_budget(
+        self, account_id: str, budget_id: str, timeout_s: float | None
+    ) -> dict[str, Any]:
+        request = self._base(account_id) | {"budget_id": budget_id}
+        return await self.runner.run(
+            "delete_budget", self.keys.account_keys(account_id), request, timeout_s
+        )
+
+    async def usage_counters(self, account_id: str, period_start_ms: int) -> dict[str, int]:
+        """The current period's usage counters of an account (field -> value)."""
+        shard = self.keys.shard_of(account_id)
+        key = f"{self.keys.prefix(shard)}usage:{account_id}:{period_start_ms}"
+        with store_errors():
+            raw = await self.redis.hgetall(key)
+        return {k.decode(): int(v) for k, v in raw.items()}
+
     async def balance(self, account_id: str, timeout_s: float | None) -> dict[str, Any]:
         return await self.runner.run(
             "balance", self.keys.account_keys(account_id), self._base(account_id), timeout_s

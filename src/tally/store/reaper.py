@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import logging
 
+from tally import metrics
 from tally.domain.errors import TallyError
+from tally.store.client import store_errors
 from tally.store.quota_store import QuotaStore
 
 log = logging.getLogger("tally.reaper")
@@ -25,13 +27,29 @@ class Reaper:
         self._stopping = asyncio.Event()
 
     async def reap_once(self) -> int:
-        """One pass over every shard; returns how many holds it expired."""
+        """One pass over every shard; returns how many holds it expired. Counts them
+        in tally_holds_expired_total and refreshes tally_open_holds."""
         expired = 0
         for shard in range(self.store.keys.shards):
             for reservation_id in await self.store.due_holds(shard, self.batch):
                 reply = await self.store.expire_hold(shard, reservation_id)
-                expired += int(reply.get("expired", 0))
+                done = int(reply.get("expired", 0))
+                if done > 0:
+                    metrics.HOLDS_EXPIRED.inc(done)
+                expired += done
+        metrics.OPEN_HOLDS.set(await self.open_holds())
         return expired
+
+    async def open_holds(self) -> int:
+        """Holds still open in every shard (due ones not yet reaped included):
+        ZCARD of each shard's expiries, in one round trip."""
+        keys = self.store.keys
+        with store_errors():
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                for shard in range(keys.shards):
+                    pipe.zcard(keys.expiries(shard))
+                counts = await pipe.execute()
+        return sum(int(count) for count in counts)
 
     async def run(self) -> None:
         while not self._stopping.is_set():

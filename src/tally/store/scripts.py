@@ -26,6 +26,8 @@ SCRIPT_NAMES = (
     "quote",
     "set_price",
     "apply_price",
+    "set_budget",
+    "delete_budget",
 )
 
 

@@ -18,9 +18,13 @@ return run(function()
   local unit_price, version = price_of(ctx, KEYS[6], KEYS[7], spend.operation, spend.price_version)
   local units = units_for(unit_price, spend.quantity)
   touch(ctx)
+  check_budgets(ctx, spend.operation, spend.labels, units)
   local moves, short = allocate(ctx, spend.operation, units)
   local hold = new_hold(ctx, spend, unit_price, version, units)
-  hold.state, hold.closed_at = 'COMMITTED', ctx.now
+  hold.budgets = apply_budgets(ctx, spend.operation, spend.labels, units)
+  hold.state, hold.closed_at, hold.charged_at = 'COMMITTED', ctx.now, ctx.now
+  count_usage(ctx, acct.period_start, ctx.now, spend.operation, spend.labels, units,
+    spend.quantity, 1)
   hold.charged, hold.charged_quantity, hold.charge_moves = units, spend.quantity, moves
   hold.overage_charged, hold.charge_period = short, acct.period_start
   acct.overage_used = acct.overage_used + short

@@ -52,14 +52,18 @@ return run(function()
   local late = hold.state == 'EXPIRED'
   if late then
     moves, overage = take(acct, units)
+    hold.budgets = apply_budgets(ctx, hold.operation, hold.labels, units)
+    hold.budget_period = acct.period_start
   else
     moves, overage, lost = charge_hold(ctx, hold, units)
+    release_budgets(ctx, hold, hold.units - units)
   end
   acct.overage_used = acct.overage_used + overage
   acct.total_charged = acct.total_charged + units
   acct.period_consumed = acct.period_consumed + units
   local released = late and 0 or hold.units - units
-  hold.state, hold.closed_at, hold.late = 'COMMITTED', ctx.now, late
+  hold.state, hold.closed_at, hold.late, hold.charged_at = 'COMMITTED', ctx.now, late, ctx.now
+  count_usage(ctx, acct.period_start, ctx.now, hold.operation, hold.labels, units, quantity, 1)
   hold.charged, hold.charged_quantity, hold.charge_moves = units, quantity, moves
   hold.overage_charged, hold.charge_period = overage, acct.period_start
   mark_hold(ctx, hold)
@@ -67,7 +71,7 @@ return run(function()
     quantity = quantity, units = units, released = released, overage = overage,
     moves = moves_text(moves), expired = lost, labels = hold.labels})
   local answer = {units_charged = units, units_released = released, balance = balance_view(ctx),
-    replayed = false, late = late, overage_units = overage}
+    replayed = false, late = late, overage_units = overage, operation = hold.operation}
   hold.commit_answer = answer
   commit_ctx(ctx)
   return answer

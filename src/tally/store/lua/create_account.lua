@@ -2,7 +2,8 @@
 -- create_account: creates an account and its first period's allotment.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
 -- ARGV[1] (msgpack): now, prefix, shard, account_id, allotment, policy,
---   overage_limit, ap_units, ap_threshold, anchor_day (0: today's day), labels
+--   overage_limit, ap_units, ap_threshold, anchor_day (0: today's day), labels,
+--   alerts = {percent = {...}, below, overage}
 -- Returns: {account = account view, balance = balance view, replayed = bool}.
 -- Creating an account that exists with the same settings replays it;
 -- different settings are ALREADY_EXISTS.
@@ -20,6 +21,7 @@ return run(function()
   check_int(req.anchor_day, 'billing_anchor_day', 0, 31)
   check_labels(req.labels, 'labels')
   check_policy(req.policy, req.ap_units)
+  local alerts = check_alert_settings(req.alerts or {})
   local existing = load_blob(ctx.acct_key)
   if existing then
     ctx.acct = existing
@@ -39,7 +41,8 @@ return run(function()
     anchor_day = anchor_day, labels = req.labels, created_at = ctx.now,
     period_start = period_start, period_end = period_end, period_consumed = 0,
     overage_used = 0, overage_held = 0, auto_purchased = 0, held = 0, seq = 0, event_seq = 0,
-    total_granted = 0, total_charged = 0, total_refunded = 0, total_expired = 0, grants = {}}
+    total_granted = 0, total_charged = 0, total_refunded = 0, total_expired = 0, grants = {},
+    period_purchased = 0, period_expired = 0, alerts = alerts, fired = {}, budgets = {}}
   ctx.acct = acct
   emit(ctx, 'plan_change', {created = 1, allotment = acct.allotment, policy = acct.policy,
     overage_limit = acct.overage_limit, ap_units = acct.ap_units, ap_threshold = acct.ap_threshold,

@@ -24,6 +24,7 @@ return run(function()
     redis.call('ZADD', ctx.holds_key, hold.expires_at, rid)
     return {expired = 0}
   end
+  upgrade(acct)
   ctx.acct = acct
   touch(ctx)
   settle_if_due(ctx, hold)

@@ -24,6 +24,8 @@ local function refund_charge(ctx, hold, units, reason)
     end
   end
   local back, lost = refund_moves(ctx, hold.charge_moves, units - from_overage)
+  release_budgets(ctx, hold, units)
+  count_usage(ctx, hold.charge_period, hold.charged_at, hold.operation, hold.labels, -units, 0, 0)
   hold.refunded = hold.refunded + units
   acct.total_refunded = acct.total_refunded + units
   if hold.charge_period == acct.period_start then
@@ -32,6 +34,7 @@ local function refund_charge(ctx, hold, units, reason)
   mark_hold(ctx, hold)
   emit(ctx, 'refund', {reservation_id = hold.id, operation = hold.operation, units = units,
     overage = from_overage, credit = credit, moves = moves_text(back), expired = lost, reason = reason,
+    charged_at = hold.charged_at,
     labels = hold.labels, idempotency_key = hold.refund_key})
 end
 
@@ -79,7 +82,7 @@ return run(function()
   local refundable_after = 0
   if hold.state == 'COMMITTED' then refundable_after = hold.charged - hold.refunded end
   local answer = {units_refunded = refunded, units_refundable = refundable_after,
-    balance = balance_view(ctx), replayed = false}
+    balance = balance_view(ctx), replayed = false, operation = hold.operation}
   remember(ctx, KEYS[5], req.fingerprint, answer, window_ms)
   commit_ctx(ctx)
   return answer

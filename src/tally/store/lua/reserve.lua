@@ -20,8 +20,10 @@ return run(function()
   local unit_price, version = price_of(ctx, KEYS[6], KEYS[7], spend.operation, spend.price_version)
   local units = units_for(unit_price, spend.quantity)
   touch(ctx)
+  check_budgets(ctx, spend.operation, spend.labels, units)
   local moves, short = allocate(ctx, spend.operation, units)
   local hold = new_hold(ctx, spend, unit_price, version, units)
+  hold.budgets = apply_budgets(ctx, spend.operation, spend.labels, units)
   hold.moves, hold.overage, hold.expires_at = moves, short, ctx.now + ttl_ms
   acct.held = acct.held + units
   acct.overage_held = acct.overage_held + short

@@ -3,7 +3,8 @@
 -- A new allotment applies from the next billing period.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
 -- ARGV[1] (msgpack): now, prefix, shard, account_id, set = {allotment?, policy?,
---   overage_limit?, ap_units?, ap_threshold?, labels? (replace), merge_labels? (add or change)}
+--   overage_limit?, ap_units?, ap_threshold?, labels? (replace), merge_labels? (add or change),
+--   alerts? (replace)}
 -- Returns: {account = account view, balance = balance view}.
 
 return run(function()
@@ -25,12 +26,14 @@ return run(function()
     for k, val in pairs(set.merge_labels) do merged[k] = val end
     set.labels = merged
   end
+  if set.alerts ~= nil then set.alerts = check_alert_settings(set.alerts) end
   local policy = set.policy or acct.policy
   local ap_units = set.ap_units or acct.ap_units
   check_policy(policy, ap_units)
   touch(ctx)
   local changed = {}
-  for _, name in ipairs({'allotment', 'policy', 'overage_limit', 'ap_units', 'ap_threshold', 'labels'}) do
+  for _, name in ipairs({'allotment', 'policy', 'overage_limit', 'ap_units', 'ap_threshold', 'labels',
+                         'alerts'}) do
     if set[name] ~= nil then
       acct[name] = set[name]
       changed[name] = set[name]

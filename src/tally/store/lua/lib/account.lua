@@ -7,6 +7,8 @@
 --        dirty = {rid -> true for holds to write}, retention_ms}
 
 local KIND_RANK = {ALLOTMENT = 1, PROMOTIONAL = 2, PURCHASE = 3}
+local USAGE_RETENTION_MS = 62 * 86400000
+local check_alerts  -- defined below, used by commit_ctx
 local MAX_LAZY_EXPIRIES = 100
 local MAX_GRANTS = 1000
 local MAX_AUTO_PACKS = 1000
@@ -16,16 +18,92 @@ local function new_ctx(req, keys)
     now = req.now, prefix = check_str(req.prefix, 'prefix', 64),
     shard = check_str(req.shard, 'shard', 16),
     acct_key = keys[1], holds_key = keys[2], expiries_key = keys[3], events_key = keys[4],
-    events = {}, holds = {}, dirty = {},
+    events = {}, holds = {}, dirty = {}, usage = {},
     retention_ms = check_int(req.retention_ms or 0, 'retention_ms', 0, MAX_TIME_MS),
   }
+end
+
+-- Fields added after an account was first written get their neutral value.
+local function upgrade(acct)
+  acct.event_seq = acct.event_seq or 0
+  acct.period_purchased = acct.period_purchased or 0
+  acct.period_expired = acct.period_expired or 0
+  acct.alerts = acct.alerts or {percent = {}, below = 0, overage = false}
+  acct.fired = acct.fired or {}
+  acct.budgets = acct.budgets or {}
 end
 
 local function load_account(ctx, account_id)
   local acct = load_blob(ctx.acct_key)
   if not acct then raise('NOT_FOUND', 'account_id', 'account ' .. account_id .. ' not found') end
+  upgrade(acct)
   ctx.acct = acct
   return acct
+end
+
+local HOUR_MS = 3600000
+
+-- Usage counters of a billing period, updated in the write phase: per hour
+-- bucket, operation and label set, the net units, the quantity and the count
+-- of charges. Refunds net out the charge they refund, in its bucket.
+local function usage_key(ctx, period_start)
+  return ctx.prefix .. 'usage:' .. ctx.acct.id .. ':' .. int_text(period_start)
+end
+
+local function labels_signature(labels)
+  local keys = {}
+  for k in pairs(labels) do keys[#keys + 1] = k end
+  if #keys == 0 then return '' end
+  table.sort(keys)
+  local pairs_list = {}
+  for i, k in ipairs(keys) do pairs_list[i] = {k, labels[k]} end
+  return cjson.encode(pairs_list)
+end
+
+local function count_usage(ctx, period_start, at_ms, operation, labels, units, quantity, count)
+  local bucket = math.floor(at_ms / HOUR_MS) * HOUR_MS
+  ctx.usage[#ctx.usage + 1] = {key = usage_key(ctx, period_start),
+    suffix = int_text(bucket) .. '|' .. operation .. '|' .. labels_signature(labels),
+    units = units, quantity = quantity, count = count}
+end
+
+-- Budgets: spend limits per period on one operation or one label value.
+local function budget_applies(budget, operation, labels)
+  if budget.operation ~= '' then return budget.operation == operation end
+  return labels[budget.label_key] == budget.label_value
+end
+
+local function check_budgets(ctx, operation, labels, units)
+  for id, budget in pairs(ctx.acct.budgets) do
+    if budget_applies(budget, operation, labels) and budget.used + units > budget.limit then
+      local left = math.max(0, budget.limit - budget.used)
+      raise('RESOURCE_EXHAUSTED', 'budget', string.format(
+        'budget %s allows %d units per period: %d used or held, %d required',
+        id, budget.limit, budget.used, units),
+        {available = left, required = units, account_id = ctx.acct.id,
+         operation = operation, budget_id = id})
+    end
+  end
+end
+
+local function apply_budgets(ctx, operation, labels, units)
+  local applied = {}
+  for id, budget in pairs(ctx.acct.budgets) do
+    if budget_applies(budget, operation, labels) then
+      budget.used = budget.used + units
+      applied[#applied + 1] = id
+    end
+  end
+  return applied
+end
+
+-- Gives units back to the budgets a hold counted against, if still the same period.
+local function release_budgets(ctx, hold, units)
+  if hold.budget_period ~= ctx.acct.period_start or units <= 0 then return end
+  for _, id in ipairs(hold.budgets or {}) do
+    local budget = ctx.acct.budgets[id]
+    if budget then budget.used = math.max(0, budget.used - units) end
+  end
 end
 
 local function next_seq(acct)
@@ -105,6 +183,7 @@ local function return_units(ctx, mv, n)
     table.sort(acct.grants, grant_before)
   else
     acct.total_expired = acct.total_expired + n
+    acct.period_expired = acct.period_expired + n
     return n
   end
   return 0
@@ -168,6 +247,7 @@ local function release_hold(ctx, hold, state, event_type)
   local back, lost = give_back(ctx, hold.moves, hold.units - hold.overage)
   acct.overage_held = acct.overage_held - hold.overage
   acct.held = acct.held - hold.units
+  release_budgets(ctx, hold, hold.units)
   hold.state = state
   hold.closed_at = ctx.now
   mark_hold(ctx, hold)
@@ -195,6 +275,7 @@ local function expire_grants(ctx)
   for _, g in ipairs(acct.grants) do
     if g.expires_at ~= 0 and g.expires_at <= ctx.now then
       acct.total_expired = acct.total_expired + g.remaining
+      acct.period_expired = acct.period_expired + g.remaining
       local units = g.remaining
       g.remaining = 0
       emit(ctx, g.kind == 'ALLOTMENT' and 'allotment_expire' or 'grant_expire',
@@ -226,6 +307,10 @@ local function roll_period(ctx)
   acct.period_start, acct.period_end = period_bounds(ctx.now, acct.anchor_day)
   acct.period_consumed = 0
   acct.auto_purchased = 0
+  acct.period_purchased = 0
+  acct.period_expired = 0
+  acct.fired = {}
+  for _, budget in pairs(acct.budgets) do budget.used = 0 end
   if acct.allotment > 0 then
     local g = add_grant(ctx, 'ALLOTMENT', acct.allotment, acct.period_end, '')
     acct.total_granted = acct.total_granted + acct.allotment
@@ -257,6 +342,7 @@ local function auto_purchase(ctx, units)
   local g = add_grant(ctx, 'PURCHASE', bought, 0, 'auto-purchase')
   acct.total_granted = acct.total_granted + bought
   acct.auto_purchased = acct.auto_purchased + bought
+  acct.period_purchased = acct.period_purchased + bought
   emit(ctx, 'purchase', {grant_id = g.id, units = bought, auto = 1, packs = packs})
 end
 
@@ -318,6 +404,7 @@ local function balance_view(ctx)
     overage_limit = acct.overage_limit, period_start = acct.period_start,
     period_end = acct.period_end, period_consumed = acct.period_consumed,
     auto_purchased = acct.auto_purchased, total_granted = acct.total_granted,
+    period_purchased = acct.period_purchased, period_expired = acct.period_expired,
     total_charged = acct.total_charged, total_refunded = acct.total_refunded,
     total_expired = acct.total_expired, as_of = ctx.now}
 end
@@ -326,7 +413,8 @@ local function account_view(acct)
   return {account_id = acct.id, allotment = acct.allotment, policy = acct.policy,
     overage_limit = acct.overage_limit, labels = acct.labels, ap_units = acct.ap_units,
     ap_threshold = acct.ap_threshold, anchor_day = acct.anchor_day, created_at = acct.created_at,
-    period_start = acct.period_start, period_end = acct.period_end}
+    period_start = acct.period_start, period_end = acct.period_end, alerts = acct.alerts,
+    budgets = acct.budgets}
 end
 
 -- Asserts the account's books balance; a failure is a bug, so it crashes
@@ -356,6 +444,53 @@ local function idem_lookup(key, fingerprint, now)
   return rec.answer
 end
 
+-- Threshold alerts, each raised once per period: percent of the allotment
+-- used (holds included), available below a floor, overage started.
+local function current_allotment(acct)
+  for _, g in ipairs(acct.grants) do
+    if g.kind == 'ALLOTMENT' and g.expires_at == acct.period_end then return g end
+  end
+  return nil
+end
+
+local function fire(ctx, name, units)
+  if ctx.acct.fired[name] then return end
+  ctx.acct.fired[name] = true
+  emit(ctx, 'alert', {alert = name, units = units})
+end
+
+check_alerts = function(ctx)
+  local acct = ctx.acct
+  local alerts = acct.alerts
+  local allotment = current_allotment(acct)
+  if allotment and allotment.granted > 0 then
+    local used = allotment.granted - allotment.remaining
+    for _, percent in ipairs(alerts.percent) do
+      if used * 100 >= percent * allotment.granted then
+        fire(ctx, 'allotment_used_' .. int_text(percent), used)
+      end
+    end
+  end
+  if alerts.below > 0 and available(acct) < alerts.below then
+    fire(ctx, 'balance_below_' .. int_text(alerts.below), available(acct))
+  end
+  if alerts.overage and acct.overage_used + acct.overage_held > 0 then
+    fire(ctx, 'overage_started', acct.overage_used + acct.overage_held)
+  end
+end
+
+local function check_alert_settings(alerts)
+  if type(alerts) ~= 'table' then raise('INVALID_ARGUMENT', 'alerts', 'alerts must be a map') end
+  local percent = alerts.percent or {}
+  if type(percent) ~= 'table' or #percent > 16 then
+    raise('INVALID_ARGUMENT', 'alerts.allotment_used_percent', 'at most 16 percentages')
+  end
+  for _, p in ipairs(percent) do check_int(p, 'alerts.allotment_used_percent', 1, 1000) end
+  return {percent = percent,
+    below = check_int(alerts.below or 0, 'alerts.balance_below', 0, MAX_UNITS),
+    overage = alerts.overage == true}
+end
+
 -- An idempotency record to write with the script's other changes.
 local function remember(ctx, key, fingerprint, answer, window_ms)
   ctx.idem = {key = key, window_ms = window_ms,
@@ -368,6 +503,7 @@ end
 -- Returns the stream ids of the events.
 local function commit_ctx(ctx)
   local acct = ctx.acct
+  check_alerts(ctx)
   assert_books(acct)
   save_blob(ctx.acct_key, acct)
   local hold_images = {}
@@ -396,6 +532,13 @@ local function commit_ctx(ctx)
     save_blob(ctx.idem.key, ctx.idem.record, ctx.idem.window_ms)
     last[#last + 1] = '_idem'
     last[#last + 1] = cmsgpack.pack({key = ctx.idem.key, record = ctx.idem.record})
+  end
+  for _, u in ipairs(ctx.usage) do
+    redis.call('HINCRBY', u.key, 'u|' .. u.suffix, u.units)
+    if u.quantity ~= 0 then redis.call('HINCRBY', u.key, 'q|' .. u.suffix, u.quantity) end
+    if u.count ~= 0 then redis.call('HINCRBY', u.key, 'c|' .. u.suffix, u.count) end
+    -- past periods are reported from the ledger; the counters outlive theirs a while
+    redis.call('PEXPIREAT', u.key, acct.period_end + USAGE_RETENTION_MS)
   end
   local ids = {}
   for i, event in ipairs(ctx.events) do
@@ -478,5 +621,6 @@ local function new_hold(ctx, spend, unit_price, price_version, units)
     price_version = price_version, units = units, overage = 0, moves = {}, labels = spend.labels,
     state = 'HELD', created_at = ctx.now, expires_at = 0, idempotency_key = spend.idem_key,
     charged = 0, charged_quantity = 0, overage_charged = 0, overage_refunded = 0, refunded = 0,
-    charge_moves = {}, charge_period = 0, late = false}
+    charge_moves = {}, charge_period = 0, late = false, charged_at = 0,
+    budgets = {}, budget_period = acct.period_start}
 end

@@ -1,0 +1,270 @@
+"""GetUsageReport: usage grouped by operation, label, day or hour, the current
+period's summary and a forecast.
+
+Usage is net: each charge (commit, late commit, charge) adds its units,
+quantity and a count of one in the hour it was charged; a refund takes its
+units back in the hour of the charge it refunds. The account's current billing
+period comes from the counters the Lua scripts keep (exact in real time);
+earlier time comes from the ledger. Time bounds are whole UTC hours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from tally.api import convert
+from tally.api import validation as v
+from tally.domain.errors import InvalidArgument
+from tally.ledger.backend import EntryRow, SqlLedger
+from tally.store.quota_store import QuotaStore
+from tally.v1 import usage_pb2
+
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+RANGE_MS_MAX = 400 * DAY_MS
+GROUP_BY_MAX = 4
+FORECAST_WINDOW_DAYS = 7
+CHARGE_TYPES = frozenset({"commit", "late_commit", "charge"})
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Net usage of one (hour, account, operation, label set)."""
+
+    bucket_ms: int
+    account_id: str
+    operation: str
+    labels: dict[str, str]
+    units: int
+    quantity: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Grouping:
+    operation: bool
+    label_keys: tuple[str, ...]
+    day: bool
+    hour: bool
+    by_account: bool
+
+    def key(self, usage: Usage) -> tuple[Any, ...]:
+        bucket = usage.bucket_ms if self.hour else (
+            usage.bucket_ms // DAY_MS * DAY_MS if self.day else 0
+        )
+        return (
+            usage.account_id if self.by_account else "",
+            usage.operation if self.operation else "",
+            tuple(usage.labels.get(k, "") for k in self.label_keys),
+            bucket,
+        )
+
+
+def parse_grouping(group_by: Iterable[str], by_account: bool) -> Grouping:
+    items = list(group_by)
+    if len(items) > GROUP_BY_MAX:
+        raise InvalidArgument(f"group_by takes at most {GROUP_BY_MAX} entries",
+                              field_name="group_by")
+    keys: list[str] = []
+    flags = {"OPERATION": False, "DAY": False, "HOUR": False}
+    for item in items:
+        upper = item.upper()
+        if upper in flags:
+            flags[upper] = True
+        elif upper.startswith("LABEL:") and v.LABEL_KEY.fullmatch(item[6:]):
+            keys.append(item[6:])
+        else:
+            raise InvalidArgument(
+                f"group_by entry {item[:80]!r} is not OPERATION, LABEL:<key>, DAY or HOUR",
+                field_name="group_by",
+            )
+    return Grouping(flags["OPERATION"], tuple(keys), flags["DAY"], flags["HOUR"], by_account)
+
+
+def whole_hour(ms: int, field: str) -> int:
+    if ms % HOUR_MS:
+        raise InvalidArgument(f"{field} must be a whole UTC hour", field_name=field)
+    return ms
+
+
+def from_counters(account_id: str, counters: dict[str, int]) -> list[Usage]:
+    """Counter fields are `<u|q|c>|<hour ms>|<operation>|<labels as JSON pairs>`."""
+    merged: dict[tuple[int, str, str], dict[str, int]] = {}
+    for field, value in counters.items():
+        kind, bucket_text, operation, signature = field.split("|", 3)
+        merged.setdefault((int(bucket_text), operation, signature), {})[kind] = value
+    usages = []
+    for (bucket_ms, operation, signature), values in merged.items():
+        labels = {k: val for k, val in json.loads(signature)} if signature else {}
+        usages.append(Usage(bucket_ms, account_id, operation, labels, values.get("u", 0),
+                            values.get("q", 0), values.get("c", 0)))
+    return usages
+
+
+def from_entries(entries: Iterable[EntryRow]) -> list[Usage]:
+    usages = []
+    for entry in entries:
+        if entry.type in CHARGE_TYPES:
+            usages.append(Usage(entry.occurred_at_ms // HOUR_MS * HOUR_MS, entry.account_id,
+                                entry.operation, entry.labels, entry.units, entry.quantity, 1))
+        elif entry.type == "refund":
+            charged_at = int(entry.detail.get("charged_at") or entry.occurred_at_ms)
+            usages.append(Usage(charged_at // HOUR_MS * HOUR_MS, entry.account_id,
+                                entry.operation, entry.labels, -entry.units, 0, 0))
+    return usages
+
+
+def in_range(usages: Iterable[Usage], start_ms: int, end_ms: int) -> list[Usage]:
+    return [u for u in usages if start_ms <= u.bucket_ms < end_ms]
+
+
+async def account_usage(
+    store: QuotaStore, ledger: SqlLedger, account_id: str, period_start_ms: int,
+    start_ms: int, end_ms: int,
+) -> list[Usage]:
+    """Counters for the current period, the ledger before it."""
+    usages: list[Usage] = []
+    if end_ms > period_start_ms:
+        counters = await store.usage_counters(account_id, period_start_ms)
+        usages += in_range(from_counters(account_id, counters), max(start_ms, period_start_ms),
+                           end_ms)
+    if start_ms < period_start_ms:
+        entries = await asyncio.to_thread(ledger.usage_entries, start_ms, account_id)
+        usages += in_range(from_entries(entries), start_ms, min(end_ms, period_start_ms))
+    return usages
+
+
+def rows(usages: Iterable[Usage], grouping: Grouping) -> list[usage_pb2.UsageRow]:
+    totals: dict[tuple[Any, ...], list[int]] = {}
+    for usage in usages:
+        sums = totals.setdefault(grouping.key(usage), [0, 0, 0])
+        sums[0] += usage.units
+        sums[1] += usage.quantity
+        sums[2] += usage.count
+    result = []
+    for (account_id, operation, label_values, bucket), (units, quantity, count) in sorted(
+        totals.items()
+    ):
+        row = usage_pb2.UsageRow(
+            account_id=account_id, operation=operation, units=units, quantity=quantity,
+            count=count, labels=dict(zip(grouping.label_keys, label_values, strict=True)),
+        )
+        if grouping.day or grouping.hour:
+            row.bucket_start.CopyFrom(convert.timestamp(bucket))
+        result.append(row)
+    return result
+
+
+def period_summary(balance: dict[str, Any]) -> usage_pb2.PeriodSummary:
+    grants = balance["grants"] if isinstance(balance["grants"], list) else []
+    allotment = sum(
+        int(g["granted"]) for g in grants
+        if g["kind"] == "ALLOTMENT" and int(g["expires_at"]) == int(balance["period_end"])
+    )
+    return usage_pb2.PeriodSummary(
+        period_start=convert.timestamp(balance["period_start"]),
+        period_end=convert.timestamp(balance["period_end"]),
+        allotment=allotment,
+        used=int(balance["period_consumed"]),
+        remaining=int(balance["available"]),
+        purchased=int(balance.get("period_purchased") or 0),
+        overage=int(balance["overage_used"]),
+        expired=int(balance.get("period_expired") or 0),
+        held=int(balance["held"]),
+    )
+
+
+def forecast(
+    balance: dict[str, Any], policy: str, window: tuple[int, int], window_usage: list[Usage],
+    now_ms: int,
+) -> usage_pb2.Forecast:
+    """The rate is the net usage of the window's hours over the window's length
+    (shorter for a younger account)."""
+    days = max(window[1] - window[0], HOUR_MS) / DAY_MS
+    per_day = sum(u.units for u in window_usage) / days
+    period_end = int(balance["period_end"])
+    days_left = max(0, period_end - now_ms) / DAY_MS
+    spendable = int(balance["available"])
+    if policy == "ALLOW":
+        spendable += max(0, int(balance["overage_limit"]) - int(balance["overage_used"])
+                         - int(balance["overage_held"]))
+    result = usage_pb2.Forecast(
+        window_days=FORECAST_WINDOW_DAYS,
+        units_per_day=round(per_day),
+        projected_period_consumption=int(balance["period_consumed"]) + round(per_day * days_left),
+        projected_overage=max(0, round(per_day * days_left) - max(0, int(balance["available"]))),
+    )
+    if per_day > 0:
+        runs_out_ms = now_ms + int(max(0, spendable) / per_day * DAY_MS)
+        if runs_out_ms < period_end:
+            result.runs_out_at.CopyFrom(convert.timestamp(runs_out_ms))
+    return result
+
+
+async def usage_report(
+    store: QuotaStore, ledger: SqlLedger, request: usage_pb2.GetUsageReportRequest
+) -> usage_pb2.UsageReport:
+    by_account = not request.account_id
+    grouping = parse_grouping(request.group_by, by_account)
+    now_ms = store.clock.now_ms()
+    next_hour = now_ms // HOUR_MS * HOUR_MS + HOUR_MS  # the end of the current hour
+    if by_account:
+        return await all_accounts_report(ledger, request, grouping, next_hour)
+    account_id = v.account_id(request.account_id)
+    reply = await store.balance(account_id, None)
+    balance, account = reply["balance"], reply["account"]
+    period_start = int(balance["period_start"])
+    start_ms = whole_hour(v.timestamp_ms(request.start, "start"), "start") if request.HasField(
+        "start") else period_start
+    end_ms = whole_hour(v.timestamp_ms(request.end, "end"), "end") if request.HasField(
+        "end") else next_hour
+    check_range(start_ms, end_ms)
+    usages = await account_usage(store, ledger, account_id, period_start, start_ms, end_ms)
+    created_hour = int(account["created_at"]) // HOUR_MS * HOUR_MS
+    window = (max(next_hour - FORECAST_WINDOW_DAYS * DAY_MS, created_hour), next_hour)
+    window_usage = await account_usage(store, ledger, account_id, period_start, *window)
+    report = usage_pb2.UsageReport(
+        rows=rows(usages, grouping),
+        total_units=sum(u.units for u in usages),
+        total_quantity=sum(u.quantity for u in usages),
+        total_count=sum(u.count for u in usages),
+        period=period_summary(balance),
+        forecast=forecast(balance, account["policy"], window, window_usage, now_ms),
+        start=convert.timestamp(start_ms),
+        end=convert.timestamp(end_ms),
+    )
+    return report
+
+
+def check_range(start_ms: int, end_ms: int) -> None:
+    if end_ms <= start_ms:
+        raise InvalidArgument("end must be after start", field_name="end")
+    if end_ms - start_ms > RANGE_MS_MAX:
+        raise InvalidArgument("a report covers at most 400 days", field_name="end")
+
+
+async def all_accounts_report(
+    ledger: SqlLedger, request: usage_pb2.GetUsageReportRequest, grouping: Grouping,
+    next_hour: int,
+) -> usage_pb2.UsageReport:
+    """Every account, from the ledger (behind Redis by at most the flush interval)."""
+    if not request.HasField("start"):
+        raise InvalidArgument("start is required for an all-accounts report", field_name="start")
+    start_ms = whole_hour(v.timestamp_ms(request.start, "start"), "start")
+    end_ms = whole_hour(v.timestamp_ms(request.end, "end"), "end") if request.HasField(
+        "end") else next_hour
+    check_range(start_ms, end_ms)
+    entries = await asyncio.to_thread(ledger.usage_entries, start_ms)
+    usages = in_range(from_entries(entries), start_ms, end_ms)
+    return usage_pb2.UsageReport(
+        rows=rows(usages, grouping),
+        total_units=sum(u.units for u in usages),
+        total_quantity=sum(u.quantity for u in usages),
+        total_count=sum(u.count for u in usages),
+        start=convert.timestamp(start_ms),
+        end=convert.timestamp(end_ms),
+    )

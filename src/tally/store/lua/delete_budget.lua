@@ -1,0 +1,20 @@
+--! include: codec calendar account
+-- delete_budget: removes a budget; what it counted stays charged.
+-- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- ARGV[1] (msgpack): now, prefix, shard, account_id, budget_id
+-- Returns: {budget = the removed budget}.
+
+return run(function()
+  local req = decode_request()
+  local ctx = new_ctx(req, KEYS)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
+  local id = check_str(req.budget_id, 'budget_id', 400)
+  local budget = acct.budgets[id]
+  if budget == nil then raise('NOT_FOUND', 'budget_id', 'budget ' .. id .. ' not found') end
+  touch(ctx)
+  acct.budgets[id] = nil
+  emit(ctx, 'plan_change', {budget_id = id, budget_deleted = 1})
+  commit_ctx(ctx)
+  return {budget = {budget_id = id, operation = budget.operation, label_key = budget.label_key,
+    label_value = budget.label_value, limit = budget.limit, used = budget.used}}
+end)
