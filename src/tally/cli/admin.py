@@ -9,6 +9,7 @@ plain-text table; with it, one JSON object on stdout. A refused call prints
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 import uuid
@@ -30,6 +31,8 @@ from tally.v1 import (
     common_pb2,
     quota_pb2,
     quota_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -178,8 +181,18 @@ def _account_rows(account: account_pb2.Account) -> list[tuple[str, object]]:
         ("billing anchor day", account.billing_anchor_day),
         ("labels", output.labels(account.labels)),
         ("created at", output.iso(account.created_at)),
+        ("alerts", _alerts_text(account.alerts)),
         ("period", f"{output.iso(account.period_start)} .. {output.iso(account.period_end)}"),
     ]
+
+
+def _alerts_text(alerts: common_pb2.AlertSettings) -> str:
+    parts = [f"{p}% used" for p in alerts.allotment_used_percent]
+    if alerts.balance_below:
+        parts.append(f"below {alerts.balance_below}")
+    if alerts.overage_started:
+        parts.append("overage")
+    return ", ".join(parts) or "-"
 
 
 def _balance_rows(balance: common_pb2.Balance) -> list[tuple[str, object]]:
@@ -230,6 +243,7 @@ def _create(args: argparse.Namespace, api: Api) -> int:
         auto_purchase_units=args.auto_purchase_units,
         auto_purchase_threshold=args.auto_purchase_threshold,
         billing_anchor_day=args.anchor_day,
+        alerts=_alerts(args),
     )
     account = api.accounts.CreateAccount(request, timeout=api.timeout_s)
     note = "(the account already existed with these settings; nothing changed)"
@@ -281,6 +295,9 @@ def _update(args: argparse.Namespace, api: Api) -> int:
         request.auto_purchase_units = args.auto_purchase_units
     if args.auto_purchase_threshold is not None:
         request.auto_purchase_threshold = args.auto_purchase_threshold
+    alerts = _alerts(args)
+    if alerts is not None:
+        request.alerts.CopyFrom(alerts)
     account = api.accounts.UpdateAccount(request, timeout=api.timeout_s)
     _emit(args, output.message_dict(account), lambda: _account_text(account))
     return 0
@@ -415,6 +432,118 @@ def _ledger(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
+def _budget_table(budgets: Sequence[common_pb2.Budget]) -> str:
+    if not budgets:
+        return "(no budgets)"
+    return output.table(
+        ["BUDGET", "LIMIT/PERIOD", "USED OR HELD", "LEFT"],
+        [[b.budget_id, b.limit_units, b.used_units, max(0, b.limit_units - b.used_units)]
+         for b in budgets],
+    )
+
+
+def _budgets_set(args: argparse.Namespace, api: Api) -> int:
+    scope, _, rest = args.scope.partition(":")
+    budget = common_pb2.Budget(limit_units=args.limit)
+    if scope == "operation" and rest:
+        budget.operation = rest
+    elif scope == "label" and "=" in rest:
+        budget.label_key, _, budget.label_value = rest.partition("=")
+    else:
+        print("tally: SCOPE is operation:<name> or label:<key>=<value>", file=sys.stderr)
+        return 2
+    reply = api.accounts.SetBudget(
+        account_pb2.SetBudgetRequest(account_id=args.account_id, budget=budget),
+        timeout=api.timeout_s,
+    )
+    _emit(args, output.message_dict(reply), lambda: _budget_table([reply]))
+    return 0
+
+
+def _budgets_list(args: argparse.Namespace, api: Api) -> int:
+    reply = api.accounts.ListBudgets(
+        account_pb2.ListBudgetsRequest(account_id=args.account_id), timeout=api.timeout_s
+    )
+    _emit(args, output.message_dict(reply), lambda: _budget_table(reply.budgets))
+    return 0
+
+
+def _budgets_delete(args: argparse.Namespace, api: Api) -> int:
+    reply = api.accounts.DeleteBudget(
+        account_pb2.DeleteBudgetRequest(account_id=args.account_id, budget_id=args.budget_id),
+        timeout=api.timeout_s,
+    )
+    _emit(args, output.message_dict(reply), lambda: f"deleted {reply.budget_id}")
+    return 0
+
+
+def _period_bounds(text: str) -> tuple[Timestamp, Timestamp]:
+    """`2026-11` -> the calendar month in UTC."""
+    try:
+        start = datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid month {text!r} (e.g. 2026-11)") from None
+    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(
+        month=start.month + 1)
+    first, last = Timestamp(), Timestamp()
+    first.FromDatetime(start)
+    last.FromDatetime(end)
+    return first, last
+
+
+def _report(args: argparse.Namespace, api: Api) -> int:
+    request = usage_pb2.GetUsageReportRequest(
+        account_id=args.account_id,
+        group_by=[g.strip().upper() if not g.strip().lower().startswith("label:")
+                  else "LABEL:" + g.strip()[6:] for g in args.by.split(",") if g.strip()],
+    )
+    if args.period:
+        start, end = _period_bounds(args.period)
+        request.start.CopyFrom(start)
+        request.end.CopyFrom(end)
+    if args.start is not None:
+        request.start.CopyFrom(args.start)
+    if args.end is not None:
+        request.end.CopyFrom(args.end)
+    report = usage_pb2_grpc.UsageServiceStub(api.channel).GetUsageReport(
+        request, timeout=api.timeout_s
+    )
+    if args.format == "json" or args.json:
+        print(output.dumps(output.message_dict(report)))
+        return 0
+    headers = ["BUCKET", "ACCOUNT", "OPERATION", "LABELS", "QUANTITY", "UNITS", "COUNT"]
+    table_rows = [
+        [output.iso(r.bucket_start), r.account_id or "-", r.operation or "-",
+         output.labels(r.labels), r.quantity, r.units, r.count]
+        for r in report.rows
+    ]
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([h.lower() for h in headers])
+        writer.writerows(table_rows)
+        return 0
+    print(output.table(headers, table_rows) if table_rows else "(no usage)")
+    print(f"\ntotal: {report.total_units} units, quantity {report.total_quantity}, "
+          f"{report.total_count} charges ({output.iso(report.start)} .. {output.iso(report.end)})")
+    if report.HasField("period"):
+        p = report.period
+        print("\n" + output.fields([
+            ("period", f"{output.iso(p.period_start)} .. {output.iso(p.period_end)}"),
+            ("allotment", p.allotment), ("used", p.used), ("remaining", p.remaining),
+            ("purchased", p.purchased), ("overage", p.overage), ("expired", p.expired),
+            ("held", p.held),
+        ]))
+    if report.HasField("forecast"):
+        f = report.forecast
+        print("\n" + output.fields([
+            (f"burn rate ({f.window_days}-day)", f"{f.units_per_day} units/day"),
+            ("runs out", output.iso(f.runs_out_at, unset="not this period")),
+            ("projected period use", f.projected_period_consumption),
+            ("projected overage", f.projected_overage),
+        ]))
+    return 0
+
+
 # --- the parsers ---------------------------------------------------------------
 
 
@@ -437,7 +566,33 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _alert_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("alerts (each raised once per billing period)")
+    group.add_argument(
+        "--alert-percent", type=int, action="append", metavar="P",
+        help="alert when P%% of the allotment is used (holds included); repeatable",
+    )
+    group.add_argument(
+        "--alert-below", type=int, default=None, metavar="N",
+        help="alert when available falls below N units",
+    )
+    group.add_argument(
+        "--alert-overage", action="store_true", help="alert when overage starts"
+    )
+
+
+def _alerts(args: argparse.Namespace) -> common_pb2.AlertSettings | None:
+    if args.alert_percent is None and args.alert_below is None and not args.alert_overage:
+        return None
+    return common_pb2.AlertSettings(
+        allotment_used_percent=args.alert_percent or [],
+        balance_below=args.alert_below or 0,
+        overage_started=args.alert_overage,
+    )
+
+
 def _plan_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    _alert_flags(parser)
     default = None if update else 0
     parser.add_argument(
         "--policy",
@@ -593,6 +748,46 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     setting.add_argument("operation", metavar="OPERATION")
     setting.add_argument("units_per_quantity", type=int, metavar="UNITS_PER_QUANTITY")
     setting.set_defaults(handler=_run(_prices_set))
+
+    report = subparsers.add_parser(
+        "report",
+        parents=[common],
+        help="usage by operation, label, day or hour; period summary and forecast",
+        description="Usage report. The current billing period is exact in real time; "
+        "earlier time comes from the ledger. Bounds are whole UTC hours.",
+    )
+    report.add_argument("account_id", metavar="ACCOUNT_ID", nargs="?", default="",
+                        help="omit for every account (from the ledger; needs --from)")
+    report.add_argument("--period", default=None, metavar="YYYY-MM",
+                        help="a calendar month in UTC")
+    report.add_argument("--from", dest="start", type=_timestamp, default=None, metavar="ISO8601")
+    report.add_argument("--to", dest="end", type=_timestamp, default=None, metavar="ISO8601")
+    report.add_argument("--by", default="operation", metavar="KEYS",
+                        help="comma-separated: operation, label:<key>, day, hour "
+                        "(default: operation)")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.set_defaults(handler=_run(_report))
+
+    budgets = subparsers.add_parser(
+        "budgets", help="spend limits per period inside an account",
+        description="Spend limits per billing period on an operation or a label value.",
+    )
+    budget_actions = budgets.add_subparsers(dest="action", metavar="ACTION", required=True)
+    budget_set = budget_actions.add_parser(
+        "set", parents=[common], help="set a budget",
+        description="Set a budget: SCOPE is operation:<name> or label:<key>=<value>.",
+    )
+    budget_set.add_argument("account_id", metavar="ACCOUNT_ID")
+    budget_set.add_argument("scope", metavar="SCOPE")
+    budget_set.add_argument("limit", type=int, metavar="UNITS_PER_PERIOD")
+    budget_set.set_defaults(handler=_run(_budgets_set))
+    budget_list = budget_actions.add_parser("list", parents=[common], help="list budgets")
+    budget_list.add_argument("account_id", metavar="ACCOUNT_ID")
+    budget_list.set_defaults(handler=_run(_budgets_list))
+    budget_delete = budget_actions.add_parser("delete", parents=[common], help="delete a budget")
+    budget_delete.add_argument("account_id", metavar="ACCOUNT_ID")
+    budget_delete.add_argument("budget_id", metavar="BUDGET_ID")
+    budget_delete.set_defaults(handler=_run(_budgets_delete))
 
     ledger = subparsers.add_parser(
         "ledger",

@@ -1,0 +1,72 @@
+"""`tally report`, `tally budgets` and alert flags as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+from tally.v1 import quota_pb2
+from tests.support import Running, unique
+
+TALLY = str(Path(sys.executable).with_name("tally"))
+
+
+async def tally(running: Running, *args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env["TALLY_TARGET"] = running.authority.address
+    process = await asyncio.create_subprocess_exec(
+        TALLY, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_report_budgets_and_alerts_from_the_command_line(running: Running) -> None:
+    """Proves `tally report` prints exact rows as CSV and JSON, `tally budgets` sets
+    and lists a budget, and `tally accounts create --alert-*` stores the alerts."""
+    account_id = unique()
+    code, out, err = await tally(
+        running, "accounts", "create", account_id, "--allotment", "1000",
+        "--alert-percent", "80", "--alert-percent", "50", "--alert-overage", "--json",
+    )
+    assert code == 0, err
+    alerts = json.loads(out)["alerts"]
+    assert alerts["allotment_used_percent"] == [50, 80] and alerts["overage_started"] is True
+    for key, operation, quantity, project in [
+        ("a", "image.upscale", 3, "atlas"), ("b", "image.vectorize", 2, "zeus"),
+        ("c", "image.upscale", 1, "zeus"),
+    ]:
+        await running.quota.Charge(quota_pb2.ChargeRequest(
+            account_id=account_id, operation=operation, quantity=quantity,
+            idempotency_key=key, labels={"project": project}))
+    code, out, err = await tally(
+        running, "report", account_id, "--by", "operation,label:project", "--format", "csv"
+    )
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [(r["operation"], r["labels"], r["units"], r["quantity"], r["count"])
+            for r in rows] == [
+        ("image.upscale", "project=atlas", "30", "3", "1"),
+        ("image.upscale", "project=zeus", "10", "1", "1"),
+        ("image.vectorize", "project=zeus", "10", "2", "1"),
+    ]
+    code, out, err = await tally(running, "report", account_id, "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["total_units"] == 50 and report["period"]["used"] == 50
+    code, out, err = await tally(running, "report", account_id)
+    assert code == 0 and "burn rate" in out and "remaining" in out, err
+    code, out, err = await tally(running, "budgets", "set", account_id, "label:project=atlas",
+                                 "100", "--json")
+    assert code == 0, err
+    assert json.loads(out)["used_units"] == 30
+    code, out, err = await tally(running, "budgets", "list", account_id)
+    assert code == 0 and "label:project=atlas" in out and "70" in out, err
+    code, _, err = await tally(running, "budgets", "set", account_id, "nonsense", "1")
+    assert code == 2 and "SCOPE" in err
