@@ -165,3 +165,26 @@ def test_missing_redis_server_binary_says_how_to_install(tmp_path: Path) -> None
     )
     assert result.returncode == 3
     assert b"apt-get install -y redis-server" in result.stderr
+
+
+def test_a_server_under_faketime_reads_its_clock_in_one_place(
+    serve: tuple[str, Path, list[subprocess.Popen[bytes]]],
+) -> None:
+    """Proves `tally serve` under libfaketime runs on the shifted clock (periods and
+    timestamps 40 days ahead) while its embedded Redis runs on the real one."""
+    address, data_dir, started = serve
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env["TALLY_METRICS_LISTEN"] = ""
+    process = subprocess.Popen(
+        ["faketime", "-f", "+40d", TALLY, "serve", "--listen", address,
+         "--data-dir", str(data_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    started.append(process)
+    wait_serving(address, process)
+    with grpc.insecure_channel(address) as channel:
+        account = account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
+            account_pb2.CreateAccountRequest(account_id="shifted", monthly_allotment=10)
+        )
+    shift_s = account.created_at.seconds - time.time()
+    assert 39 * 86400 < shift_s < 41 * 86400

@@ -41,6 +41,17 @@ def free_port() -> int:
         return port
 
 
+def _real_time_environment() -> dict[str, str]:
+    """Redis needs no fake clock (every clock value comes from Tally, in the
+    scripts' arguments), and libfaketime preloaded into it stalls it: a server
+    run under faketime starts its Redis on the real clock."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if name != "LD_PRELOAD" and not name.startswith("FAKETIME")
+    }
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
@@ -110,7 +121,8 @@ class EmbeddedRedis:
             "--daemonize", "no",
         ]
         self.process = subprocess.Popen(
-            args, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            args, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=_real_time_environment(),
         )
         self._wait_ready()
         (self.folder / "redis.url").write_text(self.url + "\n")
