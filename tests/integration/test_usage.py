@@ -277,3 +277,30 @@ async def test_report_input_is_validated(live: Running) -> None:
             await usage(live).GetUsageReport(request)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in (bad.value.details() or "")
+
+
+async def test_recovery_rebuilds_the_current_periods_usage_counters(
+    own_redis: RedisProcess, tmp_path: object
+) -> None:
+    """Proves that after Redis is wiped and recovered from the ledger, the current
+    period's report (counters) is exactly what it was."""
+    import redis.asyncio as aioredis
+
+    ledger_url = f"sqlite:///{tmp_path}/ledger.sqlite3"
+    running = await start_running(own_redis.url, ledger_url=ledger_url)
+    account_id = await create(running, 5000)
+    try:
+        await known_mix(running, account_id)
+        before = table(await report(running, account_id, "OPERATION", "LABEL:project", "HOUR"))
+    finally:
+        await stop_running(running)
+    wipe = aioredis.Redis.from_url(own_redis.url)
+    await wipe.flushall()
+    await wipe.aclose()
+    running = await start_running(own_redis.url, now_ms=T0_MS + DAY_MS,
+                                  ledger_url=ledger_url, recover_on_start="true")
+    try:
+        after = table(await report(running, account_id, "OPERATION", "LABEL:project", "HOUR"))
+        assert after == before
+    finally:
+        await stop_running(running)

@@ -193,8 +193,13 @@ def _unary_stream(
         try:
             responses = behavior(request, context)
             if hasattr(responses, "__aiter__"):
-                async for response in responses:
-                    yield response
+                try:
+                    async for response in responses:
+                        yield response
+                finally:
+                    aclose = getattr(responses, "aclose", None)
+                    if aclose is not None:
+                        await aclose()  # a stream closed early closes its source now
             elif inspect.isawaitable(responses):
                 await responses  # writes with context.write()
             elif responses is not None:

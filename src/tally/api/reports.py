@@ -19,29 +19,15 @@ from typing import Any
 from tally.api import convert
 from tally.api import validation as v
 from tally.domain.errors import InvalidArgument
-from tally.ledger.backend import EntryRow, SqlLedger
+from tally.domain.usage import HOUR_MS, Usage, from_entries
+from tally.ledger.backend import SqlLedger
 from tally.store.quota_store import QuotaStore
 from tally.v1 import usage_pb2
 
-HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 RANGE_MS_MAX = 400 * DAY_MS
 GROUP_BY_MAX = 4
 FORECAST_WINDOW_DAYS = 7
-CHARGE_TYPES = frozenset({"commit", "late_commit", "charge"})
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Net usage of one (hour, account, operation, label set)."""
-
-    bucket_ms: int
-    account_id: str
-    operation: str
-    labels: dict[str, str]
-    units: int
-    quantity: int
-    count: int
 
 
 @dataclass(frozen=True)
@@ -102,19 +88,6 @@ def from_counters(account_id: str, counters: dict[str, int]) -> list[Usage]:
         labels = {k: val for k, val in json.loads(signature)} if signature else {}
         usages.append(Usage(bucket_ms, account_id, operation, labels, values.get("u", 0),
                             values.get("q", 0), values.get("c", 0)))
-    return usages
-
-
-def from_entries(entries: Iterable[EntryRow]) -> list[Usage]:
-    usages = []
-    for entry in entries:
-        if entry.type in CHARGE_TYPES:
-            usages.append(Usage(entry.occurred_at_ms // HOUR_MS * HOUR_MS, entry.account_id,
-                                entry.operation, entry.labels, entry.units, entry.quantity, 1))
-        elif entry.type == "refund":
-            charged_at = int(entry.detail.get("charged_at") or entry.occurred_at_ms)
-            usages.append(Usage(charged_at // HOUR_MS * HOUR_MS, entry.account_id,
-                                entry.operation, entry.labels, -entry.units, 0, 0))
     return usages
 
 

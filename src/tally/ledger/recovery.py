@@ -10,17 +10,20 @@ itself: each account's totals must equal the sums of its entries.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 
+from tally.domain.usage import from_entries
 from tally.ledger.backend import SqlLedger
 from tally.ledger.flusher import Flusher
 from tally.store.keys import META_KEY, KeySpace
 
 Progress = Callable[[str], None]
+USAGE_RETENTION_MS = 62 * 86_400_000  # as lib/account.lua keeps them
 PIPELINE_BATCH = 500
 
 
@@ -83,6 +86,7 @@ async def recover(
     progress(f"{len(states)} accounts in the ledger, {len(stale)} missing or behind in Redis")
     for index, state in enumerate(s for s in states if s.account_id in stale):
         await redis.set(keys.account_keys(state.account_id)[0], state.state)
+        await _rebuild_usage(redis, keys, ledger, state.account_id, _unpack(state.state))
         result.accounts += 1
         if (index + 1) % 1000 == 0:
             progress(f"  {index + 1} accounts restored")
@@ -103,6 +107,31 @@ async def recover(
         f"{result.idempotency_records} idempotency records, {result.prices} prices"
     )
     return result
+
+
+async def _rebuild_usage(
+    redis: Any, keys: KeySpace, ledger: SqlLedger, account_id: str, acct: dict[str, Any]
+) -> None:
+    """The current period's usage counters, recomputed from the ledger's entries."""
+    period_start, period_end = int(acct["period_start"]), int(acct["period_end"])
+    entries = await asyncio.to_thread(ledger.usage_entries, period_start, account_id)
+    key = keys.usage(account_id, period_start)
+    await redis.delete(key)
+    for usage in from_entries(entries):
+        if usage.bucket_ms < period_start:
+            continue  # a refund of an earlier period's charge counts there
+        pairs = sorted(usage.labels.items())
+        suffix = (
+            f"{usage.bucket_ms}|{usage.operation}|"
+            f"{json.dumps([list(p) for p in pairs], separators=(',', ':')) if pairs else ''}"
+        )
+        await redis.hincrby(key, f"u|{suffix}", usage.units)
+        if usage.quantity:
+            await redis.hincrby(key, f"q|{suffix}", usage.quantity)
+        if usage.count:
+            await redis.hincrby(key, f"c|{suffix}", usage.count)
+    if await redis.exists(key):
+        await redis.pexpireat(key, period_end + USAGE_RETENTION_MS)
 
 
 async def _restore_reservation(

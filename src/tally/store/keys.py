@@ -12,6 +12,7 @@ it lives in one Redis Cluster hash slot:
     tally:{s07}:events                the shard's event stream
     tally:{s07}:prices                the shard's copy of the price catalog
     tally:{s07}:price_history         every price version, for quoted reserves
+    tally:{s07}:usage:<account>:<ms>  usage counters of the billing period starting at <ms>
     tally:{s00}:catalog               catalog version counter (shard 0 is authoritative)
     tally:meta                        deployment facts (shard count); never used by scripts
 
@@ -61,6 +62,10 @@ class KeySpace:
 
     def idempotency(self, account_id: str, key: str) -> str:
         return f"{self.prefix(self.shard_of(account_id))}idem:{account_id}:{key}"
+
+    def usage(self, account_id: str, period_start_ms: int) -> str:
+        """The account's usage counters of one billing period (kept by the scripts)."""
+        return f"{self.prefix(self.shard_of(account_id))}usage:{account_id}:{period_start_ms}"
 
     def reservation(self, reservation_id: str) -> str:
         ref = self.parse_reservation_id(reservation_id)

@@ -81,10 +81,8 @@ class QuotaStore:
 
     async def usage_counters(self, account_id: str, period_start_ms: int) -> dict[str, int]:
         """The current period's usage counters of an account (field -> value)."""
-        shard = self.keys.shard_of(account_id)
-        key = f"{self.keys.prefix(shard)}usage:{account_id}:{period_start_ms}"
         with store_errors():
-            raw = await self.redis.hgetall(key)
+            raw = await self.redis.hgetall(self.keys.usage(account_id, period_start_ms))
         return {k.decode(): int(v) for k, v in raw.items()}
 
     async def balance(self, account_id: str, timeout_s: float | None) -> dict[str, Any]:

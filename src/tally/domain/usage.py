@@ -1,0 +1,62 @@
+"""Net usage records, the one definition reports and recovery share.
+
+A charge (commit, late commit, charge) adds its units, quantity and a count of
+one in the hour it was charged; a refund takes its units back in the hour of
+the charge it refunds (the scripts' usage counters follow the same rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+HOUR_MS = 3_600_000
+CHARGE_TYPES = frozenset({"commit", "late_commit", "charge"})
+
+
+class Entry(Protocol):
+    """The fields of a ledger entry that usage needs."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def account_id(self) -> str: ...
+    @property
+    def operation(self) -> str: ...
+    @property
+    def labels(self) -> dict[str, str]: ...
+    @property
+    def units(self) -> int: ...
+    @property
+    def quantity(self) -> int: ...
+    @property
+    def occurred_at_ms(self) -> int: ...
+    @property
+    def detail(self) -> dict[str, str]: ...
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Net usage of one (hour, account, operation, label set)."""
+
+    bucket_ms: int
+    account_id: str
+    operation: str
+    labels: dict[str, str]
+    units: int
+    quantity: int
+    count: int
+
+
+def from_entries(entries: Iterable[Entry]) -> list[Usage]:
+    usages = []
+    for entry in entries:
+        if entry.type in CHARGE_TYPES:
+            usages.append(Usage(entry.occurred_at_ms // HOUR_MS * HOUR_MS, entry.account_id,
+                                entry.operation, entry.labels, entry.units, entry.quantity, 1))
+        elif entry.type == "refund":
+            charged_at = int(entry.detail.get("charged_at") or entry.occurred_at_ms)
+            usages.append(Usage(charged_at // HOUR_MS * HOUR_MS, entry.account_id,
+                                entry.operation, entry.labels, -entry.units, 0, 0))
+    return usages
