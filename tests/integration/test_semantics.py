@@ -386,3 +386,42 @@ async def test_update_merges_labels_unless_told_to_replace(running: Running) -> 
         )
     )
     assert dict(replaced.labels) == {"tier": "max"}
+
+
+async def test_commit_of_a_charged_reservation_replays_the_charge(running: Running) -> None:
+    """Proves Commit on a reservation made by Charge answers as a replay of that
+    charge (same quantity) and refuses another quantity, moving nothing."""
+    account_id = await create(running, allotment=100)
+    charged = await charge(running, account_id, 3, "c1")
+    replay = await running.quota.Commit(
+        quota_pb2.CommitRequest(reservation_id=charged.reservation_id)
+    )
+    assert replay.replayed and (replay.units_charged, replay.units_released) == (30, 0)
+    assert replay.operation == "image.upscale"
+    with pytest.raises(grpc.aio.AioRpcError) as other:
+        await running.quota.Commit(
+            quota_pb2.CommitRequest(reservation_id=charged.reservation_id, quantity=2)
+        )
+    assert other.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (await balance(running, account_id)).available == 70
+
+
+async def test_refunding_what_is_already_refunded_moves_nothing(running: Running) -> None:
+    """Proves a refund of everything refundable when nothing is left answers 0 and
+    changes nothing, and that its key replays."""
+    account_id = await create(running, allotment=100)
+    charged = await charge(running, account_id, 1, "c1")
+    await running.quota.Refund(
+        quota_pb2.RefundRequest(reservation_id=charged.reservation_id, idempotency_key="f1")
+    )
+    before = await balance(running, account_id)
+    nothing = await running.quota.Refund(
+        quota_pb2.RefundRequest(reservation_id=charged.reservation_id, idempotency_key="f2")
+    )
+    assert (nothing.units_refunded, nothing.units_refundable, nothing.replayed) == (0, 0, False)
+    again = await running.quota.Refund(
+        quota_pb2.RefundRequest(reservation_id=charged.reservation_id, idempotency_key="f2")
+    )
+    assert again.replayed and again.units_refunded == 0
+    after = await balance(running, account_id)
+    assert after.SerializeToString() == before.SerializeToString()

@@ -18,7 +18,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -29,6 +29,8 @@ log = logging.getLogger("tally.api")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 UnitsRecorder = Callable[[Any, Any], None]
+# grpc.RpcMethodHandler is generic in the stubs only.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 _QUOTA = quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name
 _CODES_BY_VALUE: dict[int, str] = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -119,33 +121,46 @@ def _record_units(recorder: UnitsRecorder | None, request: Any, response: Any) -
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every call with a unary request; counts units moved."""
+    """Counts and times every call with a unary request; counts units moved.
+
+    grpc.aio asks the interceptor on every call: the wrapped handler of each method
+    is built once and reused while the service returns the same handler."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming:
             return handler
         full_method = handler_call_details.method
-        method = method_label(full_method)
-        if not handler.response_streaming and handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary_unary(method, handler.unary_unary, UNITS_RECORDERS.get(full_method)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.response_streaming and handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _unary_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        cached = self._wrapped.get(full_method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap(full_method, handler)
+        self._wrapped[full_method] = (handler, wrapped)
+        return wrapped
+
+
+def _wrap(full_method: str, handler: Handler) -> Handler:
+    method = method_label(full_method)
+    if not handler.response_streaming and handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _unary_unary(method, handler.unary_unary, UNITS_RECORDERS.get(full_method)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.response_streaming and handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _unary_stream(method, handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
 
 
 def _unary_unary(

@@ -36,7 +36,9 @@ return run(function()
     labels = hold.labels, idempotency_key = spend.idem_key, price_version = version})
   local answer = {reservation_id = hold.id, units = units, balance = balance_view(ctx),
     replayed = false, price_version = version, overage_units = short}
-  hold.commit_answer = answer
+  -- a Commit of a charged reservation (quantity unset or the same) replays this
+  hold.commit_answer = {units_charged = units, units_released = 0, balance = answer.balance,
+    replayed = false, late = false, overage_units = short, operation = hold.operation}
   remember(ctx, KEYS[5], req.fingerprint, answer, spend.window_ms)
   commit_ctx(ctx)
   return answer

@@ -505,6 +505,13 @@ local function commit_ctx(ctx)
   local acct = ctx.acct
   check_alerts(ctx)
   assert_books(acct)
+  if #ctx.events == 0 then
+    -- Nothing moved (e.g. refunding what is already refunded): every change of
+    -- the account or a hold emits an event, so only the answer is kept.
+    if next(ctx.dirty) ~= nil or #ctx.usage > 0 then error('a change without an event', 0) end
+    if ctx.idem then save_blob(ctx.idem.key, ctx.idem.record, ctx.idem.window_ms) end
+    return {}
+  end
   save_blob(ctx.acct_key, acct)
   local hold_images = {}
   for rid in pairs(ctx.dirty) do
@@ -521,7 +528,6 @@ local function commit_ctx(ctx)
     end
   end
   local last = ctx.events[#ctx.events]
-  if last == nil then error('a writing script emitted no event', 0) end
   last[#last + 1] = '_acct'
   last[#last + 1] = cmsgpack.pack(acct)
   if next(hold_images) ~= nil then
