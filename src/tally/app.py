@@ -21,6 +21,7 @@ from grpc_health.v1 import health
 from tally import metrics
 from tally.api.server import build_server, set_serving
 from tally.api.validation import HoldTtlLimits
+from tally.api.watch import UsageWatch
 from tally.clock import Clock, SystemClock
 from tally.config import Settings
 from tally.ledger import recovery
@@ -77,6 +78,7 @@ def build_flusher(settings: Settings, store: QuotaStore, ledger: SqlLedger) -> F
             batch=settings.flush_batch,
             claim_idle_ms=round(settings.flush_claim_idle * 1000),
             snapshot_interval_s=settings.snapshot_interval,
+            stream_retention_ms=round(settings.stream_retention * 1000),
         ),
     )
 
@@ -124,6 +126,7 @@ class Authority:
     port: int
     health: health.aio.HealthServicer
     reaper: Reaper
+    watch: UsageWatch
     embedded: EmbeddedRedis | None = None
     metrics_server: Any = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -138,6 +141,8 @@ class Authority:
         grace = self.settings.shutdown_grace if grace_s is None else grace_s
         log.info("shutting down", extra={"grace_s": grace})
         await set_serving(self.health, False)
+        # open watches end at once (clients resume elsewhere) rather than hold the grace
+        self.watch.stop()
         self.reaper.stop()
         self.flusher.stop()
         await self.server.stop(grace)
@@ -183,8 +188,9 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         await flusher.ensure_groups()
         await store.sync_catalog(load_defaults=settings.default_catalog)
         await flusher.flush_shard(0, steal=True)  # the default catalog is money-in too
+        watch = UsageWatch(store.redis, store.keys, ledger, max_watchers=settings.max_watchers)
         server, port, health_servicer = build_server(
-            store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger
+            store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch
         )
         await server.start()
     except BaseException:
@@ -198,7 +204,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     await set_serving(health_servicer, True)
     reaper = Reaper(store, settings.reaper_interval, settings.reaper_batch)
     authority = Authority(
-        settings, store, ledger, flusher, server, port, health_servicer, reaper, embedded
+        settings, store, ledger, flusher, server, port, health_servicer, reaper, watch, embedded
     )
     if settings.metrics_listen:
         authority.metrics_server = metrics.serve(settings.metrics_listen)

@@ -69,6 +69,9 @@ SETTINGS: tuple[Setting, ...] = (
             parse_duration_s, 30.0),
     Setting("snapshot_interval", "how often balance snapshots are written", parse_duration_s,
             300.0),
+    Setting("stream_retention", "flushed events stay in the Redis streams this long, so "
+            "all-accounts watches can resume", parse_duration_s, 30.0),
+    Setting("max_watchers", "concurrent WatchUsage streams per server", int, 256),
     Setting("recover_on_start", "rebuild Redis from the ledger at start when it is empty or "
             "behind (otherwise refuse to serve)", parse_bool, False),
     Setting("redis_timeout", "Redis socket timeout when the caller sets no deadline",
@@ -105,6 +108,8 @@ class Settings:
     flush_batch: int
     flush_claim_idle: float
     snapshot_interval: float
+    stream_retention: float
+    max_watchers: int
     recover_on_start: bool
     redis_timeout: float
     redis_max_connections: int
@@ -143,8 +148,13 @@ class Settings:
             raise ValueError("redis_appendfsync must be always, everysec or no")
         if self.log_format not in {"json", "text"}:
             raise ValueError("log_format must be json or text")
-        if min(self.reaper_batch, self.redis_max_connections, self.flush_batch) < 1:
-            raise ValueError("reaper_batch, flush_batch and redis_max_connections must be positive")
+        if min(self.reaper_batch, self.redis_max_connections, self.flush_batch,
+               self.max_watchers) < 1:
+            raise ValueError(
+                "reaper_batch, flush_batch, redis_max_connections and max_watchers must be positive"
+            )
+        if self.stream_retention < 0:
+            raise ValueError("stream_retention must not be negative")
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"listen must be host:port, got {self.listen!r}")

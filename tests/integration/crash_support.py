@@ -53,7 +53,8 @@ async def run_tally_async(env: dict[str, str], *args: str) -> tuple[int, str, st
 def tally_env(redis_url: str, ledger_url: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env.update({"TALLY_REDIS_URL": redis_url, "TALLY_LEDGER_URL": ledger_url,
-                "TALLY_LOG_LEVEL": "WARNING", "TALLY_METRICS_LISTEN": ""})
+                "TALLY_LOG_LEVEL": "WARNING", "TALLY_METRICS_LISTEN": "",
+                "TALLY_STREAM_RETENTION": "0s"})
     env.update({f"TALLY_{k.upper()}": v for k, v in extra.items()})
     return env
 

@@ -19,7 +19,8 @@ from tally.ledger.flusher import GROUP
 from tally.v1 import account_pb2, catalog_pb2, quota_pb2
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 
-SLOW_FLUSH = {"flush_interval": "1h", "snapshot_interval": "1h"}
+# Trimming is checked exactly here, so flushed entries are not retained for watches.
+SLOW_FLUSH = {"flush_interval": "1h", "snapshot_interval": "1h", "stream_retention": "0s"}
 
 
 @pytest_asyncio.fixture
@@ -280,3 +281,23 @@ async def test_open_ledger_rejects_unknown_schemes() -> None:
     with pytest.raises(ValueError, match="sqlite"):
         open_ledger("mysql://x")
     assert app.is_loopback("127.0.0.1:1")
+
+
+async def test_flushed_entries_are_kept_for_the_stream_retention(
+    own_redis: RedisProcess, ledger_url: str
+) -> None:
+    """Proves flushed entries younger than --stream-retention stay in the stream (for
+    watches to resume from) while the ledger has them all."""
+    running = await start_running(own_redis.url, ledger_url=ledger_url, flush_interval="1h",
+                                  stream_retention="1h")
+    try:
+        account_id = unique()
+        await traffic(running, account_id)
+        store = running.authority.store
+        stream = store.keys.events(store.keys.shard_of(account_id))
+        await running.authority.flusher.flush_all()
+        assert await store.redis.xlen(stream) >= 6
+        entries = await asyncio.to_thread(running.authority.ledger.entries, account_id)
+        assert len(entries) == 6
+    finally:
+        await stop_running(running)

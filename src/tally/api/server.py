@@ -40,6 +40,7 @@ def build_server(
     listen: str,
     barrier: MoneyInBarrier,
     ledger: SqlLedger,
+    watch: UsageWatch,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Returns the server (not started), the bound port and its health servicer."""
     server = grpc.aio.server(
@@ -58,7 +59,7 @@ def build_server(
         CatalogServicer(store, barrier), server
     )
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
-        UsageServicer(store, ledger, UsageWatch(store.redis, store.keys, ledger)), server
+        UsageServicer(store, ledger, watch), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

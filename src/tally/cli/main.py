@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from tally import __version__
-from tally.cli import admin, health, ops, serve
+from tally.cli import admin, health, ops, serve, watch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin.register(subparsers)
     health.register(subparsers)
     ops.register(subparsers)
+    watch.register(subparsers)
     return parser
 
 

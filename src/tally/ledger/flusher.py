@@ -40,6 +40,7 @@ class FlusherSettings:
     batch: int = 500
     claim_idle_ms: int = 30_000
     snapshot_interval_s: float = 300.0
+    stream_retention_ms: int = 0  # flushed events kept this long (watches resume from them)
 
 
 @dataclass(frozen=True)
@@ -128,18 +129,22 @@ class Flusher:
         return [entry for _, messages in reply for entry in messages]
 
     async def _trim(self, shard: int) -> None:
-        """Removes entries before the oldest one not yet acknowledged."""
+        """Removes entries before the oldest one not yet acknowledged, keeping
+        flushed ones younger than the stream retention."""
         stream = self.keys.events(shard)
         summary = await self.redis.xpending(stream, GROUP)
         if summary["pending"]:
-            floor = summary["min"]
+            floor = _text(summary["min"])
         else:
             groups = await self.redis.xinfo_groups(stream)
             ours = [g for g in groups if _text(g["name"]) == GROUP]
             if not ours:
                 return
-            floor = ours[0]["last-delivered-id"]
-        await self.redis.xtrim(stream, minid=_text(floor), approximate=False)
+            floor = _text(ours[0]["last-delivered-id"])
+        if self.settings.stream_retention_ms:
+            kept_from = f"{await self._redis_now_ms() - self.settings.stream_retention_ms}-0"
+            floor = min(floor, kept_from, key=_id_key)
+        await self.redis.xtrim(stream, minid=floor, approximate=False)
 
     async def flush_all(self, *, steal: bool = False) -> int:
         total = 0
