@@ -42,11 +42,12 @@ class Grouping:
         bucket = usage.bucket_ms if self.hour else (
             usage.bucket_ms // DAY_MS * DAY_MS if self.day else 0
         )
+        # rows come out in this order: by account, then in time, then by name
         return (
             usage.account_id if self.by_account else "",
+            bucket,
             usage.operation if self.operation else "",
             tuple(usage.labels.get(k, "") for k in self.label_keys),
-            bucket,
         )
 
 
@@ -119,7 +120,7 @@ def rows(usages: Iterable[Usage], grouping: Grouping) -> list[usage_pb2.UsageRow
         sums[1] += usage.quantity
         sums[2] += usage.count
     result = []
-    for (account_id, operation, label_values, bucket), (units, quantity, count) in sorted(
+    for (account_id, bucket, operation, label_values), (units, quantity, count) in sorted(
         totals.items()
     ):
         row = usage_pb2.UsageRow(
