@@ -70,3 +70,19 @@ async def test_report_budgets_and_alerts_from_the_command_line(running: Running)
     assert code == 0 and "label:project=atlas" in out and "70" in out, err
     code, _, err = await tally(running, "budgets", "set", account_id, "nonsense", "1")
     assert code == 2 and "SCOPE" in err
+
+
+async def test_report_period_follows_the_accounts_anchor_day(running: Running) -> None:
+    """Proves `tally report --period 2026-11` covers the billing period that starts in
+    November on the account's anchor day (the 25th here), to the unit."""
+    account_id = unique()
+    code, _, err = await tally(running, "accounts", "create", account_id, "--allotment", "100")
+    assert code == 0, err
+    await running.quota.Charge(quota_pb2.ChargeRequest(
+        account_id=account_id, operation="image.upscale", quantity=2, idempotency_key="a"))
+    code, out, err = await tally(running, "report", account_id, "--period", "2026-11",
+                                 "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["start"] == "2026-11-25T00:00:00Z" and report["end"] == "2026-12-25T00:00:00Z"
+    assert report["total_units"] == 20

@@ -9,6 +9,7 @@ plain-text table; with it, one JSON object on stdout. A refused call prints
 from __future__ import annotations
 
 import argparse
+import calendar
 import csv
 import os
 import sys
@@ -477,17 +478,23 @@ def _budgets_delete(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
-def _period_bounds(text: str) -> tuple[Timestamp, Timestamp]:
-    """`2026-11` -> the calendar month in UTC."""
+def _anchored(year: int, month: int, anchor_day: int) -> datetime:
+    day = min(anchor_day, calendar.monthrange(year, month)[1])
+    return datetime(year, month, day, tzinfo=UTC)
+
+
+def _period_bounds(text: str, anchor_day: int) -> tuple[Timestamp, Timestamp]:
+    """`2026-11` -> the billing period that starts in that month (on the account's
+    anchor day; the calendar month for day 1 or an all-accounts report)."""
     try:
-        start = datetime.strptime(text, "%Y-%m").replace(tzinfo=UTC)
+        month = datetime.strptime(text, "%Y-%m")
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid month {text!r} (e.g. 2026-11)") from None
-    end = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(
-        month=start.month + 1)
+    next_year, next_month = (month.year + 1, 1) if month.month == 12 else (
+        month.year, month.month + 1)
     first, last = Timestamp(), Timestamp()
-    first.FromDatetime(start)
-    last.FromDatetime(end)
+    first.FromDatetime(_anchored(month.year, month.month, anchor_day))
+    last.FromDatetime(_anchored(next_year, next_month, anchor_day))
     return first, last
 
 
@@ -498,7 +505,13 @@ def _report(args: argparse.Namespace, api: Api) -> int:
                   else "LABEL:" + g.strip()[6:] for g in args.by.split(",") if g.strip()],
     )
     if args.period:
-        start, end = _period_bounds(args.period)
+        anchor_day = 1
+        if args.account_id:
+            account = api.accounts.GetAccount(
+                account_pb2.GetAccountRequest(account_id=args.account_id), timeout=api.timeout_s
+            )
+            anchor_day = account.billing_anchor_day
+        start, end = _period_bounds(args.period, anchor_day)
         request.start.CopyFrom(start)
         request.end.CopyFrom(end)
     if args.start is not None:
@@ -759,7 +772,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     report.add_argument("account_id", metavar="ACCOUNT_ID", nargs="?", default="",
                         help="omit for every account (from the ledger; needs --from)")
     report.add_argument("--period", default=None, metavar="YYYY-MM",
-                        help="a calendar month in UTC")
+                        help="the account's billing period that starts in that month")
     report.add_argument("--from", dest="start", type=_timestamp, default=None, metavar="ISO8601")
     report.add_argument("--to", dest="end", type=_timestamp, default=None, metavar="ISO8601")
     report.add_argument("--by", default="operation", metavar="KEYS",
