@@ -425,3 +425,26 @@ async def test_refunding_what_is_already_refunded_moves_nothing(running: Running
     assert again.replayed and again.units_refunded == 0
     after = await balance(running, account_id)
     assert after.SerializeToString() == before.SerializeToString()
+
+
+async def test_create_again_with_other_labels_anchor_or_alerts_is_already_exists(
+    running: Running,
+) -> None:
+    """Proves CreateAccount replays only the very same account: other labels, another
+    anchor day or other alerts are ALREADY_EXISTS."""
+    account_id = await create(running, allotment=100, labels={"team": "a"},
+                              billing_anchor_day=5)
+    same = await running.accounts.CreateAccount(account_pb2.CreateAccountRequest(
+        account_id=account_id, monthly_allotment=100, labels={"team": "a"},
+        billing_anchor_day=5))
+    assert same.replayed
+    for other in [
+        {"labels": {"team": "b"}, "billing_anchor_day": 5},
+        {"labels": {"team": "a"}, "billing_anchor_day": 20},
+        {"labels": {"team": "a"}, "billing_anchor_day": 5,
+         "alerts": common_pb2.AlertSettings(allotment_used_percent=[50])},
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as exists:
+            await running.accounts.CreateAccount(account_pb2.CreateAccountRequest(
+                account_id=account_id, monthly_allotment=100, **other))  # type: ignore[arg-type]
+        assert exists.value.code() == grpc.StatusCode.ALREADY_EXISTS

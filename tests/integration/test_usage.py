@@ -304,3 +304,18 @@ async def test_recovery_rebuilds_the_current_periods_usage_counters(
         assert after == before
     finally:
         await stop_running(running)
+
+
+async def test_a_budget_gives_back_refunds_of_charges_made_before_it(live: Running) -> None:
+    """Proves a budget created after a charge counts it, and a refund of that charge
+    frees the budget again."""
+    account_id = await create(live, 100_000)
+    charged = await charge(live, account_id, "image.upscale", 10, "before")  # 100
+    await live.accounts.SetBudget(account_pb2.SetBudgetRequest(
+        account_id=account_id, budget=common_pb2.Budget(operation="image.upscale",
+                                                        limit_units=150)))
+    await live.quota.Refund(quota_pb2.RefundRequest(reservation_id=charged.reservation_id,
+                                                    idempotency_key="f"))
+    listed = await live.accounts.ListBudgets(account_pb2.ListBudgetsRequest(account_id=account_id))
+    assert listed.budgets[0].used_units == 0
+    await charge(live, account_id, "image.upscale", 15, "fits")  # 150: exactly the limit

@@ -21,7 +21,7 @@ return run(function()
   check_budgets(ctx, spend.operation, spend.labels, units)
   local moves, short = allocate(ctx, spend.operation, units)
   local hold = new_hold(ctx, spend, unit_price, version, units)
-  hold.budgets = apply_budgets(ctx, spend.operation, spend.labels, units)
+  charge_budgets(ctx, spend.operation, spend.labels, units)
   hold.state, hold.closed_at, hold.charged_at = 'COMMITTED', ctx.now, ctx.now
   count_usage(ctx, acct.period_start, ctx.now, spend.operation, spend.labels, units,
     spend.quantity, 1)

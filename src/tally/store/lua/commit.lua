@@ -52,11 +52,11 @@ return run(function()
   local late = hold.state == 'EXPIRED'
   if late then
     moves, overage = take(acct, units)
-    hold.budgets = apply_budgets(ctx, hold.operation, hold.labels, units)
-    hold.budget_period = acct.period_start
+    charge_budgets(ctx, hold.operation, hold.labels, units)
   else
     moves, overage, lost = charge_hold(ctx, hold, units)
-    release_budgets(ctx, hold, hold.units - units)
+    release_budgets(ctx, hold, hold.units)
+    charge_budgets(ctx, hold.operation, hold.labels, units)
   end
   acct.overage_used = acct.overage_used + overage
   acct.total_charged = acct.total_charged + units

@@ -10,6 +10,18 @@
 
 local SETTINGS = {'allotment', 'policy', 'overage_limit', 'ap_units', 'ap_threshold'}
 
+local function same_map(a, b)
+  for k, v in pairs(a) do if b[k] ~= v then return false end end
+  for k, v in pairs(b) do if a[k] ~= v then return false end end
+  return true
+end
+
+local function same_alerts(a, b)
+  if a.below ~= b.below or a.overage ~= b.overage or #a.percent ~= #b.percent then return false end
+  for i, p in ipairs(a.percent) do if b.percent[i] ~= p then return false end end
+  return true
+end
+
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
@@ -24,11 +36,15 @@ return run(function()
   local alerts = check_alert_settings(req.alerts or {})
   local existing = load_blob(ctx.acct_key)
   if existing then
+    upgrade(existing)
     ctx.acct = existing
+    local same = same_map(existing.labels, req.labels) and same_alerts(existing.alerts, alerts)
+      and (req.anchor_day == 0 or req.anchor_day == existing.anchor_day)
     for _, name in ipairs(SETTINGS) do
-      if existing[name] ~= req[name] then
-        raise('ALREADY_EXISTS', 'account_id', 'account ' .. account_id .. ' exists with other settings')
-      end
+      if existing[name] ~= req[name] then same = false end
+    end
+    if not same then
+      raise('ALREADY_EXISTS', 'account_id', 'account ' .. account_id .. ' exists with other settings')
     end
     touch(ctx)
     return {account = account_view(existing), balance = balance_view(ctx), replayed = true}

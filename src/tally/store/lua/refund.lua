@@ -24,7 +24,9 @@ local function refund_charge(ctx, hold, units, reason)
     end
   end
   local back, lost = refund_moves(ctx, hold.charge_moves, units - from_overage)
-  release_budgets(ctx, hold, units)
+  if hold.charge_period == acct.period_start then
+    charge_budgets(ctx, hold.operation, hold.labels, -units)
+  end
   count_usage(ctx, hold.charge_period, hold.charged_at, hold.operation, hold.labels, -units, 0, 0)
   hold.refunded = hold.refunded + units
   acct.total_refunded = acct.total_refunded + units

@@ -97,7 +97,19 @@ local function apply_budgets(ctx, operation, labels, units)
   return applied
 end
 
--- Gives units back to the budgets a hold counted against, if still the same period.
+-- A budget's `used` is what was charged in its scope this period, net of
+-- refunds, plus what open holds made while it existed set aside. Charges and
+-- refunds count against every budget in scope; holds against the budgets they
+-- were checked against (hold.budgets).
+local function charge_budgets(ctx, operation, labels, units)
+  for _, budget in pairs(ctx.acct.budgets) do
+    if budget_applies(budget, operation, labels) then
+      budget.used = math.max(0, budget.used + units)
+    end
+  end
+end
+
+-- Gives a hold's units back to the budgets it counted against, if still the same period.
 local function release_budgets(ctx, hold, units)
   if hold.budget_period ~= ctx.acct.period_start or units <= 0 then return end
   for _, id in ipairs(hold.budgets or {}) do
