@@ -187,7 +187,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         flusher = build_flusher(settings, store, ledger)
         await flusher.ensure_groups()
         await store.sync_catalog(load_defaults=settings.default_catalog)
-        await flusher.flush_shard(0, steal=True)  # the default catalog is money-in too
+        await flusher.flush_through(0)  # the default catalog is money-in too
         watch = UsageWatch(store.redis, store.keys, ledger, max_watchers=settings.max_watchers)
         server, port, health_servicer = build_server(
             store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch

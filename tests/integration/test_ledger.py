@@ -301,3 +301,29 @@ async def test_flushed_entries_are_kept_for_the_stream_retention(
         assert len(entries) == 6
     finally:
         await stop_running(running)
+
+
+async def test_money_in_is_durable_behind_a_backlog_longer_than_one_pass(
+    own_redis: RedisProcess, ledger_url: str
+) -> None:
+    """Proves a purchase behind a backlog of more entries than one flush pass takes
+    is still in the ledger when it is acknowledged."""
+    running = await start_running(own_redis.url, ledger_url=ledger_url, flush_batch="1",
+                                  **SLOW_FLUSH)
+    try:
+        account_id = unique()
+        await running.accounts.CreateAccount(
+            account_pb2.CreateAccountRequest(account_id=account_id, monthly_allotment=100_000)
+        )
+        for i in range(30):
+            await running.quota.Charge(quota_pb2.ChargeRequest(
+                account_id=account_id, operation="image.upscale", quantity=1,
+                idempotency_key=f"c{i}"))
+        await running.accounts.PurchaseUnits(account_pb2.PurchaseUnitsRequest(
+            account_id=account_id, units=777, idempotency_key="p"))
+        rows = await asyncio.to_thread(
+            running.authority.ledger.entries, account_id, types=["purchase"]
+        )
+        assert [r.units for r in rows] == [777]
+    finally:
+        await stop_running(running)

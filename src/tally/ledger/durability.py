@@ -23,7 +23,7 @@ class MoneyInBarrier:
 
     async def settle_shard(self, shard: int) -> None:
         try:
-            await self.flusher.flush_shard(shard, steal=True)
+            await self.flusher.flush_through(shard)
         except (RedisError, OSError) as exc:
             raise Unavailable(
                 f"the change is recorded but not yet durable in the ledger ({exc}); "

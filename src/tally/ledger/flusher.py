@@ -30,6 +30,7 @@ log = logging.getLogger("tally.flusher")
 
 GROUP = "ledger"
 BATCHES_PER_PASS_MAX = 20
+THROUGH_PASSES_MAX = 1000
 LAG_INTERVAL_S = 5.0
 LAG_COUNT_MAX = 10_000  # "waiting" is a lower bound beyond this
 
@@ -145,6 +146,29 @@ class Flusher:
             kept_from = f"{await self._redis_now_ms() - self.settings.stream_retention_ms}-0"
             floor = min(floor, kept_from, key=_id_key)
         await self.redis.xtrim(stream, minid=floor, approximate=False)
+
+    async def flush_through(self, shard: int) -> None:
+        """Returns once every entry the shard's stream holds now is in the ledger
+        (the money-in barrier). Raises Unavailable if that takes more than
+        THROUGH_PASSES_MAX passes (a backlog the ledger cannot keep up with)."""
+        stream = self.keys.events(shard)
+        info = await self.redis.xinfo_stream(stream)
+        target = _text(info["last-generated-id"])
+        for _ in range(THROUGH_PASSES_MAX):
+            await self.flush_shard(shard, steal=True)
+            if await self._flushed_through(stream, target):
+                return
+        raise Unavailable(
+            f"shard {shard}'s backlog did not reach the ledger in {THROUGH_PASSES_MAX} passes"
+        )
+
+    async def _flushed_through(self, stream: str, target: str) -> bool:
+        groups = await self.redis.xinfo_groups(stream)
+        ours = [g for g in groups if _text(g["name"]) == GROUP]
+        if not ours or _id_key(_text(ours[0]["last-delivered-id"])) < _id_key(target):
+            return False
+        pending = await self.redis.xpending_range(stream, GROUP, min="-", max=target, count=1)
+        return not pending
 
     async def flush_all(self, *, steal: bool = False) -> int:
         total = 0
