@@ -18,13 +18,14 @@ from typing import Any
 import msgpack
 
 from tally.domain.usage import from_entries
-from tally.ledger.backend import SqlLedger
+from tally.ledger.backend import SqlLedger, StateRow
 from tally.ledger.flusher import Flusher
 from tally.store.keys import META_KEY, KeySpace
 
 Progress = Callable[[str], None]
 USAGE_RETENTION_MS = 62 * 86_400_000  # as lib/account.lua keeps them
 PIPELINE_BATCH = 500
+VERIFY_ROUNDS_MAX = 5
 
 
 @dataclass
@@ -168,29 +169,55 @@ async def _restore_catalog(redis: Any, keys: KeySpace, ledger: SqlLedger) -> int
 async def verify(
     redis: Any, keys: KeySpace, ledger: SqlLedger, flusher: Flusher, progress: Progress
 ) -> Report:
-    """Flushes everything, then compares every account in Redis and the ledger."""
-    written = await flusher.flush_all(steal=True)
-    progress(f"flushed {written} events")
-    report = Report()
-    states = {s.account_id: s for s in await asyncio.to_thread(ledger.account_states)}
-    redis_ids = await _redis_account_ids(redis, keys)
-    report.accounts = len(set(states) | set(redis_ids))
-    for account_id in sorted(set(redis_ids) - set(states)):
-        report.differences.append(Difference(account_id, "account", "present", "missing"))
-    for account_id in sorted(set(states) - set(redis_ids)):
-        report.differences.append(Difference(account_id, "account", "missing", "present"))
-    for account_id in sorted(set(states) & set(redis_ids)):
-        raw = await redis.get(keys.account_keys(account_id)[0])
-        if raw is None:
-            continue
-        in_redis, in_ledger = _unpack(raw), _unpack(states[account_id].state)
-        if in_redis != in_ledger:
-            report.differences.extend(_compare(account_id, in_redis, in_ledger))
+    """Flushes everything, then compares every account in Redis and the ledger.
+    An account that moved again while it was compared (live traffic, the reaper)
+    is flushed and compared again, up to VERIFY_ROUNDS_MAX times, before its
+    difference is reported."""
+    settled: dict[str, list[Difference]] = {}  # per account, its last comparison
+    suspects: set[str] | None = None  # None: every account
+    for _ in range(VERIFY_ROUNDS_MAX):
+        written = await flusher.flush_all(steal=True)
+        progress(f"flushed {written} events")
+        states = {s.account_id: s for s in await asyncio.to_thread(ledger.account_states)}
+        redis_ids = set(await _redis_account_ids(redis, keys))
+        moved: set[str] = set()
+        for account_id in sorted(set(states) | redis_ids):
+            if suspects is not None and account_id not in suspects:
+                continue
+            differences, ahead = await _compare_account(
+                redis, keys, account_id, states.get(account_id), account_id in redis_ids
+            )
+            settled[account_id] = differences
+            if ahead:
+                moved.add(account_id)
+        if not moved:
+            break
+        suspects = moved
+        progress(f"{len(moved)} accounts moved while compared; comparing them again")
+    report = Report(accounts=len(settled))
+    for account_id in sorted(settled):
+        report.differences.extend(settled[account_id])
     sums = await asyncio.to_thread(ledger.entry_sums)
     for account_id, state in states.items():
         audit = _audit(account_id, _unpack(state.state), sums.get(account_id, {}))
         report.differences.extend(audit)
     return report
+
+
+async def _compare_account(
+    redis: Any, keys: KeySpace, account_id: str, state: StateRow | None, in_redis_ids: bool
+) -> tuple[list[Difference], bool]:
+    """The account's differences, and whether Redis is ahead of the ledger (it moved)."""
+    raw = await redis.get(keys.account_keys(account_id)[0]) if in_redis_ids else None
+    if state is None:
+        return [Difference(account_id, "account", "present", "missing")], False
+    if raw is None:
+        return [Difference(account_id, "account", "missing", "present")], False
+    in_redis, in_ledger = _unpack(raw), _unpack(state.state)
+    if in_redis == in_ledger:
+        return [], False
+    ahead = in_redis.get("event_seq", 0) > in_ledger.get("event_seq", 0)
+    return _compare(account_id, in_redis, in_ledger), ahead
 
 
 async def _redis_account_ids(redis: Any, keys: KeySpace) -> list[str]:
