@@ -110,6 +110,7 @@ async def ensure_current(
     result = await recovery.recover(
         store.redis, store.keys, ledger, store.clock.now_ms(),
         lambda line: log.warning("recovery", extra={"progress": line}),
+        store.limits.reservation_retention_ms,
     )
     log.warning("recovered Redis from the ledger", extra={"accounts": result.accounts})
 

@@ -327,3 +327,85 @@ async def test_money_in_is_durable_behind_a_backlog_longer_than_one_pass(
         assert [r.units for r in rows] == [777]
     finally:
         await stop_running(running)
+
+
+async def test_a_read_by_another_flusher_during_a_trim_is_never_trimmed(
+    durable: Running,
+) -> None:
+    """Proves the trim cannot drop entries another flusher reads while the trim runs:
+    they stay until written, and a third flusher finishes them after the reader dies."""
+    from typing import Any
+
+    from tally.ledger.flusher import Flusher, FlusherSettings
+
+    account_id = unique()
+    await traffic(durable, account_id)
+    authority = durable.authority
+    shard = authority.store.keys.shard_of(account_id)
+    stream = authority.store.keys.events(shard)
+    settings = FlusherSettings(stream_retention_ms=0, claim_idle_ms=0)
+    reader = Flusher(authority.store.redis, authority.store.keys, authority.ledger, settings,
+                     consumer="reader-that-dies")
+    read: list[Any] = []
+
+    class ReadsDuringTrim:
+        """The trimming flusher's Redis: another flusher reads right before XPENDING."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(authority.store.redis, name)
+
+        async def xpending(self, *args: Any, **kwargs: Any) -> Any:
+            read.extend(await reader._read(stream, ">"))
+            return await authority.store.redis.xpending(*args, **kwargs)
+
+    trimmer = Flusher(ReadsDuringTrim(), authority.store.keys, authority.ledger, settings,
+                      consumer="trimmer")
+    await trimmer._trim(shard)
+    assert read, "the other flusher read nothing"
+    kept = {sid for sid, _ in await authority.store.redis.xrange(stream)}
+    assert {sid for sid, _ in read} <= kept
+    rescuer = Flusher(authority.store.redis, authority.store.keys, authority.ledger, settings,
+                      consumer="rescuer")
+    await rescuer.flush_shard(shard)
+    entries = await asyncio.to_thread(authority.ledger.entries, account_id)
+    assert [e.seq for e in entries] == list(range(1, 7))
+
+
+async def test_recover_keeps_closed_reservations_only_for_their_retention(
+    own_redis: RedisProcess, ledger_url: str
+) -> None:
+    """Proves recovery brings a closed reservation back for what is left of its
+    retention (refundable), and not one whose retention has passed."""
+    settings = {**SLOW_FLUSH, "reservation_retention": "10d"}
+    running = await start_running(own_redis.url, ledger_url=ledger_url, **settings)
+    account_id = unique()
+    try:
+        await running.accounts.CreateAccount(
+            account_pb2.CreateAccountRequest(account_id=account_id, monthly_allotment=1000)
+        )
+        old = await running.quota.Charge(quota_pb2.ChargeRequest(
+            account_id=account_id, operation="image.upscale", quantity=1, idempotency_key="old"))
+        running.clock.advance(9 * 86_400_000)
+        recent = await running.quota.Charge(quota_pb2.ChargeRequest(
+            account_id=account_id, operation="image.upscale", quantity=1,
+            idempotency_key="recent"))
+        now_ms = running.clock.now_ms()
+    finally:
+        await stop_running(running)
+    wipe = aioredis.Redis.from_url(own_redis.url)
+    await wipe.flushall()
+    await wipe.aclose()
+    running = await start_running(own_redis.url, now_ms=now_ms + 2 * 86_400_000,
+                                  ledger_url=ledger_url, recover_on_start="true", **settings)
+    try:
+        key = running.authority.store.keys.reservation(recent.reservation_id)
+        assert 0 < await running.authority.store.redis.pttl(key) <= 8 * 86_400_000
+        refunded = await running.quota.Refund(quota_pb2.RefundRequest(
+            reservation_id=recent.reservation_id, idempotency_key="f1"))
+        assert refunded.units_refunded == 10
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await running.quota.Refund(quota_pb2.RefundRequest(
+                reservation_id=old.reservation_id, idempotency_key="f2"))
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await stop_running(running)

@@ -179,7 +179,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_recover(args: argparse.Namespace) -> int:
     async def work(ops: Ops) -> int:
         result = await recovery.recover(
-            ops.store.redis, ops.store.keys, ops.ledger, ops.store.clock.now_ms(), say
+            ops.store.redis, ops.store.keys, ops.ledger, ops.store.clock.now_ms(), say,
+            ops.store.limits.reservation_retention_ms,
         )
         await ops.store.sync_catalog(load_defaults=False)
         if args.json:

@@ -133,15 +133,16 @@ class Flusher:
         """Removes entries before the oldest one not yet acknowledged, keeping
         flushed ones younger than the stream retention."""
         stream = self.keys.events(shard)
+        # The group's position first, the pending entries second: whatever another
+        # flusher reads in between comes after that position, so it stays.
+        groups = await self.redis.xinfo_groups(stream)
+        ours = [g for g in groups if _text(g["name"]) == GROUP]
+        if not ours:
+            return
+        floor = _text(ours[0]["last-delivered-id"])
         summary = await self.redis.xpending(stream, GROUP)
         if summary["pending"]:
-            floor = _text(summary["min"])
-        else:
-            groups = await self.redis.xinfo_groups(stream)
-            ours = [g for g in groups if _text(g["name"]) == GROUP]
-            if not ours:
-                return
-            floor = _text(ours[0]["last-delivered-id"])
+            floor = min(floor, _text(summary["min"]), key=_id_key)
         if self.settings.stream_retention_ms:
             kept_from = f"{await self._redis_now_ms() - self.settings.stream_retention_ms}-0"
             floor = min(floor, kept_from, key=_id_key)

@@ -78,8 +78,10 @@ async def stale_accounts(redis: Any, keys: KeySpace, ledger: SqlLedger) -> list[
 
 
 async def recover(
-    redis: Any, keys: KeySpace, ledger: SqlLedger, now_ms: int, progress: Progress
+    redis: Any, keys: KeySpace, ledger: SqlLedger, now_ms: int, progress: Progress,
+    retention_ms: int,
 ) -> RecoveryResult:
+    """retention_ms: how long closed reservations stay (--reservation-retention)."""
     result = RecoveryResult()
     states = await asyncio.to_thread(ledger.account_states)
     seqs = await redis_seqs(redis, keys, [s.account_id for s in states])
@@ -94,8 +96,10 @@ async def recover(
     for row in await asyncio.to_thread(ledger.reservation_states):
         if row.account_id not in stale:
             continue
-        await _restore_reservation(redis, keys, row.key, row.account_id, row.state)
-        result.reservations += 1
+        if await _restore_reservation(
+            redis, keys, row.key, row.account_id, row.state, now_ms, retention_ms
+        ):
+            result.reservations += 1
     for row in await asyncio.to_thread(ledger.idempotency_states, now_ms):
         if row.account_id not in stale:
             continue
@@ -136,14 +140,23 @@ async def _rebuild_usage(
 
 
 async def _restore_reservation(
-    redis: Any, keys: KeySpace, reservation_id: str, account_id: str, state: bytes
-) -> None:
+    redis: Any, keys: KeySpace, reservation_id: str, account_id: str, state: bytes,
+    now_ms: int, retention_ms: int,
+) -> bool:
+    """An open hold comes back with its expiry indexes; a closed one only for what is
+    left of its retention (as the scripts keep it). Returns whether it came back."""
     hold = _unpack(state)
     _, holds_key, expiries_key, _ = keys.account_keys(account_id)
-    await redis.set(keys.reservation(reservation_id), state)
     if hold["state"] == "HELD":
+        await redis.set(keys.reservation(reservation_id), state)
         await redis.zadd(holds_key, {reservation_id: int(hold["expires_at"])})
         await redis.zadd(expiries_key, {reservation_id: int(hold["expires_at"])})
+        return True
+    left_ms = int(hold.get("closed_at", 0)) + retention_ms - now_ms
+    if left_ms <= 0:
+        return False
+    await redis.set(keys.reservation(reservation_id), state, px=left_ms)
+    return True
 
 
 async def _restore_catalog(redis: Any, keys: KeySpace, ledger: SqlLedger) -> int:
