@@ -349,14 +349,24 @@ async def test_a_read_by_another_flusher_during_a_trim_is_never_trimmed(
     read: list[Any] = []
 
     class ReadsDuringTrim:
-        """The trimming flusher's Redis: another flusher reads right before XPENDING."""
+        """The trimming flusher's Redis: another flusher reads right after the trim's
+        first look at the group (its pending entries or its position, whichever the
+        trim asks first), i.e. between the two."""
 
         def __getattr__(self, name: str) -> Any:
             return getattr(authority.store.redis, name)
 
+        async def _then_read(self, name: str, *args: Any, **kwargs: Any) -> Any:
+            answer = await getattr(authority.store.redis, name)(*args, **kwargs)
+            if not read:
+                read.extend(await reader._read(stream, ">"))
+            return answer
+
         async def xpending(self, *args: Any, **kwargs: Any) -> Any:
-            read.extend(await reader._read(stream, ">"))
-            return await authority.store.redis.xpending(*args, **kwargs)
+            return await self._then_read("xpending", *args, **kwargs)
+
+        async def xinfo_groups(self, *args: Any, **kwargs: Any) -> Any:
+            return await self._then_read("xinfo_groups", *args, **kwargs)
 
     trimmer = Flusher(ReadsDuringTrim(), authority.store.keys, authority.ledger, settings,
                       consumer="trimmer")
