@@ -192,33 +192,47 @@ async def usage_report(
     reply = await store.balance(account_id, None)
     balance, account = reply["balance"], reply["account"]
     period_start = int(balance["period_start"])
-    start_ms = whole_hour(v.timestamp_ms(request.start, "start"), "start") if request.HasField(
-        "start") else period_start
-    end_ms = whole_hour(v.timestamp_ms(request.end, "end"), "end") if request.HasField(
-        "end") else next_hour
-    check_range(start_ms, end_ms)
+    start_ms, end_ms = report_range(request, period_start, next_hour)
     usages = await account_usage(store, ledger, account_id, period_start, start_ms, end_ms)
     created_hour = int(account["created_at"]) // HOUR_MS * HOUR_MS
     window = (max(next_hour - FORECAST_WINDOW_DAYS * DAY_MS, created_hour), next_hour)
     window_usage = await account_usage(store, ledger, account_id, period_start, *window)
-    report = usage_pb2.UsageReport(
-        rows=rows(usages, grouping),
-        total_units=sum(u.units for u in usages),
-        total_quantity=sum(u.quantity for u in usages),
-        total_count=sum(u.count for u in usages),
-        period=period_summary(balance),
-        forecast=forecast(balance, account["policy"], window, window_usage, now_ms),
-        start=convert.timestamp(start_ms),
-        end=convert.timestamp(end_ms),
-    )
+    report = grouped_report(usages, grouping, start_ms, end_ms)
+    report.period.CopyFrom(period_summary(balance))
+    report.forecast.CopyFrom(forecast(balance, account["policy"], window, window_usage, now_ms))
     return report
 
 
-def check_range(start_ms: int, end_ms: int) -> None:
+def report_range(
+    request: usage_pb2.GetUsageReportRequest, default_start_ms: int, default_end_ms: int
+) -> tuple[int, int]:
+    """The requested [start, end): whole hours, at most RANGE_MS_MAX long."""
+    start_ms = (
+        whole_hour(v.timestamp_ms(request.start, "start"), "start")
+        if request.HasField("start") else default_start_ms
+    )
+    end_ms = (
+        whole_hour(v.timestamp_ms(request.end, "end"), "end")
+        if request.HasField("end") else default_end_ms
+    )
     if end_ms <= start_ms:
         raise InvalidArgument("end must be after start", field_name="end")
     if end_ms - start_ms > RANGE_MS_MAX:
         raise InvalidArgument("a report covers at most 400 days", field_name="end")
+    return start_ms, end_ms
+
+
+def grouped_report(
+    usages: list[Usage], grouping: Grouping, start_ms: int, end_ms: int
+) -> usage_pb2.UsageReport:
+    return usage_pb2.UsageReport(
+        rows=rows(usages, grouping),
+        total_units=sum(u.units for u in usages),
+        total_quantity=sum(u.quantity for u in usages),
+        total_count=sum(u.count for u in usages),
+        start=convert.timestamp(start_ms),
+        end=convert.timestamp(end_ms),
+    )
 
 
 async def all_accounts_report(
@@ -228,17 +242,7 @@ async def all_accounts_report(
     """Every account, from the ledger (behind Redis by at most the flush interval)."""
     if not request.HasField("start"):
         raise InvalidArgument("start is required for an all-accounts report", field_name="start")
-    start_ms = whole_hour(v.timestamp_ms(request.start, "start"), "start")
-    end_ms = whole_hour(v.timestamp_ms(request.end, "end"), "end") if request.HasField(
-        "end") else next_hour
-    check_range(start_ms, end_ms)
+    start_ms, end_ms = report_range(request, 0, next_hour)
     entries = await asyncio.to_thread(ledger.usage_entries, start_ms)
-    usages = in_range(from_entries(entries), start_ms, end_ms)
-    return usage_pb2.UsageReport(
-        rows=rows(usages, grouping),
-        total_units=sum(u.units for u in usages),
-        total_quantity=sum(u.quantity for u in usages),
-        total_count=sum(u.count for u in usages),
-        start=convert.timestamp(start_ms),
-        end=convert.timestamp(end_ms),
-    )
+    return grouped_report(in_range(from_entries(entries), start_ms, end_ms), grouping,
+                          start_ms, end_ms)
