@@ -319,3 +319,17 @@ async def test_a_budget_gives_back_refunds_of_charges_made_before_it(live: Runni
     listed = await live.accounts.ListBudgets(account_pb2.ListBudgetsRequest(account_id=account_id))
     assert listed.budgets[0].used_units == 0
     await charge(live, account_id, "image.upscale", 15, "fits")  # 150: exactly the limit
+
+
+async def test_all_accounts_report_groups_by_account_from_the_ledger(live: Running) -> None:
+    """Proves the admins' report without an account id lists every account's flushed
+    usage, grouped by account."""
+    first, second = await create(live, 1000), await create(live, 1000)
+    await charge(live, first, "image.upscale", 2, "a")
+    await charge(live, second, "image.vectorize", 3, "b")
+    await live.authority.flusher.flush_all()
+    rep = await usage(live).GetUsageReport(usage_pb2.GetUsageReportRequest(
+        start=ts(ms(2026, 11, 25)), group_by=["OPERATION"]))
+    mine = sorted((r.account_id, r.operation, r.units) for r in rep.rows
+                  if r.account_id in (first, second))
+    assert mine == sorted([(first, "image.upscale", 20), (second, "image.vectorize", 15)])
