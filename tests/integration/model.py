@@ -2,7 +2,7 @@
 
 It knows nothing of Redis or gRPC: it holds each account's grants, holds and
 totals and says what every call must answer, straight from the design notes
-(/work/shared/design.md) and the semantics the scripts document:
+and the semantics the Lua scripts document:
 
 - grants are consumed earliest expiry first; among equal expiries
   ALLOTMENT before PROMOTIONAL before PURCHASE, then oldest first;
