@@ -10,7 +10,8 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,3 +202,21 @@ def ledger_matches(ledger_url: str, seen: Acknowledged, account_ids: list[str]) 
             assert (charged, refunded) == (seen.charged[account_id], seen.refunded[account_id])
     finally:
         ledger.close()
+
+
+@asynccontextmanager
+async def serving(
+    redis_url: str, folder: Path, **settings: str
+) -> AsyncIterator[tuple[Serve, dict[str, str], str]]:
+    """A started `tally serve` on a SQLite ledger in `folder`; killed on the way out.
+    Yields the server, its environment (for `tally` commands) and the ledger URL."""
+    from tests.support import free_port
+
+    ledger_url = f"sqlite:///{folder / 'ledger.sqlite3'}"
+    env = tally_env(redis_url, ledger_url, **settings)
+    serve = Serve(f"127.0.0.1:{free_port()}", env, folder / "serve.log")
+    await serve.start()
+    try:
+        yield serve, env, ledger_url
+    finally:
+        await serve.kill()

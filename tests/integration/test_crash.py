@@ -20,10 +20,10 @@ from tally.ledger.backend import open_ledger
 from tests.integration.crash_support import (
     TALLY,
     Acknowledged,
-    Serve,
     create_accounts,
     ledger_matches,
     run_tally_async,
+    serving,
     tally_env,
     wait_until,
     worker,
@@ -66,11 +66,8 @@ async def test_sigkill_of_the_server_loses_nothing_acknowledged(
 ) -> None:
     """Proves that after `tally serve` is SIGKILLed under traffic and restarted, the
     ledger holds every acknowledged operation exactly once and verify is clean."""
-    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    env = tally_env(own_redis.url, ledger_url, flush_interval="200ms")
-    serve = Serve(f"127.0.0.1:{free_port()}", env, tmp_path / "serve.log")
-    await serve.start()
-    try:
+    async with serving(own_redis.url, tmp_path, flush_interval="200ms") as served:
+        serve, env, ledger_url = served
         accounts = await create_accounts(serve.address, 3, 1_000_000)
 
         async def crash() -> None:
@@ -82,8 +79,6 @@ async def test_sigkill_of_the_server_loses_nothing_acknowledged(
         assert await serve.terminate() == 0, serve.log
         ledger_matches(ledger_url, seen, accounts)
         await verify_clean(env)
-    finally:
-        await serve.kill()
 
 
 async def test_sigkill_of_redis_loses_nothing_acknowledged(
@@ -92,11 +87,8 @@ async def test_sigkill_of_redis_loses_nothing_acknowledged(
     """Proves that after redis-server (AOF appendfsync always) is SIGKILLed under
     traffic and restarted, the server reconnects by itself and every acknowledged
     operation is in Redis and in the ledger."""
-    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    env = tally_env(own_redis.url, ledger_url, flush_interval="200ms")
-    serve = Serve(f"127.0.0.1:{free_port()}", env, tmp_path / "serve.log")
-    await serve.start()
-    try:
+    async with serving(own_redis.url, tmp_path, flush_interval="200ms") as served:
+        serve, env, ledger_url = served
         accounts = await create_accounts(serve.address, 3, 1_000_000)
 
         async def crash() -> None:
@@ -109,8 +101,6 @@ async def test_sigkill_of_redis_loses_nothing_acknowledged(
         assert await serve.terminate() == 0, serve.log
         ledger_matches(ledger_url, seen, accounts)
         await verify_clean(env)
-    finally:
-        await serve.kill()
 
 
 async def test_recover_rebuilds_a_wiped_redis_from_the_ledger(
@@ -118,11 +108,8 @@ async def test_recover_rebuilds_a_wiped_redis_from_the_ledger(
 ) -> None:
     """Proves that after FLUSHALL, `tally recover` restores every balance exactly as
     the ledger has it, the server refuses to start before that, and verify is clean."""
-    ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    env = tally_env(own_redis.url, ledger_url, flush_interval="200ms")
-    serve = Serve(f"127.0.0.1:{free_port()}", env, tmp_path / "serve.log")
-    await serve.start()
-    try:
+    async with serving(own_redis.url, tmp_path, flush_interval="200ms") as served:
+        serve, env, ledger_url = served
         accounts = await create_accounts(serve.address, 3, 1_000_000)
 
         async def nothing() -> None:
@@ -145,8 +132,6 @@ async def test_recover_rebuilds_a_wiped_redis_from_the_ledger(
         ledger_matches(ledger_url, seen, accounts)
         await verify_clean(env)
         await serve.start()
-    finally:
-        await serve.kill()
 
 
 def tag(account_id: str, env: dict[str, str]) -> str:
@@ -163,11 +148,9 @@ async def test_a_flusher_killed_mid_batch_is_finished_by_another(
     write waited on a lock) are claimed and written by another flusher: no
     duplicates, no gaps."""
     ledger_path = tmp_path / "ledger.sqlite3"
-    ledger_url = f"sqlite:///{ledger_path}"
-    env = tally_env(own_redis.url, ledger_url, flush_interval="1h", snapshot_interval="1h")
-    serve = Serve(f"127.0.0.1:{free_port()}", env, tmp_path / "serve.log")
-    await serve.start()
-    try:
+    async with serving(own_redis.url, tmp_path, flush_interval="1h",
+                       snapshot_interval="1h") as served:
+        serve, env, ledger_url = served
         accounts = await create_accounts(serve.address, 2, 1_000_000)
 
         async def nothing() -> None:
@@ -218,5 +201,3 @@ async def test_a_flusher_killed_mid_batch_is_finished_by_another(
         assert total > 0
         ledger_matches(ledger_url, seen, accounts)
         await verify_clean(env)
-    finally:
-        await serve.kill()
