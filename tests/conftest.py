@@ -57,3 +57,12 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """A private redis-server shared by one test module (no other module sees its keys)."""
+    server = RedisProcess(Path(tmp_path_factory.mktemp("redis-module")))
+    server.start()
+    yield server
+    server.stop()

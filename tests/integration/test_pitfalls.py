@@ -49,15 +49,6 @@ from tests.support import (
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    """A private redis-server this test may kill, restart or reconfigure."""
-    server = RedisProcess(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
 @contextlib.asynccontextmanager
 async def serving(url: str, data_dir: Path, **overrides: Any) -> AsyncIterator[Running]:
     """An authority on `url`. When the test body fails, a failure to stop is swallowed so

@@ -5,9 +5,8 @@ idempotency (replays, conflicts, concurrent duplicates)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,21 +38,13 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 NOW_S = T0_MS // 1000
 
 
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    server = RedisProcess(Path(tmp_path_factory.mktemp("redis-validation")))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest_asyncio.fixture(scope="module")
 async def live(
-    own_redis: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+    module_redis: RedisProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Running]:
     """One authority for the module (its clock never moves here)."""
     data_dir = tmp_path_factory.mktemp("data-validation")
-    running = await start_running(own_redis.url, data_dir=str(data_dir))
+    running = await start_running(module_redis.url, data_dir=str(data_dir))
     yield running
     await stop_running(running)
 

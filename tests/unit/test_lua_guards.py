@@ -5,9 +5,8 @@ script writes nothing (every key's DUMP and the stream length are unchanged)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -36,17 +35,9 @@ NEGATIVE: tuple[Any, ...] = (-2, -(2**53), -(2**63))
 NOT_INTEGERS_WHEN_PRESENT: tuple[Any, ...] = tuple(v for v in NOT_INTEGERS if v is not None)
 
 
-@pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    server = RedisProcess(Path(tmp_path_factory.mktemp("redis-lua-guards")))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest_asyncio.fixture(scope="module")
-async def module_store(own_redis: RedisProcess) -> AsyncIterator[QuotaStore]:
-    store = app.build_store(settings(own_redis.url), own_redis.url, ManualClock(T0_MS))
+async def module_store(module_redis: RedisProcess) -> AsyncIterator[QuotaStore]:
+    store = app.build_store(settings(module_redis.url), module_redis.url, ManualClock(T0_MS))
     await store.check_deployment()
     await store.runner.load()
     yield store
