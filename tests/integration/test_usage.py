@@ -333,3 +333,49 @@ async def test_all_accounts_report_groups_by_account_from_the_ledger(live: Runni
     mine = sorted((r.account_id, r.operation, r.units) for r in rep.rows
                   if r.account_id in (first, second))
     assert mine == sorted([(first, "image.upscale", 20), (second, "image.vectorize", 15)])
+
+
+async def test_bad_budget_and_alert_input_is_refused_and_changes_nothing(live: Running) -> None:
+    """Proves malformed budgets and alert settings are INVALID_ARGUMENT naming the field
+    and leave the account (balance, budgets, ledger) untouched."""
+    account_id = await create(live, 100)
+    await live.authority.flusher.flush_all()
+    before_balance = await live.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
+    before_entries = await asyncio.to_thread(live.authority.ledger.entries, account_id)
+    bad_budgets = [
+        (common_pb2.Budget(limit_units=10), "budget"),
+        (common_pb2.Budget(operation="image.upscale", label_key="p", label_value="x",
+                           limit_units=10), "budget"),
+        (common_pb2.Budget(label_key="project", limit_units=10), "budget.label_value"),
+        (common_pb2.Budget(label_key="bad key", label_value="x", limit_units=10),
+         "budget.label_key"),
+        (common_pb2.Budget(operation="Bad Op", limit_units=10), "budget.operation"),
+        (common_pb2.Budget(operation="image.upscale", limit_units=-1), "budget.limit_units"),
+    ]
+    for budget, field in bad_budgets:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await live.accounts.SetBudget(account_pb2.SetBudgetRequest(
+                account_id=account_id, budget=budget))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in (bad.value.details() or ""), (field, bad.value.details())
+    for alerts, field in [
+        (common_pb2.AlertSettings(allotment_used_percent=[0]), "alerts.allotment_used_percent"),
+        (common_pb2.AlertSettings(allotment_used_percent=list(range(1, 18))),
+         "alerts.allotment_used_percent"),
+        (common_pb2.AlertSettings(balance_below=-5), "alerts.balance_below"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await live.accounts.UpdateAccount(account_pb2.UpdateAccountRequest(
+                account_id=account_id, alerts=alerts))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in (bad.value.details() or ""), (field, bad.value.details())
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await live.accounts.DeleteBudget(account_pb2.DeleteBudgetRequest(
+            account_id=account_id, budget_id="operation:image.upscale"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    await live.authority.flusher.flush_all()
+    after_balance = await live.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
+    assert after_balance.SerializeToString() == before_balance.SerializeToString()
+    assert await asyncio.to_thread(live.authority.ledger.entries, account_id) == before_entries
+    listed = await live.accounts.ListBudgets(account_pb2.ListBudgetsRequest(account_id=account_id))
+    assert list(listed.budgets) == []
