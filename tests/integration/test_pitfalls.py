@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,14 +205,6 @@ class DroppingProxy:
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
             self._tasks.discard(task)
-
-
-@pytest.fixture(scope="module")
-def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    server = RedisProcess(Path(tmp_path_factory.mktemp("redis-proxy")))
-    server.start()
-    yield server
-    server.stop()
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from tally.api import validation as v
 from tally.domain.errors import InvalidArgument, Unavailable
-from tally.ledger.backend import EntryRow, SqlLedger
+from tally.ledger.backend import EntryRow, SqlLedger, ledger_unavailable
 from tally.v1 import account_pb2
 
 ENTRY_TYPES = frozenset({
@@ -87,6 +87,6 @@ async def read(ledger: SqlLedger, query: Query) -> list[EntryRow]:
             limit=query.page_size + 1,
         )
     except Exception as exc:
-        if type(exc).__module__.split(".")[0] in {"sqlite3", "psycopg"}:
+        if ledger_unavailable(exc):
             raise Unavailable(f"the ledger is unavailable ({type(exc).__name__})") from exc
         raise

@@ -470,6 +470,16 @@ def open_ledger(url: str) -> SqlLedger:
     raise ValueError(f"ledger url {url!r}: use sqlite:///path or postgresql://...")
 
 
+def ledger_unavailable(exc: BaseException) -> bool:
+    """A failure to reach the ledger's database (connection lost, file locked past
+    the busy timeout): worth a retry. Other driver errors are bugs."""
+    import psycopg
+
+    return isinstance(
+        exc, sqlite3.OperationalError | psycopg.OperationalError | psycopg.InterfaceError
+    )
+
+
 def _entry_row(r: Sequence[Any]) -> EntryRow:
     return EntryRow(
         entry_id=r[0], account_id=r[1], seq=int(r[2]), type=r[3], reservation_id=r[4],

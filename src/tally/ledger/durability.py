@@ -11,6 +11,7 @@ from __future__ import annotations
 from redis.exceptions import RedisError
 
 from tally.domain.errors import Unavailable
+from tally.ledger.backend import ledger_unavailable
 from tally.ledger.flusher import Flusher
 
 
@@ -30,7 +31,7 @@ class MoneyInBarrier:
                 "retry with the same idempotency key"
             ) from exc
         except Exception as exc:
-            if type(exc).__module__.split(".")[0] in {"sqlite3", "psycopg"}:
+            if ledger_unavailable(exc):
                 raise Unavailable(
                     f"the ledger is unavailable ({type(exc).__name__}); "
                     "retry with the same idempotency key"

@@ -22,7 +22,7 @@ from redis.exceptions import ResponseError
 
 from tally import metrics
 from tally.domain.errors import Unavailable
-from tally.ledger.backend import SqlLedger
+from tally.ledger.backend import SqlLedger, ledger_unavailable
 from tally.ledger.events import decode
 from tally.store.keys import KeySpace
 
@@ -280,15 +280,7 @@ def _is_transient(exc: Exception) -> bool:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
-        return True
-    try:
-        import psycopg
-    except ImportError:  # pragma: no cover - psycopg is a dependency
-        return False
-    import sqlite3
-
-    return isinstance(exc, psycopg.OperationalError | sqlite3.OperationalError)
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError) or ledger_unavailable(exc)
 
 
 def _text(value: Any) -> str:
