@@ -9,6 +9,8 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tally.cli.target import DEFAULT_TARGET, TARGET_ENV
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
@@ -16,8 +18,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--target",
-        default=os.environ.get("TALLY_TARGET", "127.0.0.1:50051"),
-        help="server address [env TALLY_TARGET, default 127.0.0.1:50051]",
+        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
+        help=f"server address [env {TARGET_ENV}, default {DEFAULT_TARGET}]",
     )
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
     parser.add_argument("--service", default="", help="service name; empty: the whole server")

@@ -6,7 +6,19 @@ import argparse
 import sys
 
 from tally import __version__
-from tally.cli import admin, health, ops, serve, watch
+from tally.cli import (
+    accounts,
+    balances,
+    budgets,
+    health,
+    ledger,
+    ops,
+    prices,
+    purchases,
+    reports,
+    serve,
+    watch,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve.register(subparsers)
-    admin.register(subparsers)
+    # in the order `tally --help` lists them
+    for noun in (accounts, purchases, prices, reports, budgets, ledger, balances):
+        noun.register(subparsers)
     health.register(subparsers)
     ops.register(subparsers)
     watch.register(subparsers)

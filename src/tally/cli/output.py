@@ -1,9 +1,14 @@
-"""Plain-text tables and JSON for the admin commands (no third-party library)."""
+"""Plain-text tables and JSON for the admin commands (no third-party library).
+
+Without `--json` an answer is an aligned plain-text table; with it, one JSON
+object on stdout.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,6 +93,13 @@ def message_dict(message: Message) -> dict[str, Any]:
 
 def dumps(value: Mapping[str, Any]) -> str:
     return json.dumps(value, indent=2, sort_keys=False)
+
+
+def emit(
+    args: argparse.Namespace, as_json: Mapping[str, Any], as_text: Callable[[], str]
+) -> None:
+    """Prints one answer: as JSON with --json, else the text `as_text` makes."""
+    print(dumps(as_json) if args.json else as_text())
 
 
 def _is_number(cell: str) -> bool:

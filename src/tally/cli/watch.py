@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from tally.cli import output
-from tally.cli.admin import DEFAULT_TARGET
+from tally.cli.target import add_target_flag, one_line, report_rpc_error, target_of
 from tally.v1 import usage_pb2, usage_pb2_grpc
 
 POSITION_METADATA = "tally-position"  # tally.api.watch: where the watch starts
@@ -51,10 +51,6 @@ class _Stop(Exception):
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     del signum, frame
     raise _Stop
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _cell(value: object, width: int, align: str) -> str:
@@ -83,7 +79,7 @@ def line(event: usage_pb2.UsageEvent, all_accounts: bool) -> str:
     cells = [_cell(v, width, align) for v, (_, width, align) in zip(values, COLUMNS, strict=True)]
     if all_accounts:
         cells[1] = _cell(values[1], 24, "<")
-    return "  ".join([*cells, _one_line(event.alert) or "-"]).rstrip()
+    return "  ".join([*cells, one_line(event.alert) or "-"]).rstrip()
 
 
 def _json_line(event: usage_pb2.UsageEvent) -> str:
@@ -100,12 +96,11 @@ def _resume_hint(args: argparse.Namespace, position: str) -> str:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    target = args.target or os.environ.get("TALLY_TARGET") or DEFAULT_TARGET
     request = usage_pb2.WatchUsageRequest(
         account_id="" if args.all else args.account_id, after_position=args.after
     )
     position = args.after
-    channel = grpc.insecure_channel(target)
+    channel = grpc.insecure_channel(target_of(args))
     call: Any = None
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -126,9 +121,7 @@ def _watch(args: argparse.Namespace) -> int:
             print(_resume_hint(args, position), file=sys.stderr)
         return 0
     except grpc.RpcError as error:
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
-        print(f"tally: {code.name}: {_one_line(details or 'no details')}", file=sys.stderr)
+        code = report_rpc_error(error)
         if position and code not in (
             grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
         ):
@@ -171,11 +164,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="resume after this position: an account's event number (0: its whole history "
         "first), or a position --all printed (default: from now)",
     )
-    parser.add_argument(
-        "--target",
-        default=None,
-        help=f"host:port of the authority (default: $TALLY_TARGET, else {DEFAULT_TARGET})",
-    )
+    add_target_flag(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object per event")
     parser.set_defaults(handler=_handler(parser))
 

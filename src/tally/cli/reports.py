@@ -1,0 +1,116 @@
+"""`tally report`: usage by operation, label, day or hour; the period summary
+and the forecast, as a table, CSV or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import csv
+import sys
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tally.cli import arguments, output
+from tally.cli.accounts import get_account
+from tally.cli.target import Api, connection_flags, run
+from tally.v1 import usage_pb2
+
+
+def _anchored(year: int, month: int, anchor_day: int) -> datetime:
+    day = min(anchor_day, calendar.monthrange(year, month)[1])
+    return datetime(year, month, day, tzinfo=UTC)
+
+
+def _period_bounds(text: str, anchor_day: int) -> tuple[Timestamp, Timestamp]:
+    """`2026-11` -> the billing period that starts in that month (on the account's
+    anchor day; the calendar month for day 1 or an all-accounts report)."""
+    try:
+        month = datetime.strptime(text, "%Y-%m")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid month {text!r} (e.g. 2026-11)") from None
+    next_year, next_month = (month.year + 1, 1) if month.month == 12 else (
+        month.year, month.month + 1)
+    first, last = Timestamp(), Timestamp()
+    first.FromDatetime(_anchored(month.year, month.month, anchor_day))
+    last.FromDatetime(_anchored(next_year, next_month, anchor_day))
+    return first, last
+
+
+def _report(args: argparse.Namespace, api: Api) -> int:
+    request = usage_pb2.GetUsageReportRequest(
+        account_id=args.account_id,
+        group_by=[g.strip().upper() if not g.strip().lower().startswith("label:")
+                  else "LABEL:" + g.strip()[6:] for g in args.by.split(",") if g.strip()],
+    )
+    if args.period:
+        anchor_day = 1
+        if args.account_id:
+            anchor_day = get_account(api, args.account_id).billing_anchor_day
+        start, end = _period_bounds(args.period, anchor_day)
+        request.start.CopyFrom(start)
+        request.end.CopyFrom(end)
+    if args.start is not None:
+        request.start.CopyFrom(args.start)
+    if args.end is not None:
+        request.end.CopyFrom(args.end)
+    report = api.usage.GetUsageReport(request, timeout=api.timeout_s)
+    if args.format == "json" or args.json:
+        print(output.dumps(output.message_dict(report)))
+        return 0
+    headers = ["BUCKET", "ACCOUNT", "OPERATION", "LABELS", "QUANTITY", "UNITS", "COUNT"]
+    table_rows = [
+        [output.iso(r.bucket_start), r.account_id or "-", r.operation or "-",
+         output.labels(r.labels), r.quantity, r.units, r.count]
+        for r in report.rows
+    ]
+    if args.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow([h.lower() for h in headers])
+        writer.writerows(table_rows)
+        return 0
+    print(output.table(headers, table_rows) if table_rows else "(no usage)")
+    _print_summary(report)
+    return 0
+
+
+def _print_summary(report: usage_pb2.UsageReport) -> None:
+    """The totals, then the period summary and the forecast when the report has them."""
+    print(f"\ntotal: {report.total_units} units, quantity {report.total_quantity}, "
+          f"{report.total_count} charges ({output.iso(report.start)} .. {output.iso(report.end)})")
+    if report.HasField("period"):
+        p = report.period
+        print("\n" + output.fields([
+            ("period", f"{output.iso(p.period_start)} .. {output.iso(p.period_end)}"),
+            ("allotment", p.allotment), ("used", p.used), ("remaining", p.remaining),
+            ("purchased", p.purchased), ("overage", p.overage), ("expired", p.expired),
+            ("held", p.held),
+        ]))
+    if report.HasField("forecast"):
+        f = report.forecast
+        print("\n" + output.fields([
+            (f"burn rate ({f.window_days}-day)", f"{f.units_per_day} units/day"),
+            ("runs out", output.iso(f.runs_out_at, unset="not this period")),
+            ("projected period use", f.projected_period_consumption),
+            ("projected overage", f.projected_overage),
+        ]))
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    report = subparsers.add_parser(
+        "report",
+        parents=[connection_flags()],
+        help="usage by operation, label, day or hour; period summary and forecast",
+        description="Usage report. The current billing period is exact in real time; "
+        "earlier time comes from the ledger. Bounds are whole UTC hours.",
+    )
+    report.add_argument("account_id", metavar="ACCOUNT_ID", nargs="?", default="",
+                        help="omit for every account (from the ledger; needs --from)")
+    report.add_argument("--period", default=None, metavar="YYYY-MM",
+                        help="the account's billing period that starts in that month")
+    arguments.add_time_range(report)
+    report.add_argument("--by", default="operation", metavar="KEYS",
+                        help="comma-separated: operation, label:<key>, day, hour "
+                        "(default: operation)")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.set_defaults(handler=run(_report))

@@ -1,0 +1,144 @@
+"""How a command reaches the authority: the address and deadline flags, the
+channel, and how a refused call is told.
+
+The admin commands take `--target` (default: $TALLY_TARGET, else
+127.0.0.1:50051), `--timeout` (seconds) and `--json`. A refused call prints
+`tally: <CODE>: <details>` on stderr and exits 1; a usage error exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import grpc
+
+from tally.v1 import account_pb2_grpc, catalog_pb2_grpc, quota_pb2_grpc, usage_pb2_grpc
+
+TARGET_ENV = "TALLY_TARGET"
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_S = 10.0
+# Calls whose outcome is unknown to the caller: a purchase may have happened.
+AMBIGUOUS = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+@dataclass
+class Api:
+    """Blocking stubs on one channel, with the per-call timeout."""
+
+    channel: grpc.Channel
+    timeout_s: float
+
+    @property
+    def accounts(self) -> account_pb2_grpc.AccountServiceStub:
+        return account_pb2_grpc.AccountServiceStub(self.channel)
+
+    @property
+    def quota(self) -> quota_pb2_grpc.QuotaServiceStub:
+        return quota_pb2_grpc.QuotaServiceStub(self.channel)
+
+    @property
+    def catalog(self) -> catalog_pb2_grpc.CatalogServiceStub:
+        return catalog_pb2_grpc.CatalogServiceStub(self.channel)
+
+    @property
+    def usage(self) -> usage_pb2_grpc.UsageServiceStub:
+        return usage_pb2_grpc.UsageServiceStub(self.channel)
+
+
+Handler = Callable[[argparse.Namespace, Api], int]
+
+
+def target_of(args: argparse.Namespace) -> str:
+    """The address to call: --target, else $TALLY_TARGET, else the default."""
+    target: str = args.target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    return target
+
+
+def add_target_flag(parser: argparse._ActionsContainer) -> None:
+    parser.add_argument(
+        "--target",
+        default=None,
+        help=f"host:port of the authority (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("the timeout must be more than 0 seconds")
+    return value
+
+
+def connection_flags() -> argparse.ArgumentParser:
+    """The parent parser of every admin command: --target, --timeout, --json."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection and output")
+    add_target_flag(group)
+    group.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"deadline of each call (default: {DEFAULT_TIMEOUT_S:g})",
+    )
+    group.add_argument("--json", action="store_true", help="print one JSON object")
+    return common
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def report_rpc_error(error: grpc.RpcError) -> grpc.StatusCode:
+    """Prints `tally: <CODE>: <details>` on stderr; returns the code."""
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    print(f"tally: {code.name}: {one_line(details or 'no details')}", file=sys.stderr)
+    return code
+
+
+@contextmanager
+def _connect(args: argparse.Namespace) -> Iterator[Api]:
+    channel = grpc.insecure_channel(target_of(args))
+    try:
+        yield Api(channel, args.timeout)
+    finally:
+        channel.close()
+
+
+def run(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    """Wraps a handler: connects, and turns every gRPC error into one line
+    (followed by `args.retry_hint`, when the handler set one and the outcome
+    is unknown)."""
+
+    def run_handler(args: argparse.Namespace) -> int:
+        try:
+            with _connect(args) as api:
+                return handler(args, api)
+        except grpc.RpcError as error:
+            code = report_rpc_error(error)
+            hint = getattr(args, "retry_hint", None)
+            if hint and code in AMBIGUOUS:
+                print(hint, file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("tally: interrupted", file=sys.stderr)
+            return 130
+
+    return run_handler
