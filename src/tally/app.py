@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -33,6 +33,7 @@ from tally.store.embedded import EmbeddedRedis
 from tally.store.keys import KeySpace
 from tally.store.quota_store import QuotaStore, StoreLimits
 from tally.store.reaper import Reaper
+from tally.supervisor import RestartPolicy, Supervisor
 
 log = logging.getLogger("tally.app")
 
@@ -128,9 +129,9 @@ class Authority:
     health: health.aio.HealthServicer
     reaper: Reaper
     watch: UsageWatch
+    background: Supervisor
     embedded: EmbeddedRedis | None = None
     metrics_server: Any = None
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -141,14 +142,12 @@ class Authority:
         writes a snapshot, then closes the store."""
         grace = self.settings.shutdown_grace if grace_s is None else grace_s
         log.info("shutting down", extra={"grace_s": grace})
+        await self.background.stop()  # first: no restart, no health change from now on
         await set_serving(self.health, False)
         # open watches end at once (clients resume elsewhere) rather than hold the grace
         self.watch.stop()
-        self.reaper.stop()
-        self.flusher.stop()
         await self.server.stop(grace)
-        for task in self._tasks:
-            await task
+        await self.background.wait()
         try:
             flushed = await self.flusher.flush_all(steal=True)
             await self.flusher.snapshot("shutdown")
@@ -204,13 +203,21 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         raise
     await set_serving(health_servicer, True)
     reaper = Reaper(store, settings.reaper_interval, settings.reaper_batch)
+    background = Supervisor(
+        RestartPolicy(
+            failures_max=settings.background_failures_max,
+            stable_after_s=settings.background_stable_after,
+        ),
+        lambda serving: set_serving(health_servicer, serving),
+    )
     authority = Authority(
-        settings, store, ledger, flusher, server, port, health_servicer, reaper, watch, embedded
+        settings, store, ledger, flusher, server, port, health_servicer, reaper, watch,
+        background, embedded,
     )
     if settings.metrics_listen:
         authority.metrics_server = metrics.serve(settings.metrics_listen)
-    authority._tasks.append(asyncio.create_task(reaper.run()))
-    authority._tasks.append(asyncio.create_task(flusher.run()))
+    background.start("reaper", reaper)
+    background.start("flusher", flusher)
     log.info(
         "serving",
         extra={"address": authority.address, "shards": settings.shards,

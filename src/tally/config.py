@@ -62,6 +62,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reaper_interval", "how often each shard's expired holds are released",
             parse_duration_s, 1.0),
     Setting("reaper_batch", "holds released per shard per reaper pass, at most", int, 500),
+    Setting("background_failures_max", "failures in a row after which a background task "
+            "(reaper, flusher) cannot stay up: health turns NOT_SERVING", int, 5),
+    Setting("background_stable_after", "a restarted background task that runs this long is up "
+            "again: its backoff starts over and health turns SERVING", parse_duration_s, 10.0),
     Setting("flush_interval", "how often the flusher moves events to the ledger",
             parse_duration_s, 1.0),
     Setting("flush_batch", "events per ledger transaction, at most", int, 500),
@@ -104,6 +108,8 @@ class Settings:
     reservation_retention: float
     reaper_interval: float
     reaper_batch: int
+    background_failures_max: int
+    background_stable_after: float
     flush_interval: float
     flush_batch: int
     flush_claim_idle: float
@@ -134,7 +140,7 @@ class Settings:
             raise ValueError(f"shards must be between 1 and 4096, got {self.shards}")
         for name in ("idempotency_window", "reservation_retention", "reaper_interval",
                      "redis_timeout", "flush_interval", "flush_claim_idle",
-                     "snapshot_interval"):
+                     "snapshot_interval", "background_stable_after"):
             if getattr(self, name) < 0.001:
                 raise ValueError(f"{name} must be at least 1ms, got {getattr(self, name)}s")
         if not self.hold_ttl_min <= self.hold_ttl_default <= self.hold_ttl_max:
@@ -153,6 +159,8 @@ class Settings:
             raise ValueError(
                 "reaper_batch, flush_batch, redis_max_connections and max_watchers must be positive"
             )
+        if self.background_failures_max < 1:
+            raise ValueError("background_failures_max must be positive")
         if self.stream_retention < 0:
             raise ValueError("stream_retention must not be negative")
         host, _, port = self.listen.rpartition(":")

@@ -2,9 +2,9 @@
 a reservation id, an idempotency key or a request label value.
 
 The label values in use are bounded sets: gRPC method names (the registered
-services), status code names, Lua script names, Redis error kinds, and
-operation names from the price catalog (capped at OPERATION_LABELS_MAX
-distinct values; the rest are counted as "other").
+services), status code names, Lua script names, Redis error kinds, background
+task names, and operation names from the price catalog (capped at
+OPERATION_LABELS_MAX distinct values; the rest are counted as "other").
 """
 
 from __future__ import annotations
@@ -39,6 +39,21 @@ FLUSHER_EVENTS_FLUSHED = Counter(
 FLUSHER_FAILURES = Counter(
     "tally_flusher_failures",
     "Flush passes that failed (Redis or ledger unreachable)",
+    registry=REGISTRY,
+)
+
+# --- background tasks (the supervisor) -------------------------------------
+
+BACKGROUND_RESTARTS = Counter(
+    "tally_background_restarts_total",
+    "Restarts of a background task (reaper, flusher) after it failed",
+    ["task"],
+    registry=REGISTRY,
+)
+BACKGROUND_TASK_UP = Gauge(
+    "tally_background_task_up",
+    "1 while a background task runs; 0 while it waits to restart or after it stopped",
+    ["task"],
     registry=REGISTRY,
 )
 

@@ -160,6 +160,8 @@ def test_values_that_parse_but_cannot_work_are_refused(
         ({"TALLY_IDEMPOTENCY_WINDOW": "0s"}, "idempotency_window"),
         ({"TALLY_REDIS_TIMEOUT": "0s"}, "redis_timeout"),
         ({"TALLY_REAPER_INTERVAL": "0ms"}, "reaper_interval"),
+        ({"TALLY_BACKGROUND_FAILURES_MAX": "0"}, "background_failures_max"),
+        ({"TALLY_BACKGROUND_STABLE_AFTER": "0s"}, "background_stable_after"),
     ],
 )
 def test_settings_the_server_cannot_run_with_are_refused_up_front(
