@@ -91,7 +91,7 @@ class IdempotencyImage:
 
 
 @dataclass(frozen=True)
-class StateImages:
+class EntryImages:
     """What the script that wrote an entry left in Redis (on its last entry only)."""
 
     account: bytes | None = None
@@ -105,7 +105,7 @@ class StreamEntry:
 
     stream_id: str
     entry: Entry
-    images: StateImages
+    images: EntryImages
 
 
 def stream_id_order(stream_id: str) -> tuple[int, int]:
@@ -167,7 +167,7 @@ def _unpack(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
-def _images(fields: Fields) -> StateImages:
+def _images(fields: Fields) -> EntryImages:
     holds: dict[str, bytes] = {}
     raw_holds = fields.get(b"_holds")
     if raw_holds:
@@ -184,4 +184,4 @@ def _images(fields: Fields) -> StateImages:
             record=msgpack.packb(idem["record"], use_bin_type=True),
             expires_at_ms=int(idem["record"]["exp"]),
         )
-    return StateImages(account=fields.get(b"_acct"), holds=holds, idempotency=idempotency)
+    return EntryImages(account=fields.get(b"_acct"), holds=holds, idempotency=idempotency)
