@@ -33,6 +33,8 @@ from tally.store.embedded import EmbeddedRedis
 from tally.store.keys import KeySpace
 from tally.store.quota_store import QuotaStore, StoreLimits
 from tally.store.reaper import Reaper
+from tally.store.state_images import StateImages
+from tally.store.streams import EventStreams
 from tally.supervisor import RestartPolicy, Supervisor
 
 log = logging.getLogger("tally.app")
@@ -71,8 +73,7 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
 
 def build_flusher(settings: Settings, store: QuotaStore, ledger: SqlLedger) -> Flusher:
     return Flusher(
-        store.redis,
-        store.keys,
+        EventStreams.of(store),
         ledger,
         FlusherSettings(
             interval_s=settings.flush_interval,
@@ -96,9 +97,10 @@ async def ensure_current(
     store: QuotaStore, ledger: SqlLedger, recover_on_start: bool
 ) -> None:
     """Refuses to serve from a Redis that is empty or behind the ledger."""
-    stale = await recovery.stale_accounts(store.redis, store.keys, ledger)
+    images = StateImages.of(store)
+    stale = await recovery.stale_accounts(images, ledger)
     prices_in_ledger = await asyncio.to_thread(ledger.catalog_prices)
-    catalog_lost = bool(prices_in_ledger) and not await store.redis.exists(store.keys.prices(0))
+    catalog_lost = bool(prices_in_ledger) and not await images.has_catalog()
     if not stale and not catalog_lost:
         return
     if not recover_on_start:
@@ -109,7 +111,7 @@ async def ensure_current(
             "--recover-on-start, rather than serve wrong balances."
         )
     result = await recovery.recover(
-        store.redis, store.keys, ledger, store.clock.now_ms(),
+        images, ledger, store.clock.now_ms(),
         lambda line: log.warning("recovery", extra={"progress": line}),
         store.limits.reservation_retention_ms,
     )
@@ -154,7 +156,7 @@ class Authority:
             log.info("ledger flushed", extra={"events": flushed})
         except Exception:
             log.exception("final flush failed; the events stay in Redis for the next flusher")
-        await self.store.redis.aclose()
+        await self.store.close()
         self.ledger.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
@@ -188,14 +190,14 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         await flusher.ensure_groups()
         await store.sync_catalog(load_defaults=settings.default_catalog)
         await flusher.flush_through(0)  # the default catalog is money-in too
-        watch = UsageWatch(store.redis, store.keys, ledger, max_watchers=settings.max_watchers)
+        watch = UsageWatch(flusher.streams, ledger, max_watchers=settings.max_watchers)
         server, port, health_servicer = build_server(
             store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch
         )
         await server.start()
     except BaseException:
         if store is not None:
-            await store.redis.aclose()
+            await store.close()
         if ledger is not None:
             ledger.close()
         if embedded is not None:

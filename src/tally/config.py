@@ -18,6 +18,8 @@ from typing import Any
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
+MAX_WATCHERS = 256  # concurrent watches per server, each with its own Redis connection
+
 
 def parse_duration_s(text: str) -> float:
     match = _DURATION.fullmatch(text.strip())
@@ -75,7 +77,7 @@ SETTINGS: tuple[Setting, ...] = (
             300.0),
     Setting("stream_retention", "flushed events stay in the Redis streams this long, so "
             "all-accounts watches can resume", parse_duration_s, 30.0),
-    Setting("max_watchers", "concurrent WatchUsage streams per server", int, 256),
+    Setting("max_watchers", "concurrent WatchUsage streams per server", int, MAX_WATCHERS),
     Setting("recover_on_start", "rebuild Redis from the ledger at start when it is empty or "
             "behind (otherwise refuse to serve)", parse_bool, False),
     Setting("redis_timeout", "Redis socket timeout when the caller sets no deadline",

@@ -86,3 +86,22 @@ async def test_report_period_follows_the_accounts_anchor_day(running: Running) -
     report = json.loads(out)
     assert report["start"] == "2026-11-25T00:00:00Z" and report["end"] == "2026-12-25T00:00:00Z"
     assert report["total_units"] == 20
+
+
+async def test_ledger_lists_alert_entries_by_type(running: Running) -> None:
+    """Proves `tally ledger --type alert` lists the account's alert entries (the type is
+    accepted like every other type the scripts write)."""
+    account_id = unique()
+    code, _, err = await tally(
+        running, "accounts", "create", account_id, "--allotment", "1000",
+        "--alert-percent", "50",
+    )
+    assert code == 0, err
+    await running.quota.Charge(quota_pb2.ChargeRequest(
+        account_id=account_id, operation="image.upscale", quantity=60, idempotency_key="c"))
+    await running.authority.flusher.flush_all()
+    code, out, err = await tally(running, "ledger", account_id, "--type", "alert", "--json")
+    assert code == 0, err
+    assert [e["type"] for e in json.loads(out)["entries"]] == ["alert"]
+    code, out, err = await tally(running, "ledger", account_id, "--type", "alert")
+    assert code == 0 and "alert" in out, err

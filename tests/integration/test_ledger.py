@@ -12,10 +12,11 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from tally import app
+from tally.domain.events import decode
 from tally.ledger import recovery
 from tally.ledger.backend import SqliteLedger, open_ledger
-from tally.ledger.events import decode
-from tally.ledger.flusher import GROUP
+from tally.store.state_images import StateImages
+from tally.store.streams import GROUP, EventStreams
 from tally.v1 import account_pb2, catalog_pb2, quota_pb2
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 
@@ -219,8 +220,8 @@ async def test_verify_is_clean_and_recover_rebuilds_a_wiped_redis(
         before = await running.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
         authority = running.authority
         report = await recovery.verify(
-            authority.store.redis, authority.store.keys, authority.ledger, authority.flusher,
-            lambda _: None,
+            StateImages(authority.store.redis, authority.store.keys), authority.ledger,
+            authority.flusher, lambda _: None,
         )
         assert report.differences == []
     finally:
@@ -249,8 +250,8 @@ async def test_verify_is_clean_and_recover_rebuilds_a_wiped_redis(
         assert commit.units_charged == 20
         authority = running.authority
         report = await recovery.verify(
-            authority.store.redis, authority.store.keys, authority.ledger, authority.flusher,
-            lambda _: None,
+            StateImages(authority.store.redis, authority.store.keys), authority.ledger,
+            authority.flusher, lambda _: None,
         )
         assert report.differences == []
     finally:
@@ -271,7 +272,7 @@ async def test_verify_reports_a_tampered_balance(durable: Running) -> None:
     acct["total_charged"] += 1
     await store.redis.set(key, msgpack.packb(acct))
     report = await recovery.verify(
-        store.redis, store.keys, authority.ledger, authority.flusher, lambda _: None
+        StateImages(store.redis, store.keys), authority.ledger, authority.flusher, lambda _: None
     )
     assert any(d.account_id == account_id and d.what == "total_charged" for d in report.differences)
 
@@ -344,8 +345,7 @@ async def test_a_read_by_another_flusher_during_a_trim_is_never_trimmed(
     shard = authority.store.keys.shard_of(account_id)
     stream = authority.store.keys.events(shard)
     settings = FlusherSettings(stream_retention_ms=0, claim_idle_ms=0)
-    reader = Flusher(authority.store.redis, authority.store.keys, authority.ledger, settings,
-                     consumer="reader-that-dies")
+    reader = EventStreams(authority.store.redis, authority.store.keys)
     read: list[Any] = []
 
     class ReadsDuringTrim:
@@ -359,7 +359,8 @@ async def test_a_read_by_another_flusher_during_a_trim_is_never_trimmed(
         async def _then_read(self, name: str, *args: Any, **kwargs: Any) -> Any:
             answer = await getattr(authority.store.redis, name)(*args, **kwargs)
             if not read:
-                read.extend(await reader._read(stream, ">"))
+                delivery = await reader.take(shard, "reader-that-dies", 100, 10**9)
+                read.extend((event.stream_id.encode(), event) for event in delivery.entries)
             return answer
 
         async def xpending(self, *args: Any, **kwargs: Any) -> Any:
@@ -368,14 +369,14 @@ async def test_a_read_by_another_flusher_during_a_trim_is_never_trimmed(
         async def xinfo_groups(self, *args: Any, **kwargs: Any) -> Any:
             return await self._then_read("xinfo_groups", *args, **kwargs)
 
-    trimmer = Flusher(ReadsDuringTrim(), authority.store.keys, authority.ledger, settings,
-                      consumer="trimmer")
+    trimmer = Flusher(EventStreams(ReadsDuringTrim(), authority.store.keys), authority.ledger,
+                      settings, consumer="trimmer")
     await trimmer._trim(shard)
     assert read, "the other flusher read nothing"
     kept = {sid for sid, _ in await authority.store.redis.xrange(stream)}
     assert {sid for sid, _ in read} <= kept
-    rescuer = Flusher(authority.store.redis, authority.store.keys, authority.ledger, settings,
-                      consumer="rescuer")
+    rescuer = Flusher(EventStreams(authority.store.redis, authority.store.keys),
+                      authority.ledger, settings, consumer="rescuer")
     await rescuer.flush_shard(shard)
     entries = await asyncio.to_thread(authority.ledger.entries, account_id)
     assert [e.seq for e in entries] == list(range(1, 7))

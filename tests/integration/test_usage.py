@@ -379,3 +379,18 @@ async def test_bad_budget_and_alert_input_is_refused_and_changes_nothing(live: R
     assert await asyncio.to_thread(live.authority.ledger.entries, account_id) == before_entries
     listed = await live.accounts.ListBudgets(account_pb2.ListBudgetsRequest(account_id=account_id))
     assert list(listed.budgets) == []
+
+
+async def test_alert_entries_can_be_listed_by_type(live: Running) -> None:
+    """Proves ListLedgerEntries filters on every type the scripts write, alerts included:
+    types=["alert"] lists exactly the account's alert entries."""
+    account_id = await create(
+        live, 1000, alerts=common_pb2.AlertSettings(allotment_used_percent=[50, 80]),
+    )
+    await charge(live, account_id, "image.upscale", 60, "c1")  # 600 used: crosses 50
+    await charge(live, account_id, "image.upscale", 25, "c2")  # 850 used: crosses 80
+    await live.authority.flusher.flush_all()
+    listed = await live.accounts.ListLedgerEntries(account_pb2.ListLedgerEntriesRequest(
+        account_id=account_id, types=["alert"]))
+    assert [e.type for e in listed.entries] == ["alert", "alert"]
+    assert await alerts_of(live, account_id) == ["allotment_used_50", "allotment_used_80"]

@@ -12,7 +12,8 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from tally import metrics
-from tally.api.watch import MAX_WATCHERS, POSITION_METADATA
+from tally.api.watch import POSITION_METADATA
+from tally.config import MAX_WATCHERS
 from tally.v1 import account_pb2, catalog_pb2, quota_pb2, usage_pb2
 from tally.v1.usage_pb2_grpc import UsageServiceStub
 from tests.guard_support import assert_status

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tally.ledger.backend import EntryRow
+from tally.domain.events import Entry
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 
 POLICY_NAMES = {
@@ -124,11 +124,11 @@ def price(record: Mapping[str, Any]) -> catalog_pb2.Price:
     )
 
 
-def ledger_entry(row: EntryRow) -> account_pb2.LedgerEntry:
+def ledger_entry(row: Entry) -> account_pb2.LedgerEntry:
     return account_pb2.LedgerEntry(
         entry_id=row.entry_id,
         account_id=row.account_id,
-        type=row.type,
+        type=row.type.value,
         reservation_id=row.reservation_id,
         operation=row.operation,
         quantity=row.quantity,

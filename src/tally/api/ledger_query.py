@@ -8,14 +8,11 @@ from dataclasses import dataclass
 
 from tally.api import validation as v
 from tally.domain.errors import InvalidArgument, Unavailable
-from tally.ledger.backend import EntryRow, SqlLedger, ledger_unavailable
+from tally.domain.events import Entry, EntryType
+from tally.ledger.backend import SqlLedger, ledger_unavailable
 from tally.v1 import account_pb2
 
-ENTRY_TYPES = frozenset({
-    "reserve", "commit", "late_commit", "release", "expire", "refund", "charge", "purchase",
-    "allotment", "allotment_expire", "grant_expire", "overage", "plan_change", "price_change",
-    "extend",
-})
+ENTRY_TYPES = frozenset(t.value for t in EntryType)
 PAGE_SIZE_DEFAULT = 100
 PAGE_SIZE_MAX = 1000
 TOKEN_PREFIX = "seq:"
@@ -26,7 +23,7 @@ class Query:
     account_id: str
     start_ms: int
     end_ms: int
-    types: tuple[str, ...]
+    types: tuple[EntryType, ...]
     page_size: int
     after_seq: int
 
@@ -68,13 +65,13 @@ def parse(request: account_pb2.ListLedgerEntriesRequest) -> Query:
         account_id=v.account_id(request.account_id),
         start_ms=start_ms,
         end_ms=end_ms,
-        types=tuple(request.types),
+        types=tuple(EntryType(t) for t in request.types),
         page_size=request.page_size or PAGE_SIZE_DEFAULT,
         after_seq=_after_seq(request.page_token),
     )
 
 
-async def read(ledger: SqlLedger, query: Query) -> list[EntryRow]:
+async def read(ledger: SqlLedger, query: Query) -> list[Entry]:
     """One page plus one row (to know whether another page follows)."""
     try:
         return await asyncio.to_thread(

@@ -11,7 +11,6 @@ earlier time comes from the ledger. Time bounds are whole UTC hours.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from tally.domain.errors import InvalidArgument
 from tally.domain.usage import HOUR_MS, Usage, from_entries
 from tally.ledger.backend import SqlLedger
 from tally.store.quota_store import QuotaStore
+from tally.store.usage_counters import usages_of
 from tally.v1 import usage_pb2
 
 DAY_MS = 24 * HOUR_MS
@@ -78,20 +78,6 @@ def whole_hour(ms: int, field: str) -> int:
     return ms
 
 
-def from_counters(account_id: str, counters: dict[str, int]) -> list[Usage]:
-    """Counter fields are `<u|q|c>|<hour ms>|<operation>|<labels as JSON pairs>`."""
-    merged: dict[tuple[int, str, str], dict[str, int]] = {}
-    for field, value in counters.items():
-        kind, bucket_text, operation, signature = field.split("|", 3)
-        merged.setdefault((int(bucket_text), operation, signature), {})[kind] = value
-    usages = []
-    for (bucket_ms, operation, signature), values in merged.items():
-        labels = {k: val for k, val in json.loads(signature)} if signature else {}
-        usages.append(Usage(bucket_ms, account_id, operation, labels, values.get("u", 0),
-                            values.get("q", 0), values.get("c", 0)))
-    return usages
-
-
 def in_range(usages: Iterable[Usage], start_ms: int, end_ms: int) -> list[Usage]:
     return [u for u in usages if start_ms <= u.bucket_ms < end_ms]
 
@@ -104,7 +90,7 @@ async def account_usage(
     usages: list[Usage] = []
     if end_ms > period_start_ms:
         counters = await store.usage_counters(account_id, period_start_ms)
-        usages += in_range(from_counters(account_id, counters), max(start_ms, period_start_ms),
+        usages += in_range(usages_of(account_id, counters), max(start_ms, period_start_ms),
                            end_ms)
     if start_ms < period_start_ms:
         entries = await asyncio.to_thread(ledger.usage_entries, start_ms, account_id)

@@ -26,6 +26,7 @@ from tally.ledger.backend import SqlLedger
 from tally.ledger.flusher import Flusher
 from tally.store.embedded import EmbeddedRedis, running_url
 from tally.store.quota_store import QuotaStore
+from tally.store.state_images import StateImages
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Ops:
     store: QuotaStore
     ledger: SqlLedger
     flusher: Flusher
+    images: StateImages
 
 
 def say(line: str) -> None:
@@ -56,9 +58,9 @@ async def opened(settings: config.Settings) -> AsyncIterator[Ops]:
         flusher = app.build_flusher(settings, store, ledger)
         await flusher.ensure_groups()
         try:
-            yield Ops(settings, store, ledger, flusher)
+            yield Ops(settings, store, ledger, flusher, StateImages.of(store))
         finally:
-            await store.redis.aclose()
+            await store.close()
             ledger.close()
     finally:
         if embedded is not None:
@@ -159,9 +161,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     async def work(ops: Ops) -> int:
-        report = await recovery.verify(
-            ops.store.redis, ops.store.keys, ops.ledger, ops.flusher, say
-        )
+        report = await recovery.verify(ops.images, ops.ledger, ops.flusher, say)
         if args.json:
             print(json.dumps({"accounts": report.accounts,
                               "differences": [asdict(d) for d in report.differences]}))
@@ -179,7 +179,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_recover(args: argparse.Namespace) -> int:
     async def work(ops: Ops) -> int:
         result = await recovery.recover(
-            ops.store.redis, ops.store.keys, ops.ledger, ops.store.clock.now_ms(), say,
+            ops.images, ops.ledger, ops.store.clock.now_ms(), say,
             ops.store.limits.reservation_retention_ms,
         )
         await ops.store.sync_catalog(load_defaults=False)

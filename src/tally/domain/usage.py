@@ -9,31 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+
+from tally.domain.events import CHARGE_TYPES, Entry, EntryType
 
 HOUR_MS = 3_600_000
-CHARGE_TYPES = frozenset({"commit", "late_commit", "charge"})
-
-
-class Entry(Protocol):
-    """The fields of a ledger entry that usage needs."""
-
-    @property
-    def type(self) -> str: ...
-    @property
-    def account_id(self) -> str: ...
-    @property
-    def operation(self) -> str: ...
-    @property
-    def labels(self) -> dict[str, str]: ...
-    @property
-    def units(self) -> int: ...
-    @property
-    def quantity(self) -> int: ...
-    @property
-    def occurred_at_ms(self) -> int: ...
-    @property
-    def detail(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -55,7 +34,7 @@ def from_entries(entries: Iterable[Entry]) -> list[Usage]:
         if entry.type in CHARGE_TYPES:
             usages.append(Usage(entry.occurred_at_ms // HOUR_MS * HOUR_MS, entry.account_id,
                                 entry.operation, entry.labels, entry.units, entry.quantity, 1))
-        elif entry.type == "refund":
+        elif entry.type == EntryType.REFUND:
             charged_at = int(entry.detail.get("charged_at") or entry.occurred_at_ms)
             usages.append(Usage(charged_at // HOUR_MS * HOUR_MS, entry.account_id,
                                 entry.operation, entry.labels, -entry.units, 0, 0))

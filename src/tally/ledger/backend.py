@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from tally.ledger.events import LedgerEvent
+from tally.domain.events import (
+    USAGE_TYPES,
+    Entry,
+    EntryType,
+    StreamEntry,
+    labels_of,
+    stream_id_order,
+)
 from tally.ledger.schema import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 10_000
@@ -35,23 +42,6 @@ class Cursor(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
     def fetchall(self) -> list[Any]: ...
     def fetchone(self) -> Any: ...
-
-
-@dataclass(frozen=True)
-class EntryRow:
-    entry_id: str
-    account_id: str
-    seq: int
-    type: str
-    reservation_id: str
-    operation: str
-    quantity: int
-    units: int
-    available_after: int
-    occurred_at_ms: int
-    labels: dict[str, str]
-    idempotency_key: str
-    detail: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -154,23 +144,24 @@ class SqlLedger:
 
     # --- writes -----------------------------------------------------------
 
-    def write_batch(self, events: Sequence[LedgerEvent]) -> int:
-        """Inserts events (ignoring ones already there) and upserts the state
+    def write_batch(self, events: Sequence[StreamEntry]) -> int:
+        """Inserts entries (ignoring ones already there) and upserts the state
         images they carry, in one transaction. Returns the new entries' count."""
         flushed_at = _now_ms()
         inserted = 0
         with self.transaction() as cur:
             for event in events:
+                entry = event.entry
                 cur.execute(
                     f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (entry_id) DO NOTHING",
                     (
-                        event.event_id, event.account_id, event.seq, event.type,
-                        event.reservation_id, event.operation, event.quantity, event.units,
-                        event.available_after, event.occurred_at_ms,
-                        json.dumps(event.labels, sort_keys=True), event.idempotency_key,
-                        event.shard, json.dumps(event.detail, sort_keys=True), flushed_at,
+                        entry.entry_id, entry.account_id, entry.seq, entry.type.value,
+                        entry.reservation_id, entry.operation, entry.quantity, entry.units,
+                        entry.available_after, entry.occurred_at_ms,
+                        json.dumps(entry.labels, sort_keys=True), entry.idempotency_key,
+                        entry.shard, json.dumps(entry.detail, sort_keys=True), flushed_at,
                     ),
                 )
                 inserted += max(cur.rowcount, 0)
@@ -178,46 +169,50 @@ class SqlLedger:
             self._advance_positions(cur, events, flushed_at)
         return inserted
 
-    def _write_images(self, cur: Cursor, event: LedgerEvent, now_ms: int) -> None:
-        if event.type == "price_change":
+    def _write_images(self, cur: Cursor, event: StreamEntry, now_ms: int) -> None:
+        entry, images = event.entry, event.images
+        if entry.type == EntryType.PRICE_CHANGE:
             cur.execute(
                 "INSERT INTO catalog_prices (operation, version, price, effective_at) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (operation, version) DO NOTHING",
-                (event.operation, event.price_version, event.units, event.occurred_at_ms),
+                (entry.operation, entry.price_version, entry.units, entry.occurred_at_ms),
             )
-        if event.account_image is not None:
+        if images.account is not None:
             cur.execute(
                 "INSERT INTO account_states (account_id, shard, seq, state, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE SET "
                 "seq = excluded.seq, state = excluded.state, updated_at = excluded.updated_at "
                 "WHERE excluded.seq > account_states.seq",
-                (event.account_id, event.shard, event.seq, event.account_image, now_ms),
+                (entry.account_id, entry.shard, entry.seq, images.account, now_ms),
             )
-        for rid, image in event.hold_images.items():
+        for rid, image in images.holds.items():
             cur.execute(
                 "INSERT INTO reservation_states (reservation_id, account_id, seq, state) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (reservation_id) DO UPDATE SET "
                 "seq = excluded.seq, state = excluded.state "
                 "WHERE excluded.seq > reservation_states.seq",
-                (rid, event.account_id, event.seq, image),
+                (rid, entry.account_id, entry.seq, image),
             )
-        idem = event.idempotency_image
+        idem = images.idempotency
         if idem is not None:
             cur.execute(
                 "INSERT INTO idempotency_states (record_key, account_id, seq, state, expires_at) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (record_key) DO UPDATE SET "
                 "seq = excluded.seq, state = excluded.state, expires_at = excluded.expires_at "
                 "WHERE excluded.seq > idempotency_states.seq",
-                (idem.key, event.account_id, event.seq, idem.record, idem.expires_at_ms),
+                (idem.key, entry.account_id, entry.seq, idem.record, idem.expires_at_ms),
             )
 
     def _advance_positions(
-        self, cur: Cursor, events: Sequence[LedgerEvent], now_ms: int
+        self, cur: Cursor, events: Sequence[StreamEntry], now_ms: int
     ) -> None:
         newest: dict[int, str] = {}
         for event in events:
-            if event.shard not in newest or _id_key(event.stream_id) > _id_key(newest[event.shard]):
-                newest[event.shard] = event.stream_id
+            shard = event.entry.shard
+            if shard not in newest or (
+                stream_id_order(event.stream_id) > stream_id_order(newest[shard])
+            ):
+                newest[shard] = event.stream_id
         for shard, stream_id in newest.items():
             cur.execute("SELECT stream_id FROM flush_positions WHERE shard = ?", (shard,))
             row = cur.fetchone()
@@ -226,7 +221,7 @@ class SqlLedger:
                     "INSERT INTO flush_positions (shard, stream_id, updated_at) VALUES (?, ?, ?)",
                     (shard, stream_id, now_ms),
                 )
-            elif _id_key(stream_id) > _id_key(row[0]):
+            elif stream_id_order(stream_id) > stream_id_order(row[0]):
                 cur.execute(
                     "UPDATE flush_positions SET stream_id = ?, updated_at = ? WHERE shard = ?",
                     (stream_id, now_ms, shard),
@@ -281,7 +276,7 @@ class SqlLedger:
         types: Sequence[str] = (),
         after_seq: int = 0,
         limit: int = 1000,
-    ) -> list[EntryRow]:
+    ) -> list[Entry]:
         sql = [f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE account_id = ? AND seq > ?"]
         params: list[Any] = [account_id, after_seq]
         if start_ms:
@@ -292,7 +287,7 @@ class SqlLedger:
             params.append(end_ms)
         if types:
             sql.append("AND type IN (" + ", ".join("?" for _ in types) + ")")
-            params.extend(types)
+            params.extend(str(t) for t in types)
         sql.append("ORDER BY seq LIMIT ?")
         params.append(limit)
         with self.transaction(write=False) as cur:
@@ -300,14 +295,15 @@ class SqlLedger:
             rows = cur.fetchall()
         return [_entry_row(r) for r in rows]
 
-    def usage_entries(self, since_ms: int, account_id: str = "") -> list[EntryRow]:
+    def usage_entries(self, since_ms: int, account_id: str = "") -> list[Entry]:
         """Charges and refunds that occurred at or after since_ms (all accounts when
         account_id is empty), in no particular order."""
+        usage_types = sorted(USAGE_TYPES)
         sql = (
             f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE occurred_at >= ? "
-            "AND type IN ('commit', 'late_commit', 'charge', 'refund')"
+            f"AND type IN ({', '.join('?' for _ in usage_types)})"
         )
-        params: list[Any] = [since_ms]
+        params: list[Any] = [since_ms, *usage_types]
         if account_id:
             sql += " AND account_id = ?"
             params.append(account_id)
@@ -361,9 +357,12 @@ class SqlLedger:
             )
             for account_id, etype, units, _count in cur.fetchall():
                 sums.setdefault(account_id, {})[etype] = int(units or 0)
+            # units that expired in a grant while a hold had them out
+            losing = (EntryType.RELEASE, EntryType.EXPIRE, EntryType.COMMIT, EntryType.REFUND)
             cur.execute(
                 "SELECT account_id, detail FROM ledger_entries "
-                "WHERE type IN ('release', 'expire', 'commit', 'refund')"
+                f"WHERE type IN ({', '.join('?' for _ in losing)})",
+                [str(t) for t in losing],
             )
             for account_id, detail in cur.fetchall():
                 lost = int(json.loads(detail).get("expired", "0") or 0)
@@ -480,19 +479,15 @@ def ledger_unavailable(exc: BaseException) -> bool:
     )
 
 
-def _entry_row(r: Sequence[Any]) -> EntryRow:
-    return EntryRow(
-        entry_id=r[0], account_id=r[1], seq=int(r[2]), type=r[3], reservation_id=r[4],
+def _entry_row(r: Sequence[Any]) -> Entry:
+    return Entry(
+        entry_id=r[0], account_id=r[1], seq=int(r[2]), type=EntryType(r[3]), reservation_id=r[4],
         operation=r[5], quantity=int(r[6]), units=int(r[7]), available_after=int(r[8]),
-        occurred_at_ms=int(r[9]), labels=json.loads(r[10]), idempotency_key=r[11],
-        detail=json.loads(r[13]),
+        occurred_at_ms=int(r[9]), labels=labels_of(r[10]), idempotency_key=r[11],
+        shard=int(r[12]), detail=json.loads(r[13]),
     )
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
-
-def _id_key(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)

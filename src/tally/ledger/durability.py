@@ -8,11 +8,10 @@ retry after a failed ledger write still ends durable.
 
 from __future__ import annotations
 
-from redis.exceptions import RedisError
-
 from tally.domain.errors import Unavailable
 from tally.ledger.backend import ledger_unavailable
 from tally.ledger.flusher import Flusher
+from tally.store.failures import StoreRefused, StoreUnreachable
 
 
 class MoneyInBarrier:
@@ -25,11 +24,10 @@ class MoneyInBarrier:
     async def settle_shard(self, shard: int) -> None:
         try:
             await self.flusher.flush_through(shard)
-        except (RedisError, OSError) as exc:
-            raise Unavailable(
-                f"the change is recorded but not yet durable in the ledger ({exc}); "
-                "retry with the same idempotency key"
-            ) from exc
+        except (StoreUnreachable, StoreRefused) as exc:
+            raise _not_durable(exc.reason) from exc
+        except OSError as exc:
+            raise _not_durable(str(exc)) from exc
         except Exception as exc:
             if ledger_unavailable(exc):
                 raise Unavailable(
@@ -37,3 +35,10 @@ class MoneyInBarrier:
                     "retry with the same idempotency key"
                 ) from exc
             raise
+
+
+def _not_durable(reason: str) -> Unavailable:
+    return Unavailable(
+        f"the change is recorded but not yet durable in the ledger ({reason}); "
+        "retry with the same idempotency key"
+    )

@@ -15,24 +15,19 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any
 
 import msgpack
-from redis.exceptions import ResponseError
 
 from tally import metrics
 from tally.domain.errors import Unavailable
 from tally.ledger.backend import SqlLedger, ledger_unavailable
-from tally.ledger.events import decode
-from tally.store.keys import KeySpace
+from tally.store.streams import EventStreams, ShardLag
 
 log = logging.getLogger("tally.flusher")
 
-GROUP = "ledger"
 BATCHES_PER_PASS_MAX = 20
 THROUGH_PASSES_MAX = 1000
 LAG_INTERVAL_S = 5.0
-LAG_COUNT_MAX = 10_000  # "waiting" is a lower bound beyond this
 
 
 @dataclass(frozen=True)
@@ -44,15 +39,6 @@ class FlusherSettings:
     stream_retention_ms: int = 0  # flushed events kept this long (watches resume from them)
 
 
-@dataclass(frozen=True)
-class ShardLag:
-    shard: int
-    length: int
-    pending: int
-    waiting: int
-    oldest_unflushed_ms: int  # 0 when nothing waits
-
-
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -60,116 +46,57 @@ def consumer_name() -> str:
 class Flusher:
     def __init__(
         self,
-        redis: Any,
-        keys: KeySpace,
+        streams: EventStreams,
         ledger: SqlLedger,
         settings: FlusherSettings,
         consumer: str | None = None,
     ) -> None:
-        self.redis = redis
-        self.keys = keys
+        self.streams = streams
+        self.keys = streams.keys
         self.ledger = ledger
         self.settings = settings
         self.consumer = consumer or consumer_name()
         self._stopping = asyncio.Event()
-        self._locks = [asyncio.Lock() for _ in range(keys.shards)]
+        self._locks = [asyncio.Lock() for _ in range(self.keys.shards)]
 
     async def ensure_groups(self) -> None:
-        for shard in range(self.keys.shards):
-            await self._ensure_group(shard)
-
-    async def _ensure_group(self, shard: int) -> None:
-        try:
-            await self.redis.xgroup_create(self.keys.events(shard), GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        await self.streams.ensure_groups()
 
     async def flush_shard(self, shard: int, *, steal: bool = False) -> int:
         """Flushes what the shard's stream holds now; returns the entries written.
         With steal, entries pending at other consumers are taken over at once
         (safe: writes are idempotent) so that everything so far is durable."""
         async with self._locks[shard]:
-            try:
-                return await self._flush_shard(shard, steal)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._ensure_group(shard)
-                return await self._flush_shard(shard, steal)
-
-    async def _flush_shard(self, shard: int, steal: bool) -> int:
-        stream = self.keys.events(shard)
-        total = 0
-        min_idle_ms = 0 if steal else self.settings.claim_idle_ms
-        for _ in range(BATCHES_PER_PASS_MAX):
-            # Our own pending entries first (a write that failed is retried at
-            # once), then ones a dead flusher left idle, then new ones.
-            entries = await self._read(stream, "0")
-            claimed = await self.redis.xautoclaim(
-                stream, GROUP, self.consumer, min_idle_time=min_idle_ms,
-                start_id="0-0", count=self.settings.batch,
-            )
-            entries.extend(claimed[1])
-            entries.extend(await self._read(stream, ">"))
-            live = [(sid, fields) for sid, fields in entries if fields]
-            if not entries:
-                break
-            events = [decode(shard, sid, fields) for sid, fields in live]
-            if events:
-                await asyncio.to_thread(self.ledger.write_batch, events)
-            await self.redis.xack(stream, GROUP, *[sid for sid, _ in entries])
-            total += len(events)
-        await self._trim(shard)
-        return total
-
-    async def _read(self, stream: str, position: str) -> list[Any]:
-        reply = await self.redis.xreadgroup(
-            GROUP, self.consumer, {stream: position}, count=self.settings.batch
-        )
-        return [entry for _, messages in reply for entry in messages]
+            total = 0
+            min_idle_ms = 0 if steal else self.settings.claim_idle_ms
+            for _ in range(BATCHES_PER_PASS_MAX):
+                delivery = await self.streams.take(
+                    shard, self.consumer, self.settings.batch, min_idle_ms
+                )
+                if not delivery.ids:
+                    break
+                if delivery.entries:
+                    await asyncio.to_thread(self.ledger.write_batch, delivery.entries)
+                await self.streams.acknowledge(shard, delivery.ids)
+                total += len(delivery.entries)
+            await self._trim(shard)
+            return total
 
     async def _trim(self, shard: int) -> None:
-        """Removes entries before the oldest one not yet acknowledged, keeping
-        flushed ones younger than the stream retention."""
-        stream = self.keys.events(shard)
-        # The group's position first, the pending entries second: whatever another
-        # flusher reads in between comes after that position, so it stays.
-        groups = await self.redis.xinfo_groups(stream)
-        ours = [g for g in groups if _text(g["name"]) == GROUP]
-        if not ours:
-            return
-        floor = _text(ours[0]["last-delivered-id"])
-        summary = await self.redis.xpending(stream, GROUP)
-        if summary["pending"]:
-            floor = min(floor, _text(summary["min"]), key=_id_key)
-        if self.settings.stream_retention_ms:
-            kept_from = f"{await self._redis_now_ms() - self.settings.stream_retention_ms}-0"
-            floor = min(floor, kept_from, key=_id_key)
-        await self.redis.xtrim(stream, minid=floor, approximate=False)
+        await self.streams.trim(shard, self.settings.stream_retention_ms)
 
     async def flush_through(self, shard: int) -> None:
         """Returns once every entry the shard's stream holds now is in the ledger
         (the money-in barrier). Raises Unavailable if that takes more than
         THROUGH_PASSES_MAX passes (a backlog the ledger cannot keep up with)."""
-        stream = self.keys.events(shard)
-        info = await self.redis.xinfo_stream(stream)
-        target = _text(info["last-generated-id"])
+        target = await self.streams.last_id(shard)
         for _ in range(THROUGH_PASSES_MAX):
             await self.flush_shard(shard, steal=True)
-            if await self._flushed_through(stream, target):
+            if await self.streams.acknowledged_through(shard, target):
                 return
         raise Unavailable(
             f"shard {shard}'s backlog did not reach the ledger in {THROUGH_PASSES_MAX} passes"
         )
-
-    async def _flushed_through(self, stream: str, target: str) -> bool:
-        groups = await self.redis.xinfo_groups(stream)
-        ours = [g for g in groups if _text(g["name"]) == GROUP]
-        if not ours or _id_key(_text(ours[0]["last-delivered-id"])) < _id_key(target):
-            return False
-        pending = await self.redis.xpending_range(stream, GROUP, min="-", max=target, count=1)
-        return not pending
 
     async def flush_all(self, *, steal: bool = False) -> int:
         total = 0
@@ -178,40 +105,7 @@ class Flusher:
         return total
 
     async def lag(self) -> list[ShardLag]:
-        now_ms = await self._redis_now_ms()
-        lags = []
-        for shard in range(self.keys.shards):
-            stream = self.keys.events(shard)
-            length = await self.redis.xlen(stream)
-            pending = 0
-            waiting = length
-            oldest = 0
-            with contextlib.suppress(ResponseError):
-                summary = await self.redis.xpending(stream, GROUP)
-                pending = int(summary["pending"])
-                groups = await self.redis.xinfo_groups(stream)
-                ours = [g for g in groups if _text(g["name"]) == GROUP]
-                last = _text(ours[0]["last-delivered-id"]) if ours else "0-0"
-                # XINFO's own `lag` is unknown after a trim, so count what follows
-                # the last delivered entry (bounded).
-                undelivered = await self.redis.xrange(
-                    stream, min=f"({last}", count=LAG_COUNT_MAX
-                )
-                waiting = pending + len(undelivered)
-                candidates = []
-                if pending:
-                    candidates.append(_text(summary["min"]))
-                if undelivered:
-                    candidates.append(_text(undelivered[0][0]))
-                if candidates:
-                    oldest_id = min(candidates, key=_id_key)
-                    oldest = max(0, now_ms - _id_key(oldest_id)[0])
-            lags.append(ShardLag(shard, int(length), pending, waiting, oldest))
-        return lags
-
-    async def _redis_now_ms(self) -> int:
-        seconds, micros = await self.redis.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+        return await self.streams.lag()
 
     async def snapshot(self, reason: str) -> int:
         """Freezes every account's flushed balance in the ledger."""
@@ -246,7 +140,7 @@ class Flusher:
                 metrics.FLUSHER_FAILURES.inc()
                 log.warning("flush pass failed", extra={"error": str(exc)})
             except Exception as exc:  # the ledger's driver errors vary by backend
-                if not _is_transient(exc):
+                if not ledger_unavailable(exc):
                     raise
                 metrics.FLUSHER_FAILURES.inc()
                 log.warning("flush pass failed", extra={"error": str(exc)})
@@ -273,20 +167,3 @@ def figures_of(state: bytes) -> dict[str, int]:
         "refunded": int(acct["total_refunded"]),
         "expired": int(acct["total_expired"]),
     }
-
-
-def _is_transient(exc: Exception) -> bool:
-    """Connection-level failures of Redis or the ledger, worth another pass."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
-
-    return isinstance(exc, RedisConnectionError | RedisTimeoutError) or ledger_unavailable(exc)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _id_key(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -10,21 +10,17 @@ itself: each account's totals must equal the sums of its entries.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
+from tally.domain.events import EntryType
 from tally.domain.usage import from_entries
 from tally.ledger.backend import SqlLedger, StateRow
 from tally.ledger.flusher import Flusher
-from tally.store.keys import META_KEY, KeySpace
+from tally.store.state_images import StateImages, unpack_image
 
 Progress = Callable[[str], None]
-USAGE_RETENTION_MS = 62 * 86_400_000  # as lib/account.lua keeps them
-PIPELINE_BATCH = 500
 VERIFY_ROUNDS_MAX = 5
 
 
@@ -50,63 +46,43 @@ class RecoveryResult:
     prices: int = 0
 
 
-def _unpack(raw: bytes) -> dict[str, Any]:
-    value = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-    if not isinstance(value, dict):
-        raise ValueError("state image is not a map")
-    return value
-
-
-async def redis_seqs(redis: Any, keys: KeySpace, account_ids: list[str]) -> dict[str, int]:
-    """Each account's event sequence in Redis (-1: missing)."""
-    seqs: dict[str, int] = {}
-    for start in range(0, len(account_ids), PIPELINE_BATCH):
-        chunk = account_ids[start : start + PIPELINE_BATCH]
-        pipe = redis.pipeline(transaction=False)
-        for account_id in chunk:
-            pipe.get(keys.account_keys(account_id)[0])
-        for account_id, raw in zip(chunk, await pipe.execute(), strict=True):
-            seqs[account_id] = -1 if raw is None else int(_unpack(raw).get("event_seq", 0))
-    return seqs
-
-
-async def stale_accounts(redis: Any, keys: KeySpace, ledger: SqlLedger) -> list[str]:
+async def stale_accounts(images: StateImages, ledger: SqlLedger) -> list[str]:
     """Accounts whose Redis copy is missing or older than the ledger's."""
     states = await asyncio.to_thread(ledger.account_states)
-    seqs = await redis_seqs(redis, keys, [s.account_id for s in states])
+    seqs = await images.account_seqs([s.account_id for s in states])
     return [s.account_id for s in states if seqs[s.account_id] < s.seq]
 
 
 async def recover(
-    redis: Any, keys: KeySpace, ledger: SqlLedger, now_ms: int, progress: Progress,
+    images: StateImages, ledger: SqlLedger, now_ms: int, progress: Progress,
     retention_ms: int,
 ) -> RecoveryResult:
     """retention_ms: how long closed reservations stay (--reservation-retention)."""
     result = RecoveryResult()
     states = await asyncio.to_thread(ledger.account_states)
-    seqs = await redis_seqs(redis, keys, [s.account_id for s in states])
+    seqs = await images.account_seqs([s.account_id for s in states])
     stale = {s.account_id for s in states if seqs[s.account_id] < s.seq}
     progress(f"{len(states)} accounts in the ledger, {len(stale)} missing or behind in Redis")
     for index, state in enumerate(s for s in states if s.account_id in stale):
-        await redis.set(keys.account_keys(state.account_id)[0], state.state)
-        await _rebuild_usage(redis, keys, ledger, state.account_id, _unpack(state.state))
+        await images.restore_account(state.account_id, state.state)
+        await _rebuild_usage(images, ledger, state.account_id, unpack_image(state.state))
         result.accounts += 1
         if (index + 1) % 1000 == 0:
             progress(f"  {index + 1} accounts restored")
     for row in await asyncio.to_thread(ledger.reservation_states):
         if row.account_id not in stale:
             continue
-        if await _restore_reservation(
-            redis, keys, row.key, row.account_id, row.state, now_ms, retention_ms
-        ):
+        if await _restore_reservation(images, row, now_ms, retention_ms):
             result.reservations += 1
     for row in await asyncio.to_thread(ledger.idempotency_states, now_ms):
         if row.account_id not in stale:
             continue
-        await redis.set(row.key, row.state, px=max(1, row.expires_at_ms - now_ms))
+        await images.restore_idempotency(row.key, row.state, max(1, row.expires_at_ms - now_ms))
         result.idempotency_records += 1
-    result.prices = await _restore_catalog(redis, keys, ledger)
-    await redis.hsetnx(META_KEY, "shards", keys.shards)
+    prices = await asyncio.to_thread(ledger.catalog_prices)
+    await images.restore_catalog(prices)
+    result.prices = len(prices)
+    await images.restore_deployment()
     progress(
         f"restored {result.accounts} accounts, {result.reservations} reservations, "
         f"{result.idempotency_records} idempotency records, {result.prices} prices"
@@ -115,72 +91,34 @@ async def recover(
 
 
 async def _rebuild_usage(
-    redis: Any, keys: KeySpace, ledger: SqlLedger, account_id: str, acct: dict[str, Any]
+    images: StateImages, ledger: SqlLedger, account_id: str, acct: dict[str, Any]
 ) -> None:
     """The current period's usage counters, recomputed from the ledger's entries."""
     period_start, period_end = int(acct["period_start"]), int(acct["period_end"])
     entries = await asyncio.to_thread(ledger.usage_entries, period_start, account_id)
-    key = keys.usage(account_id, period_start)
-    await redis.delete(key)
-    for usage in from_entries(entries):
-        if usage.bucket_ms < period_start:
-            continue  # a refund of an earlier period's charge counts there
-        pairs = sorted(usage.labels.items())
-        suffix = (
-            f"{usage.bucket_ms}|{usage.operation}|"
-            f"{json.dumps([list(p) for p in pairs], separators=(',', ':')) if pairs else ''}"
-        )
-        await redis.hincrby(key, f"u|{suffix}", usage.units)
-        if usage.quantity:
-            await redis.hincrby(key, f"q|{suffix}", usage.quantity)
-        if usage.count:
-            await redis.hincrby(key, f"c|{suffix}", usage.count)
-    if await redis.exists(key):
-        await redis.pexpireat(key, period_end + USAGE_RETENTION_MS)
+    # a refund of an earlier period's charge counts there
+    usages = [u for u in from_entries(entries) if u.bucket_ms >= period_start]
+    await images.restore_usage(account_id, period_start, period_end, usages)
 
 
 async def _restore_reservation(
-    redis: Any, keys: KeySpace, reservation_id: str, account_id: str, state: bytes,
-    now_ms: int, retention_ms: int,
+    images: StateImages, row: StateRow, now_ms: int, retention_ms: int
 ) -> bool:
     """An open hold comes back with its expiry indexes; a closed one only for what is
     left of its retention (as the scripts keep it). Returns whether it came back."""
-    hold = _unpack(state)
-    _, holds_key, expiries_key, _ = keys.account_keys(account_id)
+    hold = unpack_image(row.state)
     if hold["state"] == "HELD":
-        await redis.set(keys.reservation(reservation_id), state)
-        await redis.zadd(holds_key, {reservation_id: int(hold["expires_at"])})
-        await redis.zadd(expiries_key, {reservation_id: int(hold["expires_at"])})
+        await images.restore_open_hold(row.key, row.account_id, row.state, int(hold["expires_at"]))
         return True
     left_ms = int(hold.get("closed_at", 0)) + retention_ms - now_ms
     if left_ms <= 0:
         return False
-    await redis.set(keys.reservation(reservation_id), state, px=left_ms)
+    await images.restore_closed_hold(row.key, row.state, left_ms)
     return True
 
 
-async def _restore_catalog(redis: Any, keys: KeySpace, ledger: SqlLedger) -> int:
-    prices = await asyncio.to_thread(ledger.catalog_prices)
-    newest: dict[str, tuple[int, int, int]] = {}
-    for operation, version, price, at_ms in prices:
-        await redis.hset(keys.price_history(0), f"{operation}@{version}", price)
-        if operation not in newest or version > newest[operation][0]:
-            newest[operation] = (version, price, at_ms)
-    for operation, (version, price, at_ms) in newest.items():
-        current = await redis.hget(keys.prices(0), operation)
-        if current is None or _unpack(current)["version"] < version:
-            record = msgpack.packb({"price": price, "version": version, "at": at_ms})
-            await redis.hset(keys.prices(0), operation, record)
-    if prices:
-        top = max(version for _, version, _, _ in prices)
-        stored = await redis.hget(keys.catalog_meta(), "version")
-        if stored is None or int(stored) < top:
-            await redis.hset(keys.catalog_meta(), "version", top)
-    return len(prices)
-
-
 async def verify(
-    redis: Any, keys: KeySpace, ledger: SqlLedger, flusher: Flusher, progress: Progress
+    images: StateImages, ledger: SqlLedger, flusher: Flusher, progress: Progress
 ) -> Report:
     """Flushes everything, then compares every account in Redis and the ledger.
     An account that moved again while it was compared (live traffic, the reaper)
@@ -192,13 +130,13 @@ async def verify(
         written = await flusher.flush_all(steal=True)
         progress(f"flushed {written} events")
         states = {s.account_id: s for s in await asyncio.to_thread(ledger.account_states)}
-        redis_ids = set(await _redis_account_ids(redis, keys))
+        redis_ids = set(await images.account_ids())
         moved: set[str] = set()
         for account_id in sorted(set(states) | redis_ids):
             if suspects is not None and account_id not in suspects:
                 continue
             differences, ahead = await _compare_account(
-                redis, keys, account_id, states.get(account_id), account_id in redis_ids
+                images, account_id, states.get(account_id), account_id in redis_ids
             )
             settled[account_id] = differences
             if ahead:
@@ -212,32 +150,25 @@ async def verify(
         report.differences.extend(settled[account_id])
     sums = await asyncio.to_thread(ledger.entry_sums)
     for account_id, state in states.items():
-        audit = _audit(account_id, _unpack(state.state), sums.get(account_id, {}))
+        audit = _audit(account_id, unpack_image(state.state), sums.get(account_id, {}))
         report.differences.extend(audit)
     return report
 
 
 async def _compare_account(
-    redis: Any, keys: KeySpace, account_id: str, state: StateRow | None, in_redis_ids: bool
+    images: StateImages, account_id: str, state: StateRow | None, in_redis_ids: bool
 ) -> tuple[list[Difference], bool]:
     """The account's differences, and whether Redis is ahead of the ledger (it moved)."""
-    raw = await redis.get(keys.account_keys(account_id)[0]) if in_redis_ids else None
+    raw = await images.account(account_id) if in_redis_ids else None
     if state is None:
         return [Difference(account_id, "account", "present", "missing")], False
     if raw is None:
         return [Difference(account_id, "account", "missing", "present")], False
-    in_redis, in_ledger = _unpack(raw), _unpack(state.state)
+    in_redis, in_ledger = unpack_image(raw), unpack_image(state.state)
     if in_redis == in_ledger:
         return [], False
     ahead = in_redis.get("event_seq", 0) > in_ledger.get("event_seq", 0)
     return _compare(account_id, in_redis, in_ledger), ahead
-
-
-async def _redis_account_ids(redis: Any, keys: KeySpace) -> list[str]:
-    ids = []
-    async for key in redis.scan_iter(match="tally:{*}:acct:*", count=1000):
-        ids.append(key.decode().split(":acct:", 1)[1])
-    return ids
 
 
 def _compare(
@@ -255,13 +186,14 @@ def _compare(
 
 def _audit(account_id: str, acct: dict[str, Any], sums: dict[str, int]) -> list[Difference]:
     """The account's totals against the sums of its ledger entries."""
+    def total(*types: EntryType) -> int:
+        return sum(sums.get(t, 0) for t in types)
+
     expected = {
-        "total_granted": sums.get("allotment", 0) + sums.get("purchase", 0)
-        + sums.get("overage", 0),
-        "total_charged": sums.get("commit", 0) + sums.get("late_commit", 0)
-        + sums.get("charge", 0),
-        "total_refunded": sums.get("refund", 0),
-        "total_expired": sums.get("allotment_expire", 0) + sums.get("grant_expire", 0)
+        "total_granted": total(EntryType.ALLOTMENT, EntryType.PURCHASE, EntryType.OVERAGE),
+        "total_charged": total(EntryType.COMMIT, EntryType.LATE_COMMIT, EntryType.CHARGE),
+        "total_refunded": total(EntryType.REFUND),
+        "total_expired": total(EntryType.ALLOTMENT_EXPIRE, EntryType.GRANT_EXPIRE)
         + sums.get("lost", 0),
     }
     return [

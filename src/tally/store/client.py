@@ -9,9 +9,7 @@ retry with their idempotency key instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -19,13 +17,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
-    BusyLoadingError,
     NoScriptError,
-    ReadOnlyError,
-    ResponseError,
 )
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from tally import metrics
@@ -37,6 +30,7 @@ from tally.domain.errors import (
     TallyError,
     Unavailable,
 )
+from tally.store.failures import store_errors
 from tally.store.scripts import LuaScript, load_all
 
 # A call with less time left than this is refused before it reaches Redis: it
@@ -59,22 +53,6 @@ def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aiore
         # turn every pooled connection into one UNAVAILABLE after each restart.
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
-
-
-@contextlib.contextmanager
-def store_errors() -> Iterator[None]:
-    """Connection-level Redis failures become Unavailable (safe to retry)."""
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError) as exc:
-        raise Unavailable(
-            f"the store is unreachable ({type(exc).__name__}); "
-            "retry with the same idempotency key"
-        ) from exc
-    except ResponseError as exc:
-        if str(exc).startswith("OOM"):
-            raise Unavailable("the store is out of memory") from exc
-        raise
 
 
 def _decode(value: Any) -> Any:
@@ -169,4 +147,4 @@ class ScriptRunner:
             return await command(script.sha, len(keys), *keys, payload)
 
 
-__all__ = ["ScriptRunner", "TallyError", "connect"]
+__all__ = ["ScriptRunner", "TallyError", "connect", "store_errors"]

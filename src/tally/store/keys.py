@@ -105,3 +105,11 @@ class KeySpace:
                 field_name="reservation_id",
             )
         return ReservationRef(shard=shard, account_id=account_id, reservation_id=reservation_id)
+
+    def account_pattern(self) -> str:
+        """A SCAN pattern matching the account key of every account of every shard."""
+        return "tally:{*}:acct:*"
+
+    def account_id_of(self, account_key: str) -> str:
+        """The account id an account key names."""
+        return account_key.split(":acct:", 1)[1]

@@ -37,6 +37,9 @@ class QuotaStore:
     def redis(self) -> Any:
         return self.runner.redis
 
+    async def close(self) -> None:
+        await self.redis.aclose()
+
     def _base(self, account_id: str) -> dict[str, Any]:
         shard = self.keys.shard_of(account_id)
         return {
