@@ -49,9 +49,9 @@ AMBIGUOUS = frozenset(
     }
 )
 POLICIES: dict[str, common_pb2.OveragePolicy.ValueType] = {
-    "deny": common_pb2.DENY,
-    "allow": common_pb2.ALLOW,
-    "auto_purchase": common_pb2.AUTO_PURCHASE,
+    "deny": common_pb2.OVERAGE_POLICY_DENY,
+    "allow": common_pb2.OVERAGE_POLICY_ALLOW,
+    "auto_purchase": common_pb2.OVERAGE_POLICY_AUTO_PURCHASE,
 }
 
 Handler = Callable[[argparse.Namespace, "Api"], int]
@@ -246,7 +246,7 @@ def _create(args: argparse.Namespace, api: Api) -> int:
         billing_anchor_day=args.anchor_day,
         alerts=_alerts(args),
     )
-    account = api.accounts.CreateAccount(request, timeout=api.timeout_s)
+    account = api.accounts.CreateAccount(request, timeout=api.timeout_s).account
     note = "(the account already existed with these settings; nothing changed)"
     _emit(
         args,
@@ -259,10 +259,10 @@ def _create(args: argparse.Namespace, api: Api) -> int:
 def _show(args: argparse.Namespace, api: Api) -> int:
     account = api.accounts.GetAccount(
         account_pb2.GetAccountRequest(account_id=args.account_id), timeout=api.timeout_s
-    )
+    ).account
     balance = api.quota.GetBalance(
         quota_pb2.GetBalanceRequest(account_id=args.account_id), timeout=api.timeout_s
-    )
+    ).balance
 
     def text() -> str:
         return "\n\n".join(
@@ -299,7 +299,7 @@ def _update(args: argparse.Namespace, api: Api) -> int:
     alerts = _alerts(args)
     if alerts is not None:
         request.alerts.CopyFrom(alerts)
-    account = api.accounts.UpdateAccount(request, timeout=api.timeout_s)
+    account = api.accounts.UpdateAccount(request, timeout=api.timeout_s).account
     _emit(args, output.message_dict(account), lambda: _account_text(account))
     return 0
 
@@ -319,7 +319,7 @@ def _purchase(args: argparse.Namespace, api: Api) -> int:
     )
     if args.expires_at is not None:
         request.expires_at.CopyFrom(args.expires_at)
-    grant = api.accounts.PurchaseUnits(request, timeout=api.timeout_s)
+    grant = api.accounts.PurchaseUnits(request, timeout=api.timeout_s).grant
 
     def text() -> str:
         return output.fields(
@@ -375,7 +375,7 @@ def _prices_set(args: argparse.Namespace, api: Api) -> int:
             operation=args.operation, units_per_quantity=args.units_per_quantity
         ),
         timeout=api.timeout_s,
-    )
+    ).price
     _emit(args, output.message_dict(price), lambda: _price_table([price]))
     return 0
 
@@ -383,7 +383,7 @@ def _prices_set(args: argparse.Namespace, api: Api) -> int:
 def _balance(args: argparse.Namespace, api: Api) -> int:
     balance = api.quota.GetBalance(
         quota_pb2.GetBalanceRequest(account_id=args.account_id), timeout=api.timeout_s
-    )
+    ).balance
 
     def text() -> str:
         head = output.fields([("account", balance.account_id), *_balance_rows(balance)])
@@ -456,7 +456,7 @@ def _budgets_set(args: argparse.Namespace, api: Api) -> int:
     reply = api.accounts.SetBudget(
         account_pb2.SetBudgetRequest(account_id=args.account_id, budget=budget),
         timeout=api.timeout_s,
-    )
+    ).budget
     _emit(args, output.message_dict(reply), lambda: _budget_table([reply]))
     return 0
 
@@ -473,7 +473,7 @@ def _budgets_delete(args: argparse.Namespace, api: Api) -> int:
     reply = api.accounts.DeleteBudget(
         account_pb2.DeleteBudgetRequest(account_id=args.account_id, budget_id=args.budget_id),
         timeout=api.timeout_s,
-    )
+    ).budget
     _emit(args, output.message_dict(reply), lambda: f"deleted {reply.budget_id}")
     return 0
 
@@ -509,7 +509,7 @@ def _report(args: argparse.Namespace, api: Api) -> int:
         if args.account_id:
             account = api.accounts.GetAccount(
                 account_pb2.GetAccountRequest(account_id=args.account_id), timeout=api.timeout_s
-            )
+            ).account
             anchor_day = account.billing_anchor_day
         start, end = _period_bounds(args.period, anchor_day)
         request.start.CopyFrom(start)
@@ -520,7 +520,7 @@ def _report(args: argparse.Namespace, api: Api) -> int:
         request.end.CopyFrom(args.end)
     report = usage_pb2_grpc.UsageServiceStub(api.channel).GetUsageReport(
         request, timeout=api.timeout_s
-    )
+    ).report
     if args.format == "json" or args.json:
         print(output.dumps(output.message_dict(report)))
         return 0
@@ -610,7 +610,7 @@ def _plan_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
     parser.add_argument(
         "--policy",
         type=_policy,
-        default=None if update else common_pb2.DENY,
+        default=None if update else common_pb2.OVERAGE_POLICY_DENY,
         metavar="{deny,allow,auto_purchase}",
         help="what happens when the grants run out" + ("" if update else " (default: deny)"),
     )
