@@ -11,7 +11,7 @@ from tally.ledger.backend import EntryRow
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 
 # The store and its Lua scripts name policies and grant kinds without the wire
-# enums' prefixes: one table each, read both ways.
+# enums' prefixes: one table each.
 OVERAGE_POLICIES: dict[str, common_pb2.OveragePolicy.ValueType] = {
     "DENY": common_pb2.OVERAGE_POLICY_DENY,
     "ALLOW": common_pb2.OVERAGE_POLICY_ALLOW,
