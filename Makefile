@@ -5,9 +5,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/tally/v1/*.proto)
+SERVICE_CONFIG := protos/tally/v1/service_config.json
 STUBS := src/tally/v1/quota_pb2.py
+# buf (lint and breaking-change checks of protos/) from the npm registry, pinned.
+BUF_VERSION := 1.75.0
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+BUF_INSTALLED := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup proto run test lint typecheck unit clean
+.PHONY: setup proto protolint run test lint typecheck unit clean
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -18,8 +24,18 @@ $(INSTALLED): pyproject.toml constraints.txt
 	touch $(INSTALLED)
 
 # The one command that generates the Python stubs from protos/ (not committed).
-proto $(STUBS): $(INSTALLED) $(PROTOS) scripts/gen_protos.sh
+proto $(STUBS): $(INSTALLED) $(PROTOS) $(SERVICE_CONFIG) scripts/gen_protos.sh
 	PYTHON=$(PY) ./scripts/gen_protos.sh
+
+$(BUF_INSTALLED):
+	@command -v npm >/dev/null || { echo "make: npm is needed to install buf (apt-get install -y npm)"; exit 1; }
+	npm install --prefix $(TOOLS) --no-save --ignore-scripts --no-audit --no-fund @bufbuild/buf@$(BUF_VERSION)
+	touch $@
+
+# buf's STANDARD lint rules, and no breaking change against the committed protos.
+protolint: $(BUF_INSTALLED)
+	$(BUF) lint
+	$(BUF) breaking --against '.git#ref=HEAD,subdir=protos'
 
 run: setup
 	@if [ -z "$$TALLY_REDIS_URL" ] && ! command -v redis-server >/dev/null; then \
@@ -36,8 +52,9 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+test: lint typecheck protolint
 	$(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) src/tally/v1/*_pb2*.py src/tally/v1/*_pb2*.pyi .mypy_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS) src/tally/v1/*_pb2*.py src/tally/v1/*_pb2*.pyi src/tally/v1/service_config.json \
+	  .mypy_cache .pytest_cache

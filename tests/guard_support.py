@@ -124,14 +124,15 @@ async def snapshot(running: Running, account_id: str, *others: str) -> Snapshot:
 
 async def create_account(running: Running, account_id: str, **fields: Any) -> account_pb2.Account:
     fields.setdefault("monthly_allotment", 1000)
-    answer: account_pb2.Account = await aio(running).accounts.CreateAccount(
+    answer: account_pb2.CreateAccountResponse = await aio(running).accounts.CreateAccount(
         account_pb2.CreateAccountRequest(account_id=account_id, **fields)
     )
-    return answer
+    return answer.account
 
 
 async def balance(running: Running, account_id: str) -> Any:
-    return await aio(running).quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
+    reply = await aio(running).quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
+    return reply.balance
 
 
 def assert_books(b: Any) -> None:

@@ -12,6 +12,12 @@ moves a unit twice. Only UNAVAILABLE is retried, with capped exponential
 backoff and jitter; DEADLINE_EXCEEDED and every other status surface at once
 as a `TallyRpcError`. `timeout_s` bounds a whole logical call, retries and
 backoff included.
+
+The channel the client makes carries the service config shipped with the
+protos (tally/v1/service_config.json), so gRPC itself retries UNAVAILABLE
+first; the loop here retries on top of it what gRPC gives up on (a call the
+server had started to answer, gRPC's attempts or retry budget used up) and
+covers a `channel` passed in without that config.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from importlib import resources
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -102,6 +109,11 @@ def _shortfall(metadata: grpc.aio.Metadata | None) -> tuple[int | None, int | No
     return None, None
 
 
+def service_config() -> str:
+    """The gRPC service config (JSON) of every Tally service: retries of UNAVAILABLE."""
+    return resources.files("tally.v1").joinpath("service_config.json").read_text("utf-8")
+
+
 def _key(value: str | None) -> str:
     return value if value else str(uuid.uuid4())
 
@@ -149,7 +161,11 @@ class TallyClient:
         self._channel = (
             channel
             if channel is not None
-            else grpc.aio.insecure_channel(target, interceptors=interceptors)
+            else grpc.aio.insecure_channel(
+                target,
+                options=[("grpc.service_config", service_config())],
+                interceptors=interceptors,
+            )
         )
         self._quota = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._accounts = account_pb2_grpc.AccountServiceStub(self._channel)
@@ -270,7 +286,7 @@ class TallyClient:
         )
         return await self._call(self._quota.Charge, request)
 
-    async def extend(self, reservation_id: str, ttl_s: float) -> quota_pb2.ReserveResponse:
+    async def extend(self, reservation_id: str, ttl_s: float) -> quota_pb2.ExtendResponse:
         """Keeps a hold alive: its new lifetime is `ttl_s` from now."""
         request = quota_pb2.ExtendRequest(reservation_id=reservation_id, ttl=_duration(ttl_s))
         return await self._call(self._quota.Extend, request)
@@ -285,9 +301,10 @@ class TallyClient:
         return await self._call(self._quota.Quote, request)
 
     async def balance(self, account_id: str) -> common_pb2.Balance:
-        return await self._call(
+        reply = await self._call(
             self._quota.GetBalance, quota_pb2.GetBalanceRequest(account_id=account_id)
         )
+        return reply.balance
 
     async def purchase(
         self,
@@ -307,7 +324,7 @@ class TallyClient:
         )
         if expires_at is not None:
             request.expires_at.CopyFrom(_timestamp(expires_at))
-        return await self._call(self._accounts.PurchaseUnits, request)
+        return (await self._call(self._accounts.PurchaseUnits, request)).grant
 
     def hold(
         self,
@@ -363,18 +380,19 @@ class Hold:
         self.committed: quota_pb2.CommitResponse | None = None
         self.released: quota_pb2.RefundResponse | None = None
 
-    @property
-    def reservation_id(self) -> str:
+    def _reserved(self) -> quota_pb2.ReserveResponse:
         if self.reservation is None:
             raise RuntimeError("the hold is not reserved yet (use it with `async with`)")
-        return self.reservation.reservation_id
+        return self.reservation
+
+    @property
+    def reservation_id(self) -> str:
+        return self._reserved().reservation_id
 
     @property
     def units(self) -> int:
         """Units held."""
-        if self.reservation is None:
-            raise RuntimeError("the hold is not reserved yet (use it with `async with`)")
-        return self.reservation.units
+        return self._reserved().units
 
     def deliver(self, quantity: int) -> None:
         """Commits `quantity` (at most what was reserved) instead of the whole."""
@@ -382,10 +400,13 @@ class Hold:
             raise ValueError(f"deliver() takes 0..{self.quantity}, got {quantity}")
         self._delivered = quantity
 
-    async def extend(self, ttl_s: float) -> quota_pb2.ReserveResponse:
-        """Keeps the hold alive for `ttl_s` more seconds from now."""
-        reply = await self._client.extend(self.reservation_id, ttl_s)
-        self.reservation = reply
+    async def extend(self, ttl_s: float) -> quota_pb2.ExtendResponse:
+        """Keeps the hold alive for `ttl_s` more seconds from now; `reservation`
+        then shows the new expiry and balance."""
+        reservation = self._reserved()
+        reply = await self._client.extend(reservation.reservation_id, ttl_s)
+        reservation.expires_at.CopyFrom(reply.expires_at)
+        reservation.balance.CopyFrom(reply.balance)
         return reply
 
     async def __aenter__(self) -> Self:

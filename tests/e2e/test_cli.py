@@ -57,7 +57,7 @@ async def test_accounts_create_show_update_in_json(running: Running) -> None:
     ).json()
     assert created["account_id"] == account_id
     assert created["monthly_allotment"] == 5000
-    assert created["overage_policy"] == "ALLOW"
+    assert created["overage_policy"] == "OVERAGE_POLICY_ALLOW"
     assert created["overage_limit"] == 250
     assert created["billing_anchor_day"] == 3
     assert created["labels"] == {"team": "imaging", "tier": "pro"}
@@ -78,7 +78,7 @@ async def test_accounts_create_show_update_in_json(running: Running) -> None:
     assert shown["balance"]["available"] == 5000
     assert shown["balance"]["held"] == 0
     assert shown["balance"]["overage_limit"] == 250
-    assert [g["kind"] for g in shown["balance"]["grants"]] == ["ALLOTMENT"]
+    assert [g["kind"] for g in shown["balance"]["grants"]] == ["GRANT_KIND_ALLOTMENT"]
 
     updated = (
         await tally(
@@ -88,7 +88,7 @@ async def test_accounts_create_show_update_in_json(running: Running) -> None:
         )
     ).json()
     assert updated["monthly_allotment"] == 8000
-    assert updated["overage_policy"] == "DENY"
+    assert updated["overage_policy"] == "OVERAGE_POLICY_DENY"
     assert updated["overage_limit"] == 0
     assert updated["labels"] == {"tier": "enterprise"}
     # A new allotment applies from the next period: this period keeps 5000.
@@ -107,7 +107,7 @@ async def test_accounts_commands_in_table_mode(running: Running) -> None:
     lines = created.out.splitlines()
     assert lines[0].split() == ["account", account_id]
     assert "monthly allotment        5000" in created.out
-    assert "overage policy           DENY" in created.out
+    assert "overage policy           OVERAGE_POLICY_DENY" in created.out
     assert f"created at               {T0_ISO}" in created.out
     assert "labels                   team=x" in created.out
     # The value column starts at the same place on every line.
@@ -119,14 +119,14 @@ async def test_accounts_commands_in_table_mode(running: Running) -> None:
     assert "available" in shown.out and " 5000" in shown.out
     header = next(line for line in shown.out.splitlines() if line.startswith("GRANT"))
     assert header.split() == ["GRANT", "KIND", "GRANTED", "REMAINING", "EXPIRES", "REFERENCE"]
-    assert "ALLOTMENT" in shown.out
+    assert "GRANT_KIND_ALLOTMENT" in shown.out
 
     updated = await tally(
         "accounts", "update", account_id, "--overage-limit", "300", "--policy", "allow",
         *target,
     )
     assert updated.code == 0, updated.err
-    assert "overage policy           ALLOW" in updated.out
+    assert "overage policy           OVERAGE_POLICY_ALLOW" in updated.out
     assert "overage limit            300" in updated.out
 
 
@@ -147,7 +147,7 @@ async def test_purchase_and_balance(running: Running) -> None:
     assert bought["account_id"] == account_id
     key = bought["idempotency_key"]
     assert len(key) == 36  # a fresh uuid4
-    assert bought["grant"]["kind"] == "PURCHASE"
+    assert bought["grant"]["kind"] == "GRANT_KIND_PURCHASE"
     assert bought["grant"]["units_granted"] == 1000
     assert bought["grant"]["reference"] == "inv-42"
     assert bought["grant"]["expires_at"] == "2027-06-30T00:00:00Z"
@@ -169,8 +169,8 @@ async def test_purchase_and_balance(running: Running) -> None:
     assert (balance["overage_used"], balance["overage_limit"]) == (0, 0)
     assert balance["period_consumed"] == 0
     assert [(g["kind"], g["units_remaining"]) for g in balance["grants"]] == [
-        ("ALLOTMENT", 5000),
-        ("PURCHASE", 1000),
+        ("GRANT_KIND_ALLOTMENT", 5000),
+        ("GRANT_KIND_PURCHASE", 1000),
     ]
     assert balance["period_start"] < T0_ISO < balance["period_end"]
 
@@ -189,9 +189,9 @@ async def test_purchase_and_balance(running: Running) -> None:
     assert "overage used / limit  0 / 0" in text.out
     grants = rows[rows.index(next(r for r in rows if r.startswith("GRANT"))) + 1 :]
     assert [row.split()[1:4] for row in grants] == [
-        ["ALLOTMENT", "5000", "5000"],
-        ["PURCHASE", "1000", "1000"],
-        ["PURCHASE", "250", "250"],
+        ["GRANT_KIND_ALLOTMENT", "5000", "5000"],
+        ["GRANT_KIND_PURCHASE", "1000", "1000"],
+        ["GRANT_KIND_PURCHASE", "250", "250"],
     ]
     assert "2027-06-30T00:00:00Z" in grants[1]
     assert grants[2].split()[4] == "never"

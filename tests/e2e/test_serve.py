@@ -109,7 +109,7 @@ def test_sigterm_shuts_down_cleanly_and_data_survives_restart(
     with grpc.insecure_channel(address) as channel:
         b = quota_pb2_grpc.QuotaServiceStub(channel).GetBalance(
             quota_pb2.GetBalanceRequest(account_id="durable")
-        )
+        ).balance
     assert (b.available, b.units_charged_total) == (4930, 70)
 
 
@@ -140,7 +140,7 @@ def test_sigkill_takes_the_embedded_redis_down_and_restart_recovers(
     with grpc.insecure_channel(address) as channel:
         b = quota_pb2_grpc.QuotaServiceStub(channel).GetBalance(
             quota_pb2.GetBalanceRequest(account_id="crashy")
-        )
+        ).balance
     assert b.available == 150
 
 
@@ -188,6 +188,6 @@ def test_a_server_under_faketime_reads_its_clock_in_one_place(
     with grpc.insecure_channel(address) as channel:
         account = account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
             account_pb2.CreateAccountRequest(account_id="shifted", monthly_allotment=10)
-        )
+        ).account
     shift_s = account.created_at.seconds - time.time()
     assert 39 * 86400 < shift_s < 41 * 86400

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from tally.client import TallyClient, TallyRpcError
-from tally.v1 import account_pb2, account_pb2_grpc
+from tally.v1 import account_pb2, account_pb2_grpc, common_pb2, quota_pb2, quota_pb2_grpc
 from tests.support import Running, unique
 
 UPSCALE = "image.upscale"  # 10 units per quantity in the default catalog
@@ -243,3 +243,45 @@ async def test_hold_releases_when_the_task_is_cancelled(
         await task
     after = await client.balance(account_id)
     assert (after.available, after.held) == (5000, 0)
+
+
+class FlakyBalances(quota_pb2_grpc.QuotaServiceServicer):
+    """A QuotaService whose GetBalance answers UNAVAILABLE `failures` times, then a balance."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def GetBalance(
+        self, request: quota_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> quota_pb2.GetBalanceResponse:
+        self.calls += 1
+        if self.calls <= self.failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+        return quota_pb2.GetBalanceResponse(
+            balance=common_pb2.Balance(account_id=request.account_id, available=7)
+        )
+
+
+async def test_the_channel_retries_unavailable_by_the_service_config() -> None:
+    """Proves the client's own channel carries the service config: gRPC retries UNAVAILABLE
+    beneath a client allowed one attempt, which a channel without the config does not."""
+    server = grpc.aio.server()
+    servicer = FlakyBalances(failures=2)
+    quota_pb2_grpc.add_QuotaServiceServicer_to_server(servicer, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    try:
+        async with TallyClient(address, max_attempts=1) as tally:
+            balance = await tally.balance("acct-1")
+        assert (balance.account_id, balance.available, servicer.calls) == ("acct-1", 7, 3)
+
+        servicer.calls = 0
+        plain = grpc.aio.insecure_channel(address)
+        async with TallyClient(address, max_attempts=1, channel=plain) as tally:
+            with pytest.raises(TallyRpcError) as raised:
+                await tally.balance("acct-1")
+        await plain.close()
+        assert (raised.value.code, servicer.calls) == (grpc.StatusCode.UNAVAILABLE, 1)
+    finally:
+        await server.stop(None)

@@ -192,7 +192,7 @@ async def workload(running: Running) -> list[str]:
     quota, accounts = aio(running).quota, aio(running).accounts
     ids = [unique("slot") for _ in range(6)]
     for i, account_id in enumerate(ids):
-        await create_account(running, account_id, overage_policy=common_pb2.ALLOW,
+        await create_account(running, account_id, overage_policy=common_pb2.OVERAGE_POLICY_ALLOW,
                              overage_limit=100, labels={"team": f"t{i}"})
         held = await quota.Reserve(quota_pb2.ReserveRequest(
             account_id=account_id, operation="image.upscale", quantity=3,

@@ -70,9 +70,9 @@ async def test_money_in_is_in_the_ledger_before_it_is_acknowledged(durable: Runn
         )
     )
     operation = f"test.money-{unique('op')}"
-    price = await durable.catalog.SetPrice(
+    price = (await durable.catalog.SetPrice(
         catalog_pb2.SetPriceRequest(operation=operation, units_per_quantity=4)
-    )
+    )).price
     ledger = durable.authority.ledger
     entries = await asyncio.to_thread(ledger.entries, account_id)
     assert [(e.type, e.units) for e in entries] == [

@@ -134,7 +134,7 @@ async def drive_overage(running: Running, account_id: str) -> int:
     Commit image.upscale x1 (10: 5 available, 5 overage), then Charge sdxl x1 (5, all
     overage). Returns the overage units the responses reported."""
     await create_account(
-        running, account_id, monthly_allotment=15, overage_policy=common_pb2.ALLOW,
+        running, account_id, monthly_allotment=15, overage_policy=common_pb2.OVERAGE_POLICY_ALLOW,
         overage_limit=100,
     )
     stubs = aio(running)

@@ -80,8 +80,8 @@ DAY_MS = 24 * HOUR_MS
 OPERATIONS = ("image.generate.sdxl", "image.upscale", "image.vectorize")
 ACCOUNTS_MAX = 3
 HOLD_TTL_S_MAX = 3600  # the server's default hold_ttl_max
-POLICY_ENUM = {DENY: common_pb2.DENY, ALLOW: common_pb2.ALLOW,
-               AUTO_PURCHASE: common_pb2.AUTO_PURCHASE}
+POLICY_ENUM = {DENY: common_pb2.OVERAGE_POLICY_DENY, ALLOW: common_pb2.OVERAGE_POLICY_ALLOW,
+               AUTO_PURCHASE: common_pb2.OVERAGE_POLICY_AUTO_PURCHASE}
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,8 @@ def balance_figures(b: common_pb2.Balance) -> dict[str, Any]:
         "granted": b.units_granted_total, "charged": b.units_charged_total,
         "refunded": b.units_refunded_total, "expired": b.units_expired_total,
         "grants": [
-            (common_pb2.GrantKind.Name(g.kind), g.units_granted, g.units_remaining,
+            (common_pb2.GrantKind.Name(g.kind).removeprefix("GRANT_KIND_"), g.units_granted,
+             g.units_remaining,
              g.expires_at.ToMilliseconds() if g.HasField("expires_at") else 0)
             for g in b.grants
         ],
@@ -367,14 +368,15 @@ class QuotaMachine(RuleBasedStateMachine):
         if isinstance(expected, ModelError):
             self._refused(reply, expected)
             return
-        ok = self._ok(reply)
+        ok = self._ok(reply).grant
         if expected.replay is not None:
             # PurchaseUnits answers a Grant, which has no `replayed` flag: the
             # same grant again (and, checked after the step, nothing moved).
             assert ok == expected.replay.answer, f"replay differs: {ok}"
             return
         assert expected.grant is not None
-        got = (common_pb2.GrantKind.Name(ok.kind), ok.units_granted, ok.units_remaining,
+        got = (common_pb2.GrantKind.Name(ok.kind).removeprefix("GRANT_KIND_"),
+               ok.units_granted, ok.units_remaining,
                ok.expires_at.ToMilliseconds() if ok.HasField("expires_at") else 0)
         assert got == ("PURCHASE", units, units, expires_at_ms)
         self.model.keep_answer(account_id, key, ok)
@@ -443,7 +445,7 @@ class QuotaMachine(RuleBasedStateMachine):
         if isinstance(existed, ModelError):
             self._refused(reply, existed)
             return
-        ok = self._ok(reply)
+        ok = self._ok(reply).account
         assert ok.replayed == existed
         assert (ok.monthly_allotment, ok.overage_limit) == (allotment, overage_limit)
 
@@ -467,8 +469,9 @@ class QuotaMachine(RuleBasedStateMachine):
         if expected is not None:
             self._refused(reply, expected)
             return
-        ok = self._ok(reply)
-        got = (common_pb2.OveragePolicy.Name(ok.overage_policy), ok.monthly_allotment,
+        ok = self._ok(reply).account
+        got = (common_pb2.OveragePolicy.Name(ok.overage_policy).removeprefix("OVERAGE_POLICY_"),
+               ok.monthly_allotment,
                ok.overage_limit, ok.auto_purchase_units, ok.auto_purchase_threshold)
         assert got == args
 
@@ -709,7 +712,7 @@ class QuotaMachine(RuleBasedStateMachine):
         for account_id in self.model.accounts:
             request = quota_pb2.GetBalanceRequest(account_id=account_id)
             reply = self._rpc(functools.partial(self.quota.GetBalance, request))
-            self._check_balance(self._ok(reply), account_id)
+            self._check_balance(self._ok(reply).balance, account_id)
 
     @invariant()
     def open_holds_match_the_model(self) -> None:

@@ -31,7 +31,8 @@ async def create(running: Running, allotment: int = 5000, **fields: object) -> s
 
 
 async def balance(running: Running, account_id: str) -> common_pb2.Balance:
-    return await running.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
+    reply = await running.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
+    return reply.balance
 
 
 async def reserve(
@@ -67,11 +68,12 @@ async def purchase(
         ts = Timestamp()
         ts.FromMilliseconds(expires_at_ms)
         request.expires_at.CopyFrom(ts)
-    return await running.accounts.PurchaseUnits(request)
+    return (await running.accounts.PurchaseUnits(request)).grant
 
 
 def remaining_by_kind(b: common_pb2.Balance) -> list[tuple[str, int]]:
-    return [(common_pb2.GrantKind.Name(g.kind), g.units_remaining) for g in b.grants]
+    return [(common_pb2.GrantKind.Name(g.kind).removeprefix("GRANT_KIND_"), g.units_remaining)
+            for g in b.grants]
 
 
 async def test_grants_are_consumed_earliest_expiry_first_allotment_before_purchase(
@@ -159,7 +161,7 @@ async def test_hold_expires_after_its_ttl_and_late_commit_still_charges(
 async def test_overage_allow_up_to_limit_then_deny(running: Running) -> None:
     """Proves ALLOW lets an account go negative up to overage_limit and no further."""
     account_id = await create(
-        running, allotment=100, overage_policy=common_pb2.ALLOW, overage_limit=50
+        running, allotment=100, overage_policy=common_pb2.OVERAGE_POLICY_ALLOW, overage_limit=50
     )
     charged = await charge(running, account_id, 14, "c1")  # 140 units: 40 overage
     assert (charged.overage_units, charged.balance.available) == (40, -40)
@@ -187,7 +189,7 @@ async def test_auto_purchase_adds_packs_below_threshold_within_cap(running: Runn
     """Proves AUTO_PURCHASE buys packs when the balance would fall below the
     threshold, never beyond the per-period cap (overage_limit)."""
     account_id = await create(
-        running, allotment=100, overage_policy=common_pb2.AUTO_PURCHASE,
+        running, allotment=100, overage_policy=common_pb2.OVERAGE_POLICY_AUTO_PURCHASE,
         auto_purchase_units=100, auto_purchase_threshold=50, overage_limit=200,
     )
     await charge(running, account_id, 4, "c1")  # 40: 60 left, above threshold
@@ -209,18 +211,18 @@ async def test_hold_keeps_its_price_and_quoted_version_is_honoured(running: Runn
     """Proves price versions: a hold keeps the price it was made with, and a Reserve
     carrying a quoted price_version is charged at that version."""
     operation = f"test.op-{unique('p')}"
-    first = await running.catalog.SetPrice(
+    first = (await running.catalog.SetPrice(
         catalog_pb2.SetPriceRequest(operation=operation, units_per_quantity=3)
-    )
+    )).price
     account_id = await create(running, allotment=1000)
     quote = await running.quota.Quote(
         quota_pb2.QuoteRequest(account_id=account_id, operation=operation, quantity=2)
     )
     assert (quote.units, quote.price_version, quote.affordable) == (6, first.version, True)
     held = await reserve(running, account_id, 2, "r1", operation=operation)
-    second = await running.catalog.SetPrice(
+    second = (await running.catalog.SetPrice(
         catalog_pb2.SetPriceRequest(operation=operation, units_per_quantity=7)
-    )
+    )).price
     assert second.version > first.version
     committed = await running.quota.Commit(
         quota_pb2.CommitRequest(reservation_id=held.reservation_id)
@@ -235,9 +237,9 @@ async def test_hold_keeps_its_price_and_quoted_version_is_honoured(running: Runn
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
         await reserve(running, account_id, 1, "r4", operation=operation, price_version=10**9)
     assert unknown.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    same = await running.catalog.SetPrice(
+    same = (await running.catalog.SetPrice(
         catalog_pb2.SetPriceRequest(operation=operation, units_per_quantity=7)
-    )
+    )).price
     assert same.version == second.version
 
 
@@ -332,7 +334,7 @@ async def test_refund_of_invoiced_overage_becomes_a_credit(running: Running) -> 
     """Proves overage refunded after its period was invoiced comes back as a
     PROMOTIONAL credit, keeping the books balanced."""
     account_id = await create(
-        running, allotment=100, overage_policy=common_pb2.ALLOW, overage_limit=100
+        running, allotment=100, overage_policy=common_pb2.OVERAGE_POLICY_ALLOW, overage_limit=100
     )
     charged = await charge(running, account_id, 15, "c1")  # 150: 50 overage
     running.clock.set(ms(2026, 12, 26))
@@ -376,15 +378,15 @@ async def test_refund_after_the_period_restores_a_pruned_purchase_not_an_expired
 async def test_update_merges_labels_unless_told_to_replace(running: Running) -> None:
     """Proves UpdateAccount adds to the labels by default and replaces them when asked."""
     account_id = await create(running, labels={"team": "x"})
-    merged = await running.accounts.UpdateAccount(
+    merged = (await running.accounts.UpdateAccount(
         account_pb2.UpdateAccountRequest(account_id=account_id, labels={"tier": "pro"})
-    )
+    )).account
     assert dict(merged.labels) == {"team": "x", "tier": "pro"}
-    replaced = await running.accounts.UpdateAccount(
+    replaced = (await running.accounts.UpdateAccount(
         account_pb2.UpdateAccountRequest(
             account_id=account_id, labels={"tier": "max"}, replace_labels=True
         )
-    )
+    )).account
     assert dict(replaced.labels) == {"tier": "max"}
 
 
@@ -437,7 +439,7 @@ async def test_create_again_with_other_labels_anchor_or_alerts_is_already_exists
     same = await running.accounts.CreateAccount(account_pb2.CreateAccountRequest(
         account_id=account_id, monthly_allotment=100, labels={"team": "a"},
         billing_anchor_day=5))
-    assert same.replayed
+    assert same.account.replayed
     for other in [
         {"labels": {"team": "b"}, "billing_anchor_day": 5},
         {"labels": {"team": "a"}, "billing_anchor_day": 20},

@@ -30,7 +30,7 @@ async def test_reserve_commit_refund_purchase_charge(running: Running) -> None:
     grant = await running.accounts.PurchaseUnits(
         account_pb2.PurchaseUnitsRequest(account_id=account_id, units=1000, idempotency_key="p1")
     )
-    assert grant.units_remaining == 1000
+    assert grant.grant.units_remaining == 1000
     charged = await running.quota.Charge(
         quota_pb2.ChargeRequest(
             account_id=account_id, operation="image.generate.sdxl", quantity=3,

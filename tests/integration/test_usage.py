@@ -69,7 +69,7 @@ async def report(running: Running, account_id: str, *group_by: str, start_ms: in
         request.start.CopyFrom(ts(start_ms))
     if end_ms:
         request.end.CopyFrom(ts(end_ms))
-    return await usage(running).GetUsageReport(request)
+    return (await usage(running).GetUsageReport(request)).report
 
 
 def table(rep: usage_pb2.UsageReport) -> list[tuple[object, ...]]:
@@ -115,7 +115,8 @@ async def test_report_by_operation_label_and_day_is_exact_before_and_after_flush
     ]
     assert table(by_op) == expected_ops
     assert (by_op.total_units, by_op.total_quantity, by_op.total_count) == (140, 24, 5)
-    balance = await live.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
+    reply = await live.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
+    balance = reply.balance
     assert by_op.period.used == balance.period_consumed == 140
     assert by_op.period.remaining == balance.available == 4860
     assert by_op.period.allotment == 5000
@@ -151,10 +152,10 @@ async def test_label_budget_refuses_naming_the_budget_and_holds_count(live: Runn
     count, a refusal is RESOURCE_EXHAUSTED naming the budget and moves nothing, a
     release gives the budget back."""
     account_id = await create(live, 100_000)
-    budget = await live.accounts.SetBudget(account_pb2.SetBudgetRequest(
+    budget = (await live.accounts.SetBudget(account_pb2.SetBudgetRequest(
         account_id=account_id,
         budget=common_pb2.Budget(label_key="project", label_value="atlas", limit_units=2000),
-    ))
+    ))).budget
     assert budget.budget_id == "label:project=atlas"
     held = await live.quota.Reserve(quota_pb2.ReserveRequest(
         account_id=account_id, operation="image.upscale", quantity=150, idempotency_key="h",
@@ -171,7 +172,7 @@ async def test_label_budget_refuses_naming_the_budget_and_holds_count(live: Runn
     assert (detail.budget_id, detail.available, detail.required) == (
         "label:project=atlas", 500, 510)
     after = await live.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
-    assert after.available == before.available
+    assert after.balance.available == before.balance.available
     await charge(live, account_id, "image.upscale", 50, "ok", project="zeus")  # other label: free
     await live.quota.Refund(quota_pb2.RefundRequest(reservation_id=held.reservation_id,
                                                     idempotency_key="rel"))
@@ -190,9 +191,9 @@ async def test_operation_budget_counts_usage_so_far_and_partial_commits(live: Ru
     partial commit gives back what was not charged, and that it can be deleted."""
     account_id = await create(live, 100_000)
     await charge(live, account_id, "image.vectorize", 10, "before")  # 50
-    budget = await live.accounts.SetBudget(account_pb2.SetBudgetRequest(
+    budget = (await live.accounts.SetBudget(account_pb2.SetBudgetRequest(
         account_id=account_id,
-        budget=common_pb2.Budget(operation="image.vectorize", limit_units=100)))
+        budget=common_pb2.Budget(operation="image.vectorize", limit_units=100)))).budget
     assert (budget.budget_id, budget.used_units) == ("operation:image.vectorize", 50)
     held = await live.quota.Reserve(quota_pb2.ReserveRequest(
         account_id=account_id, operation="image.vectorize", quantity=10, idempotency_key="r"))
@@ -222,7 +223,7 @@ async def test_thresholds_fire_once_per_period(live: Running) -> None:
     """Proves percent-of-allotment, balance-below and overage alerts each fire once per
     period (holds count), and again in the next period."""
     account_id = await create(
-        live, 1000, overage_policy=common_pb2.ALLOW, overage_limit=500,
+        live, 1000, overage_policy=common_pb2.OVERAGE_POLICY_ALLOW, overage_limit=500,
         alerts=common_pb2.AlertSettings(allotment_used_percent=[50, 80, 100],
                                         balance_below=300, overage_started=True),
     )
@@ -330,7 +331,7 @@ async def test_all_accounts_report_groups_by_account_from_the_ledger(live: Runni
     await live.authority.flusher.flush_all()
     rep = await usage(live).GetUsageReport(usage_pb2.GetUsageReportRequest(
         start=ts(ms(2026, 11, 25)), group_by=["OPERATION"]))
-    mine = sorted((r.account_id, r.operation, r.units) for r in rep.rows
+    mine = sorted((r.account_id, r.operation, r.units) for r in rep.report.rows
                   if r.account_id in (first, second))
     assert mine == sorted([(first, "image.upscale", 20), (second, "image.vectorize", 15)])
 

@@ -377,7 +377,8 @@ CASES: list[Case] = [
          lambda w: create(w, auto_purchase_threshold=2**53), INVALID,
          "auto_purchase_threshold"),
     Case("create-auto-purchase-without-pack", "accounts.CreateAccount",
-         lambda w: create(w, overage_policy=common_pb2.AUTO_PURCHASE, overage_limit=100),
+         lambda w: create(w, overage_policy=common_pb2.OVERAGE_POLICY_AUTO_PURCHASE,
+                          overage_limit=100),
          INVALID, "auto_purchase_units"),
     Case("create-too-many-labels", "accounts.CreateAccount",
          lambda w: create(w, labels=MANY_LABELS), INVALID, "labels"),
@@ -413,7 +414,7 @@ CASES: list[Case] = [
     Case("update-negative-ap-threshold", "accounts.UpdateAccount",
          lambda w: update(w, auto_purchase_threshold=-1), INVALID, "auto_purchase_threshold"),
     Case("update-auto-purchase-without-pack", "accounts.UpdateAccount",
-         lambda w: update(w, overage_policy=common_pb2.AUTO_PURCHASE), INVALID,
+         lambda w: update(w, overage_policy=common_pb2.OVERAGE_POLICY_AUTO_PURCHASE), INVALID,
          "auto_purchase_units"),
     Case("update-bad-label-key", "accounts.UpdateAccount",
          lambda w: update(w, labels={"9lives": "v"}, replace_labels=True), INVALID, "labels"),
@@ -613,7 +614,7 @@ async def test_exhausted_overage_and_auto_purchase_report_headroom(live: Running
     whose cap cannot cover the spend buys nothing (no pack, no event) before refusing."""
     allow_id = unique()
     await create_account(live, allow_id, monthly_allotment=100,
-                         overage_policy=common_pb2.ALLOW, overage_limit=50)
+                         overage_policy=common_pb2.OVERAGE_POLICY_ALLOW, overage_limit=50)
     error = await rpc_error(aio(live).quota.Reserve(quota_pb2.ReserveRequest(
         account_id=allow_id, operation="image.upscale", quantity=16, idempotency_key="o")))
     insufficient, _ = shortfall_details(error)
@@ -621,7 +622,7 @@ async def test_exhausted_overage_and_auto_purchase_report_headroom(live: Running
 
     auto_id = unique()
     await create_account(live, auto_id, monthly_allotment=100,
-                         overage_policy=common_pb2.AUTO_PURCHASE, overage_limit=40,
+                         overage_policy=common_pb2.OVERAGE_POLICY_AUTO_PURCHASE, overage_limit=40,
                          auto_purchase_units=20, auto_purchase_threshold=10)
     before = await snapshot(live, auto_id)
     error = await rpc_error(aio(live).quota.Reserve(quota_pb2.ReserveRequest(
@@ -684,7 +685,7 @@ async def test_charge_refund_purchase_idempotency(live: Running) -> None:
     assert refunded_again.replayed and refunded_again.units_refunded == 5
     grant_again = await aio(live).accounts.PurchaseUnits(
         purchase(world, idempotency_key="p-1", units=70))
-    assert grant_again.grant_id == grant.grant_id
+    assert grant_again.grant.grant_id == grant.grant.grant_id
     assert await snapshot(live, world.account_id) == before
     assert refunded.units_refunded == 5
 

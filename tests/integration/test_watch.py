@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # retention) by hand.
 SLOW_FLUSH = {"flush_interval": "1h", "snapshot_interval": "1h", "stream_retention": "0s"}
 READ_TIMEOUT_S = 10.0
-Watch = grpc.aio.UnaryStreamCall[usage_pb2.WatchUsageRequest, usage_pb2.UsageEvent]
+Watch = grpc.aio.UnaryStreamCall[usage_pb2.WatchUsageRequest, usage_pb2.WatchUsageResponse]
 
 
 @pytest_asyncio.fixture
@@ -54,9 +54,9 @@ async def watch(running: Running, account_id: str = "", after: str = "") -> tupl
 async def take(call: Watch, count: int) -> list[usage_pb2.UsageEvent]:
     events = []
     for _ in range(count):
-        event = await asyncio.wait_for(call.read(), READ_TIMEOUT_S)
-        assert event is not grpc.aio.EOF, "the watch ended"
-        events.append(cast(usage_pb2.UsageEvent, event))
+        reply = await asyncio.wait_for(call.read(), READ_TIMEOUT_S)
+        assert reply is not grpc.aio.EOF, "the watch ended"
+        events.append(cast(usage_pb2.WatchUsageResponse, reply).event)
     return events
 
 

@@ -10,12 +10,27 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tally.domain.events import Entry
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 
-POLICY_NAMES = {
-    common_pb2.OVERAGE_POLICY_UNSPECIFIED: "DENY",
-    common_pb2.DENY: "DENY",
-    common_pb2.ALLOW: "ALLOW",
-    common_pb2.AUTO_PURCHASE: "AUTO_PURCHASE",
+# The store and its Lua scripts name policies and grant kinds without the wire
+# enums' prefixes: one table each.
+OVERAGE_POLICIES: dict[str, common_pb2.OveragePolicy.ValueType] = {
+    "DENY": common_pb2.OVERAGE_POLICY_DENY,
+    "ALLOW": common_pb2.OVERAGE_POLICY_ALLOW,
+    "AUTO_PURCHASE": common_pb2.OVERAGE_POLICY_AUTO_PURCHASE,
 }
+GRANT_KINDS: dict[str, common_pb2.GrantKind.ValueType] = {
+    "ALLOTMENT": common_pb2.GRANT_KIND_ALLOTMENT,
+    "PURCHASE": common_pb2.GRANT_KIND_PURCHASE,
+    "PROMOTIONAL": common_pb2.GRANT_KIND_PROMOTIONAL,
+}
+# An unset policy means DENY (see common.proto).
+_POLICY_NAMES = {value: name for name, value in OVERAGE_POLICIES.items()} | {
+    common_pb2.OVERAGE_POLICY_UNSPECIFIED: "DENY"
+}
+
+
+def policy_name(value: int) -> str | None:
+    """The store's name of a wire policy; None for a number the enum does not know."""
+    return _POLICY_NAMES.get(common_pb2.OveragePolicy.ValueType(value))
 
 
 def timestamp(ms: int) -> Timestamp:
@@ -32,7 +47,7 @@ def _labels(value: Any) -> dict[str, str]:
 def grant(view: Mapping[str, Any]) -> common_pb2.Grant:
     message = common_pb2.Grant(
         grant_id=view["grant_id"],
-        kind=common_pb2.GrantKind.Value(view["kind"]),
+        kind=GRANT_KINDS[view["kind"]],
         units_granted=int(view["granted"]),
         units_remaining=int(view["remaining"]),
         granted_at=timestamp(view["granted_at"]),
@@ -69,7 +84,7 @@ def account(view: Mapping[str, Any], replayed: bool = False) -> account_pb2.Acco
     return account_pb2.Account(
         account_id=view["account_id"],
         monthly_allotment=int(view["allotment"]),
-        overage_policy=common_pb2.OveragePolicy.Value(view["policy"]),
+        overage_policy=OVERAGE_POLICIES[view["policy"]],
         overage_limit=int(view["overage_limit"]),
         labels=_labels(view["labels"]),
         auto_purchase_units=int(view["ap_units"]),
@@ -102,17 +117,25 @@ def budget(budget_id: str, view: Mapping[str, Any]) -> common_pb2.Budget:
     )
 
 
+def _hold(reply: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields ReserveResponse and ExtendResponse share (under the same numbers)."""
+    return {
+        "reservation_id": reply["reservation_id"],
+        "units": int(reply["units"]),
+        "expires_at": timestamp(reply["expires_at"]),
+        "balance": balance(reply["balance"]),
+        "price_version": int(reply["price_version"]),
+        "units_per_quantity": int(reply["unit_price"]),
+        "quantity": int(reply["quantity"]),
+    }
+
+
 def reserve_response(reply: Mapping[str, Any]) -> quota_pb2.ReserveResponse:
-    return quota_pb2.ReserveResponse(
-        reservation_id=reply["reservation_id"],
-        units=int(reply["units"]),
-        expires_at=timestamp(reply["expires_at"]),
-        balance=balance(reply["balance"]),
-        replayed=bool(reply["replayed"]),
-        price_version=int(reply["price_version"]),
-        units_per_quantity=int(reply["unit_price"]),
-        quantity=int(reply["quantity"]),
-    )
+    return quota_pb2.ReserveResponse(**_hold(reply), replayed=bool(reply["replayed"]))
+
+
+def extend_response(reply: Mapping[str, Any]) -> quota_pb2.ExtendResponse:
+    return quota_pb2.ExtendResponse(**_hold(reply))
 
 
 def price(record: Mapping[str, Any]) -> catalog_pb2.Price:

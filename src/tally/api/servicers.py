@@ -18,7 +18,6 @@ from tally.v1 import (
     account_pb2_grpc,
     catalog_pb2,
     catalog_pb2_grpc,
-    common_pb2,
     quota_pb2,
     quota_pb2_grpc,
 )
@@ -116,13 +115,13 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     @map_errors
     async def Extend(
         self, request: quota_pb2.ExtendRequest, context: Context
-    ) -> quota_pb2.ReserveResponse:
+    ) -> quota_pb2.ExtendResponse:
         reservation_id = _reservation_id(request.reservation_id)
         if not request.HasField("ttl"):
             raise InvalidArgument("ttl is required", field_name="ttl")
         ttl_ms = v.hold_ttl_ms(request.ttl, "ttl", self.ttl_limits)
         reply = await self.store.extend(reservation_id, ttl_ms, deadline_s(context))
-        return convert.reserve_response(reply)
+        return convert.extend_response(reply)
 
     @map_errors
     async def Quote(
@@ -145,9 +144,9 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     @map_errors
     async def GetBalance(
         self, request: quota_pb2.GetBalanceRequest, context: Context
-    ) -> common_pb2.Balance:
+    ) -> quota_pb2.GetBalanceResponse:
         reply = await self.store.balance(v.account_id(request.account_id), deadline_s(context))
-        return convert.balance(reply["balance"])
+        return quota_pb2.GetBalanceResponse(balance=convert.balance(reply["balance"]))
 
 
 def _reservation_id(value: str) -> str:
@@ -157,7 +156,7 @@ def _reservation_id(value: str) -> str:
 
 
 def _policy(value: int, field: str = "overage_policy") -> str:
-    name = convert.POLICY_NAMES.get(common_pb2.OveragePolicy.ValueType(value))
+    name = convert.policy_name(value)
     if name is None:
         raise InvalidArgument(f"{field} {value} is not a known policy", field_name=field)
     return name
@@ -172,7 +171,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     @map_errors
     async def CreateAccount(
         self, request: account_pb2.CreateAccountRequest, context: Context
-    ) -> account_pb2.Account:
+    ) -> account_pb2.CreateAccountResponse:
         anchor_day = request.billing_anchor_day
         if not 0 <= anchor_day <= 31:
             raise InvalidArgument(
@@ -192,19 +191,21 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         }
         reply = await self.store.create_account(fields, deadline_s(context))
         await self.barrier.settle_account(fields["account_id"])
-        return convert.account(reply["account"], replayed=bool(reply["replayed"]))
+        return account_pb2.CreateAccountResponse(
+            account=convert.account(reply["account"], replayed=bool(reply["replayed"]))
+        )
 
     @map_errors
     async def GetAccount(
         self, request: account_pb2.GetAccountRequest, context: Context
-    ) -> account_pb2.Account:
+    ) -> account_pb2.GetAccountResponse:
         reply = await self.store.balance(v.account_id(request.account_id), deadline_s(context))
-        return convert.account(reply["account"])
+        return account_pb2.GetAccountResponse(account=convert.account(reply["account"]))
 
     @map_errors
     async def UpdateAccount(
         self, request: account_pb2.UpdateAccountRequest, context: Context
-    ) -> account_pb2.Account:
+    ) -> account_pb2.UpdateAccountResponse:
         account_id = v.account_id(request.account_id)
         changes: dict[str, Any] = {}
         if request.HasField("monthly_allotment"):
@@ -227,12 +228,12 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             changes["merge_labels"] = v.labels(request.labels)
         reply = await self.store.update_account(account_id, changes, deadline_s(context))
         await self.barrier.settle_account(account_id)
-        return convert.account(reply["account"])
+        return account_pb2.UpdateAccountResponse(account=convert.account(reply["account"]))
 
     @map_errors
     async def PurchaseUnits(
         self, request: account_pb2.PurchaseUnitsRequest, context: Context
-    ) -> common_pb2.Grant:
+    ) -> account_pb2.PurchaseUnitsResponse:
         account_id = v.account_id(request.account_id)
         fields: dict[str, Any] = {
             "units": v.units(request.units, "units", minimum=1),
@@ -249,7 +250,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         )
         reply = await self.store.purchase(account_id, fields, deadline_s(context))
         await self.barrier.settle_account(account_id)
-        return convert.grant(reply["grant"])
+        return account_pb2.PurchaseUnitsResponse(grant=convert.grant(reply["grant"]))
 
     @map_errors
     async def ListLedgerEntries(
@@ -268,7 +269,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     @map_errors
     async def SetBudget(
         self, request: account_pb2.SetBudgetRequest, context: Context
-    ) -> common_pb2.Budget:
+    ) -> account_pb2.SetBudgetResponse:
         account_id = v.account_id(request.account_id)
         if not request.HasField("budget"):
             raise InvalidArgument("budget is required", field_name="budget")
@@ -276,7 +277,9 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             account_id, v.budget(request.budget), deadline_s(context)
         )
         await self.barrier.settle_account(account_id)
-        return convert.budget(reply["budget"]["budget_id"], reply["budget"])
+        return account_pb2.SetBudgetResponse(
+            budget=convert.budget(reply["budget"]["budget_id"], reply["budget"])
+        )
 
     @map_errors
     async def ListBudgets(
@@ -291,14 +294,16 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     @map_errors
     async def DeleteBudget(
         self, request: account_pb2.DeleteBudgetRequest, context: Context
-    ) -> common_pb2.Budget:
+    ) -> account_pb2.DeleteBudgetResponse:
         account_id = v.account_id(request.account_id)
         budget_id = v.text(request.budget_id, "budget_id", 400)
         if not budget_id:
             raise InvalidArgument("budget_id is required", field_name="budget_id")
         reply = await self.store.delete_budget(account_id, budget_id, deadline_s(context))
         await self.barrier.settle_account(account_id)
-        return convert.budget(reply["budget"]["budget_id"], reply["budget"])
+        return account_pb2.DeleteBudgetResponse(
+            budget=convert.budget(reply["budget"]["budget_id"], reply["budget"])
+        )
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -309,14 +314,14 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     @map_errors
     async def SetPrice(
         self, request: catalog_pb2.SetPriceRequest, context: Context
-    ) -> catalog_pb2.Price:
+    ) -> catalog_pb2.SetPriceResponse:
         reply = await self.store.set_price(
             v.operation(request.operation),
             v.units(request.units_per_quantity, "units_per_quantity", minimum=1),
             deadline_s(context),
         )
         await self.barrier.settle_shard(0)
-        return convert.price(reply)
+        return catalog_pb2.SetPriceResponse(price=convert.price(reply))
 
     @map_errors
     async def ListPrices(

@@ -26,11 +26,12 @@ class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     @map_errors
     async def GetUsageReport(
         self, request: usage_pb2.GetUsageReportRequest, context: Context
-    ) -> usage_pb2.UsageReport:
-        return await reports.usage_report(self.store, self.ledger, request)
+    ) -> usage_pb2.GetUsageReportResponse:
+        report = await reports.usage_report(self.store, self.ledger, request)
+        return usage_pb2.GetUsageReportResponse(report=report)
 
     async def WatchUsage(
         self, request: usage_pb2.WatchUsageRequest, context: Context
-    ) -> AsyncIterator[usage_pb2.UsageEvent]:
+    ) -> AsyncIterator[usage_pb2.WatchUsageResponse]:
         async for event in self.watch.stream(request, context):
-            yield event
+            yield usage_pb2.WatchUsageResponse(event=event)

@@ -10,9 +10,9 @@ from tally.cli.target import Api, connection_flags, run
 from tally.v1 import account_pb2, common_pb2
 
 POLICIES: dict[str, common_pb2.OveragePolicy.ValueType] = {
-    "deny": common_pb2.DENY,
-    "allow": common_pb2.ALLOW,
-    "auto_purchase": common_pb2.AUTO_PURCHASE,
+    "deny": common_pb2.OVERAGE_POLICY_DENY,
+    "allow": common_pb2.OVERAGE_POLICY_ALLOW,
+    "auto_purchase": common_pb2.OVERAGE_POLICY_AUTO_PURCHASE,
 }
 
 
@@ -68,7 +68,7 @@ def _account_text(account: account_pb2.Account, note: str = "") -> str:
 def get_account(api: Api, account_id: str) -> account_pb2.Account:
     return api.accounts.GetAccount(
         account_pb2.GetAccountRequest(account_id=account_id), timeout=api.timeout_s
-    )
+    ).account
 
 
 def _create(args: argparse.Namespace, api: Api) -> int:
@@ -83,7 +83,7 @@ def _create(args: argparse.Namespace, api: Api) -> int:
         billing_anchor_day=args.anchor_day,
         alerts=_alerts(args),
     )
-    account = api.accounts.CreateAccount(request, timeout=api.timeout_s)
+    account = api.accounts.CreateAccount(request, timeout=api.timeout_s).account
     note = "(the account already existed with these settings; nothing changed)"
     output.emit(
         args,
@@ -132,7 +132,7 @@ def _update(args: argparse.Namespace, api: Api) -> int:
     alerts = _alerts(args)
     if alerts is not None:
         request.alerts.CopyFrom(alerts)
-    account = api.accounts.UpdateAccount(request, timeout=api.timeout_s)
+    account = api.accounts.UpdateAccount(request, timeout=api.timeout_s).account
     output.emit(args, output.message_dict(account), lambda: _account_text(account))
     return 0
 
@@ -171,7 +171,7 @@ def _plan_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
     parser.add_argument(
         "--policy",
         type=_policy,
-        default=None if update else common_pb2.DENY,
+        default=None if update else common_pb2.OVERAGE_POLICY_DENY,
         metavar="{deny,allow,auto_purchase}",
         help="what happens when the grants run out" + ("" if update else " (default: deny)"),
     )

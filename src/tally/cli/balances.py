@@ -43,7 +43,7 @@ def grant_table(grants: Sequence[common_pb2.Grant]) -> str:
 def get_balance(api: Api, account_id: str) -> common_pb2.Balance:
     return api.quota.GetBalance(
         quota_pb2.GetBalanceRequest(account_id=account_id), timeout=api.timeout_s
-    )
+    ).balance
 
 
 def _balance(args: argparse.Namespace, api: Api) -> int:

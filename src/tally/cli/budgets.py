@@ -34,7 +34,7 @@ def _budgets_set(args: argparse.Namespace, api: Api) -> int:
     reply = api.accounts.SetBudget(
         account_pb2.SetBudgetRequest(account_id=args.account_id, budget=budget),
         timeout=api.timeout_s,
-    )
+    ).budget
     output.emit(args, output.message_dict(reply), lambda: _budget_table([reply]))
     return 0
 
@@ -51,7 +51,7 @@ def _budgets_delete(args: argparse.Namespace, api: Api) -> int:
     reply = api.accounts.DeleteBudget(
         account_pb2.DeleteBudgetRequest(account_id=args.account_id, budget_id=args.budget_id),
         timeout=api.timeout_s,
-    )
+    ).budget
     output.emit(args, output.message_dict(reply), lambda: f"deleted {reply.budget_id}")
     return 0
 

@@ -38,7 +38,7 @@ def _prices_set(args: argparse.Namespace, api: Api) -> int:
             operation=args.operation, units_per_quantity=args.units_per_quantity
         ),
         timeout=api.timeout_s,
-    )
+    ).price
     output.emit(args, output.message_dict(price), lambda: _price_table([price]))
     return 0
 

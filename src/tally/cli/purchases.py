@@ -25,7 +25,7 @@ def _purchase(args: argparse.Namespace, api: Api) -> int:
     )
     if args.expires_at is not None:
         request.expires_at.CopyFrom(args.expires_at)
-    grant = api.accounts.PurchaseUnits(request, timeout=api.timeout_s)
+    grant = api.accounts.PurchaseUnits(request, timeout=api.timeout_s).grant
 
     def text() -> str:
         return output.fields(

@@ -54,7 +54,7 @@ def _report(args: argparse.Namespace, api: Api) -> int:
         request.start.CopyFrom(args.start)
     if args.end is not None:
         request.end.CopyFrom(args.end)
-    report = api.usage.GetUsageReport(request, timeout=api.timeout_s)
+    report = api.usage.GetUsageReport(request, timeout=api.timeout_s).report
     if args.format == "json" or args.json:
         print(output.dumps(output.message_dict(report)))
         return 0

@@ -110,7 +110,7 @@ def _watch(args: argparse.Namespace) -> int:
             position = started[POSITION_METADATA]
             if not args.json:
                 _print(header(args.all))
-        for event in call:
+        for event in (response.event for response in call):
             position = event.position
             _print(_json_line(event) if args.json else line(event, args.all))
         return 0  # the server ended the stream (it does not, unless it stops)
