@@ -182,9 +182,9 @@ async def test_health_is_not_serving_while_a_task_cannot_stay_up_and_serving_aft
     assert fault.calls >= FAILURES_MAX
     assert background.cannot_stay_up() == {"reaper"}
     assert failure_logs(caplog, "reaper", "background task cannot stay up")
-    balance = await supervised.quota.GetBalance(quota_pb2.GetBalanceRequest(
-        account_id=(await reserve(supervised, ttl_s=60))[0]))
-    assert balance.held > 0  # calls are still answered: health tells the balancer
+    account_id = (await reserve(supervised, ttl_s=60))[0]
+    reply = await supervised.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
+    assert reply.balance.held > 0  # calls are still answered: health tells the balancer
 
     fault.heal()
 
