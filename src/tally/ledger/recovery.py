@@ -17,13 +17,13 @@ from typing import Any
 
 import msgpack
 
+from tally.domain.limits import USAGE_RETENTION_MS
 from tally.domain.usage import from_entries
 from tally.ledger.backend import SqlLedger, StateRow
 from tally.ledger.flusher import Flusher
 from tally.store.keys import META_KEY, KeySpace
 
 Progress = Callable[[str], None]
-USAGE_RETENTION_MS = 62 * 86_400_000  # as lib/account.lua keeps them
 PIPELINE_BATCH = 500
 VERIFY_ROUNDS_MAX = 5
 

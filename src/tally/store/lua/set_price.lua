@@ -7,8 +7,8 @@
 
 return run(function()
   local req = decode_request()
-  local operation = check_str(req.operation, 'operation', 128)
-  local price = check_int(req.price, 'units_per_quantity', 1, MAX_UNITS)
+  local operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX)
+  local price = check_int(req.price, 'units_per_quantity', 1, UNITS_MAX)
   local raw = redis.call('HGET', KEYS[1], operation)
   if raw then
     local current = cmsgpack.unpack(raw)
