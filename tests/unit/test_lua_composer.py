@@ -71,10 +71,11 @@ def test_limits_prelude_holds_python_values(client: redis.Redis) -> None:
 
 @pytest.mark.parametrize("shards", [1, 16, 4096])
 def test_lua_key_builders_write_keyspace_names(client: redis.Redis, shards: int) -> None:
-    """Proves the generated Lua builders write exactly the names KeySpace writes,
-    for every name the scripts build themselves, by running them in Redis."""
+    """Proves the generated Lua builders write exactly the names Python writes, for
+    every name the scripts build themselves, by running them in Redis."""
     space = KeySpace(shards)
     account_id = "Team.a_b@example-1"
+    operation = "image.generate.sdxl"
     shard = space.shard_of(account_id)
     sequence = 2**53 - 1  # as large as a Lua number holds exactly
     period_start_ms = limits.TIMESTAMP_MS_MAX  # 15 digits: Lua's tostring would round it
@@ -83,30 +84,23 @@ def test_lua_key_builders_write_keyspace_names(client: redis.Redis, shards: int)
     )
     probe = (
         f"{scripts.keys_helper()}\n"
-        "return {reservation_id_for(ARGV[1], tonumber(ARGV[2]), ARGV[3]),"
-        " reservation_key(ARGV[4], ARGV[5]),"
-        " usage_key(ARGV[4], ARGV[3], tonumber(ARGV[6]))}"
+        "local prefix, tag, account_id, operation = ARGV[1], ARGV[2], ARGV[3], ARGV[4]\n"
+        "local sequence, period_start_ms = tonumber(ARGV[5]), tonumber(ARGV[6])\n"
+        "local rid = reservation_id_for(tag, sequence, account_id)\n"
+        "return {rid, reservation_key(prefix, rid), usage_key(prefix, account_id, period_start_ms),"
+        " price_version_field(operation, sequence)}"
     )
-    built = client.eval(
-        probe,
-        0,
-        space.tag(shard),
-        sequence,
-        account_id,
-        space.prefix(shard),
-        reservation_id,
-        period_start_ms,
-    )
+    args = (space.prefix(shard), space.tag(shard), account_id, operation, sequence, period_start_ms)
+    built = client.eval(probe, 0, *args)
     assert [name.decode() for name in built] == [
         reservation_id,
         space.reservation(reservation_id),
         space.usage(account_id, period_start_ms),
+        keys.PRICE_VERSION_FIELD.format(operation=operation, version=sequence),
     ]
     assert space.parse_reservation_id(reservation_id).account_id == account_id
     assert {t.name for t in keys.LUA_BUILT} == {
-        "reservation_id_for",
-        "reservation_key",
-        "usage_key",
+        "reservation_id_for", "reservation_key", "usage_key", "price_version_field",
     }
 
 

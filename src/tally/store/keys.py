@@ -60,12 +60,14 @@ PRICES_KEY = NameTemplate("prices_key", "{prefix}prices")
 PRICE_HISTORY_KEY = NameTemplate("price_history_key", "{prefix}price_history")
 # catalog version counter (shard 0 is authoritative)
 CATALOG_KEY = NameTemplate("catalog_key", "{prefix}catalog")
+# a field of the price history hash: the price of one version of an operation
+PRICE_VERSION_FIELD = NameTemplate("price_version_field", "{operation}@{version:d}")
 # A reservation id names its shard and account, so it finds every key alone.
 RESERVATION_ID = NameTemplate("reservation_id_for", "{tag}.{sequence:d}.{account_id}")
 
 # What the scripts write themselves (from the prefix and shard tag they are
 # given); the store passes every other key in KEYS.
-LUA_BUILT = (RESERVATION_KEY, USAGE_KEY, RESERVATION_ID)
+LUA_BUILT = (RESERVATION_KEY, USAGE_KEY, RESERVATION_ID, PRICE_VERSION_FIELD)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
---! include: codec
+--! include: codec keys
 -- pricing: an operation's price from the shard's copy of the catalog.
 
 -- The price of `operation` at catalog `version` (0: the current one) and
@@ -8,7 +8,7 @@ local function price_of(ctx, prices_key, history_key, operation, version)
   if not raw then raise('NOT_FOUND', 'operation', 'operation ' .. operation .. ' is not in the price catalog') end
   local current = cmsgpack.unpack(raw)
   if version == 0 or version == current.version then return current.price, current.version end
-  local old = redis.call('HGET', history_key, operation .. '@' .. int_text(version))
+  local old = redis.call('HGET', history_key, price_version_field(operation, version))
   if not old then
     raise('FAILED_PRECONDITION', 'price_version',
       string.format('price version %d of %s is unknown', version, operation))
