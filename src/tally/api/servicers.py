@@ -9,6 +9,7 @@ import grpc
 from tally.api import convert, ledger_query
 from tally.api import validation as v
 from tally.api.errors import deadline_s, map_errors
+from tally.domain import limits
 from tally.domain.errors import InvalidArgument
 from tally.ledger.backend import SqlLedger
 from tally.ledger.durability import MoneyInBarrier
@@ -97,7 +98,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             "units": (
                 v.units(request.units, "units", minimum=1) if request.HasField("units") else None
             ),
-            "reason": v.text(request.reason, "reason", v.REASON_BYTES_MAX),
+            "reason": v.text(request.reason, "reason", limits.REASON_BYTES_MAX),
             "idempotency_key": v.idempotency_key(request.idempotency_key),
         }
         fields["fingerprint"] = v.fingerprint(
@@ -152,7 +153,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
 def _reservation_id(value: str) -> str:
     if not value:
         raise InvalidArgument("reservation_id is required", field_name="reservation_id")
-    return v.text(value, "reservation_id", 300)
+    return v.text(value, "reservation_id", limits.RESERVATION_ID_BYTES_MAX)
 
 
 def _policy(value: int, field: str = "overage_policy") -> str:
@@ -173,9 +174,10 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         self, request: account_pb2.CreateAccountRequest, context: Context
     ) -> account_pb2.CreateAccountResponse:
         anchor_day = request.billing_anchor_day
-        if not 0 <= anchor_day <= 31:
+        if not 0 <= anchor_day <= limits.BILLING_ANCHOR_DAY_MAX:
             raise InvalidArgument(
-                "billing_anchor_day must be between 1 and 31 (0: the creation day)",
+                f"billing_anchor_day must be between 1 and {limits.BILLING_ANCHOR_DAY_MAX} "
+                "(0: the creation day)",
                 field_name="billing_anchor_day",
             )
         fields: dict[str, Any] = {
@@ -243,7 +245,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 if request.HasField("expires_at")
                 else 0
             ),
-            "reference": v.text(request.reference, "reference", v.REFERENCE_BYTES_MAX),
+            "reference": v.text(request.reference, "reference", limits.REFERENCE_BYTES_MAX),
         }
         fields["fingerprint"] = v.fingerprint(
             "PurchaseUnits", {k: val for k, val in fields.items() if k != "idempotency_key"}
@@ -296,7 +298,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         self, request: account_pb2.DeleteBudgetRequest, context: Context
     ) -> account_pb2.DeleteBudgetResponse:
         account_id = v.account_id(request.account_id)
-        budget_id = v.text(request.budget_id, "budget_id", 400)
+        budget_id = v.text(request.budget_id, "budget_id", limits.BUDGET_ID_BYTES_MAX)
         if not budget_id:
             raise InvalidArgument("budget_id is required", field_name="budget_id")
         reply = await self.store.delete_budget(account_id, budget_id, deadline_s(context))

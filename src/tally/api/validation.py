@@ -15,15 +15,24 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tally.domain.errors import InvalidArgument
 from tally.domain.ids import ACCOUNT_ID
+from tally.domain.limits import (
+    ACCOUNT_ID_BYTES_MAX,
+    ALERT_PERCENT_MAX,
+    ALERT_PERCENT_MIN,
+    ALERT_PERCENTAGES_MAX,
+    IDEMPOTENCY_KEY_BYTES_MAX,
+    LABEL_KEY_BYTES_MAX,
+    LABEL_VALUE_BYTES_MAX,
+    LABELS_MAX,
+    OPERATION_BYTES_MAX,
+    TIMESTAMP_MS_MAX,
+    UNITS_MAX,
+)
 
-MAX_UNITS = 2**53 - 1
-OPERATION = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
-IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,128}")
-LABEL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,62}")
-LABELS_MAX = 32
-LABEL_VALUE_BYTES_MAX = 256
-REFERENCE_BYTES_MAX = 256
-REASON_BYTES_MAX = 512
+# Each pattern's first character is counted apart, hence the `- 1`.
+OPERATION = re.compile(rf"[a-z0-9][a-z0-9._-]{{0,{OPERATION_BYTES_MAX - 1}}}")
+IDEMPOTENCY_KEY = re.compile(rf"[\x21-\x7e]{{1,{IDEMPOTENCY_KEY_BYTES_MAX}}}")
+LABEL_KEY = re.compile(rf"[A-Za-z_][A-Za-z0-9_.-]{{0,{LABEL_KEY_BYTES_MAX - 1}}}")
 
 
 @dataclass(frozen=True)
@@ -38,8 +47,8 @@ def account_id(value: str, field: str = "account_id") -> str:
         raise InvalidArgument(f"{field} is required", field_name=field)
     if not ACCOUNT_ID.fullmatch(value):
         raise InvalidArgument(
-            f"{field} must be 1-128 characters of A-Z a-z 0-9 . _ @ - and start with a "
-            "letter or digit",
+            f"{field} must be 1-{ACCOUNT_ID_BYTES_MAX} characters of A-Z a-z 0-9 . _ @ - "
+            "and start with a letter or digit",
             field_name=field,
         )
     return value
@@ -50,7 +59,8 @@ def operation(value: str, field: str = "operation") -> str:
         raise InvalidArgument(f"{field} is required", field_name=field)
     if not OPERATION.fullmatch(value):
         raise InvalidArgument(
-            f"{field} must be 1-128 characters of a-z 0-9 . _ -", field_name=field
+            f"{field} must be 1-{OPERATION_BYTES_MAX} characters of a-z 0-9 . _ -",
+            field_name=field,
         )
     return value
 
@@ -60,7 +70,9 @@ def idempotency_key(value: str, field: str = "idempotency_key") -> str:
         raise InvalidArgument(f"{field} is required", field_name=field)
     if not IDEMPOTENCY_KEY.fullmatch(value):
         raise InvalidArgument(
-            f"{field} must be 1-128 printable ASCII characters without spaces", field_name=field
+            f"{field} must be 1-{IDEMPOTENCY_KEY_BYTES_MAX} printable ASCII characters "
+            "without spaces",
+            field_name=field,
         )
     return value
 
@@ -68,9 +80,9 @@ def idempotency_key(value: str, field: str = "idempotency_key") -> str:
 def units(value: int, field: str, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"{field} must be an integer", field_name=field)
-    if value < minimum or value > MAX_UNITS:
+    if value < minimum or value > UNITS_MAX:
         raise InvalidArgument(
-            f"{field} must be between {minimum} and {MAX_UNITS} (2^53 - 1)", field_name=field
+            f"{field} must be between {minimum} and {UNITS_MAX} (2^53 - 1)", field_name=field
         )
     return value
 
@@ -125,7 +137,7 @@ def timestamp_ms(value: Timestamp, field: str) -> int:
     if value.seconds < 0 or value.nanos < 0:
         raise InvalidArgument(f"{field} must not be before 1970", field_name=field)
     ms = value.seconds * 1000 + value.nanos // 1_000_000
-    if ms > 253402300799999:
+    if ms > TIMESTAMP_MS_MAX:
         raise InvalidArgument(f"{field} must be before year 10000", field_name=field)
     return ms
 
@@ -134,9 +146,6 @@ def fingerprint(method: str, fields: Mapping[str, Any]) -> str:
     """What makes two requests under one idempotency key "the same request"."""
     canonical = json.dumps({"method": method, **fields}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-ALERT_PERCENTAGES_MAX = 16
 
 
 def alert_settings(value: Any, field: str = "alerts") -> dict[str, Any]:
@@ -148,9 +157,10 @@ def alert_settings(value: Any, field: str = "alerts") -> dict[str, Any]:
             field_name=f"{field}.allotment_used_percent",
         )
     for percent in percentages:
-        if not 1 <= percent <= 1000:
+        if not ALERT_PERCENT_MIN <= percent <= ALERT_PERCENT_MAX:
             raise InvalidArgument(
-                f"{field}.allotment_used_percent values must be between 1 and 1000",
+                f"{field}.allotment_used_percent values must be between {ALERT_PERCENT_MIN} "
+                f"and {ALERT_PERCENT_MAX}",
                 field_name=f"{field}.allotment_used_percent",
             )
     return {

@@ -1,20 +1,12 @@
-"""Key layout. Every key of an account carries its virtual shard's hash tag.
+"""Key layout: the one place key names are written.
 
 Accounts map onto a fixed number of virtual shards (crc32(account_id) %
-shards). Every key one script touches carries the same `{sNN}` hash tag, so
-it lives in one Redis Cluster hash slot:
+shards). Every key one script touches carries its shard's `{sNN}` hash tag
+(the prefix below), so it lives in one Redis Cluster hash slot.
 
-    tally:{s07}:acct:<account>        account blob (settings, grants, totals)
-    tally:{s07}:holds:<account>       zset of the account's open holds by expiry
-    tally:{s07}:res:<reservation>     reservation record
-    tally:{s07}:idem:<account>:<key>  idempotency record (fingerprint + answer)
-    tally:{s07}:expiries              zset of the shard's open holds (the reaper's work)
-    tally:{s07}:events                the shard's event stream
-    tally:{s07}:prices                the shard's copy of the price catalog
-    tally:{s07}:price_history         every price version, for quoted reserves
-    tally:{s07}:usage:<account>:<ms>  usage counters of the billing period starting at <ms>
-    tally:{s00}:catalog               catalog version counter (shard 0 is authoritative)
-    tally:meta                        deployment facts (shard count); never used by scripts
+The templates are data: KeySpace formats them in Python, and the script
+composer (store/scripts.py) generates Lua builders from the same templates
+for the names the scripts build themselves (LUA_BUILT).
 
 Account ids cannot contain ':' so the idempotency key's name is unambiguous.
 A reservation id is `<shard tag>.<sequence>.<account id>`: Commit and Refund
@@ -29,7 +21,53 @@ from dataclasses import dataclass
 from tally.domain.errors import InvalidArgument
 from tally.domain.ids import ACCOUNT_ID, SEQUENCE
 
+# Deployment facts (shard count); never used by scripts.
 META_KEY = "tally:meta"
+
+
+@dataclass(frozen=True)
+class NameTemplate:
+    """How one kind of name is written. `pattern` is a str.format pattern:
+    `{field}` is text, `{field:d}` an integer. `name` is what the generated
+    Lua builder is called (its parameters are the fields, in order)."""
+
+    name: str
+    pattern: str
+
+    def format(self, **fields: str | int) -> str:
+        return self.pattern.format(**fields)
+
+
+# Every key starts with its shard's prefix (the hash tag).
+SHARD_PREFIX = NameTemplate("shard_prefix", "tally:{{{tag}}}:")
+# account blob (settings, grants, totals)
+ACCOUNT_KEY = NameTemplate("account_key", "{prefix}acct:{account_id}")
+# zset of the account's open holds by expiry
+HOLDS_KEY = NameTemplate("holds_key", "{prefix}holds:{account_id}")
+# reservation record
+RESERVATION_KEY = NameTemplate("reservation_key", "{prefix}res:{reservation_id}")
+# idempotency record (fingerprint + answer)
+IDEMPOTENCY_KEY = NameTemplate("idempotency_key", "{prefix}idem:{account_id}:{key}")
+# usage counters of the billing period starting at period_start_ms
+USAGE_KEY = NameTemplate("usage_key", "{prefix}usage:{account_id}:{period_start_ms:d}")
+# zset of the shard's open holds (the reaper's work)
+EXPIRIES_KEY = NameTemplate("expiries_key", "{prefix}expiries")
+# the shard's event stream
+EVENTS_KEY = NameTemplate("events_key", "{prefix}events")
+# the shard's copy of the price catalog
+PRICES_KEY = NameTemplate("prices_key", "{prefix}prices")
+# every price version, for quoted reserves
+PRICE_HISTORY_KEY = NameTemplate("price_history_key", "{prefix}price_history")
+# catalog version counter (shard 0 is authoritative)
+CATALOG_KEY = NameTemplate("catalog_key", "{prefix}catalog")
+# a field of the price history hash: the price of one version of an operation
+PRICE_VERSION_FIELD = NameTemplate("price_version_field", "{operation}@{version:d}")
+# A reservation id names its shard and account, so it finds every key alone.
+RESERVATION_ID = NameTemplate("reservation_id_for", "{tag}.{sequence:d}.{account_id}")
+
+# What the scripts write themselves (from the prefix and shard tag they are
+# given); the store passes every other key in KEYS.
+LUA_BUILT = (RESERVATION_KEY, USAGE_KEY, RESERVATION_ID, PRICE_VERSION_FIELD)
 
 
 @dataclass(frozen=True)
@@ -53,38 +91,49 @@ class KeySpace:
         return f"s{shard:0{self._width}d}"
 
     def prefix(self, shard: int) -> str:
-        return f"tally:{{{self.tag(shard)}}}:"
+        return SHARD_PREFIX.format(tag=self.tag(shard))
 
     def account_keys(self, account_id: str) -> list[str]:
         """KEYS 1-4 shared by every account script."""
         p = self.prefix(self.shard_of(account_id))
-        return [f"{p}acct:{account_id}", f"{p}holds:{account_id}", f"{p}expiries", f"{p}events"]
+        return [
+            ACCOUNT_KEY.format(prefix=p, account_id=account_id),
+            HOLDS_KEY.format(prefix=p, account_id=account_id),
+            EXPIRIES_KEY.format(prefix=p),
+            EVENTS_KEY.format(prefix=p),
+        ]
 
     def idempotency(self, account_id: str, key: str) -> str:
-        return f"{self.prefix(self.shard_of(account_id))}idem:{account_id}:{key}"
+        return IDEMPOTENCY_KEY.format(
+            prefix=self.prefix(self.shard_of(account_id)), account_id=account_id, key=key
+        )
 
     def usage(self, account_id: str, period_start_ms: int) -> str:
         """The account's usage counters of one billing period (kept by the scripts)."""
-        return f"{self.prefix(self.shard_of(account_id))}usage:{account_id}:{period_start_ms}"
+        return USAGE_KEY.format(
+            prefix=self.prefix(self.shard_of(account_id)),
+            account_id=account_id,
+            period_start_ms=period_start_ms,
+        )
 
     def reservation(self, reservation_id: str) -> str:
         ref = self.parse_reservation_id(reservation_id)
-        return f"{self.prefix(ref.shard)}res:{reservation_id}"
+        return RESERVATION_KEY.format(prefix=self.prefix(ref.shard), reservation_id=reservation_id)
 
     def prices(self, shard: int) -> str:
-        return f"{self.prefix(shard)}prices"
+        return PRICES_KEY.format(prefix=self.prefix(shard))
 
     def price_history(self, shard: int) -> str:
-        return f"{self.prefix(shard)}price_history"
+        return PRICE_HISTORY_KEY.format(prefix=self.prefix(shard))
 
     def catalog_meta(self) -> str:
-        return f"{self.prefix(0)}catalog"
+        return CATALOG_KEY.format(prefix=self.prefix(0))
 
     def events(self, shard: int) -> str:
-        return f"{self.prefix(shard)}events"
+        return EVENTS_KEY.format(prefix=self.prefix(shard))
 
     def expiries(self, shard: int) -> str:
-        return f"{self.prefix(shard)}expiries"
+        return EXPIRIES_KEY.format(prefix=self.prefix(shard))
 
     def parse_reservation_id(self, reservation_id: str) -> ReservationRef:
         parts = reservation_id.split(".", 2)

@@ -2,15 +2,30 @@
 
 A script's header may carry two directives:
     --! flags: no-writes          -> the `#!lua flags=...` shebang line
-    --! include: codec account    -> lib/<name>.lua prepended, in that order
+    --! include: codec grants     -> the helpers the script uses directly
+A helper (lib/<name>.lua) names the helpers it uses with its own include line.
+The composer resolves includes transitively and puts each helper in once,
+every helper after those it depends on; a cycle or an unknown name is an error.
+
+Two helpers are generated here rather than written by hand, so that a fact
+Python owns is never copied into Lua:
+    limits    `local NAME = value` for every limit of domain/limits.py; it
+              opens every script, included or not
+    keys      the builders of the names the scripts write themselves,
+              from store/keys.py's templates (keys.LUA_BUILT)
 The composed text is what Redis runs; its SHA1 is what EVALSHA names.
 """
 
 from __future__ import annotations
 
 import hashlib
+import string
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
+
+from tally.domain import limits
+from tally.store import keys
 
 SCRIPT_NAMES = (
     "create_account",
@@ -30,6 +45,8 @@ SCRIPT_NAMES = (
     "delete_budget",
 )
 
+KEYS_HELPER = "keys"
+
 
 @dataclass(frozen=True)
 class LuaScript:
@@ -39,16 +56,25 @@ class LuaScript:
     read_only: bool
 
 
+@dataclass(frozen=True)
+class LuaUnit:
+    """A script or a helper: its text and what its header directives say."""
+
+    text: str
+    flags: tuple[str, ...]
+    includes: tuple[str, ...]
+
+
 def read_source(relative: str) -> str:
     """The text of a Lua file under store/lua/ (a script or lib/<helper>.lua)."""
     return resources.files("tally.store").joinpath("lua", relative).read_text(encoding="utf-8")
 
 
-def compose(name: str) -> LuaScript:
-    body = read_source(f"{name}.lua")
+def parse_unit(label: str, text: str) -> LuaUnit:
+    """Reads the `--!` directives that open a script or helper."""
     flags: list[str] = []
     includes: list[str] = []
-    for line in body.splitlines():
+    for line in text.splitlines():
         if not line.startswith("--!"):
             break
         directive, _, value = line[3:].partition(":")
@@ -57,12 +83,99 @@ def compose(name: str) -> LuaScript:
         elif directive.strip() == "include":
             includes.extend(value.split())
         else:
-            raise ValueError(f"{name}.lua: unknown directive {line!r}")
-    shebang = "#!lua flags=" + ",".join(flags) if flags else "#!lua"
-    parts = [shebang, *(read_source(f"lib/{lib}.lua") for lib in includes), body]
+            raise ValueError(f"{label}: unknown directive {line!r}")
+    return LuaUnit(text=text, flags=tuple(flags), includes=tuple(includes))
+
+
+def limits_prelude() -> str:
+    """`local NAME = value` for every limit in domain/limits.py."""
+    lines = ["-- limits: generated from tally/domain/limits.py"]
+    for name, value in vars(limits).items():
+        if name.isupper():
+            if type(value) is not int or abs(value) > limits.UNITS_MAX:
+                raise TypeError(f"limits.{name} must be an integer Lua holds exactly")
+            lines.append(f"local {name} = {value}")
+    return "\n".join(lines)
+
+
+def lua_string(text: str) -> str:
+    if any(ch in text for ch in "'\\\n\r\0"):
+        raise ValueError(f"{text!r} needs escaping in a Lua string; key names never do")
+    return f"'{text}'"
+
+
+def lua_builder(template: keys.NameTemplate) -> str:
+    """A Lua function writing the names `template` describes, as Python would."""
+    params: list[str] = []
+    parts: list[str] = []
+    for literal, field, spec, conversion in string.Formatter().parse(template.pattern):
+        if literal:
+            parts.append(lua_string(literal))
+        if field is None:
+            continue
+        if conversion or spec not in ("", "d") or not field.isidentifier():
+            raise ValueError(f"{template.name}: field {field!r} has an unsupported format")
+        params.append(field)
+        # Integers are formatted as %d: Lua's own number-to-text rounds to 14 digits.
+        parts.append(f"string.format('%d', {field})" if spec == "d" else field)
+    body = " .. ".join(parts)
+    return f"local function {template.name}({', '.join(params)})\n  return {body}\nend"
+
+
+def keys_helper() -> str:
+    builders = (lua_builder(template) for template in keys.LUA_BUILT)
+    return "\n".join(["-- keys: generated from tally/store/keys.py", *builders])
+
+
+def read_helper(name: str) -> LuaUnit:
+    if name == KEYS_HELPER:
+        return LuaUnit(text=keys_helper(), flags=(), includes=())
+    try:
+        text = read_source(f"lib/{name}.lua")
+    except FileNotFoundError:
+        raise ValueError(f"unknown Lua helper {name!r} (no lib/{name}.lua)") from None
+    unit = parse_unit(f"lib/{name}.lua", text)
+    if unit.flags:
+        raise ValueError(f"lib/{name}.lua: flags belong to scripts, not helpers")
+    return unit
+
+
+HelperReader = Callable[[str], LuaUnit]
+
+
+def resolve_helpers(
+    label: str, includes: Iterable[str], read: HelperReader = read_helper
+) -> dict[str, LuaUnit]:
+    """The helpers `includes` need, each once, every one after its own includes."""
+    resolved: dict[str, LuaUnit] = {}
+    resolving: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in resolved:
+            return
+        if name in resolving:
+            cycle = " -> ".join([*resolving[resolving.index(name) :], name])
+            raise ValueError(f"{label}: Lua helpers include each other: {cycle}")
+        resolving.append(name)
+        unit = read(name)
+        for dependency in unit.includes:
+            visit(dependency)
+        resolving.pop()
+        resolved[name] = unit
+
+    for name in includes:
+        visit(name)
+    return resolved
+
+
+def compose(name: str) -> LuaScript:
+    script = parse_unit(f"{name}.lua", read_source(f"{name}.lua"))
+    helpers = resolve_helpers(f"{name}.lua", script.includes)
+    shebang = "#!lua flags=" + ",".join(script.flags) if script.flags else "#!lua"
+    parts = [shebang, limits_prelude(), *(unit.text for unit in helpers.values()), script.text]
     source = "\n".join(parts)
     sha = hashlib.sha1(source.encode()).hexdigest()
-    return LuaScript(name=name, source=source, sha=sha, read_only="no-writes" in flags)
+    return LuaScript(name=name, source=source, sha=sha, read_only="no-writes" in script.flags)
 
 
 def load_all() -> dict[str, LuaScript]:

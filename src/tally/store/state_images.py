@@ -13,13 +13,13 @@ from typing import Any
 
 import msgpack
 
+from tally.domain.limits import USAGE_RETENTION_MS
 from tally.domain.usage import Usage
 from tally.store.failures import redis_errors
 from tally.store.keys import META_KEY, KeySpace
 from tally.store.quota_store import QuotaStore
 from tally.store.usage_counters import counter_fields
 
-USAGE_RETENTION_MS = 62 * 86_400_000  # as lib/account.lua keeps them
 PIPELINE_BATCH = 500
 SCAN_COUNT = 1000
 

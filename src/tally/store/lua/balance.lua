@@ -1,5 +1,5 @@
 --! flags: no-writes
---! include: codec calendar account
+--! include: codec context periods views
 -- balance: an account's balance and settings as of now, with due holds,
 -- expiries and a new period applied in memory (nothing is written).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
@@ -9,7 +9,7 @@
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
-  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX))
   touch(ctx)
   return {account = account_view(acct), balance = balance_view(ctx)}
 end)

@@ -1,4 +1,4 @@
---! include: codec calendar account
+--! include: codec context spend budgets usage holds events views idempotency write_phase
 -- charge: reserves and commits in one step.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record, 6 shard prices hash,
@@ -6,21 +6,16 @@
 -- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, operation,
 --   quantity (>= 1), idempotency_key, fingerprint, labels, price_version,
 --   idem_window_ms
--- Returns: {reservation_id, units, balance, replayed, price_version, overage_units}.
+-- Returns: {reservation_id, units, balance, replayed, price_version, overage_units};
+--   RESOURCE_EXHAUSTED carries {available, required, account_id, operation, budget_id?}.
 
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
   local spend = check_spend_request(req)
-  local acct = load_account(ctx, spend.account_id)
-  local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
+  local replay, hold, moves, short = open_spend(ctx, spend, KEYS)
   if replay then return replay end
-  local unit_price, version = price_of(ctx, KEYS[6], KEYS[7], spend.operation, spend.price_version)
-  local units = units_for(unit_price, spend.quantity)
-  touch(ctx)
-  check_budgets(ctx, spend.operation, spend.labels, units)
-  local moves, short = allocate(ctx, spend.operation, units)
-  local hold = new_hold(ctx, spend, unit_price, version, units)
+  local acct, units, version = ctx.acct, hold.units, hold.price_version
   charge_budgets(ctx, spend.operation, spend.labels, units)
   hold.state, hold.closed_at, hold.charged_at = 'COMMITTED', ctx.now, ctx.now
   count_usage(ctx, acct.period_start, ctx.now, spend.operation, spend.labels, units,
@@ -39,7 +34,7 @@ return run(function()
   -- a Commit of a charged reservation (quantity unset or the same) replays this
   hold.commit_answer = {units_charged = units, units_released = 0, balance = answer.balance,
     replayed = false, late = false, overage_units = short, operation = hold.operation}
-  remember(ctx, KEYS[5], req.fingerprint, answer, spend.window_ms)
+  remember(ctx, KEYS[5], spend.fingerprint, answer, spend.window_ms)
   commit_ctx(ctx)
   return answer
 end)

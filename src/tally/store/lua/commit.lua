@@ -1,4 +1,4 @@
---! include: codec calendar account
+--! include: codec reservation periods holds grants budgets usage events views write_phase
 -- commit: charges a hold, whole or for a smaller quantity; the rest goes back
 -- to the grants it came from. A hold that expired before the commit is
 -- charged anyway (the work was done) from what is available, the rest as
@@ -6,14 +6,15 @@
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
 -- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id,
 --   quantity (absent: the whole reserved quantity)
--- Returns: {units_charged, units_released, balance, replayed, late, overage_units}.
+-- Returns: {units_charged, units_released, balance, replayed, late, overage_units,
+--   operation}.
 
 local function charge_hold(ctx, hold, units)
   local acct = ctx.acct
   local grant_units = hold.units - hold.overage
   local from_grants = math.min(units, grant_units)
   local charged_moves, rest = split_moves(hold.moves, from_grants)
-  local _, lost = give_back(ctx, rest, grant_units - from_grants)
+  local _, lost = give_back(ctx, rest, grant_units - from_grants, false)
   acct.held = acct.held - hold.units
   acct.overage_held = acct.overage_held - hold.overage
   return charged_moves, units - from_grants, lost
@@ -21,13 +22,11 @@ end
 
 return run(function()
   local req = decode_request()
-  local ctx = new_ctx(req, KEYS)
-  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
-  local rid = check_str(req.reservation_id, 'reservation_id', 300)
+  local ctx, rid = open_reservation(req, KEYS)
+  local acct = ctx.acct
   local quantity = nil
-  if req.quantity ~= nil then quantity = check_int(req.quantity, 'quantity', 0, MAX_UNITS) end
-  local hold = load_hold(ctx, rid)
-  if not hold then raise('NOT_FOUND', 'reservation_id', 'reservation ' .. rid .. ' not found') end
+  if req.quantity ~= nil then quantity = check_int(req.quantity, 'quantity', 0, UNITS_MAX) end
+  local hold = find_hold(ctx, rid)
   if quantity == nil then quantity = hold.quantity end
   if quantity > hold.quantity then
     raise('INVALID_ARGUMENT', 'quantity',

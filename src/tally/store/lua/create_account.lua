@@ -1,4 +1,4 @@
---! include: codec calendar account
+--! include: codec calendar context settings periods grants events write_phase views
 -- create_account: creates an account and its first period's allotment.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
 -- ARGV[1] (msgpack): now, prefix, shard, account_id, allotment, policy,
@@ -25,12 +25,12 @@ end
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
-  local account_id = check_str(req.account_id, 'account_id', 128)
-  check_int(req.allotment, 'monthly_allotment', 0, MAX_UNITS)
-  check_int(req.overage_limit, 'overage_limit', 0, MAX_UNITS)
-  check_int(req.ap_units, 'auto_purchase_units', 0, MAX_UNITS)
-  check_int(req.ap_threshold, 'auto_purchase_threshold', 0, MAX_UNITS)
-  check_int(req.anchor_day, 'billing_anchor_day', 0, 31)
+  local account_id = check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX)
+  check_int(req.allotment, 'monthly_allotment', 0, UNITS_MAX)
+  check_int(req.overage_limit, 'overage_limit', 0, UNITS_MAX)
+  check_int(req.ap_units, 'auto_purchase_units', 0, UNITS_MAX)
+  check_int(req.ap_threshold, 'auto_purchase_threshold', 0, UNITS_MAX)
+  check_int(req.anchor_day, 'billing_anchor_day', 0, BILLING_ANCHOR_DAY_MAX)
   check_labels(req.labels, 'labels')
   check_policy(req.policy, req.ap_units)
   local alerts = check_alert_settings(req.alerts or {})

@@ -1,14 +1,14 @@
---! include: codec calendar account
+--! include: codec context periods events write_phase
 -- delete_budget: removes a budget; what it counted stays charged.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, prefix, shard, account_id, budget_id
+-- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, budget_id
 -- Returns: {budget = the removed budget}.
 
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
-  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
-  local id = check_str(req.budget_id, 'budget_id', 400)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX))
+  local id = check_str(req.budget_id, 'budget_id', BUDGET_ID_BYTES_MAX)
   local budget = acct.budgets[id]
   if budget == nil then raise('NOT_FOUND', 'budget_id', 'budget ' .. id .. ' not found') end
   touch(ctx)

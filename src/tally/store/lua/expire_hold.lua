@@ -1,4 +1,4 @@
---! include: codec calendar account
+--! include: codec context holds periods write_phase
 -- expire_hold: the reaper's step for one due hold. Brings its account up to
 -- now (which expires every due hold of the account, this one included).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
@@ -8,8 +8,8 @@
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
-  local rid = check_str(req.reservation_id, 'reservation_id', 300)
-  check_str(req.account_id, 'account_id', 128)
+  local rid = check_str(req.reservation_id, 'reservation_id', RESERVATION_ID_BYTES_MAX)
+  check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX)
   local acct = load_blob(ctx.acct_key)
   local hold = load_hold(ctx, rid)
   if not acct or not hold or hold.state ~= 'HELD' then

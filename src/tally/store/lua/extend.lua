@@ -1,4 +1,4 @@
---! include: codec calendar account
+--! include: codec reservation periods holds events views write_phase
 -- extend: gives a held reservation a new lifetime of ttl_ms from now.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
 -- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id, ttl_ms
@@ -7,12 +7,9 @@
 
 return run(function()
   local req = decode_request()
-  local ctx = new_ctx(req, KEYS)
-  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
-  local rid = check_str(req.reservation_id, 'reservation_id', 300)
-  local ttl_ms = check_int(req.ttl_ms, 'ttl', 1, MAX_TIME_MS)
-  local hold = load_hold(ctx, rid)
-  if not hold then raise('NOT_FOUND', 'reservation_id', 'reservation ' .. rid .. ' not found') end
+  local ctx, rid = open_reservation(req, KEYS)
+  local ttl_ms = check_int(req.ttl_ms, 'ttl', 1, TIMESTAMP_MS_MAX)
+  local hold = find_hold(ctx, rid)
   if hold.state == 'HELD' and hold.expires_at <= ctx.now then
     raise('FAILED_PRECONDITION', 'reservation_id', 'reservation ' .. rid .. ' has expired')
   end

@@ -1,33 +1,33 @@
---! include: codec calendar account
+--! include: codec context idempotency periods grants events write_phase views
 -- purchase: adds a PURCHASE grant bought by the customer.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
--- ARGV[1] (msgpack): now, prefix, shard, account_id, units, expires_at (0: never),
---   reference, idempotency_key, fingerprint, idem_window_ms
+-- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, units,
+--   expires_at (0: never), reference, idempotency_key, fingerprint, idem_window_ms
 -- Returns: {grant = grant view, balance = balance view, replayed = bool}.
 
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
-  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
-  local units = check_int(req.units, 'units', 1, MAX_UNITS)
-  local expires_at = check_int(req.expires_at, 'expires_at', 0, MAX_TIME_MS)
-  local reference = check_str(req.reference, 'reference', 256, true)
-  local idem_key = check_str(req.idempotency_key, 'idempotency_key', 128)
-  local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, MAX_TIME_MS)
-  check_str(req.fingerprint, 'fingerprint', 64)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX))
+  local units = check_int(req.units, 'units', 1, UNITS_MAX)
+  local expires_at = check_int(req.expires_at, 'expires_at', 0, TIMESTAMP_MS_MAX)
+  local reference = check_str(req.reference, 'reference', REFERENCE_BYTES_MAX, true)
+  local idem_key = check_str(req.idempotency_key, 'idempotency_key', IDEMPOTENCY_KEY_BYTES_MAX)
+  local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, TIMESTAMP_MS_MAX)
+  check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX)
   local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
   if replay then return replay end
   if expires_at ~= 0 and expires_at <= ctx.now then
     raise('INVALID_ARGUMENT', 'expires_at', 'expires_at must be in the future')
   end
   touch(ctx)
-  if acct.total_granted + units > MAX_UNITS then
+  if acct.total_granted + units > UNITS_MAX then
     raise('INVALID_ARGUMENT', 'units', 'the account would hold more than 2^53 - 1 units')
   end
-  if #acct.grants >= MAX_GRANTS then
+  if #acct.grants >= GRANTS_MAX then
     raise('FAILED_PRECONDITION', 'account_id',
-      string.format('account %s has %d live grants, the maximum', acct.id, MAX_GRANTS))
+      string.format('account %s has %d live grants, the maximum', acct.id, GRANTS_MAX))
   end
   local g = add_grant(ctx, 'PURCHASE', units, expires_at, reference)
   acct.total_granted = acct.total_granted + units

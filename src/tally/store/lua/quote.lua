@@ -1,5 +1,5 @@
 --! flags: no-writes
---! include: codec calendar account
+--! include: codec context pricing periods books allocation
 -- quote: the exact cost of an operation now and whether the account could
 -- pay it (auto-purchases included); moves nothing.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
@@ -10,9 +10,9 @@
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
-  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
-  local operation = check_str(req.operation, 'operation', 128)
-  local quantity = check_int(req.quantity, 'quantity', 1, MAX_UNITS)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX))
+  local operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX)
+  local quantity = check_int(req.quantity, 'quantity', 1, UNITS_MAX)
   local unit_price, version = price_of(ctx, KEYS[5], KEYS[6], operation, 0)
   local units = units_for(unit_price, quantity)
   touch(ctx)

@@ -1,4 +1,4 @@
---! include: codec calendar account
+--! include: codec reservation idempotency periods holds grants budgets usage events views write_phase
 -- refund: releases a hold (whole), or gives back part or all of a committed
 -- charge. Overage of the current period is given back first; overage of a
 -- period already invoiced comes back as a PROMOTIONAL credit; grant units go
@@ -8,7 +8,7 @@
 -- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id,
 --   units (absent: all that is refundable), reason, idempotency_key, fingerprint,
 --   idem_window_ms
--- Returns: {units_refunded, units_refundable, balance, replayed}.
+-- Returns: {units_refunded, units_refundable, balance, replayed, operation}.
 
 local function refund_charge(ctx, hold, units, reason)
   local acct = ctx.acct
@@ -23,7 +23,7 @@ local function refund_charge(ctx, hold, units, reason)
       add_grant(ctx, 'PROMOTIONAL', credit, 0, 'refund:' .. hold.id)
     end
   end
-  local back, lost = refund_moves(ctx, hold.charge_moves, units - from_overage)
+  local back, lost = give_back(ctx, hold.charge_moves, units - from_overage, true)
   if hold.charge_period == acct.period_start then
     charge_budgets(ctx, hold.operation, hold.labels, -units)
   end
@@ -42,19 +42,16 @@ end
 
 return run(function()
   local req = decode_request()
-  local ctx = new_ctx(req, KEYS)
-  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
-  local rid = check_str(req.reservation_id, 'reservation_id', 300)
+  local ctx, rid = open_reservation(req, KEYS)
   local units = nil
-  if req.units ~= nil then units = check_int(req.units, 'units', 1, MAX_UNITS) end
-  local reason = check_str(req.reason, 'reason', 512, true)
-  local idem_key = check_str(req.idempotency_key, 'idempotency_key', 128)
-  local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, MAX_TIME_MS)
-  check_str(req.fingerprint, 'fingerprint', 64)
+  if req.units ~= nil then units = check_int(req.units, 'units', 1, UNITS_MAX) end
+  local reason = check_str(req.reason, 'reason', REASON_BYTES_MAX, true)
+  local idem_key = check_str(req.idempotency_key, 'idempotency_key', IDEMPOTENCY_KEY_BYTES_MAX)
+  local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, TIMESTAMP_MS_MAX)
+  check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX)
   local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
   if replay then return replay end
-  local hold = load_hold(ctx, rid)
-  if not hold then raise('NOT_FOUND', 'reservation_id', 'reservation ' .. rid .. ' not found') end
+  local hold = find_hold(ctx, rid)
   touch(ctx)
   settle_if_due(ctx, hold)
   local refunded = 0

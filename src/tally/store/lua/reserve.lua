@@ -1,28 +1,23 @@
---! include: codec calendar account
+--! include: codec context spend budgets holds events views idempotency write_phase
 -- reserve: holds units for one operation until commit, refund or expiry.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record, 6 shard prices hash,
 --       7 shard price history hash
--- ARGV[1] (msgpack): now, prefix, shard, account_id, operation, quantity (>= 1),
---   idempotency_key, fingerprint, ttl_ms, labels, price_version (0: current),
---   idem_window_ms
+-- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, operation,
+--   quantity (>= 1), idempotency_key, fingerprint, ttl_ms, labels,
+--   price_version (0: current), idem_window_ms
 -- Returns: {reservation_id, units, expires_at, balance, replayed, price_version,
---   unit_price, quantity}; RESOURCE_EXHAUSTED carries {available, required}.
+--   unit_price, quantity};
+--   RESOURCE_EXHAUSTED carries {available, required, account_id, operation, budget_id?}.
 
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
   local spend = check_spend_request(req)
-  local ttl_ms = check_int(req.ttl_ms, 'ttl', 1, MAX_TIME_MS)
-  local acct = load_account(ctx, spend.account_id)
-  local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
+  local ttl_ms = check_int(req.ttl_ms, 'ttl', 1, TIMESTAMP_MS_MAX)
+  local replay, hold, moves, short = open_spend(ctx, spend, KEYS)
   if replay then return replay end
-  local unit_price, version = price_of(ctx, KEYS[6], KEYS[7], spend.operation, spend.price_version)
-  local units = units_for(unit_price, spend.quantity)
-  touch(ctx)
-  check_budgets(ctx, spend.operation, spend.labels, units)
-  local moves, short = allocate(ctx, spend.operation, units)
-  local hold = new_hold(ctx, spend, unit_price, version, units)
+  local acct, units = ctx.acct, hold.units
   hold.budgets = apply_budgets(ctx, spend.operation, spend.labels, units)
   hold.moves, hold.overage, hold.expires_at = moves, short, ctx.now + ttl_ms
   acct.held = acct.held + units
@@ -30,12 +25,12 @@ return run(function()
   mark_hold(ctx, hold)
   emit(ctx, 'reserve', {reservation_id = hold.id, operation = hold.operation,
     quantity = hold.quantity, units = units, overage = short, moves = moves_text(moves),
-    labels = hold.labels, idempotency_key = spend.idem_key, price_version = version,
+    labels = hold.labels, idempotency_key = spend.idem_key, price_version = hold.price_version,
     expires_at = hold.expires_at})
   local answer = {reservation_id = hold.id, units = units, expires_at = hold.expires_at,
-    balance = balance_view(ctx), replayed = false, price_version = version,
-    unit_price = unit_price, quantity = hold.quantity}
-  remember(ctx, KEYS[5], req.fingerprint, answer, spend.window_ms)
+    balance = balance_view(ctx), replayed = false, price_version = hold.price_version,
+    unit_price = hold.unit_price, quantity = hold.quantity}
+  remember(ctx, KEYS[5], spend.fingerprint, answer, spend.window_ms)
   commit_ctx(ctx)
   return answer
 end)

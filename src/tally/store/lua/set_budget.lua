@@ -1,26 +1,16 @@
---! include: codec calendar account
+--! include: codec context periods budgets usage events write_phase
 -- set_budget: sets a spend limit per billing period on one operation or one
 -- label value. A new budget starts from the units already charged this period
 -- in its scope (holds made before it existed do not count against it).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, prefix, shard, account_id, operation, label_key, label_value,
---   limit
+-- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, operation, label_key,
+--   label_value, limit
 -- Returns: {budget = {budget_id, operation, label_key, label_value, limit, used}}.
 
-local MAX_BUDGETS = 64
-
 local function charged_so_far(ctx, budget)
-  local fields = redis.call('HGETALL', usage_key(ctx, ctx.acct.period_start))
   local used = 0
-  for i = 1, #fields, 2 do
-    local kind, _, operation, signature = string.match(fields[i], '^(%a)|(%d+)|([^|]*)|(.*)$')
-    if kind == 'u' then
-      local labels = {}
-      if signature ~= '' then
-        for _, pair in ipairs(cjson.decode(signature)) do labels[pair[1]] = pair[2] end
-      end
-      if budget_applies(budget, operation, labels) then used = used + tonumber(fields[i + 1]) end
-    end
+  for _, row in ipairs(period_units(ctx, ctx.acct.period_start)) do
+    if budget_applies(budget, row.operation, row.labels) then used = used + row.units end
   end
   return math.max(0, used)
 end
@@ -28,11 +18,11 @@ end
 return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
-  local acct = load_account(ctx, check_str(req.account_id, 'account_id', 128))
-  local operation = check_str(req.operation, 'budget.operation', 128, true)
-  local label_key = check_str(req.label_key, 'budget.label_key', 63, true)
-  local label_value = check_str(req.label_value, 'budget.label_value', 256, true)
-  local limit = check_int(req.limit, 'budget.limit_units', 0, MAX_UNITS)
+  local acct = load_account(ctx, check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX))
+  local operation = check_str(req.operation, 'budget.operation', OPERATION_BYTES_MAX, true)
+  local label_key = check_str(req.label_key, 'budget.label_key', LABEL_KEY_BYTES_MAX, true)
+  local label_value = check_str(req.label_value, 'budget.label_value', LABEL_VALUE_BYTES_MAX, true)
+  local limit = check_int(req.limit, 'budget.limit_units', 0, UNITS_MAX)
   if (operation == '') == (label_key == '') then
     raise('INVALID_ARGUMENT', 'budget', 'a budget names either an operation or a label_key')
   end
@@ -43,8 +33,8 @@ return run(function()
   if budget == nil then
     local count = 0
     for _ in pairs(acct.budgets) do count = count + 1 end
-    if count >= MAX_BUDGETS then
-      raise('FAILED_PRECONDITION', 'budget', string.format('at most %d budgets per account', MAX_BUDGETS))
+    if count >= BUDGETS_MAX then
+      raise('FAILED_PRECONDITION', 'budget', string.format('at most %d budgets per account', BUDGETS_MAX))
     end
     budget = {operation = operation, label_key = label_key, label_value = label_value, limit = limit}
     budget.used = charged_so_far(ctx, budget)

@@ -1,4 +1,4 @@
---! include: codec
+--! include: codec keys
 -- set_price: sets an operation's price in the authoritative catalog (shard 0),
 -- under a new catalog version. Setting the current price again is a no-op.
 -- KEYS: 1 prices hash, 2 price history hash, 3 catalog meta hash, 4 event stream
@@ -7,8 +7,8 @@
 
 return run(function()
   local req = decode_request()
-  local operation = check_str(req.operation, 'operation', 128)
-  local price = check_int(req.price, 'units_per_quantity', 1, MAX_UNITS)
+  local operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX)
+  local price = check_int(req.price, 'units_per_quantity', 1, UNITS_MAX)
   local raw = redis.call('HGET', KEYS[1], operation)
   if raw then
     local current = cmsgpack.unpack(raw)
@@ -20,7 +20,7 @@ return run(function()
   local version = redis.call('HINCRBY', KEYS[3], 'version', 1)
   local record = {price = price, version = version, at = req.now}
   redis.call('HSET', KEYS[1], operation, cmsgpack.pack(record))
-  redis.call('HSET', KEYS[2], operation .. '@' .. int_text(version), price)
+  redis.call('HSET', KEYS[2], price_version_field(operation, version), price)
   redis.call('XADD', KEYS[4], '*', 'type', 'price_change', 'event_id', 'catalog/' .. int_text(version),
     'operation', operation, 'units', price, 'price_version', version, 'at', req.now)
   return {operation = operation, price = price, version = version, at = req.now, changed = true}

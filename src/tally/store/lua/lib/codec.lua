@@ -3,10 +3,9 @@
 -- returns one msgpack-encoded reply: {ok=true, r=<result>} or
 -- {ok=false, code=<grpc code name>, field=<field>, message=<text>, ...}.
 -- Amounts are Lua numbers (doubles): every amount is checked to be an
--- integer no larger than MAX_UNITS = 2^53 - 1 before it is used.
-
-local MAX_UNITS = 9007199254740991
-local MAX_TIME_MS = 253402300799999  -- 9999-12-31T23:59:59.999Z
+-- integer no larger than UNITS_MAX = 2^53 - 1 before it is used.
+-- UNITS_MAX, TIMESTAMP_MS_MAX and every other limit come from the generated
+-- limits prelude (tally/domain/limits.py).
 
 local function raise(code, field, message, extra)
   error({tally_err = true, code = code, field = field, message = message, extra = extra}, 0)
@@ -44,7 +43,7 @@ end
 local function decode_request()
   local ok, req = pcall(cmsgpack.unpack, ARGV[1] or '')
   if not ok or type(req) ~= 'table' then raise('INVALID_ARGUMENT', 'request', 'request is not a msgpack map') end
-  check_int(req.now, 'now', 0, MAX_TIME_MS)
+  check_int(req.now, 'now', 0, TIMESTAMP_MS_MAX)
   return req
 end
 

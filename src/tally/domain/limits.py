@@ -1,0 +1,49 @@
+"""Every limit Tally enforces, defined once.
+
+The API's validation imports these, and the script composer (store/scripts.py)
+generates a `local NAME = value` line for each into every Lua script, so Python
+and Lua cannot disagree about a bound. Only integers live here: they are what
+both languages read the same way (every value is below 2^53, so exact in Lua).
+"""
+
+from __future__ import annotations
+
+# Amounts: Lua numbers are doubles, exact up to 2^53 - 1.
+UNITS_MAX = 2**53 - 1
+# Clock values: 9999-12-31T23:59:59.999Z, the last instant a Timestamp can show.
+TIMESTAMP_MS_MAX = 253_402_300_799_999
+
+# Text fields, in bytes.
+ACCOUNT_ID_BYTES_MAX = 128
+OPERATION_BYTES_MAX = 128
+IDEMPOTENCY_KEY_BYTES_MAX = 128
+# `<shard tag>.<sequence>.<account id>` (see store/keys.py) with room to spare.
+RESERVATION_ID_BYTES_MAX = 300
+REASON_BYTES_MAX = 512
+REFERENCE_BYTES_MAX = 256
+FINGERPRINT_BYTES_MAX = 64
+LABEL_KEY_BYTES_MAX = 63
+LABEL_VALUE_BYTES_MAX = 256
+LABELS_MAX = 32
+# `label:<key>=<value>` or `operation:<operation>`.
+BUDGET_ID_BYTES_MAX = 400
+# What the store passes to every script about the shard (store/keys.py's names fit easily).
+KEY_PREFIX_BYTES_MAX = 64
+SHARD_TAG_BYTES_MAX = 16
+
+# Per account.
+BILLING_ANCHOR_DAY_MAX = 31
+BUDGETS_MAX = 64
+GRANTS_MAX = 1000
+ALERT_PERCENTAGES_MAX = 16
+ALERT_PERCENT_MIN = 1
+ALERT_PERCENT_MAX = 1000
+# Packs one AUTO_PURCHASE top-up may buy at once.
+AUTO_PURCHASE_PACKS_MAX = 1000
+
+# Work per script call: due holds one touch of an account expires (the reaper does the rest).
+LAZY_EXPIRIES_MAX = 100
+
+# Usage counters outlive their billing period this long (past periods are
+# reported from the ledger).
+USAGE_RETENTION_MS = 62 * 86_400_000  # 62 days

@@ -1,0 +1,43 @@
+--! include: codec
+-- context: one script run's state and the account it works on.
+-- Nothing here writes to Redis: every change is made in memory on ctx and
+-- written by commit_ctx (write_phase) once every check has passed.
+--
+-- ctx = {now, prefix, shard, acct, acct_key, holds_key, expiries_key,
+--        events_key, events = {}, holds = {rid -> hold loaded},
+--        dirty = {rid -> true for holds to write}, usage = {counter changes},
+--        idem = the idempotency record to write, retention_ms}
+
+local function new_ctx(req, keys)
+  return {
+    now = req.now, prefix = check_str(req.prefix, 'prefix', KEY_PREFIX_BYTES_MAX),
+    shard = check_str(req.shard, 'shard', SHARD_TAG_BYTES_MAX),
+    acct_key = keys[1], holds_key = keys[2], expiries_key = keys[3], events_key = keys[4],
+    events = {}, holds = {}, dirty = {}, usage = {},
+    retention_ms = check_int(req.retention_ms or 0, 'retention_ms', 0, TIMESTAMP_MS_MAX),
+  }
+end
+
+-- Fields added after an account was first written get their neutral value.
+local function upgrade(acct)
+  acct.event_seq = acct.event_seq or 0
+  acct.period_purchased = acct.period_purchased or 0
+  acct.period_expired = acct.period_expired or 0
+  acct.alerts = acct.alerts or {percent = {}, below = 0, overage = false}
+  acct.fired = acct.fired or {}
+  acct.budgets = acct.budgets or {}
+end
+
+local function load_account(ctx, account_id)
+  local acct = load_blob(ctx.acct_key)
+  if not acct then raise('NOT_FOUND', 'account_id', 'account ' .. account_id .. ' not found') end
+  upgrade(acct)
+  ctx.acct = acct
+  return acct
+end
+
+-- Ids of grants and holds come from one counter per account (seq).
+local function next_seq(acct)
+  acct.seq = acct.seq + 1
+  return acct.seq
+end

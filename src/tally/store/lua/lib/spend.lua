@@ -1,0 +1,47 @@
+--! include: codec keys context idempotency pricing periods budgets allocation
+-- spend: the opening reserve and charge share, from the checks of the
+-- request to the units set aside for a new hold.
+
+-- The checks shared by reserve and charge; returns the decoded fields.
+local function check_spend_request(req)
+  return {
+    account_id = check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX),
+    operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX),
+    quantity = check_int(req.quantity, 'quantity', 1, UNITS_MAX),
+    idem_key = check_str(req.idempotency_key, 'idempotency_key', IDEMPOTENCY_KEY_BYTES_MAX),
+    price_version = check_int(req.price_version, 'price_version', 0, UNITS_MAX),
+    labels = check_labels(req.labels, 'labels'),
+    window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, TIMESTAMP_MS_MAX),
+    fingerprint = check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX),
+  }
+end
+
+-- A new reservation record, HELD or already COMMITTED by the caller.
+local function new_hold(ctx, spend, unit_price, price_version, units)
+  local acct = ctx.acct
+  return {id = reservation_id_for(ctx.shard, next_seq(acct), acct.id), account_id = acct.id,
+    operation = spend.operation, quantity = spend.quantity, unit_price = unit_price,
+    price_version = price_version, units = units, overage = 0, moves = {}, labels = spend.labels,
+    state = 'HELD', created_at = ctx.now, expires_at = 0, idempotency_key = spend.idem_key,
+    charged = 0, charged_quantity = 0, overage_charged = 0, overage_refunded = 0, refunded = 0,
+    charge_moves = {}, charge_period = 0, late = false, charged_at = 0,
+    budgets = {}, budget_period = acct.period_start}
+end
+
+-- After the script's own checks of `spend` (check_spend_request): loads the
+-- account, replays an earlier answer under the idempotency key, prices the
+-- operation, brings the account up to now, checks budgets and sets the units
+-- aside. keys: 5 idempotency record, 6 shard prices hash, 7 shard price history.
+-- Returns the answer to replay, or nil, the new hold, its grant moves and the
+-- units not covered by grants (overage).
+local function open_spend(ctx, spend, keys)
+  load_account(ctx, spend.account_id)
+  local replay = idem_lookup(keys[5], spend.fingerprint, ctx.now)
+  if replay then return replay end
+  local unit_price, version = price_of(ctx, keys[6], keys[7], spend.operation, spend.price_version)
+  local units = units_for(unit_price, spend.quantity)
+  touch(ctx)
+  check_budgets(ctx, spend.operation, spend.labels, units)
+  local moves, short = allocate(ctx, spend.operation, units)
+  return nil, new_hold(ctx, spend, unit_price, version, units), moves, short
+end

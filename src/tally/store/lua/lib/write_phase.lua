@@ -1,0 +1,40 @@
+--! include: codec books alerts holds usage
+-- write_phase: commit_ctx, the one place a script run's changes are written
+-- (a script calls it once, after every check has passed: "check everything,
+-- then write").
+
+-- The last event carries images of the account, the holds and the
+-- idempotency record as written (`_acct`, `_holds`, `_idem`), so the ledger
+-- can restore Redis from events alone. Returns the stream ids of the events.
+local function commit_ctx(ctx)
+  local acct = ctx.acct
+  check_alerts(ctx)
+  assert_books(acct)
+  if #ctx.events == 0 then
+    -- Nothing moved (e.g. refunding what is already refunded): every change of
+    -- the account or a hold emits an event, so only the answer is kept.
+    if next(ctx.dirty) ~= nil or #ctx.usage > 0 then error('a change without an event', 0) end
+    if ctx.idem then save_blob(ctx.idem.key, ctx.idem.record, ctx.idem.window_ms) end
+    return {}
+  end
+  save_blob(ctx.acct_key, acct)
+  local hold_images = write_holds(ctx)
+  local last = ctx.events[#ctx.events]
+  last[#last + 1] = '_acct'
+  last[#last + 1] = cmsgpack.pack(acct)
+  if next(hold_images) ~= nil then
+    last[#last + 1] = '_holds'
+    last[#last + 1] = cmsgpack.pack(hold_images)
+  end
+  if ctx.idem then
+    save_blob(ctx.idem.key, ctx.idem.record, ctx.idem.window_ms)
+    last[#last + 1] = '_idem'
+    last[#last + 1] = cmsgpack.pack({key = ctx.idem.key, record = ctx.idem.record})
+  end
+  write_usage(ctx)
+  local ids = {}
+  for i, event in ipairs(ctx.events) do
+    ids[i] = redis.call('XADD', ctx.events_key, '*', unpack(event))
+  end
+  return ids
+end

@@ -1,0 +1,164 @@
+"""The script composer: helpers resolved by their include lines, limits and key
+names generated from Python. Generated text is checked by running it in a real
+redis-server (EVAL), not by reading it back."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from importlib import resources
+
+import pytest
+import redis
+
+from tally.domain import limits
+from tally.store import keys, scripts
+from tally.store.keys import KeySpace
+from tally.store.scripts import LuaUnit
+from tests.support import RedisProcess
+
+LUA_KEYWORDS = frozenset({
+    "and", "break", "do", "else", "elseif", "end", "false", "for", "function", "if", "in",
+    "local", "nil", "not", "or", "repeat", "return", "then", "true", "until", "while",
+})
+LUA_BUILTINS = frozenset({
+    "pairs", "ipairs", "type", "error", "pcall", "tonumber", "tostring", "next", "unpack",
+    "select", "assert",
+})
+# String literals and comments, whichever starts first, so neither hides the other.
+STRINGS_AND_COMMENTS = re.compile(r"'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"|--[^\n]*")
+CALL = re.compile(r"(?<![\w.:])([A-Za-z_]\w*)\s*\(")
+DEFINITION = re.compile(r"\blocal\s+function\s+(\w+)")
+
+
+def code_of(text: str) -> str:
+    return STRINGS_AND_COMMENTS.sub(" ", text)
+
+
+def functions_called(text: str) -> set[str]:
+    return set(CALL.findall(code_of(text))) - LUA_KEYWORDS - LUA_BUILTINS
+
+
+def functions_defined(text: str) -> list[str]:
+    return DEFINITION.findall(code_of(text))
+
+
+def all_helpers() -> dict[str, LuaUnit]:
+    names = [scripts.KEYS_HELPER]
+    for entry in resources.files("tally.store").joinpath("lua", "lib").iterdir():
+        if entry.name.endswith(".lua"):
+            names.append(entry.name.removesuffix(".lua"))
+    return {name: scripts.read_helper(name) for name in names}
+
+
+@pytest.fixture(scope="module")
+def client(module_redis: RedisProcess) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(module_redis.url)
+    yield connection
+    connection.close()
+
+
+def test_limits_prelude_holds_python_values(client: redis.Redis) -> None:
+    """Proves every limit of domain/limits.py reaches Lua with its Python value, by
+    returning each one from a script that runs the generated prelude."""
+    expected = {name: value for name, value in vars(limits).items() if name.isupper()}
+    assert "UNITS_MAX" in expected and "TIMESTAMP_MS_MAX" in expected
+    names = sorted(expected)
+    probe = f"{scripts.limits_prelude()}\nreturn {{{', '.join(names)}}}"
+    values = client.eval(probe, 0)
+    assert dict(zip(names, values, strict=True)) == expected
+
+
+@pytest.mark.parametrize("shards", [1, 16, 4096])
+def test_lua_key_builders_write_keyspace_names(client: redis.Redis, shards: int) -> None:
+    """Proves the generated Lua builders write exactly the names Python writes, for
+    every name the scripts build themselves, by running them in Redis."""
+    space = KeySpace(shards)
+    account_id = "Team.a_b@example-1"
+    operation = "image.generate.sdxl"
+    shard = space.shard_of(account_id)
+    sequence = 2**53 - 1  # as large as a Lua number holds exactly
+    period_start_ms = limits.TIMESTAMP_MS_MAX  # 15 digits: Lua's tostring would round it
+    reservation_id = keys.RESERVATION_ID.format(
+        tag=space.tag(shard), sequence=sequence, account_id=account_id
+    )
+    probe = (
+        f"{scripts.keys_helper()}\n"
+        "local prefix, tag, account_id, operation = ARGV[1], ARGV[2], ARGV[3], ARGV[4]\n"
+        "local sequence, period_start_ms = tonumber(ARGV[5]), tonumber(ARGV[6])\n"
+        "local rid = reservation_id_for(tag, sequence, account_id)\n"
+        "return {rid, reservation_key(prefix, rid), usage_key(prefix, account_id, period_start_ms),"
+        " price_version_field(operation, sequence)}"
+    )
+    args = (space.prefix(shard), space.tag(shard), account_id, operation, sequence, period_start_ms)
+    built = client.eval(probe, 0, *args)
+    assert [name.decode() for name in built] == [
+        reservation_id,
+        space.reservation(reservation_id),
+        space.usage(account_id, period_start_ms),
+        keys.PRICE_VERSION_FIELD.format(operation=operation, version=sequence),
+    ]
+    assert space.parse_reservation_id(reservation_id).account_id == account_id
+    assert {t.name for t in keys.LUA_BUILT} == {
+        "reservation_id_for", "reservation_key", "usage_key", "price_version_field",
+    }
+
+
+@pytest.mark.parametrize("name", scripts.SCRIPT_NAMES)
+def test_every_script_composes_with_each_helper_once(client: redis.Redis, name: str) -> None:
+    """Proves each composed script opens with the limits, defines no function twice
+    (so no helper came in twice), and compiles in Redis (SCRIPT LOAD, which also
+    enforces Lua's limit of 200 locals per function)."""
+    script = scripts.compose(name)
+    assert script.source.split("\n")[1:2] == ["-- limits: generated from tally/domain/limits.py"]
+    defined = functions_defined(script.source)
+    assert len(defined) == len(set(defined)), sorted({f for f in defined if defined.count(f) > 1})
+    assert client.script_load(script.source) == script.sha
+
+
+def test_include_lines_name_exactly_what_each_file_calls() -> None:
+    """Proves every script's and helper's include line names exactly the helpers
+    defining the functions it calls itself (nothing missing, nothing unused), and
+    that each helper function is defined in one helper only."""
+    helpers = all_helpers()
+    owner: dict[str, str] = {}
+    for helper, unit in helpers.items():
+        for function in functions_defined(unit.text):
+            assert function not in owner, f"{function} is defined in {owner[function]} and {helper}"
+            owner[function] = helper
+    units = {f"lib/{helper}.lua": unit for helper, unit in helpers.items()}
+    for name in scripts.SCRIPT_NAMES:
+        units[f"{name}.lua"] = scripts.parse_unit(name, scripts.read_source(f"{name}.lua"))
+    for label, unit in units.items():
+        called = functions_called(unit.text) - set(functions_defined(unit.text))
+        unknown = {f for f in called if f not in owner}
+        assert not unknown, f"{label} calls {sorted(unknown)}, which no helper defines"
+        uses = {owner[f] for f in called}
+        assert set(unit.includes) == uses, f"{label}: includes {unit.includes}, uses {uses}"
+        assert len(unit.includes) == len(uses), f"{label} names a helper twice"
+
+
+def fake_helpers(includes: dict[str, tuple[str, ...]]) -> scripts.HelperReader:
+    def read(name: str) -> LuaUnit:
+        if name not in includes:
+            raise ValueError(f"unknown Lua helper {name!r}")
+        return LuaUnit(text=f"-- {name}", flags=(), includes=includes[name])
+
+    return read
+
+
+def test_helpers_come_once_after_what_they_include() -> None:
+    """Proves the resolution order: each helper once, after every helper it
+    includes, however many paths lead to it."""
+    read = fake_helpers({"a": ("b", "c"), "b": ("d",), "c": ("d",), "d": ()})
+    assert list(scripts.resolve_helpers("s.lua", ["a", "d"], read)) == ["d", "b", "c", "a"]
+
+
+def test_a_cycle_or_an_unknown_helper_fails_loudly() -> None:
+    """Proves composing refuses helpers that include each other and names it refuses
+    to guess at."""
+    read = fake_helpers({"a": ("b",), "b": ("c",), "c": ("a",)})
+    with pytest.raises(ValueError, match="a -> b -> c -> a"):
+        scripts.resolve_helpers("s.lua", ["a"], read)
+    with pytest.raises(ValueError, match="unknown Lua helper 'nope'"):
+        scripts.resolve_helpers("s.lua", ["codec", "nope"])
