@@ -25,9 +25,10 @@ from tally.api.watch import UsageWatch
 from tally.clock import Clock, SystemClock
 from tally.config import Settings
 from tally.ledger import recovery
-from tally.ledger.backend import SqlLedger, open_ledger
+from tally.ledger.backend import open_ledger
 from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.flusher import Flusher, FlusherSettings
+from tally.ledger.ledger import Ledger
 from tally.store.client import ScriptRunner, connect
 from tally.store.embedded import EmbeddedRedis
 from tally.store.keys import KeySpace
@@ -71,7 +72,7 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
     return QuotaStore(ScriptRunner(redis), KeySpace(settings.shards), clock, limits)
 
 
-def build_flusher(settings: Settings, store: QuotaStore, ledger: SqlLedger) -> Flusher:
+def build_flusher(settings: Settings, store: QuotaStore, ledger: Ledger) -> Flusher:
     return Flusher(
         EventStreams.of(store),
         ledger,
@@ -85,21 +86,21 @@ def build_flusher(settings: Settings, store: QuotaStore, ledger: SqlLedger) -> F
     )
 
 
-async def open_and_migrate(settings: Settings) -> SqlLedger:
-    ledger = open_ledger(settings.ledger_location)
-    applied = await asyncio.to_thread(ledger.migrate)
+async def open_and_migrate(settings: Settings, clock: Clock) -> Ledger:
+    ledger = Ledger(open_ledger(settings.ledger_location), clock)
+    applied = await ledger.migrate()
     if applied:
         log.info("ledger migrated", extra={"versions": applied, "ledger": ledger.dialect})
     return ledger
 
 
 async def ensure_current(
-    store: QuotaStore, ledger: SqlLedger, recover_on_start: bool
+    store: QuotaStore, ledger: Ledger, recover_on_start: bool
 ) -> None:
     """Refuses to serve from a Redis that is empty or behind the ledger."""
     images = StateImages.of(store)
     stale = await recovery.stale_accounts(images, ledger)
-    prices_in_ledger = await asyncio.to_thread(ledger.catalog_prices)
+    prices_in_ledger = await ledger.catalog_prices()
     catalog_lost = bool(prices_in_ledger) and not await images.has_catalog()
     if not stale and not catalog_lost:
         return
@@ -124,7 +125,7 @@ class Authority:
 
     settings: Settings
     store: QuotaStore
-    ledger: SqlLedger
+    ledger: Ledger
     flusher: Flusher
     server: grpc.aio.Server
     port: int
@@ -178,11 +179,12 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     if not redis_url:
         embedded = EmbeddedRedis(settings.data_path / "redis", settings.redis_appendfsync)
         redis_url = embedded.start()
-    ledger: SqlLedger | None = None
+    clock = clock or SystemClock()
+    ledger: Ledger | None = None
     store: QuotaStore | None = None
     try:
-        ledger = await open_and_migrate(settings)
-        store = build_store(settings, redis_url, clock or SystemClock())
+        ledger = await open_and_migrate(settings, clock)
+        store = build_store(settings, redis_url, clock)
         await store.check_deployment()
         await store.runner.load()
         await ensure_current(store, ledger, settings.recover_on_start)

@@ -3,7 +3,6 @@ ListLedgerEntries, verify and recover."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,7 +17,7 @@ from tally.ledger.backend import SqliteLedger, open_ledger
 from tally.store.state_images import StateImages
 from tally.store.streams import GROUP, EventStreams
 from tally.v1 import account_pb2, catalog_pb2, quota_pb2
-from tests.support import RedisProcess, Running, start_running, stop_running, unique
+from tests.support import T0_MS, RedisProcess, Running, start_running, stop_running, unique
 
 # Trimming is checked exactly here, so flushed entries are not retained for watches.
 SLOW_FLUSH = {"flush_interval": "1h", "snapshot_interval": "1h", "stream_retention": "0s"}
@@ -74,12 +73,12 @@ async def test_money_in_is_in_the_ledger_before_it_is_acknowledged(durable: Runn
         catalog_pb2.SetPriceRequest(operation=operation, units_per_quantity=4)
     )).price
     ledger = durable.authority.ledger
-    entries = await asyncio.to_thread(ledger.entries, account_id)
+    entries = await ledger.entries(account_id)
     assert [(e.type, e.units) for e in entries] == [
         ("plan_change", 0), ("allotment", 100), ("purchase", 250)
     ]
     assert entries[-1].detail["reference"] == "INV-9"
-    prices = await asyncio.to_thread(ledger.catalog_prices)
+    prices = await ledger.catalog_prices()
     assert (operation, price.version, 4) in [(p[0], p[1], p[2]) for p in prices]
 
 
@@ -139,14 +138,14 @@ async def test_rows_are_deduplicated_on_the_event_id(durable: Running) -> None:
     shard = store.keys.shard_of(account_id)
     events = [decode(shard, sid, fields) for sid, fields in raw]
     ledger = durable.authority.ledger
-    await asyncio.to_thread(ledger.write_batch, events)
-    count = await asyncio.to_thread(ledger.count_entries)
-    again = await asyncio.to_thread(ledger.write_batch, events)
+    await ledger.write_batch(events)
+    count = await ledger.count_entries()
+    again = await ledger.write_batch(events)
     renamed = [decode(shard, f"9999999999999-{i}", fields) for i, (_, fields) in enumerate(raw)]
-    rebuilt = await asyncio.to_thread(ledger.write_batch, renamed)
+    rebuilt = await ledger.write_batch(renamed)
     assert (again, rebuilt) == (0, 0)
-    assert await asyncio.to_thread(ledger.count_entries) == count
-    mine = await asyncio.to_thread(ledger.entries, account_id)
+    assert await ledger.count_entries() == count
+    mine = await ledger.entries(account_id)
     assert [e.type for e in mine] == [
         "plan_change", "allotment", "reserve", "commit", "refund", "charge"
     ]
@@ -177,7 +176,7 @@ async def test_streams_are_trimmed_only_up_to_what_the_ledger_committed(
     survivors = {sid for sid, _ in await store.redis.xrange(stream)}
     assert set(pending_ids) <= survivors
     await flusher.flush_shard(shard, steal=True)
-    entries = await asyncio.to_thread(durable.authority.ledger.entries, account_id)
+    entries = await durable.authority.ledger.entries(account_id)
     assert entries[-1].type == "charge" and entries[-1].idempotency_key == "c9"
     assert await store.redis.xlen(stream) <= 1
 
@@ -186,7 +185,7 @@ def test_sqlite_ledger_runs_wal_with_synchronous_full(tmp_path: object) -> None:
     """Proves the SQLite ledger is in WAL mode with synchronous=FULL."""
     ledger = open_ledger(f"sqlite:///{tmp_path}/l.sqlite3")
     assert isinstance(ledger, SqliteLedger)
-    ledger.migrate()
+    ledger.migrate(applied_at_ms=T0_MS)
     assert ledger.pragma("journal_mode") == "wal"
     assert ledger.pragma("synchronous") == "2"  # FULL
     ledger.close()
@@ -195,8 +194,8 @@ def test_sqlite_ledger_runs_wal_with_synchronous_full(tmp_path: object) -> None:
 def test_migrations_apply_once(ledger_url: str) -> None:
     """Proves migrations are versioned and a second run applies nothing."""
     ledger = open_ledger(ledger_url)
-    first = ledger.migrate()
-    second = ledger.migrate()
+    first = ledger.migrate(applied_at_ms=T0_MS)
+    second = ledger.migrate(applied_at_ms=T0_MS)
     assert first == [1] and second == []
     assert ledger.schema_version() == 1
     ledger.close()
@@ -298,7 +297,7 @@ async def test_flushed_entries_are_kept_for_the_stream_retention(
         stream = store.keys.events(store.keys.shard_of(account_id))
         await running.authority.flusher.flush_all()
         assert await store.redis.xlen(stream) >= 6
-        entries = await asyncio.to_thread(running.authority.ledger.entries, account_id)
+        entries = await running.authority.ledger.entries(account_id)
         assert len(entries) == 6
     finally:
         await stop_running(running)
@@ -322,9 +321,7 @@ async def test_money_in_is_durable_behind_a_backlog_longer_than_one_pass(
                 idempotency_key=f"c{i}"))
         await running.accounts.PurchaseUnits(account_pb2.PurchaseUnitsRequest(
             account_id=account_id, units=777, idempotency_key="p"))
-        rows = await asyncio.to_thread(
-            running.authority.ledger.entries, account_id, types=["purchase"]
-        )
+        rows = await running.authority.ledger.entries(account_id, types=["purchase"])
         assert [r.units for r in rows] == [777]
     finally:
         await stop_running(running)
@@ -378,7 +375,7 @@ async def test_a_read_by_another_flusher_during_a_trim_is_never_trimmed(
     rescuer = Flusher(EventStreams(authority.store.redis, authority.store.keys),
                       authority.ledger, settings, consumer="rescuer")
     await rescuer.flush_shard(shard)
-    entries = await asyncio.to_thread(authority.ledger.entries, account_id)
+    entries = await authority.ledger.entries(account_id)
     assert [e.seq for e in entries] == list(range(1, 7))
 
 

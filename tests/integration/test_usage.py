@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -215,7 +214,7 @@ async def test_operation_budget_counts_usage_so_far_and_partial_commits(live: Ru
 
 async def alerts_of(running: Running, account_id: str) -> list[str]:
     await running.authority.flusher.flush_all()
-    entries = await asyncio.to_thread(running.authority.ledger.entries, account_id)
+    entries = await running.authority.ledger.entries(account_id)
     return [e.detail["alert"] for e in entries if e.type == "alert"]
 
 
@@ -342,7 +341,7 @@ async def test_bad_budget_and_alert_input_is_refused_and_changes_nothing(live: R
     account_id = await create(live, 100)
     await live.authority.flusher.flush_all()
     before_balance = await live.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
-    before_entries = await asyncio.to_thread(live.authority.ledger.entries, account_id)
+    before_entries = await live.authority.ledger.entries(account_id)
     bad_budgets = [
         (common_pb2.Budget(limit_units=10), "budget"),
         (common_pb2.Budget(operation="image.upscale", label_key="p", label_value="x",
@@ -377,7 +376,7 @@ async def test_bad_budget_and_alert_input_is_refused_and_changes_nothing(live: R
     await live.authority.flusher.flush_all()
     after_balance = await live.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
     assert after_balance.SerializeToString() == before_balance.SerializeToString()
-    assert await asyncio.to_thread(live.authority.ledger.entries, account_id) == before_entries
+    assert await live.authority.ledger.entries(account_id) == before_entries
     listed = await live.accounts.ListBudgets(account_pb2.ListBudgetsRequest(account_id=account_id))
     assert list(listed.budgets) == []
 

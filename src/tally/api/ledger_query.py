@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from dataclasses import dataclass
 
 from tally.api import validation as v
-from tally.domain.errors import InvalidArgument, Unavailable
+from tally.domain.errors import InvalidArgument
 from tally.domain.events import Entry, EntryType
-from tally.ledger.backend import SqlLedger, ledger_unavailable
+from tally.ledger.ledger import Ledger
 from tally.v1 import account_pb2
 
 ENTRY_TYPES = frozenset(t.value for t in EntryType)
@@ -71,19 +70,13 @@ def parse(request: account_pb2.ListLedgerEntriesRequest) -> Query:
     )
 
 
-async def read(ledger: SqlLedger, query: Query) -> list[Entry]:
+async def read(ledger: Ledger, query: Query) -> list[Entry]:
     """One page plus one row (to know whether another page follows)."""
-    try:
-        return await asyncio.to_thread(
-            ledger.entries,
-            query.account_id,
-            start_ms=query.start_ms,
-            end_ms=query.end_ms,
-            types=query.types,
-            after_seq=query.after_seq,
-            limit=query.page_size + 1,
-        )
-    except Exception as exc:
-        if ledger_unavailable(exc):
-            raise Unavailable(f"the ledger is unavailable ({type(exc).__name__})") from exc
-        raise
+    return await ledger.entries(
+        query.account_id,
+        start_ms=query.start_ms,
+        end_ms=query.end_ms,
+        types=query.types,
+        after_seq=query.after_seq,
+        limit=query.page_size + 1,
+    )

@@ -10,7 +10,6 @@ earlier time comes from the ledger. Time bounds are whole UTC hours.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from tally.api import convert
 from tally.api import validation as v
 from tally.domain.errors import InvalidArgument
 from tally.domain.usage import HOUR_MS, Usage, from_entries
-from tally.ledger.backend import SqlLedger
+from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
 from tally.store.usage_counters import usages_of
 from tally.v1 import usage_pb2
@@ -83,7 +82,7 @@ def in_range(usages: Iterable[Usage], start_ms: int, end_ms: int) -> list[Usage]
 
 
 async def account_usage(
-    store: QuotaStore, ledger: SqlLedger, account_id: str, period_start_ms: int,
+    store: QuotaStore, ledger: Ledger, account_id: str, period_start_ms: int,
     start_ms: int, end_ms: int,
 ) -> list[Usage]:
     """Counters for the current period, the ledger before it."""
@@ -93,7 +92,7 @@ async def account_usage(
         usages += in_range(usages_of(account_id, counters), max(start_ms, period_start_ms),
                            end_ms)
     if start_ms < period_start_ms:
-        entries = await asyncio.to_thread(ledger.usage_entries, start_ms, account_id)
+        entries = await ledger.usage_entries(start_ms, account_id)
         usages += in_range(from_entries(entries), start_ms, min(end_ms, period_start_ms))
     return usages
 
@@ -166,7 +165,7 @@ def forecast(
 
 
 async def usage_report(
-    store: QuotaStore, ledger: SqlLedger, request: usage_pb2.GetUsageReportRequest
+    store: QuotaStore, ledger: Ledger, request: usage_pb2.GetUsageReportRequest
 ) -> usage_pb2.UsageReport:
     by_account = not request.account_id
     grouping = parse_grouping(request.group_by, by_account)
@@ -222,13 +221,13 @@ def grouped_report(
 
 
 async def all_accounts_report(
-    ledger: SqlLedger, request: usage_pb2.GetUsageReportRequest, grouping: Grouping,
+    ledger: Ledger, request: usage_pb2.GetUsageReportRequest, grouping: Grouping,
     next_hour: int,
 ) -> usage_pb2.UsageReport:
     """Every account, from the ledger (behind Redis by at most the flush interval)."""
     if not request.HasField("start"):
         raise InvalidArgument("start is required for an all-accounts report", field_name="start")
     start_ms, end_ms = report_range(request, 0, next_hour)
-    entries = await asyncio.to_thread(ledger.usage_entries, start_ms)
+    entries = await ledger.usage_entries(start_ms)
     return grouped_report(in_range(from_entries(entries), start_ms, end_ms), grouping,
                           start_ms, end_ms)

@@ -11,8 +11,8 @@ from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
 from tally.api.usage import UsageServicer
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
-from tally.ledger.backend import SqlLedger
 from tally.ledger.durability import MoneyInBarrier
+from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
 from tally.v1 import (
     account_pb2,
@@ -39,7 +39,7 @@ def build_server(
     ttl_limits: HoldTtlLimits,
     listen: str,
     barrier: MoneyInBarrier,
-    ledger: SqlLedger,
+    ledger: Ledger,
     watch: UsageWatch,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Returns the server (not started), the bound port and its health servicer."""

@@ -11,8 +11,8 @@ from tally.api import validation as v
 from tally.api.errors import deadline_s, map_errors
 from tally.domain import limits
 from tally.domain.errors import InvalidArgument
-from tally.ledger.backend import SqlLedger
 from tally.ledger.durability import MoneyInBarrier
+from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
 from tally.v1 import (
     account_pb2,
@@ -164,7 +164,7 @@ def _policy(value: int, field: str = "overage_policy") -> str:
 
 
 class AccountServicer(account_pb2_grpc.AccountServiceServicer):
-    def __init__(self, store: QuotaStore, barrier: MoneyInBarrier, ledger: SqlLedger) -> None:
+    def __init__(self, store: QuotaStore, barrier: MoneyInBarrier, ledger: Ledger) -> None:
         self.store = store
         self.barrier = barrier
         self.ledger = ledger

@@ -10,7 +10,7 @@ import grpc
 from tally.api import reports
 from tally.api.errors import map_errors
 from tally.api.watch import UsageWatch
-from tally.ledger.backend import SqlLedger
+from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
 from tally.v1 import usage_pb2, usage_pb2_grpc
 
@@ -18,7 +18,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
-    def __init__(self, store: QuotaStore, ledger: SqlLedger, watch: UsageWatch) -> None:
+    def __init__(self, store: QuotaStore, ledger: Ledger, watch: UsageWatch) -> None:
         self.store = store
         self.ledger = ledger
         self.watch = watch

@@ -22,8 +22,8 @@ from tally import app, config, logs
 from tally.cli.output import table
 from tally.clock import SystemClock
 from tally.ledger import recovery
-from tally.ledger.backend import SqlLedger
 from tally.ledger.flusher import Flusher
+from tally.ledger.ledger import Ledger
 from tally.store.embedded import EmbeddedRedis, running_url
 from tally.store.quota_store import QuotaStore
 from tally.store.state_images import StateImages
@@ -33,7 +33,7 @@ from tally.store.state_images import StateImages
 class Ops:
     settings: config.Settings
     store: QuotaStore
-    ledger: SqlLedger
+    ledger: Ledger
     flusher: Flusher
     images: StateImages
 
@@ -51,8 +51,9 @@ async def opened(settings: config.Settings) -> AsyncIterator[Ops]:
         embedded = EmbeddedRedis(settings.data_path / "redis", settings.redis_appendfsync)
         redis_url = embedded.start()
     try:
-        ledger = await app.open_and_migrate(settings)
-        store = app.build_store(settings, redis_url, SystemClock())
+        clock = SystemClock()
+        ledger = await app.open_and_migrate(settings, clock)
+        store = app.build_store(settings, redis_url, clock)
         await store.check_deployment()
         await store.runner.load()
         flusher = app.build_flusher(settings, store, ledger)
@@ -103,7 +104,7 @@ def _run(args: argparse.Namespace, work: Callable[[Ops], Awaitable[int]]) -> int
 
 def run_migrate(args: argparse.Namespace) -> int:
     async def work(ops: Ops) -> int:
-        version = await asyncio.to_thread(ops.ledger.schema_version)
+        version = await ops.ledger.schema_version()
         print(json.dumps({"schema_version": version}) if args.json
               else f"ledger ({ops.ledger.dialect}) at schema version {version}")
         return 0
@@ -132,8 +133,8 @@ def run_flusher(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     async def work(ops: Ops) -> int:
         lags = await ops.flusher.lag()
-        entries = await asyncio.to_thread(ops.ledger.count_entries)
-        snapshot = await asyncio.to_thread(ops.ledger.latest_snapshot)
+        entries = await ops.ledger.count_entries()
+        snapshot = await ops.ledger.latest_snapshot()
         waiting = sum(lag.waiting for lag in lags)
         oldest_ms = max((lag.oldest_unflushed_ms for lag in lags), default=0)
         if args.json:

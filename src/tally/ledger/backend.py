@@ -1,8 +1,9 @@
 """Ledger backends: SQLite (embedded default) and PostgreSQL, one SQL dialect.
 
 The backends are synchronous DB-API code behind one lock, called from the
-event loop through `asyncio.to_thread` by the async facade in `ledger.py`.
-Statements are written with `?` placeholders; PostgreSQL gets `%s`.
+event loop only through the async facade in `ledger.py`, which also gives them
+every time they record (they never read a clock). Statements are written with
+`?` placeholders; PostgreSQL gets `%s`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,7 +100,7 @@ class SqlLedger:
 
     # --- schema -----------------------------------------------------------
 
-    def migrate(self) -> list[int]:
+    def migrate(self, applied_at_ms: int) -> list[int]:
         """Applies what is missing; returns the versions applied now."""
         if self._applied_version() >= MIGRATIONS[-1][0]:
             return []
@@ -121,7 +121,7 @@ class SqlLedger:
                 cur.execute(
                     "INSERT INTO schema_migrations (version, description, applied_at) "
                     "VALUES (?, ?, ?)",
-                    (version, description, _now_ms()),
+                    (version, description, applied_at_ms),
                 )
                 applied.append(version)
         return applied
@@ -144,10 +144,9 @@ class SqlLedger:
 
     # --- writes -----------------------------------------------------------
 
-    def write_batch(self, events: Sequence[StreamEntry]) -> int:
+    def write_batch(self, events: Sequence[StreamEntry], flushed_at_ms: int) -> int:
         """Inserts entries (ignoring ones already there) and upserts the state
         images they carry, in one transaction. Returns the new entries' count."""
-        flushed_at = _now_ms()
         inserted = 0
         with self.transaction() as cur:
             for event in events:
@@ -161,12 +160,12 @@ class SqlLedger:
                         entry.reservation_id, entry.operation, entry.quantity, entry.units,
                         entry.available_after, entry.occurred_at_ms,
                         json.dumps(entry.labels, sort_keys=True), entry.idempotency_key,
-                        entry.shard, json.dumps(entry.detail, sort_keys=True), flushed_at,
+                        entry.shard, json.dumps(entry.detail, sort_keys=True), flushed_at_ms,
                     ),
                 )
                 inserted += max(cur.rowcount, 0)
-                self._write_images(cur, event, flushed_at)
-            self._advance_positions(cur, events, flushed_at)
+                self._write_images(cur, event, flushed_at_ms)
+            self._advance_positions(cur, events, flushed_at_ms)
         return inserted
 
     def _write_images(self, cur: Cursor, event: StreamEntry, now_ms: int) -> None:
@@ -228,7 +227,10 @@ class SqlLedger:
                 )
 
     def snapshot(
-        self, reason: str, balances: Iterable[tuple[str, int, dict[str, int], bytes]]
+        self,
+        reason: str,
+        balances: Iterable[tuple[str, int, dict[str, int], bytes]],
+        taken_at_ms: int,
     ) -> int:
         """Freezes every account's balance as of the flushed positions."""
         with self.transaction() as cur:
@@ -252,7 +254,7 @@ class SqlLedger:
             cur.execute(
                 "INSERT INTO snapshots (snapshot_id, taken_at, reason, accounts, positions) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (snapshot_id, _now_ms(), reason, count, json.dumps(positions)),
+                (snapshot_id, taken_at_ms, reason, count, json.dumps(positions)),
             )
         return snapshot_id
 
@@ -469,16 +471,6 @@ def open_ledger(url: str) -> SqlLedger:
     raise ValueError(f"ledger url {url!r}: use sqlite:///path or postgresql://...")
 
 
-def ledger_unavailable(exc: BaseException) -> bool:
-    """A failure to reach the ledger's database (connection lost, file locked past
-    the busy timeout): worth a retry. Other driver errors are bugs."""
-    import psycopg
-
-    return isinstance(
-        exc, sqlite3.OperationalError | psycopg.OperationalError | psycopg.InterfaceError
-    )
-
-
 def _entry_row(r: Sequence[Any]) -> Entry:
     return Entry(
         entry_id=r[0], account_id=r[1], seq=int(r[2]), type=EntryType(r[3]), reservation_id=r[4],
@@ -486,8 +478,4 @@ def _entry_row(r: Sequence[Any]) -> Entry:
         occurred_at_ms=int(r[9]), labels=labels_of(r[10]), idempotency_key=r[11],
         shard=int(r[12]), detail=json.loads(r[13]),
     )
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 

@@ -9,8 +9,8 @@ retry after a failed ledger write still ends durable.
 from __future__ import annotations
 
 from tally.domain.errors import Unavailable
-from tally.ledger.backend import ledger_unavailable
 from tally.ledger.flusher import Flusher
+from tally.ledger.ledger import LedgerUnavailable
 from tally.store.failures import StoreRefused, StoreUnreachable
 
 
@@ -28,13 +28,8 @@ class MoneyInBarrier:
             raise _not_durable(exc.reason) from exc
         except OSError as exc:
             raise _not_durable(str(exc)) from exc
-        except Exception as exc:
-            if ledger_unavailable(exc):
-                raise Unavailable(
-                    f"the ledger is unavailable ({type(exc).__name__}); "
-                    "retry with the same idempotency key"
-                ) from exc
-            raise
+        except LedgerUnavailable as exc:
+            raise Unavailable(f"{exc.message}; retry with the same idempotency key") from exc
 
 
 def _not_durable(reason: str) -> Unavailable:

@@ -20,7 +20,7 @@ import msgpack
 
 from tally import metrics
 from tally.domain.errors import Unavailable
-from tally.ledger.backend import SqlLedger, ledger_unavailable
+from tally.ledger.ledger import Ledger, LedgerUnavailable
 from tally.store.streams import EventStreams, ShardLag
 
 log = logging.getLogger("tally.flusher")
@@ -47,7 +47,7 @@ class Flusher:
     def __init__(
         self,
         streams: EventStreams,
-        ledger: SqlLedger,
+        ledger: Ledger,
         settings: FlusherSettings,
         consumer: str | None = None,
     ) -> None:
@@ -76,7 +76,7 @@ class Flusher:
                 if not delivery.ids:
                     break
                 if delivery.entries:
-                    await asyncio.to_thread(self.ledger.write_batch, delivery.entries)
+                    await self.ledger.write_batch(delivery.entries)
                 await self.streams.acknowledge(shard, delivery.ids)
                 total += len(delivery.entries)
             await self._trim(shard)
@@ -109,11 +109,11 @@ class Flusher:
 
     async def snapshot(self, reason: str) -> int:
         """Freezes every account's flushed balance in the ledger."""
-        states = await asyncio.to_thread(self.ledger.account_states)
+        states = await self.ledger.account_states()
         balances = [
             (row.account_id, row.seq, figures_of(row.state), row.state) for row in states
         ]
-        snapshot_id = await asyncio.to_thread(self.ledger.snapshot, reason, balances)
+        snapshot_id = await self.ledger.snapshot(reason, balances)
         log.info("snapshot written", extra={"snapshot_id": snapshot_id, "accounts": len(states)})
         return snapshot_id
 
@@ -136,17 +136,18 @@ class Flusher:
                 if loop.time() >= next_snapshot:
                     await self.snapshot("scheduled")
                     next_snapshot = loop.time() + self.settings.snapshot_interval_s
+            except LedgerUnavailable as exc:  # the driver's words say more than ours
+                self._pass_failed(exc.reason)
             except (Unavailable, OSError, ConnectionError) as exc:
-                metrics.FLUSHER_FAILURES.inc()
-                log.warning("flush pass failed", extra={"error": str(exc)})
-            except Exception as exc:  # the ledger's driver errors vary by backend
-                if not ledger_unavailable(exc):
-                    raise
-                metrics.FLUSHER_FAILURES.inc()
-                log.warning("flush pass failed", extra={"error": str(exc)})
+                self._pass_failed(str(exc))
 
     def stop(self) -> None:
         self._stopping.set()
+
+    @staticmethod
+    def _pass_failed(error: str) -> None:
+        metrics.FLUSHER_FAILURES.inc()
+        log.warning("flush pass failed", extra={"error": error})
 
     @staticmethod
     def _record_lag(lags: list[ShardLag]) -> None:

@@ -9,15 +9,15 @@ itself: each account's totals must equal the sums of its entries.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tally.domain.events import EntryType
 from tally.domain.usage import from_entries
-from tally.ledger.backend import SqlLedger, StateRow
+from tally.ledger.backend import StateRow
 from tally.ledger.flusher import Flusher
+from tally.ledger.ledger import Ledger
 from tally.store.state_images import StateImages, unpack_image
 
 Progress = Callable[[str], None]
@@ -46,20 +46,20 @@ class RecoveryResult:
     prices: int = 0
 
 
-async def stale_accounts(images: StateImages, ledger: SqlLedger) -> list[str]:
+async def stale_accounts(images: StateImages, ledger: Ledger) -> list[str]:
     """Accounts whose Redis copy is missing or older than the ledger's."""
-    states = await asyncio.to_thread(ledger.account_states)
+    states = await ledger.account_states()
     seqs = await images.account_seqs([s.account_id for s in states])
     return [s.account_id for s in states if seqs[s.account_id] < s.seq]
 
 
 async def recover(
-    images: StateImages, ledger: SqlLedger, now_ms: int, progress: Progress,
+    images: StateImages, ledger: Ledger, now_ms: int, progress: Progress,
     retention_ms: int,
 ) -> RecoveryResult:
     """retention_ms: how long closed reservations stay (--reservation-retention)."""
     result = RecoveryResult()
-    states = await asyncio.to_thread(ledger.account_states)
+    states = await ledger.account_states()
     seqs = await images.account_seqs([s.account_id for s in states])
     stale = {s.account_id for s in states if seqs[s.account_id] < s.seq}
     progress(f"{len(states)} accounts in the ledger, {len(stale)} missing or behind in Redis")
@@ -69,17 +69,17 @@ async def recover(
         result.accounts += 1
         if (index + 1) % 1000 == 0:
             progress(f"  {index + 1} accounts restored")
-    for row in await asyncio.to_thread(ledger.reservation_states):
+    for row in await ledger.reservation_states():
         if row.account_id not in stale:
             continue
         if await _restore_reservation(images, row, now_ms, retention_ms):
             result.reservations += 1
-    for row in await asyncio.to_thread(ledger.idempotency_states, now_ms):
+    for row in await ledger.idempotency_states(now_ms):
         if row.account_id not in stale:
             continue
         await images.restore_idempotency(row.key, row.state, max(1, row.expires_at_ms - now_ms))
         result.idempotency_records += 1
-    prices = await asyncio.to_thread(ledger.catalog_prices)
+    prices = await ledger.catalog_prices()
     await images.restore_catalog(prices)
     result.prices = len(prices)
     await images.restore_deployment()
@@ -91,11 +91,11 @@ async def recover(
 
 
 async def _rebuild_usage(
-    images: StateImages, ledger: SqlLedger, account_id: str, acct: dict[str, Any]
+    images: StateImages, ledger: Ledger, account_id: str, acct: dict[str, Any]
 ) -> None:
     """The current period's usage counters, recomputed from the ledger's entries."""
     period_start, period_end = int(acct["period_start"]), int(acct["period_end"])
-    entries = await asyncio.to_thread(ledger.usage_entries, period_start, account_id)
+    entries = await ledger.usage_entries(period_start, account_id)
     # a refund of an earlier period's charge counts there
     usages = [u for u in from_entries(entries) if u.bucket_ms >= period_start]
     await images.restore_usage(account_id, period_start, period_end, usages)
@@ -118,7 +118,7 @@ async def _restore_reservation(
 
 
 async def verify(
-    images: StateImages, ledger: SqlLedger, flusher: Flusher, progress: Progress
+    images: StateImages, ledger: Ledger, flusher: Flusher, progress: Progress
 ) -> Report:
     """Flushes everything, then compares every account in Redis and the ledger.
     An account that moved again while it was compared (live traffic, the reaper)
@@ -129,7 +129,7 @@ async def verify(
     for _ in range(VERIFY_ROUNDS_MAX):
         written = await flusher.flush_all(steal=True)
         progress(f"flushed {written} events")
-        states = {s.account_id: s for s in await asyncio.to_thread(ledger.account_states)}
+        states = {s.account_id: s for s in await ledger.account_states()}
         redis_ids = set(await images.account_ids())
         moved: set[str] = set()
         for account_id in sorted(set(states) | redis_ids):
@@ -148,7 +148,7 @@ async def verify(
     report = Report(accounts=len(settled))
     for account_id in sorted(settled):
         report.differences.extend(settled[account_id])
-    sums = await asyncio.to_thread(ledger.entry_sums)
+    sums = await ledger.entry_sums()
     for account_id, state in states.items():
         audit = _audit(account_id, unpack_image(state.state), sums.get(account_id, {}))
         report.differences.extend(audit)

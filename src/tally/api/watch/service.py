@@ -20,7 +20,7 @@ from tally.api.watch.positions import account_position, decode_token, encode_tok
 from tally.api.watch.reader import Cursor, ShardRead, Stopped, StreamReader
 from tally.domain.errors import InvalidArgument, NotFound, TallyError
 from tally.domain.events import Entry, stream_id_order
-from tally.ledger.backend import SqlLedger
+from tally.ledger.ledger import Ledger, LedgerUnavailable
 from tally.store.failures import StoreRefused, StoreUnreachable
 from tally.store.streams import EventStreams, StreamTail
 from tally.v1 import usage_pb2
@@ -102,7 +102,7 @@ class UsageWatch:
     def __init__(
         self,
         streams: EventStreams,
-        ledger: SqlLedger,
+        ledger: Ledger,
         *,
         max_watchers: int,
         batch: int = BATCH,
@@ -189,14 +189,11 @@ class UsageWatch:
     async def _ledger_rows(self, account_id: str, after_seq: int, limit: int) -> list[Entry]:
         try:
             async with self._ledger_reads:
-                return await asyncio.to_thread(
-                    self.ledger.entries, account_id, after_seq=after_seq, limit=limit
-                )
-        except Exception as exc:  # the drivers' errors vary by backend
-            log.warning("watch: ledger read failed", extra={"error": str(exc)})
+                return await self.ledger.entries(account_id, after_seq=after_seq, limit=limit)
+        except LedgerUnavailable as exc:
+            log.warning("watch: ledger read failed", extra={"error": exc.reason})
             raise _Refused(
-                grpc.StatusCode.UNAVAILABLE,
-                f"the ledger is unreachable ({type(exc).__name__}); resume from the last position",
+                grpc.StatusCode.UNAVAILABLE, f"{exc.message}; resume from the last position"
             ) from exc
 
     # --- one account ----------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""The ledger as the event loop sees it: one async facade over the SQL backend.
+
+It owns three things no caller repeats:
+- the hop to a worker thread (the backend's DB-API calls block);
+- the translation of the driver's failures: a connection or lock failure becomes
+  LedgerUnavailable (worth a retry), any other driver error is a bug and stays
+  as it is (INTERNAL at the API);
+- the clock: the times the ledger records (flushed, snapshot taken, migration
+  applied) come from the injected clock, the one the server uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from typing import ParamSpec, TypeVar
+
+from tally.clock import Clock
+from tally.domain.errors import Unavailable
+from tally.domain.events import Entry, StreamEntry
+from tally.ledger.backend import SqlLedger, StateRow
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# SQLite's primary result codes for a file it cannot lock (past the busy timeout)
+# or cannot open, read or write: its equivalent of a lost connection.
+_SQLITE_UNREACHABLE = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR}
+)
+_SQLITE_PRIMARY_CODE_MASK = 0xFF  # extended result codes carry the primary one in the low byte
+
+
+class LedgerUnavailable(Unavailable):
+    """The ledger's database could not be reached (connection refused or lost, the
+    file locked past the busy timeout): worth a retry."""
+
+    def __init__(self, cause: BaseException) -> None:
+        self.kind = type(cause).__name__
+        self.reason = str(cause)  # the driver's own words, for the logs
+        super().__init__(f"the ledger is unavailable ({self.kind})")
+
+
+def _unreachable(exc: Exception) -> bool:
+    import psycopg  # the PostgreSQL driver is loaded only when it is needed
+
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", 0)  # absent when the module raised it
+        return (code & _SQLITE_PRIMARY_CODE_MASK) in _SQLITE_UNREACHABLE
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+class Ledger:
+    """Every ledger read and write an async caller makes."""
+
+    def __init__(self, backend: SqlLedger, clock: Clock) -> None:
+        self.backend = backend
+        self.clock = clock
+
+    @property
+    def dialect(self) -> str:
+        return self.backend.dialect
+
+    def close(self) -> None:
+        self.backend.close()
+
+    async def _call(self, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await asyncio.to_thread(work, *args, **kwargs)
+        except Exception as exc:
+            if _unreachable(exc):
+                raise LedgerUnavailable(exc) from exc
+            raise
+
+    # --- schema -----------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        """Applies what is missing; returns the versions applied now."""
+        return await self._call(self.backend.migrate, self.clock.now_ms())
+
+    async def schema_version(self) -> int:
+        return await self._call(self.backend.schema_version)
+
+    # --- writes -----------------------------------------------------------
+
+    async def write_batch(self, events: Sequence[StreamEntry]) -> int:
+        """Writes the entries not there yet; returns how many were new."""
+        return await self._call(self.backend.write_batch, events, self.clock.now_ms())
+
+    async def snapshot(
+        self, reason: str, balances: Iterable[tuple[str, int, dict[str, int], bytes]]
+    ) -> int:
+        return await self._call(self.backend.snapshot, reason, balances, self.clock.now_ms())
+
+    # --- reads ------------------------------------------------------------
+
+    async def entries(
+        self,
+        account_id: str,
+        *,
+        start_ms: int = 0,
+        end_ms: int = 0,
+        types: Sequence[str] = (),
+        after_seq: int = 0,
+        limit: int = 1000,
+    ) -> list[Entry]:
+        return await self._call(
+            self.backend.entries, account_id, start_ms=start_ms, end_ms=end_ms, types=types,
+            after_seq=after_seq, limit=limit,
+        )
+
+    async def usage_entries(self, since_ms: int, account_id: str = "") -> list[Entry]:
+        return await self._call(self.backend.usage_entries, since_ms, account_id)
+
+    async def count_entries(self) -> int:
+        return await self._call(self.backend.count_entries)
+
+    async def account_states(self) -> list[StateRow]:
+        return await self._call(self.backend.account_states)
+
+    async def reservation_states(self) -> list[StateRow]:
+        return await self._call(self.backend.reservation_states)
+
+    async def idempotency_states(self, now_ms: int) -> list[StateRow]:
+        """The records that have not expired at now_ms."""
+        return await self._call(self.backend.idempotency_states, now_ms)
+
+    async def catalog_prices(self) -> list[tuple[str, int, int, int]]:
+        return await self._call(self.backend.catalog_prices)
+
+    async def entry_sums(self) -> dict[str, dict[str, int]]:
+        return await self._call(self.backend.entry_sums)
+
+    async def latest_snapshot(self) -> tuple[int, int, int] | None:
+        return await self._call(self.backend.latest_snapshot)
