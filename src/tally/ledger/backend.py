@@ -260,15 +260,6 @@ class SqlLedger:
 
     # --- reads ------------------------------------------------------------
 
-    def has_entries(self, entry_ids: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        with self.transaction(write=False) as cur:
-            for entry_id in entry_ids:
-                cur.execute("SELECT 1 FROM ledger_entries WHERE entry_id = ?", (entry_id,))
-                if cur.fetchone() is not None:
-                    found.add(entry_id)
-        return found
-
     def entries(
         self,
         account_id: str,
@@ -382,11 +373,6 @@ class SqlLedger:
             )
             row = cur.fetchone()
         return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
-
-    def positions(self) -> dict[int, str]:
-        with self.transaction(write=False) as cur:
-            cur.execute("SELECT shard, stream_id FROM flush_positions")
-            return {int(r[0]): r[1] for r in cur.fetchall()}
 
 
 class _Translating:
