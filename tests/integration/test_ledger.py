@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+import msgpack
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
@@ -16,7 +17,7 @@ from tally.ledger import recovery
 from tally.ledger.backend import SqliteLedger, open_ledger
 from tally.store.state_images import StateImages
 from tally.store.streams import GROUP, EventStreams
-from tally.v1 import account_pb2, catalog_pb2, quota_pb2
+from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.support import T0_MS, RedisProcess, Running, start_running, stop_running, unique
 
 # Trimming is checked exactly here, so flushed entries are not retained for watches.
@@ -417,3 +418,45 @@ async def test_recover_keeps_closed_reservations_only_for_their_retention(
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         await stop_running(running)
+
+
+async def test_snapshot_figures_are_the_balance_the_scripts_report(durable: Running) -> None:
+    """Proves a snapshot's figures (available from the scripts, the rest from the image)
+    are the balance GetBalance reports and what the balance formula gives for the image,
+    with overage used and held and grants left at once (the case the formula is for)."""
+    account_id = unique()
+    await durable.accounts.CreateAccount(account_pb2.CreateAccountRequest(
+        account_id=account_id, monthly_allotment=10,
+        overage_policy=common_pb2.OVERAGE_POLICY_ALLOW, overage_limit=1000,
+    ))
+    spend = {"account_id": account_id, "operation": "image.upscale"}
+    await durable.quota.Charge(quota_pb2.ChargeRequest(**spend, quantity=5, idempotency_key="c"))
+    held = await durable.quota.Reserve(
+        quota_pb2.ReserveRequest(**spend, quantity=2, idempotency_key="r")
+    )
+    await durable.accounts.PurchaseUnits(account_pb2.PurchaseUnitsRequest(
+        account_id=account_id, units=7, idempotency_key="p"
+    ))
+    balance = (await durable.quota.GetBalance(
+        quota_pb2.GetBalanceRequest(account_id=account_id)
+    )).balance
+    assert balance.overage_used > 0 and balance.overage_held > 0 and balance.grants
+    assert held.reservation_id
+    await durable.authority.flusher.flush_all()
+    snapshot_id = await durable.authority.flusher.snapshot("test")
+    ledger = durable.authority.ledger.backend
+    with ledger.transaction(write=False) as cur:
+        cur.execute(
+            "SELECT available, held, granted_total, charged_total, refunded_total, "
+            "expired_total, state FROM snapshot_balances WHERE snapshot_id = ? "
+            "AND account_id = ?",
+            (snapshot_id, account_id),
+        )
+        row = cur.fetchone()
+    assert tuple(row[:6]) == (
+        balance.available, balance.held, balance.units_granted_total,
+        balance.units_charged_total, balance.units_refunded_total, balance.units_expired_total,
+    )
+    image = msgpack.unpackb(bytes(row[6]), raw=False, strict_map_key=False)
+    remaining = sum(g["remaining"] for g in image["grants"])
+    assert row[0] == remaining - image["overage_used"] - image["overage_held"]

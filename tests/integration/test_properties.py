@@ -56,6 +56,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from tally.store.contract import ExpireHoldRequest
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.integration.model import (
     ALLOW,
@@ -655,9 +656,8 @@ class QuotaMachine(RuleBasedStateMachine):
 
     def _reap(self, rid: str) -> None:
         store = self.running.authority.store
-        shard = store.keys.shard_of(self.model.reservations[rid].account_id)
-        reply = self.loop.run_until_complete(store.expire_hold(shard, rid))
-        assert isinstance(reply.get("expired", 0), int)
+        reply = self.loop.run_until_complete(store.expire_hold(ExpireHoldRequest(rid)))
+        assert isinstance(reply.expired, int)
 
     @rule(unit_ms=st.sampled_from([SECOND_MS, MINUTE_MS, HOUR_MS]), count=st.integers(1, 90))
     def advance_clock(self, unit_ms: int, count: int) -> None:

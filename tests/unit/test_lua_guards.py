@@ -16,6 +16,7 @@ import pytest_asyncio
 from tally import app
 from tally.clock import ManualClock
 from tally.domain.errors import InvalidArgument
+from tally.store.contract import AlertSettings, ChargeRequest, CreateAccountRequest, ReserveRequest
 from tally.store.quota_store import QuotaStore
 from tests.support import T0_MS, RedisProcess, settings, unique
 
@@ -84,19 +85,20 @@ def spend_keys(store: QuotaStore, account_id: str, idem: str) -> list[str]:
 async def make_world(store: QuotaStore) -> World:
     account_id = unique()
     await store.create_account(
-        {"account_id": account_id, "allotment": 1000, "policy": "DENY", "overage_limit": 0,
-         "labels": {}, "ap_units": 0, "ap_threshold": 0, "anchor_day": 0},
+        CreateAccountRequest(
+            account_id=account_id, monthly_allotment=1000, overage_policy="DENY",
+            overage_limit=0, labels={}, auto_purchase_units=0, auto_purchase_threshold=0,
+            billing_anchor_day=0, alerts=AlertSettings(),
+        ),
         None,
     )
     spend = {"account_id": account_id, "operation": "image.upscale", "quantity": 2,
              "labels": {}, "price_version": 0}
     held = await store.reserve(
-        spend | {"idempotency_key": "held", "fingerprint": "fp-held", "ttl_ms": 60_000}, None
+        ReserveRequest(**spend, idempotency_key="held", ttl_ms=60_000), None
     )
-    charged = await store.charge(
-        spend | {"idempotency_key": "charged", "fingerprint": "fp-charged"}, None
-    )
-    return World(account_id, held["reservation_id"], charged["reservation_id"])
+    charged = await store.charge(ChargeRequest(**spend, idempotency_key="charged"), None)
+    return World(account_id, held.reservation_id, charged.reservation_id)
 
 
 Request = tuple[str, list[str], dict[str, Any]]
@@ -108,7 +110,7 @@ def valid_request(store: QuotaStore, w: World, script: str) -> Request:
     acct_keys = store.keys.account_keys(a)
     shard = store.keys.shard_of(a)
     spend = {"operation": "image.upscale", "quantity": 1, "labels": {"m": "x"},
-             "price_version": 0, "idem_window_ms": WINDOW_MS}
+             "price_version": 0, "idempotency_window_ms": WINDOW_MS}
     if script == "reserve":
         return script, spend_keys(store, a, "new"), base(store, a) | spend | {
             "idempotency_key": "new", "fingerprint": "fp-new", "ttl_ms": 30_000}
@@ -120,7 +122,7 @@ def valid_request(store: QuotaStore, w: World, script: str) -> Request:
     if script == "refund":
         return script, [*acct_keys, store.keys.idempotency(a, "rf")], base(store, a) | {
             "reservation_id": w.charged_id, "units": 5, "reason": "", "idempotency_key": "rf",
-            "fingerprint": "fp-rf", "idem_window_ms": WINDOW_MS}
+            "fingerprint": "fp-rf", "idempotency_window_ms": WINDOW_MS}
     if script == "extend":
         return script, acct_keys, base(store, a) | {"reservation_id": w.held_id,
                                                     "ttl_ms": 90_000}
@@ -130,14 +132,15 @@ def valid_request(store: QuotaStore, w: World, script: str) -> Request:
     if script == "purchase":
         return script, [*acct_keys, store.keys.idempotency(a, "pp")], base(store, a) | {
             "units": 50, "expires_at": 0, "reference": "inv-1", "idempotency_key": "pp",
-            "fingerprint": "fp-pp", "idem_window_ms": WINDOW_MS}
+            "fingerprint": "fp-pp", "idempotency_window_ms": WINDOW_MS}
     if script == "create_account":
         fresh = unique("fresh")
         return script, store.keys.account_keys(fresh), base(store, fresh) | {
-            "allotment": 10, "policy": "DENY", "overage_limit": 0, "ap_units": 0,
-            "ap_threshold": 0, "anchor_day": 0, "labels": {}}
+            "monthly_allotment": 10, "overage_policy": "DENY", "overage_limit": 0,
+            "auto_purchase_units": 0, "auto_purchase_threshold": 0, "billing_anchor_day": 0,
+            "labels": {}}
     if script == "update_account":
-        return script, acct_keys, base(store, a) | {"set": {"allotment": 20}}
+        return script, acct_keys, base(store, a) | {"set": {"monthly_allotment": 20}}
     if script == "balance":
         return script, acct_keys, base(store, a)
     if script == "expire_hold":  # the held hold is due a second after its 60s TTL
@@ -146,11 +149,13 @@ def valid_request(store: QuotaStore, w: World, script: str) -> Request:
     if script == "set_price":
         keys = [store.keys.prices(0), store.keys.price_history(0), store.keys.catalog_meta(),
                 store.keys.events(0)]
-        return script, keys, {"now": store.clock.now_ms(), "operation": "image.new", "price": 7}
+        return script, keys, {"now": store.clock.now_ms(), "operation": "image.new",
+                              "units_per_quantity": 7}
     if script == "apply_price":
         keys = [store.keys.prices(1), store.keys.price_history(1)]
-        return script, keys, {"now": store.clock.now_ms(), "operation": "image.new", "price": 7,
-                              "version": 99, "at": store.clock.now_ms()}
+        return script, keys, {"now": store.clock.now_ms(), "operation": "image.new",
+                              "units_per_quantity": 7, "version": 99,
+                              "effective_at_ms": store.clock.now_ms()}
     raise AssertionError(script)
 
 
@@ -192,7 +197,8 @@ GUARDS: list[Guard] = [
     Guard("reserve", "quantity", "quantity", values(NOT_INTEGERS, TOO_LARGE, NEGATIVE, (0, -1))),
     Guard("reserve", "ttl_ms", "ttl", values(NOT_INTEGERS, (0, -1000, 1e300))),
     Guard("reserve", "price_version", "price_version", values(NOT_INTEGERS, TOO_LARGE, (-1,))),
-    Guard("reserve", "idem_window_ms", "idem_window_ms", values(NOT_INTEGERS, (0, -1))),
+    Guard("reserve", "idempotency_window_ms", "idempotency_window_ms",
+          values(NOT_INTEGERS, (0, -1))),
     Guard("reserve", "now", "now", values(NOT_INTEGERS, (-1, 2**53))),
     Guard("charge", "quantity", "quantity", values(NOT_INTEGERS, TOO_LARGE, NEGATIVE, (0, -1))),
     Guard("charge", "price_version", "price_version", (1.5, -1, 2**53, "1")),
@@ -204,17 +210,18 @@ GUARDS: list[Guard] = [
     Guard("quote", "quantity", "quantity", values(NOT_INTEGERS, TOO_LARGE, (0, -1))),
     Guard("purchase", "units", "units", values(NOT_INTEGERS, TOO_LARGE, (0, -1))),
     Guard("purchase", "expires_at", "expires_at", values(NOT_INTEGERS, (-1, 2**53))),
-    Guard("create_account", "allotment", "monthly_allotment",
+    Guard("create_account", "monthly_allotment", "monthly_allotment",
           values(NOT_INTEGERS, TOO_LARGE, (-1,))),
     Guard("create_account", "overage_limit", "overage_limit", (1.5, -1, 2**53, "0")),
-    Guard("create_account", "anchor_day", "billing_anchor_day", (1.5, -1, 32, "1")),
-    Guard("update_account", "set.allotment", "monthly_allotment",
+    Guard("create_account", "billing_anchor_day", "billing_anchor_day", (1.5, -1, 32, "1")),
+    Guard("update_account", "set.monthly_allotment", "monthly_allotment",
           (1.5, float("nan"), float("inf"), "5", True, -1, 2**53, 2**63)),
     Guard("update_account", "set.overage_limit", "overage_limit", (0.25, -1, 2**53)),
     Guard("balance", "now", "now", (1.5, -1, "now", float("nan"))),
     Guard("expire_hold", "now", "now", (1.5, -1, "now")),
-    Guard("set_price", "price", "units_per_quantity", values(NOT_INTEGERS, TOO_LARGE, (0, -1))),
-    Guard("apply_price", "price", "units_per_quantity", (1.5, 0, -1, 2**53, "7")),
+    Guard("set_price", "units_per_quantity", "units_per_quantity",
+          values(NOT_INTEGERS, TOO_LARGE, (0, -1))),
+    Guard("apply_price", "units_per_quantity", "units_per_quantity", (1.5, 0, -1, 2**53, "7")),
     Guard("apply_price", "version", "version", (1.5, 0, -1, 2**53, "7")),
 ]
 
@@ -255,8 +262,10 @@ async def test_largest_safe_integer_is_accepted(store: QuotaStore) -> None:
     of 2^53 - 1 is set exactly, and a quantity of 2^53 - 1 fails only on price x quantity."""
     world = await make_world(store)
     name, keys, request = valid_request(store, world, "set_price")
-    answer = await store.runner.run(name, keys, request | {"price": MAX_UNITS}, None)
-    assert answer["price"] == MAX_UNITS
+    answer = await store.runner.run(
+        name, keys, request | {"units_per_quantity": MAX_UNITS}, None
+    )
+    assert answer["units_per_quantity"] == MAX_UNITS
     name, keys, request = valid_request(store, world, "quote")
     with pytest.raises(InvalidArgument) as refused:
         await store.runner.run(name, keys, request | {"quantity": MAX_UNITS}, None)
@@ -312,7 +321,7 @@ CRAFTED: list[tuple[str, Callable[[dict[str, Any]], dict[str, Any]], str]] = [
     ("reserve", lambda r: r | {"idempotency_key": ""}, "idempotency_key"),
     ("commit", lambda r: r | {"reservation_id": ["x"]}, "reservation_id"),
     ("update_account", lambda r: r | {"set": "allotment=5"}, "request"),
-    ("create_account", lambda r: r | {"policy": "FREE"}, "overage_policy"),
+    ("create_account", lambda r: r | {"overage_policy": "FREE"}, "overage_policy"),
 ]
 
 

@@ -1,13 +1,21 @@
-"""Script replies (plain dicts) to protobuf messages."""
+"""Script replies (store/contract.py) to protobuf messages."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tally.domain.events import Entry
+from tally.store.contract import (
+    AccountView,
+    AlertSettings,
+    BalanceView,
+    BudgetView,
+    GrantView,
+    HoldReply,
+    PriceView,
+)
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 
 # The store and its Lua scripts name policies and grant kinds without the wire
@@ -39,111 +47,105 @@ def timestamp(ms: int) -> Timestamp:
     return ts
 
 
-def _labels(value: Any) -> dict[str, str]:
-    # Lua hands an empty map back as an empty array.
-    return dict(value) if isinstance(value, Mapping) else {}
-
-
-def grant(view: Mapping[str, Any]) -> common_pb2.Grant:
+def grant(view: GrantView) -> common_pb2.Grant:
     message = common_pb2.Grant(
-        grant_id=view["grant_id"],
-        kind=GRANT_KINDS[view["kind"]],
-        units_granted=int(view["granted"]),
-        units_remaining=int(view["remaining"]),
-        granted_at=timestamp(view["granted_at"]),
-        reference=view.get("reference", ""),
+        grant_id=view.grant_id,
+        kind=GRANT_KINDS[view.kind],
+        units_granted=view.units_granted,
+        units_remaining=view.units_remaining,
+        granted_at=timestamp(view.granted_at),
+        reference=view.reference,
     )
-    if view["expires_at"]:
-        message.expires_at.CopyFrom(timestamp(view["expires_at"]))
+    if view.expires_at:
+        message.expires_at.CopyFrom(timestamp(view.expires_at))
     return message
 
 
-def balance(view: Mapping[str, Any]) -> common_pb2.Balance:
-    grants = view["grants"] if isinstance(view["grants"], list) else []
+def balance(view: BalanceView) -> common_pb2.Balance:
     return common_pb2.Balance(
-        account_id=view["account_id"],
-        available=int(view["available"]),
-        held=int(view["held"]),
-        grants=[grant(g) for g in grants],
-        overage_used=int(view["overage_used"]),
-        overage_limit=int(view["overage_limit"]),
-        period_start=timestamp(view["period_start"]),
-        period_end=timestamp(view["period_end"]),
-        period_consumed=int(view["period_consumed"]),
-        overage_held=int(view["overage_held"]),
-        auto_purchased=int(view["auto_purchased"]),
-        units_granted_total=int(view["total_granted"]),
-        units_charged_total=int(view["total_charged"]),
-        units_refunded_total=int(view["total_refunded"]),
-        units_expired_total=int(view["total_expired"]),
-        as_of=timestamp(view["as_of"]),
+        account_id=view.account_id,
+        available=view.available,
+        held=view.held,
+        grants=[grant(g) for g in view.grants],
+        overage_used=view.overage_used,
+        overage_limit=view.overage_limit,
+        period_start=timestamp(view.period_start),
+        period_end=timestamp(view.period_end),
+        period_consumed=view.period_consumed,
+        overage_held=view.overage_held,
+        auto_purchased=view.auto_purchased,
+        units_granted_total=view.units_granted_total,
+        units_charged_total=view.units_charged_total,
+        units_refunded_total=view.units_refunded_total,
+        units_expired_total=view.units_expired_total,
+        as_of=timestamp(view.as_of),
     )
 
 
-def account(view: Mapping[str, Any], replayed: bool = False) -> account_pb2.Account:
+def account(view: AccountView, replayed: bool = False) -> account_pb2.Account:
     return account_pb2.Account(
-        account_id=view["account_id"],
-        monthly_allotment=int(view["allotment"]),
-        overage_policy=OVERAGE_POLICIES[view["policy"]],
-        overage_limit=int(view["overage_limit"]),
-        labels=_labels(view["labels"]),
-        auto_purchase_units=int(view["ap_units"]),
-        auto_purchase_threshold=int(view["ap_threshold"]),
-        billing_anchor_day=int(view["anchor_day"]),
-        created_at=timestamp(view["created_at"]),
-        period_start=timestamp(view["period_start"]),
-        period_end=timestamp(view["period_end"]),
+        account_id=view.account_id,
+        monthly_allotment=view.monthly_allotment,
+        overage_policy=OVERAGE_POLICIES[view.overage_policy],
+        overage_limit=view.overage_limit,
+        labels=view.labels,
+        auto_purchase_units=view.auto_purchase_units,
+        auto_purchase_threshold=view.auto_purchase_threshold,
+        billing_anchor_day=view.billing_anchor_day,
+        created_at=timestamp(view.created_at),
+        period_start=timestamp(view.period_start),
+        period_end=timestamp(view.period_end),
         replayed=replayed,
-        alerts=alert_settings(view.get("alerts") or {}),
+        alerts=alert_settings(view.alerts),
     )
 
 
-def alert_settings(view: Mapping[str, Any]) -> common_pb2.AlertSettings:
+def alert_settings(view: AlertSettings) -> common_pb2.AlertSettings:
     return common_pb2.AlertSettings(
-        allotment_used_percent=[int(p) for p in view.get("percent") or []],
-        balance_below=int(view.get("below") or 0),
-        overage_started=bool(view.get("overage")),
+        allotment_used_percent=view.allotment_used_percent,
+        balance_below=view.balance_below,
+        overage_started=view.overage_started,
     )
 
 
-def budget(budget_id: str, view: Mapping[str, Any]) -> common_pb2.Budget:
+def budget(view: BudgetView) -> common_pb2.Budget:
     return common_pb2.Budget(
-        budget_id=budget_id,
-        operation=view.get("operation", ""),
-        label_key=view.get("label_key", ""),
-        label_value=view.get("label_value", ""),
-        limit_units=int(view["limit"]),
-        used_units=int(view["used"]),
+        budget_id=view.budget_id,
+        operation=view.operation,
+        label_key=view.label_key,
+        label_value=view.label_value,
+        limit_units=view.limit_units,
+        used_units=view.used_units,
     )
 
 
-def _hold(reply: Mapping[str, Any]) -> dict[str, Any]:
+def _hold(reply: HoldReply) -> dict[str, Any]:
     """The fields ReserveResponse and ExtendResponse share (under the same numbers)."""
     return {
-        "reservation_id": reply["reservation_id"],
-        "units": int(reply["units"]),
-        "expires_at": timestamp(reply["expires_at"]),
-        "balance": balance(reply["balance"]),
-        "price_version": int(reply["price_version"]),
-        "units_per_quantity": int(reply["unit_price"]),
-        "quantity": int(reply["quantity"]),
+        "reservation_id": reply.reservation_id,
+        "units": reply.units,
+        "expires_at": timestamp(reply.expires_at),
+        "balance": balance(reply.balance),
+        "price_version": reply.price_version,
+        "units_per_quantity": reply.units_per_quantity,
+        "quantity": reply.quantity,
     }
 
 
-def reserve_response(reply: Mapping[str, Any]) -> quota_pb2.ReserveResponse:
-    return quota_pb2.ReserveResponse(**_hold(reply), replayed=bool(reply["replayed"]))
+def reserve_response(reply: HoldReply) -> quota_pb2.ReserveResponse:
+    return quota_pb2.ReserveResponse(**_hold(reply), replayed=reply.replayed)
 
 
-def extend_response(reply: Mapping[str, Any]) -> quota_pb2.ExtendResponse:
+def extend_response(reply: HoldReply) -> quota_pb2.ExtendResponse:
     return quota_pb2.ExtendResponse(**_hold(reply))
 
 
-def price(record: Mapping[str, Any]) -> catalog_pb2.Price:
+def price(view: PriceView) -> catalog_pb2.Price:
     return catalog_pb2.Price(
-        operation=record["operation"],
-        units_per_quantity=int(record["price"]),
-        version=int(record["version"]),
-        effective_at=timestamp(record["at"]),
+        operation=view.operation,
+        units_per_quantity=view.units_per_quantity,
+        version=view.version,
+        effective_at=timestamp(view.effective_at_ms),
     )
 
 

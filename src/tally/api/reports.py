@@ -19,6 +19,7 @@ from tally.api import validation as v
 from tally.domain.errors import InvalidArgument
 from tally.domain.usage import HOUR_MS, Usage, from_entries
 from tally.ledger.ledger import Ledger
+from tally.store.contract import BalanceRequest, BalanceView
 from tally.store.quota_store import QuotaStore
 from tally.store.usage_counters import usages_of
 from tally.v1 import usage_pb2
@@ -118,47 +119,41 @@ def rows(usages: Iterable[Usage], grouping: Grouping) -> list[usage_pb2.UsageRow
     return result
 
 
-def period_summary(balance: dict[str, Any]) -> usage_pb2.PeriodSummary:
-    grants = balance["grants"] if isinstance(balance["grants"], list) else []
+def period_summary(balance: BalanceView) -> usage_pb2.PeriodSummary:
     allotment = sum(
-        int(g["granted"]) for g in grants
-        if g["kind"] == "ALLOTMENT" and int(g["expires_at"]) == int(balance["period_end"])
+        g.units_granted for g in balance.grants
+        if g.kind == "ALLOTMENT" and g.expires_at == balance.period_end
     )
     return usage_pb2.PeriodSummary(
-        period_start=convert.timestamp(balance["period_start"]),
-        period_end=convert.timestamp(balance["period_end"]),
+        period_start=convert.timestamp(balance.period_start),
+        period_end=convert.timestamp(balance.period_end),
         allotment=allotment,
-        used=int(balance["period_consumed"]),
-        remaining=int(balance["available"]),
-        purchased=int(balance.get("period_purchased") or 0),
-        overage=int(balance["overage_used"]),
-        expired=int(balance.get("period_expired") or 0),
-        held=int(balance["held"]),
+        used=balance.period_consumed,
+        remaining=balance.available,
+        purchased=balance.period_purchased,
+        overage=balance.overage_used,
+        expired=balance.period_expired,
+        held=balance.held,
     )
 
 
 def forecast(
-    balance: dict[str, Any], policy: str, window: tuple[int, int], window_usage: list[Usage],
-    now_ms: int,
+    balance: BalanceView, window: tuple[int, int], window_usage: list[Usage], now_ms: int,
 ) -> usage_pb2.Forecast:
     """The rate is the net usage of the window's hours over the window's length
     (shorter for a younger account)."""
     days = max(window[1] - window[0], HOUR_MS) / DAY_MS
     per_day = sum(u.units for u in window_usage) / days
-    period_end = int(balance["period_end"])
+    period_end = balance.period_end
     days_left = max(0, period_end - now_ms) / DAY_MS
-    spendable = int(balance["available"])
-    if policy == "ALLOW":
-        spendable += max(0, int(balance["overage_limit"]) - int(balance["overage_used"])
-                         - int(balance["overage_held"]))
     result = usage_pb2.Forecast(
         window_days=FORECAST_WINDOW_DAYS,
         units_per_day=round(per_day),
-        projected_period_consumption=int(balance["period_consumed"]) + round(per_day * days_left),
-        projected_overage=max(0, round(per_day * days_left) - max(0, int(balance["available"]))),
+        projected_period_consumption=balance.period_consumed + round(per_day * days_left),
+        projected_overage=max(0, round(per_day * days_left) - max(0, balance.available)),
     )
     if per_day > 0:
-        runs_out_ms = now_ms + int(max(0, spendable) / per_day * DAY_MS)
+        runs_out_ms = now_ms + int(balance.spendable / per_day * DAY_MS)
         if runs_out_ms < period_end:
             result.runs_out_at.CopyFrom(convert.timestamp(runs_out_ms))
     return result
@@ -174,17 +169,17 @@ async def usage_report(
     if by_account:
         return await all_accounts_report(ledger, request, grouping, next_hour)
     account_id = v.account_id(request.account_id)
-    reply = await store.balance(account_id, None)
-    balance, account = reply["balance"], reply["account"]
-    period_start = int(balance["period_start"])
+    reply = await store.balance(BalanceRequest(account_id), None)
+    balance, account = reply.balance, reply.account
+    period_start = balance.period_start
     start_ms, end_ms = report_range(request, period_start, next_hour)
     usages = await account_usage(store, ledger, account_id, period_start, start_ms, end_ms)
-    created_hour = int(account["created_at"]) // HOUR_MS * HOUR_MS
+    created_hour = account.created_at // HOUR_MS * HOUR_MS
     window = (max(next_hour - FORECAST_WINDOW_DAYS * DAY_MS, created_hour), next_hour)
     window_usage = await account_usage(store, ledger, account_id, period_start, *window)
     report = grouped_report(usages, grouping, start_ms, end_ms)
     report.period.CopyFrom(period_summary(balance))
-    report.forecast.CopyFrom(forecast(balance, account["policy"], window, window_usage, now_ms))
+    report.forecast.CopyFrom(forecast(balance, window, window_usage, now_ms))
     return report
 
 

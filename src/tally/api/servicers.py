@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, TypedDict
 
 import grpc
 
@@ -13,6 +13,21 @@ from tally.domain import limits
 from tally.domain.errors import InvalidArgument
 from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.ledger import Ledger
+from tally.store.contract import (
+    AccountChanges,
+    BalanceRequest,
+    ChargeRequest,
+    CommitRequest,
+    CreateAccountRequest,
+    DeleteBudgetRequest,
+    ExtendRequest,
+    PurchaseRequest,
+    QuoteRequest,
+    RefundRequest,
+    ReserveRequest,
+    SetPriceRequest,
+    UpdateAccountRequest,
+)
 from tally.store.quota_store import QuotaStore
 from tally.v1 import (
     account_pb2,
@@ -26,91 +41,96 @@ from tally.v1 import (
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+class SpendFields(TypedDict):
+    """What Reserve and Charge both ask (contract.SpendRequest's fields)."""
+
+    account_id: str
+    operation: str
+    quantity: int
+    idempotency_key: str
+    labels: dict[str, str]
+    price_version: int
+
+
+class AccountNamed(Protocol):
+    """A request naming one account."""
+
+    @property
+    def account_id(self) -> str: ...
+
+
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     def __init__(self, store: QuotaStore, ttl_limits: v.HoldTtlLimits) -> None:
         self.store = store
         self.ttl_limits = ttl_limits
 
-    def _spend_fields(self, request: Any) -> dict[str, Any]:
-        return {
-            "account_id": v.account_id(request.account_id),
-            "operation": v.operation(request.operation),
-            "quantity": v.quantity(request.quantity),
-            "idempotency_key": v.idempotency_key(request.idempotency_key),
-            "labels": v.labels(request.labels),
-            "price_version": v.units(request.price_version, "price_version"),
-        }
-
     @map_errors
     async def Reserve(
         self, request: quota_pb2.ReserveRequest, context: Context
     ) -> quota_pb2.ReserveResponse:
-        fields = self._spend_fields(request)
         ttl = request.ttl if request.HasField("ttl") else None
-        fields["ttl_ms"] = v.hold_ttl_ms(ttl, "ttl", self.ttl_limits)
-        fields["fingerprint"] = v.fingerprint(
-            "Reserve", {k: val for k, val in fields.items() if k != "idempotency_key"}
+        reserve = ReserveRequest(
+            **_spend_fields(request), ttl_ms=v.hold_ttl_ms(ttl, "ttl", self.ttl_limits)
         )
-        reply = await self.store.reserve(fields, deadline_s(context))
+        reply = await self.store.reserve(reserve, deadline_s(context))
         return convert.reserve_response(reply)
 
     @map_errors
     async def Charge(
         self, request: quota_pb2.ChargeRequest, context: Context
     ) -> quota_pb2.ChargeResponse:
-        fields = self._spend_fields(request)
-        fields["fingerprint"] = v.fingerprint(
-            "Charge", {k: val for k, val in fields.items() if k != "idempotency_key"}
+        reply = await self.store.charge(
+            ChargeRequest(**_spend_fields(request)), deadline_s(context)
         )
-        reply = await self.store.charge(fields, deadline_s(context))
         return quota_pb2.ChargeResponse(
-            reservation_id=reply["reservation_id"],
-            units=int(reply["units"]),
-            balance=convert.balance(reply["balance"]),
-            replayed=bool(reply["replayed"]),
-            price_version=int(reply["price_version"]),
-            overage_units=int(reply["overage_units"]),
+            reservation_id=reply.reservation_id,
+            units=reply.units,
+            balance=convert.balance(reply.balance),
+            replayed=reply.replayed,
+            price_version=reply.price_version,
+            overage_units=reply.overage_units,
         )
 
     @map_errors
     async def Commit(
         self, request: quota_pb2.CommitRequest, context: Context
     ) -> quota_pb2.CommitResponse:
-        reservation_id = _reservation_id(request.reservation_id)
-        quantity = v.units(request.quantity, "quantity") if request.HasField("quantity") else None
-        reply = await self.store.commit(reservation_id, quantity, deadline_s(context))
+        commit = CommitRequest(
+            reservation_id=_reservation_id(request.reservation_id),
+            quantity=(
+                v.units(request.quantity, "quantity") if request.HasField("quantity") else None
+            ),
+        )
+        reply = await self.store.commit(commit, deadline_s(context))
         return quota_pb2.CommitResponse(
-            units_charged=int(reply["units_charged"]),
-            units_released=int(reply["units_released"]),
-            balance=convert.balance(reply["balance"]),
-            replayed=bool(reply["replayed"]),
-            late=bool(reply["late"]),
-            overage_units=int(reply["overage_units"]),
-            operation=str(reply.get("operation", "")),
+            units_charged=reply.units_charged,
+            units_released=reply.units_released,
+            balance=convert.balance(reply.balance),
+            replayed=reply.replayed,
+            late=reply.late,
+            overage_units=reply.overage_units,
+            operation=reply.operation,
         )
 
     @map_errors
     async def Refund(
         self, request: quota_pb2.RefundRequest, context: Context
     ) -> quota_pb2.RefundResponse:
-        fields: dict[str, Any] = {
-            "reservation_id": _reservation_id(request.reservation_id),
-            "units": (
+        refund = RefundRequest(
+            reservation_id=_reservation_id(request.reservation_id),
+            units=(
                 v.units(request.units, "units", minimum=1) if request.HasField("units") else None
             ),
-            "reason": v.text(request.reason, "reason", limits.REASON_BYTES_MAX),
-            "idempotency_key": v.idempotency_key(request.idempotency_key),
-        }
-        fields["fingerprint"] = v.fingerprint(
-            "Refund", {k: val for k, val in fields.items() if k != "idempotency_key"}
+            reason=v.text(request.reason, "reason", limits.REASON_BYTES_MAX),
+            idempotency_key=v.idempotency_key(request.idempotency_key),
         )
-        reply = await self.store.refund(fields, deadline_s(context))
+        reply = await self.store.refund(refund, deadline_s(context))
         return quota_pb2.RefundResponse(
-            units_refunded=int(reply["units_refunded"]),
-            balance=convert.balance(reply["balance"]),
-            replayed=bool(reply["replayed"]),
-            units_refundable=int(reply["units_refundable"]),
-            operation=str(reply.get("operation", "")),
+            units_refunded=reply.units_refunded,
+            balance=convert.balance(reply.balance),
+            replayed=reply.replayed,
+            units_refundable=reply.units_refundable,
+            operation=reply.operation,
         )
 
     @map_errors
@@ -120,34 +140,53 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         reservation_id = _reservation_id(request.reservation_id)
         if not request.HasField("ttl"):
             raise InvalidArgument("ttl is required", field_name="ttl")
-        ttl_ms = v.hold_ttl_ms(request.ttl, "ttl", self.ttl_limits)
-        reply = await self.store.extend(reservation_id, ttl_ms, deadline_s(context))
+        extend = ExtendRequest(
+            reservation_id=reservation_id,
+            ttl_ms=v.hold_ttl_ms(request.ttl, "ttl", self.ttl_limits),
+        )
+        reply = await self.store.extend(extend, deadline_s(context))
         return convert.extend_response(reply)
 
     @map_errors
     async def Quote(
         self, request: quota_pb2.QuoteRequest, context: Context
     ) -> quota_pb2.QuoteResponse:
-        reply = await self.store.quote(
-            v.account_id(request.account_id),
-            v.operation(request.operation),
-            v.quantity(request.quantity),
-            deadline_s(context),
+        quote = QuoteRequest(
+            account_id=v.account_id(request.account_id),
+            operation=v.operation(request.operation),
+            quantity=v.quantity(request.quantity),
         )
+        reply = await self.store.quote(quote, deadline_s(context))
         return quota_pb2.QuoteResponse(
-            units=int(reply["units"]),
-            price_version=int(reply["price_version"]),
-            affordable=bool(reply["affordable"]),
-            available=int(reply["available"]),
-            units_per_quantity=int(reply["unit_price"]),
+            units=reply.units,
+            price_version=reply.price_version,
+            affordable=reply.affordable,
+            available=reply.available,
+            units_per_quantity=reply.units_per_quantity,
         )
 
     @map_errors
     async def GetBalance(
         self, request: quota_pb2.GetBalanceRequest, context: Context
     ) -> quota_pb2.GetBalanceResponse:
-        reply = await self.store.balance(v.account_id(request.account_id), deadline_s(context))
-        return quota_pb2.GetBalanceResponse(balance=convert.balance(reply["balance"]))
+        reply = await self.store.balance(_balance_request(request), deadline_s(context))
+        return quota_pb2.GetBalanceResponse(balance=convert.balance(reply.balance))
+
+
+def _spend_fields(request: quota_pb2.ReserveRequest | quota_pb2.ChargeRequest) -> SpendFields:
+    """What Reserve and Charge both ask, validated."""
+    return SpendFields(
+        account_id=v.account_id(request.account_id),
+        operation=v.operation(request.operation),
+        quantity=v.quantity(request.quantity),
+        idempotency_key=v.idempotency_key(request.idempotency_key),
+        labels=v.labels(request.labels),
+        price_version=v.units(request.price_version, "price_version"),
+    )
+
+
+def _balance_request(request: AccountNamed) -> BalanceRequest:
+    return BalanceRequest(account_id=v.account_id(request.account_id))
 
 
 def _reservation_id(value: str) -> str:
@@ -180,79 +219,87 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 "(0: the creation day)",
                 field_name="billing_anchor_day",
             )
-        fields: dict[str, Any] = {
-            "account_id": v.account_id(request.account_id),
-            "allotment": v.units(request.monthly_allotment, "monthly_allotment"),
-            "policy": _policy(request.overage_policy),
-            "overage_limit": v.units(request.overage_limit, "overage_limit"),
-            "labels": v.labels(request.labels),
-            "ap_units": v.units(request.auto_purchase_units, "auto_purchase_units"),
-            "ap_threshold": v.units(request.auto_purchase_threshold, "auto_purchase_threshold"),
-            "anchor_day": anchor_day,
-            "alerts": v.alert_settings(request.alerts),
-        }
-        reply = await self.store.create_account(fields, deadline_s(context))
-        await self.barrier.settle_account(fields["account_id"])
+        create = CreateAccountRequest(
+            account_id=v.account_id(request.account_id),
+            monthly_allotment=v.units(request.monthly_allotment, "monthly_allotment"),
+            overage_policy=_policy(request.overage_policy),
+            overage_limit=v.units(request.overage_limit, "overage_limit"),
+            labels=v.labels(request.labels),
+            auto_purchase_units=v.units(request.auto_purchase_units, "auto_purchase_units"),
+            auto_purchase_threshold=v.units(
+                request.auto_purchase_threshold, "auto_purchase_threshold"
+            ),
+            billing_anchor_day=anchor_day,
+            alerts=v.alert_settings(request.alerts),
+        )
+        reply = await self.store.create_account(create, deadline_s(context))
+        await self.barrier.settle_account(create.account_id)
         return account_pb2.CreateAccountResponse(
-            account=convert.account(reply["account"], replayed=bool(reply["replayed"]))
+            account=convert.account(reply.account, replayed=reply.replayed)
         )
 
     @map_errors
     async def GetAccount(
         self, request: account_pb2.GetAccountRequest, context: Context
     ) -> account_pb2.GetAccountResponse:
-        reply = await self.store.balance(v.account_id(request.account_id), deadline_s(context))
-        return account_pb2.GetAccountResponse(account=convert.account(reply["account"]))
+        reply = await self.store.balance(_balance_request(request), deadline_s(context))
+        return account_pb2.GetAccountResponse(account=convert.account(reply.account))
 
     @map_errors
     async def UpdateAccount(
         self, request: account_pb2.UpdateAccountRequest, context: Context
     ) -> account_pb2.UpdateAccountResponse:
         account_id = v.account_id(request.account_id)
-        changes: dict[str, Any] = {}
-        if request.HasField("monthly_allotment"):
-            changes["allotment"] = v.units(request.monthly_allotment, "monthly_allotment")
-        if request.HasField("overage_policy"):
-            changes["policy"] = _policy(request.overage_policy)
-        if request.HasField("overage_limit"):
-            changes["overage_limit"] = v.units(request.overage_limit, "overage_limit")
-        if request.HasField("auto_purchase_units"):
-            changes["ap_units"] = v.units(request.auto_purchase_units, "auto_purchase_units")
-        if request.HasField("auto_purchase_threshold"):
-            changes["ap_threshold"] = v.units(
-                request.auto_purchase_threshold, "auto_purchase_threshold"
-            )
-        if request.HasField("alerts"):
-            changes["alerts"] = v.alert_settings(request.alerts)
-        if request.replace_labels:
-            changes["labels"] = v.labels(request.labels)
-        elif request.labels:
-            changes["merge_labels"] = v.labels(request.labels)
-        reply = await self.store.update_account(account_id, changes, deadline_s(context))
+        has = request.HasField
+        changes = AccountChanges(
+            monthly_allotment=(
+                v.units(request.monthly_allotment, "monthly_allotment")
+                if has("monthly_allotment") else None
+            ),
+            overage_policy=_policy(request.overage_policy) if has("overage_policy") else None,
+            overage_limit=(
+                v.units(request.overage_limit, "overage_limit") if has("overage_limit") else None
+            ),
+            auto_purchase_units=(
+                v.units(request.auto_purchase_units, "auto_purchase_units")
+                if has("auto_purchase_units") else None
+            ),
+            auto_purchase_threshold=(
+                v.units(request.auto_purchase_threshold, "auto_purchase_threshold")
+                if has("auto_purchase_threshold") else None
+            ),
+            alerts=v.alert_settings(request.alerts) if has("alerts") else None,
+            labels=v.labels(request.labels) if request.replace_labels else None,
+            merge_labels=(
+                v.labels(request.labels)
+                if request.labels and not request.replace_labels else None
+            ),
+        )
+        reply = await self.store.update_account(
+            UpdateAccountRequest(account_id=account_id, set=changes), deadline_s(context)
+        )
         await self.barrier.settle_account(account_id)
-        return account_pb2.UpdateAccountResponse(account=convert.account(reply["account"]))
+        return account_pb2.UpdateAccountResponse(account=convert.account(reply.account))
 
     @map_errors
     async def PurchaseUnits(
         self, request: account_pb2.PurchaseUnitsRequest, context: Context
     ) -> account_pb2.PurchaseUnitsResponse:
         account_id = v.account_id(request.account_id)
-        fields: dict[str, Any] = {
-            "units": v.units(request.units, "units", minimum=1),
-            "idempotency_key": v.idempotency_key(request.idempotency_key),
-            "expires_at": (
+        purchase = PurchaseRequest(
+            account_id=account_id,
+            units=v.units(request.units, "units", minimum=1),
+            idempotency_key=v.idempotency_key(request.idempotency_key),
+            expires_at=(
                 v.timestamp_ms(request.expires_at, "expires_at")
                 if request.HasField("expires_at")
                 else 0
             ),
-            "reference": v.text(request.reference, "reference", limits.REFERENCE_BYTES_MAX),
-        }
-        fields["fingerprint"] = v.fingerprint(
-            "PurchaseUnits", {k: val for k, val in fields.items() if k != "idempotency_key"}
+            reference=v.text(request.reference, "reference", limits.REFERENCE_BYTES_MAX),
         )
-        reply = await self.store.purchase(account_id, fields, deadline_s(context))
+        reply = await self.store.purchase(purchase, deadline_s(context))
         await self.barrier.settle_account(account_id)
-        return account_pb2.PurchaseUnitsResponse(grant=convert.grant(reply["grant"]))
+        return account_pb2.PurchaseUnitsResponse(grant=convert.grant(reply.grant))
 
     @map_errors
     async def ListLedgerEntries(
@@ -276,21 +323,18 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         if not request.HasField("budget"):
             raise InvalidArgument("budget is required", field_name="budget")
         reply = await self.store.set_budget(
-            account_id, v.budget(request.budget), deadline_s(context)
+            v.budget(account_id, request.budget), deadline_s(context)
         )
         await self.barrier.settle_account(account_id)
-        return account_pb2.SetBudgetResponse(
-            budget=convert.budget(reply["budget"]["budget_id"], reply["budget"])
-        )
+        return account_pb2.SetBudgetResponse(budget=convert.budget(reply.budget))
 
     @map_errors
     async def ListBudgets(
         self, request: account_pb2.ListBudgetsRequest, context: Context
     ) -> account_pb2.ListBudgetsResponse:
-        reply = await self.store.balance(v.account_id(request.account_id), deadline_s(context))
-        budgets = reply["account"].get("budgets") or {}
+        reply = await self.store.balance(_balance_request(request), deadline_s(context))
         return account_pb2.ListBudgetsResponse(
-            budgets=[convert.budget(bid, view) for bid, view in sorted(budgets.items())]
+            budgets=[convert.budget(view) for view in reply.account.budgets]
         )
 
     @map_errors
@@ -301,11 +345,11 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         budget_id = v.text(request.budget_id, "budget_id", limits.BUDGET_ID_BYTES_MAX)
         if not budget_id:
             raise InvalidArgument("budget_id is required", field_name="budget_id")
-        reply = await self.store.delete_budget(account_id, budget_id, deadline_s(context))
-        await self.barrier.settle_account(account_id)
-        return account_pb2.DeleteBudgetResponse(
-            budget=convert.budget(reply["budget"]["budget_id"], reply["budget"])
+        reply = await self.store.delete_budget(
+            DeleteBudgetRequest(account_id=account_id, budget_id=budget_id), deadline_s(context)
         )
+        await self.barrier.settle_account(account_id)
+        return account_pb2.DeleteBudgetResponse(budget=convert.budget(reply.budget))
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -317,11 +361,13 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     async def SetPrice(
         self, request: catalog_pb2.SetPriceRequest, context: Context
     ) -> catalog_pb2.SetPriceResponse:
-        reply = await self.store.set_price(
-            v.operation(request.operation),
-            v.units(request.units_per_quantity, "units_per_quantity", minimum=1),
-            deadline_s(context),
+        price = SetPriceRequest(
+            operation=v.operation(request.operation),
+            units_per_quantity=v.units(
+                request.units_per_quantity, "units_per_quantity", minimum=1
+            ),
         )
+        reply = await self.store.set_price(price, deadline_s(context))
         await self.barrier.settle_shard(0)
         return catalog_pb2.SetPriceResponse(price=convert.price(reply))
 

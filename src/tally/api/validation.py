@@ -3,12 +3,9 @@ the field, before anything reaches the store."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -28,6 +25,8 @@ from tally.domain.limits import (
     TIMESTAMP_MS_MAX,
     UNITS_MAX,
 )
+from tally.store.contract import AlertSettings, SetBudgetRequest
+from tally.v1 import common_pb2
 
 # Each pattern's first character is counted apart, hence the `- 1`.
 OPERATION = re.compile(rf"[a-z0-9][a-z0-9._-]{{0,{OPERATION_BYTES_MAX - 1}}}")
@@ -142,14 +141,8 @@ def timestamp_ms(value: Timestamp, field: str) -> int:
     return ms
 
 
-def fingerprint(method: str, fields: Mapping[str, Any]) -> str:
-    """What makes two requests under one idempotency key "the same request"."""
-    canonical = json.dumps({"method": method, **fields}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-def alert_settings(value: Any, field: str = "alerts") -> dict[str, Any]:
-    """AlertSettings to the scripts' shape: {percent, below, overage}."""
+def alert_settings(value: common_pb2.AlertSettings, field: str = "alerts") -> AlertSettings:
+    """Each percentage once, in ascending order."""
     percentages = list(value.allotment_used_percent)
     if len(percentages) > ALERT_PERCENTAGES_MAX:
         raise InvalidArgument(
@@ -163,15 +156,15 @@ def alert_settings(value: Any, field: str = "alerts") -> dict[str, Any]:
                 f"and {ALERT_PERCENT_MAX}",
                 field_name=f"{field}.allotment_used_percent",
             )
-    return {
-        "percent": sorted(set(percentages)),
-        "below": units(value.balance_below, f"{field}.balance_below"),
-        "overage": bool(value.overage_started),
-    }
+    return AlertSettings(
+        allotment_used_percent=tuple(sorted(set(percentages))),
+        balance_below=units(value.balance_below, f"{field}.balance_below"),
+        overage_started=bool(value.overage_started),
+    )
 
 
-def budget(value: Any, field: str = "budget") -> dict[str, Any]:
-    """A Budget to the scripts' shape: an operation, or a label key and value."""
+def budget(account_id: str, value: common_pb2.Budget, field: str = "budget") -> SetBudgetRequest:
+    """A budget names an operation, or a label key and value."""
     has_operation = bool(value.operation)
     has_label = bool(value.label_key)
     if has_operation == has_label:
@@ -191,9 +184,10 @@ def budget(value: Any, field: str = "budget") -> dict[str, Any]:
                 f"{field}.label_value is required with label_key", field_name=f"{field}.label_value"
             )
         text(value.label_value, f"{field}.label_value", LABEL_VALUE_BYTES_MAX)
-    return {
-        "operation": value.operation,
-        "label_key": value.label_key,
-        "label_value": value.label_value,
-        "limit": units(value.limit_units, f"{field}.limit_units"),
-    }
+    return SetBudgetRequest(
+        account_id=account_id,
+        operation=value.operation,
+        label_key=value.label_key,
+        label_value=value.label_value,
+        limit_units=units(value.limit_units, f"{field}.limit_units"),
+    )

@@ -51,6 +51,9 @@ class StateRow:
     seq: int
     state: bytes
     expires_at_ms: int = 0
+    # account rows: the available units the script's write phase checked the
+    # books with (available_after of the entry that carried the image)
+    available: int = 0
 
 
 class SqlLedger:
@@ -311,8 +314,15 @@ class SqlLedger:
 
     def account_states(self) -> list[StateRow]:
         with self.transaction(write=False) as cur:
-            cur.execute("SELECT account_id, seq, state FROM account_states ORDER BY account_id")
-            return [StateRow(r[0], r[0], int(r[1]), bytes(r[2])) for r in cur.fetchall()]
+            cur.execute(
+                "SELECT s.account_id, s.seq, s.state, e.available_after FROM account_states s "
+                "JOIN ledger_entries e ON e.account_id = s.account_id AND e.seq = s.seq "
+                "ORDER BY s.account_id"
+            )
+            return [
+                StateRow(r[0], r[0], int(r[1]), bytes(r[2]), available=int(r[3]))
+                for r in cur.fetchall()
+            ]
 
     def reservation_states(self) -> list[StateRow]:
         with self.transaction(write=False) as cur:

@@ -20,6 +20,7 @@ import msgpack
 
 from tally import metrics
 from tally.domain.errors import Unavailable
+from tally.ledger.backend import StateRow
 from tally.ledger.ledger import Ledger, LedgerUnavailable
 from tally.store.streams import EventStreams, ShardLag
 
@@ -110,9 +111,7 @@ class Flusher:
     async def snapshot(self, reason: str) -> int:
         """Freezes every account's flushed balance in the ledger."""
         states = await self.ledger.account_states()
-        balances = [
-            (row.account_id, row.seq, figures_of(row.state), row.state) for row in states
-        ]
+        balances = [(row.account_id, row.seq, figures_of(row), row.state) for row in states]
         snapshot_id = await self.ledger.snapshot(reason, balances)
         log.info("snapshot written", extra={"snapshot_id": snapshot_id, "accounts": len(states)})
         return snapshot_id
@@ -156,12 +155,12 @@ class Flusher:
         metrics.FLUSHER_OLDEST_UNFLUSHED_SECONDS.set(oldest_ms / 1000)
 
 
-def figures_of(state: bytes) -> dict[str, int]:
-    acct = msgpack.unpackb(state, raw=False, strict_map_key=False)
-    grants = acct.get("grants") or []
-    remaining = sum(int(g["remaining"]) for g in grants)
+def figures_of(row: StateRow) -> dict[str, int]:
+    """An account image's figures. Available is what the script computed (the
+    balance formula lives in Lua alone); the rest are the image's own counts."""
+    acct = msgpack.unpackb(row.state, raw=False, strict_map_key=False)
     return {
-        "available": remaining - int(acct["overage_used"]) - int(acct["overage_held"]),
+        "available": row.available,
         "held": int(acct["held"]),
         "granted": int(acct["total_granted"]),
         "charged": int(acct["total_charged"]),

@@ -1,8 +1,8 @@
 """The store facade: one method per operation, each one script call.
 
-Methods take validated plain values and return the script's reply as a
-dict (see each script's header for its shape). The gRPC layer never speaks
-Redis; it calls these.
+Methods take a script's request and return its reply, both typed in
+store/contract.py; the store adds the context (clock, shard, settings). The
+gRPC layer never speaks Redis; it calls these.
 """
 
 from __future__ import annotations
@@ -15,6 +15,40 @@ import msgpack
 from tally.clock import Clock
 from tally.domain.catalog import DEFAULT_CATALOG
 from tally.store.client import ScriptRunner, store_errors
+from tally.store.contract import (
+    AccountReply,
+    ApplyPriceRequest,
+    BalanceRequest,
+    BudgetReply,
+    CatalogContext,
+    ChargeReply,
+    ChargeRequest,
+    CommitReply,
+    CommitRequest,
+    CreateAccountReply,
+    CreateAccountRequest,
+    DeleteBudgetRequest,
+    ExpireHoldReply,
+    ExpireHoldRequest,
+    ExtendRequest,
+    HoldReply,
+    IdempotentContext,
+    PriceView,
+    PurchaseReply,
+    PurchaseRequest,
+    QuoteReply,
+    QuoteRequest,
+    RefundReply,
+    RefundRequest,
+    ReplyT,
+    ReserveRequest,
+    ScriptContext,
+    ScriptRequest,
+    SetBudgetRequest,
+    SetPriceReply,
+    SetPriceRequest,
+    UpdateAccountRequest,
+)
 from tally.store.keys import META_KEY, KeySpace
 
 
@@ -40,47 +74,60 @@ class QuotaStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    def _base(self, account_id: str) -> dict[str, Any]:
+    def _context(self, account_id: str) -> ScriptContext:
         shard = self.keys.shard_of(account_id)
-        return {
-            "now": self.clock.now_ms(),
-            "prefix": self.keys.prefix(shard),
-            "shard": self.keys.tag(shard),
-            "retention_ms": self.limits.reservation_retention_ms,
-            "account_id": account_id,
-        }
+        return ScriptContext(
+            now=self.clock.now_ms(),
+            account_id=account_id,
+            prefix=self.keys.prefix(shard),
+            shard=self.keys.tag(shard),
+            retention_ms=self.limits.reservation_retention_ms,
+        )
+
+    def _idempotent_context(self, account_id: str) -> IdempotentContext:
+        return IdempotentContext(
+            **vars(self._context(account_id)),
+            idempotency_window_ms=self.limits.idempotency_window_ms,
+        )
+
+    async def _run(
+        self,
+        request: ScriptRequest[ReplyT],
+        context: CatalogContext,
+        keys: list[str],
+        timeout_s: float | None,
+    ) -> ReplyT:
+        raw = await self.runner.run(request.SCRIPT, keys, request.encode(context), timeout_s)
+        return request.decode_reply(raw)
+
+    async def _on_account(
+        self, request: ScriptRequest[ReplyT], account_id: str, timeout_s: float | None
+    ) -> ReplyT:
+        """Runs a script that needs only the account's own keys."""
+        return await self._run(
+            request, self._context(account_id), self.keys.account_keys(account_id), timeout_s
+        )
+
+    def _reservation_account(self, reservation_id: str) -> str:
+        return self.keys.parse_reservation_id(reservation_id).account_id
 
     async def create_account(
-        self, account: dict[str, Any], timeout_s: float | None
-    ) -> dict[str, Any]:
-        request = self._base(account["account_id"]) | account
-        return await self.runner.run(
-            "create_account", self.keys.account_keys(account["account_id"]), request, timeout_s
-        )
+        self, request: CreateAccountRequest, timeout_s: float | None
+    ) -> CreateAccountReply:
+        return await self._on_account(request, request.account_id, timeout_s)
 
     async def update_account(
-        self, account_id: str, changes: dict[str, Any], timeout_s: float | None
-    ) -> dict[str, Any]:
-        request = self._base(account_id) | {"set": changes}
-        return await self.runner.run(
-            "update_account", self.keys.account_keys(account_id), request, timeout_s
-        )
+        self, request: UpdateAccountRequest, timeout_s: float | None
+    ) -> AccountReply:
+        return await self._on_account(request, request.account_id, timeout_s)
 
-    async def set_budget(
-        self, account_id: str, budget: dict[str, Any], timeout_s: float | None
-    ) -> dict[str, Any]:
-        request = self._base(account_id) | budget
-        return await self.runner.run(
-            "set_budget", self.keys.account_keys(account_id), request, timeout_s
-        )
+    async def set_budget(self, request: SetBudgetRequest, timeout_s: float | None) -> BudgetReply:
+        return await self._on_account(request, request.account_id, timeout_s)
 
     async def delete_budget(
-        self, account_id: str, budget_id: str, timeout_s: float | None
-    ) -> dict[str, Any]:
-        request = self._base(account_id) | {"budget_id": budget_id}
-        return await self.runner.run(
-            "delete_budget", self.keys.account_keys(account_id), request, timeout_s
-        )
+        self, request: DeleteBudgetRequest, timeout_s: float | None
+    ) -> BudgetReply:
+        return await self._on_account(request, request.account_id, timeout_s)
 
     async def usage_counters(self, account_id: str, period_start_ms: int) -> dict[str, int]:
         """The current period's usage counters of an account (field -> value)."""
@@ -88,21 +135,16 @@ class QuotaStore:
             raw = await self.redis.hgetall(self.keys.usage(account_id, period_start_ms))
         return {k.decode(): int(v) for k, v in raw.items()}
 
-    async def balance(self, account_id: str, timeout_s: float | None) -> dict[str, Any]:
-        return await self.runner.run(
-            "balance", self.keys.account_keys(account_id), self._base(account_id), timeout_s
-        )
+    async def balance(self, request: BalanceRequest, timeout_s: float | None) -> AccountReply:
+        return await self._on_account(request, request.account_id, timeout_s)
 
-    async def purchase(
-        self, account_id: str, request: dict[str, Any], timeout_s: float | None
-    ) -> dict[str, Any]:
+    async def purchase(self, request: PurchaseRequest, timeout_s: float | None) -> PurchaseReply:
+        account_id = request.account_id
         keys = [
             *self.keys.account_keys(account_id),
-            self.keys.idempotency(account_id, request["idempotency_key"]),
+            self.keys.idempotency(account_id, request.idempotency_key),
         ]
-        full = self._base(account_id) | request
-        full["idem_window_ms"] = self.limits.idempotency_window_ms
-        return await self.runner.run("purchase", keys, full, timeout_s)
+        return await self._run(request, self._idempotent_context(account_id), keys, timeout_s)
 
     def _spend_keys(self, account_id: str, idempotency_key: str) -> list[str]:
         shard = self.keys.shard_of(account_id)
@@ -113,72 +155,45 @@ class QuotaStore:
             self.keys.price_history(shard),
         ]
 
-    async def reserve(self, request: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
-        account_id = request["account_id"]
-        full = self._base(account_id) | request
-        full["idem_window_ms"] = self.limits.idempotency_window_ms
-        keys = self._spend_keys(account_id, request["idempotency_key"])
-        return await self.runner.run("reserve", keys, full, timeout_s)
+    async def reserve(self, request: ReserveRequest, timeout_s: float | None) -> HoldReply:
+        account_id = request.account_id
+        keys = self._spend_keys(account_id, request.idempotency_key)
+        return await self._run(request, self._idempotent_context(account_id), keys, timeout_s)
 
-    async def charge(self, request: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
-        account_id = request["account_id"]
-        full = self._base(account_id) | request
-        full["idem_window_ms"] = self.limits.idempotency_window_ms
-        keys = self._spend_keys(account_id, request["idempotency_key"])
-        return await self.runner.run("charge", keys, full, timeout_s)
+    async def charge(self, request: ChargeRequest, timeout_s: float | None) -> ChargeReply:
+        account_id = request.account_id
+        keys = self._spend_keys(account_id, request.idempotency_key)
+        return await self._run(request, self._idempotent_context(account_id), keys, timeout_s)
 
-    async def commit(
-        self, reservation_id: str, quantity: int | None, timeout_s: float | None
-    ) -> dict[str, Any]:
-        """quantity None: the whole reserved quantity."""
-        ref = self.keys.parse_reservation_id(reservation_id)
-        request = self._base(ref.account_id) | {"reservation_id": reservation_id}
-        if quantity is not None:
-            request["quantity"] = quantity
-        keys = self.keys.account_keys(ref.account_id)
-        return await self.runner.run("commit", keys, request, timeout_s)
+    async def commit(self, request: CommitRequest, timeout_s: float | None) -> CommitReply:
+        account_id = self._reservation_account(request.reservation_id)
+        return await self._on_account(request, account_id, timeout_s)
 
-    async def refund(self, request: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
-        """request["units"] None: all that is still refundable."""
-        ref = self.keys.parse_reservation_id(request["reservation_id"])
-        full = self._base(ref.account_id) | {k: v for k, v in request.items() if v is not None}
-        full["idem_window_ms"] = self.limits.idempotency_window_ms
+    async def refund(self, request: RefundRequest, timeout_s: float | None) -> RefundReply:
+        account_id = self._reservation_account(request.reservation_id)
         keys = [
-            *self.keys.account_keys(ref.account_id),
-            self.keys.idempotency(ref.account_id, request["idempotency_key"]),
+            *self.keys.account_keys(account_id),
+            self.keys.idempotency(account_id, request.idempotency_key),
         ]
-        return await self.runner.run("refund", keys, full, timeout_s)
+        return await self._run(request, self._idempotent_context(account_id), keys, timeout_s)
 
-    async def extend(
-        self, reservation_id: str, ttl_ms: int, timeout_s: float | None
-    ) -> dict[str, Any]:
-        ref = self.keys.parse_reservation_id(reservation_id)
-        request = self._base(ref.account_id) | {
-            "reservation_id": reservation_id,
-            "ttl_ms": ttl_ms,
-        }
-        return await self.runner.run(
-            "extend", self.keys.account_keys(ref.account_id), request, timeout_s
-        )
+    async def extend(self, request: ExtendRequest, timeout_s: float | None) -> HoldReply:
+        account_id = self._reservation_account(request.reservation_id)
+        return await self._on_account(request, account_id, timeout_s)
 
-    async def quote(
-        self, account_id: str, operation: str, quantity: int, timeout_s: float | None
-    ) -> dict[str, Any]:
+    async def quote(self, request: QuoteRequest, timeout_s: float | None) -> QuoteReply:
+        account_id = request.account_id
         shard = self.keys.shard_of(account_id)
         keys = [
             *self.keys.account_keys(account_id),
             self.keys.prices(shard),
             self.keys.price_history(shard),
         ]
-        request = self._base(account_id) | {"operation": operation, "quantity": quantity}
-        return await self.runner.run("quote", keys, request, timeout_s)
+        return await self._run(request, self._context(account_id), keys, timeout_s)
 
-    async def expire_hold(self, shard: int, reservation_id: str) -> dict[str, Any]:
-        ref = self.keys.parse_reservation_id(reservation_id)
-        request = self._base(ref.account_id) | {"reservation_id": reservation_id}
-        return await self.runner.run(
-            "expire_hold", self.keys.account_keys(ref.account_id), request, None
-        )
+    async def expire_hold(self, request: ExpireHoldRequest) -> ExpireHoldReply:
+        account_id = self._reservation_account(request.reservation_id)
+        return await self._on_account(request, account_id, None)
 
     async def due_holds(self, shard: int, batch: int) -> list[str]:
         with store_errors():
@@ -189,9 +204,7 @@ class QuotaStore:
 
     # --- catalog -----------------------------------------------------------
 
-    async def set_price(
-        self, operation: str, units_per_quantity: int, timeout_s: float | None
-    ) -> dict[str, Any]:
+    async def set_price(self, request: SetPriceRequest, timeout_s: float | None) -> SetPriceReply:
         """Sets the price on shard 0 (authoritative), then copies it to every shard."""
         keys = [
             self.keys.prices(0),
@@ -199,39 +212,32 @@ class QuotaStore:
             self.keys.catalog_meta(),
             self.keys.events(0),
         ]
-        request = {
-            "now": self.clock.now_ms(),
-            "operation": operation,
-            "price": units_per_quantity,
-        }
-        result = await self.runner.run("set_price", keys, request, timeout_s)
-        await self._apply_everywhere(
-            operation, units_per_quantity, int(result["version"]), int(result["at"]), timeout_s
-        )
-        return result
+        reply = await self._run(request, self._catalog_context(), keys, timeout_s)
+        await self._apply_everywhere(reply, timeout_s)
+        return reply
 
-    async def _apply_everywhere(
-        self, operation: str, price: int, version: int, at_ms: int, timeout_s: float | None
-    ) -> None:
-        request = {
-            "now": self.clock.now_ms(),
-            "operation": operation,
-            "price": price,
-            "version": version,
-            "at": at_ms,
-        }
+    def _catalog_context(self) -> CatalogContext:
+        return CatalogContext(now=self.clock.now_ms())
+
+    async def _apply_everywhere(self, price: PriceView, timeout_s: float | None) -> None:
+        request = ApplyPriceRequest(
+            operation=price.operation,
+            units_per_quantity=price.units_per_quantity,
+            version=price.version,
+            effective_at_ms=price.effective_at_ms,
+        )
         for shard in range(1, self.keys.shards):
             keys = [self.keys.prices(shard), self.keys.price_history(shard)]
-            await self.runner.run("apply_price", keys, request, timeout_s)
+            await self._run(request, self._catalog_context(), keys, timeout_s)
 
-    async def list_prices(self) -> tuple[list[dict[str, Any]], int]:
+    async def list_prices(self) -> tuple[list[PriceView], int]:
         with store_errors():
             raw = await self.redis.hgetall(self.keys.prices(0))
             version = await self.redis.hget(self.keys.catalog_meta(), "version")
-        prices = []
-        for operation, packed in sorted(raw.items()):
-            record = msgpack.unpackb(packed, raw=False)
-            prices.append({"operation": operation.decode(), **record})
+        prices = [
+            PriceView.of_record(operation.decode(), msgpack.unpackb(packed, raw=False))
+            for operation, packed in sorted(raw.items())
+        ]
         return prices, int(version or 0)
 
     async def sync_catalog(self, load_defaults: bool) -> None:
@@ -240,14 +246,16 @@ class QuotaStore:
         prices, _ = await self.list_prices()
         if not prices and load_defaults:
             for operation, units in DEFAULT_CATALOG.items():
-                await self.set_price(operation, units, None)
+                await self.set_price(SetPriceRequest(operation, units), None)
             return
         history = await self.redis.hgetall(self.keys.price_history(0))
-        current = {p["operation"]: p for p in prices}
-        for name, price in history.items():
+        current = {p.operation: p for p in prices}
+        for name, units in history.items():
             operation, _, version = name.decode().rpartition("@")
-            at_ms = int(current[operation]["at"]) if operation in current else 0
-            await self._apply_everywhere(operation, int(price), int(version), at_ms, None)
+            at_ms = current[operation].effective_at_ms if operation in current else 0
+            await self._apply_everywhere(
+                PriceView(operation, int(units), int(version), at_ms), None
+            )
 
     # --- deployment checks -------------------------------------------------
 

@@ -14,6 +14,7 @@ import logging
 from tally import metrics
 from tally.domain.errors import TallyError
 from tally.store.client import store_errors
+from tally.store.contract import ExpireHoldRequest
 from tally.store.quota_store import QuotaStore
 
 log = logging.getLogger("tally.reaper")
@@ -32,8 +33,8 @@ class Reaper:
         expired = 0
         for shard in range(self.store.keys.shards):
             for reservation_id in await self.store.due_holds(shard, self.batch):
-                reply = await self.store.expire_hold(shard, reservation_id)
-                done = int(reply.get("expired", 0))
+                reply = await self.store.expire_hold(ExpireHoldRequest(reservation_id))
+                done = reply.expired
                 if done > 0:
                     metrics.HOLDS_EXPIRED.inc(done)
                 expired += done

@@ -3,9 +3,9 @@
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record, 6 shard prices hash,
 --       7 shard price history hash
--- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, operation,
---   quantity (>= 1), idempotency_key, fingerprint, labels, price_version,
---   idem_window_ms
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, idempotency_window_ms,
+--   operation, quantity (>= 1), idempotency_key, fingerprint, labels,
+--   price_version (0: current)
 -- Returns: {reservation_id, units, balance, replayed, price_version, overage_units};
 --   RESOURCE_EXHAUSTED carries {available, required, account_id, operation, budget_id?}.
 

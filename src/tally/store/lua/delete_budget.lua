@@ -1,8 +1,8 @@
---! include: codec context periods events write_phase
+--! include: codec context periods events write_phase views
 -- delete_budget: removes a budget; what it counted stays charged.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, budget_id
--- Returns: {budget = the removed budget}.
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, budget_id
+-- Returns: {budget = budget view of the removed budget}.
 
 return run(function()
   local req = decode_request()
@@ -15,6 +15,5 @@ return run(function()
   acct.budgets[id] = nil
   emit(ctx, 'plan_change', {budget_id = id, budget_deleted = 1})
   commit_ctx(ctx)
-  return {budget = {budget_id = id, operation = budget.operation, label_key = budget.label_key,
-    label_value = budget.label_value, limit = budget.limit, used = budget.used}}
+  return {budget = budget_view(id, budget)}
 end)

@@ -1,9 +1,9 @@
 --! include: codec reservation periods holds events views write_phase
 -- extend: gives a held reservation a new lifetime of ttl_ms from now.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id, ttl_ms
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, reservation_id, ttl_ms
 -- Returns: {reservation_id, units, expires_at, balance, replayed, price_version,
---   unit_price, quantity}.
+--   units_per_quantity, quantity}.
 
 return run(function()
   local req = decode_request()
@@ -25,5 +25,5 @@ return run(function()
   commit_ctx(ctx)
   return {reservation_id = rid, units = hold.units, expires_at = hold.expires_at,
     balance = balance_view(ctx), replayed = false, price_version = hold.price_version,
-    unit_price = hold.unit_price, quantity = hold.quantity}
+    units_per_quantity = hold.unit_price, quantity = hold.quantity}
 end)

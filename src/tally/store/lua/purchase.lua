@@ -2,8 +2,8 @@
 -- purchase: adds a PURCHASE grant bought by the customer.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
--- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, units,
---   expires_at (0: never), reference, idempotency_key, fingerprint, idem_window_ms
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, idempotency_window_ms,
+--   units, expires_at (0: never), reference, idempotency_key, fingerprint
 -- Returns: {grant = grant view, balance = balance view, replayed = bool}.
 
 return run(function()
@@ -14,7 +14,7 @@ return run(function()
   local expires_at = check_int(req.expires_at, 'expires_at', 0, TIMESTAMP_MS_MAX)
   local reference = check_str(req.reference, 'reference', REFERENCE_BYTES_MAX, true)
   local idem_key = check_str(req.idempotency_key, 'idempotency_key', IDEMPOTENCY_KEY_BYTES_MAX)
-  local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, TIMESTAMP_MS_MAX)
+  local window_ms = check_int(req.idempotency_window_ms, 'idempotency_window_ms', 1, TIMESTAMP_MS_MAX)
   check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX)
   local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
   if replay then return replay end

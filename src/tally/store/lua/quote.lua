@@ -4,8 +4,9 @@
 -- pay it (auto-purchases included); moves nothing.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 shard prices hash, 6 shard price history hash
--- ARGV[1] (msgpack): now, prefix, shard, account_id, operation, quantity (>= 1)
--- Returns: {units, unit_price, price_version, affordable, available}.
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, operation,
+--   quantity (>= 1)
+-- Returns: {units, units_per_quantity, price_version, affordable, available}.
 
 return run(function()
   local req = decode_request()
@@ -18,6 +19,6 @@ return run(function()
   touch(ctx)
   local spendable_now = spendable(acct)
   auto_purchase(ctx, units)
-  return {units = units, unit_price = unit_price, price_version = version,
+  return {units = units, units_per_quantity = unit_price, price_version = version,
     affordable = units <= spendable(acct), available = spendable_now}
 end)

@@ -5,9 +5,9 @@
 -- back to their grants (counted as expired if the grant has expired since).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
--- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, reservation_id,
---   units (absent: all that is refundable), reason, idempotency_key, fingerprint,
---   idem_window_ms
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, idempotency_window_ms,
+--   reservation_id, units (absent: all that is refundable), reason, idempotency_key,
+--   fingerprint
 -- Returns: {units_refunded, units_refundable, balance, replayed, operation}.
 
 local function refund_charge(ctx, hold, units, reason)
@@ -47,7 +47,7 @@ return run(function()
   if req.units ~= nil then units = check_int(req.units, 'units', 1, UNITS_MAX) end
   local reason = check_str(req.reason, 'reason', REASON_BYTES_MAX, true)
   local idem_key = check_str(req.idempotency_key, 'idempotency_key', IDEMPOTENCY_KEY_BYTES_MAX)
-  local window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, TIMESTAMP_MS_MAX)
+  local window_ms = check_int(req.idempotency_window_ms, 'idempotency_window_ms', 1, TIMESTAMP_MS_MAX)
   check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX)
   local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
   if replay then return replay end

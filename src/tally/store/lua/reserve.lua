@@ -3,11 +3,11 @@
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record, 6 shard prices hash,
 --       7 shard price history hash
--- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, operation,
---   quantity (>= 1), idempotency_key, fingerprint, ttl_ms, labels,
---   price_version (0: current), idem_window_ms
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, idempotency_window_ms,
+--   operation, quantity (>= 1), idempotency_key, fingerprint, ttl_ms, labels,
+--   price_version (0: current)
 -- Returns: {reservation_id, units, expires_at, balance, replayed, price_version,
---   unit_price, quantity};
+--   units_per_quantity, quantity};
 --   RESOURCE_EXHAUSTED carries {available, required, account_id, operation, budget_id?}.
 
 return run(function()
@@ -29,7 +29,7 @@ return run(function()
     expires_at = hold.expires_at})
   local answer = {reservation_id = hold.id, units = units, expires_at = hold.expires_at,
     balance = balance_view(ctx), replayed = false, price_version = hold.price_version,
-    unit_price = hold.unit_price, quantity = hold.quantity}
+    units_per_quantity = hold.unit_price, quantity = hold.quantity}
   remember(ctx, KEYS[5], spend.fingerprint, answer, spend.window_ms)
   commit_ctx(ctx)
   return answer

@@ -1,11 +1,11 @@
---! include: codec context periods budgets usage events write_phase
+--! include: codec context periods budgets usage events write_phase views
 -- set_budget: sets a spend limit per billing period on one operation or one
 -- label value. A new budget starts from the units already charged this period
 -- in its scope (holds made before it existed do not count against it).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, operation, label_key,
---   label_value, limit
--- Returns: {budget = {budget_id, operation, label_key, label_value, limit, used}}.
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, operation, label_key,
+--   label_value, limit_units
+-- Returns: {budget = budget view}.
 
 local function charged_so_far(ctx, budget)
   local used = 0
@@ -22,7 +22,7 @@ return run(function()
   local operation = check_str(req.operation, 'budget.operation', OPERATION_BYTES_MAX, true)
   local label_key = check_str(req.label_key, 'budget.label_key', LABEL_KEY_BYTES_MAX, true)
   local label_value = check_str(req.label_value, 'budget.label_value', LABEL_VALUE_BYTES_MAX, true)
-  local limit = check_int(req.limit, 'budget.limit_units', 0, UNITS_MAX)
+  local limit = check_int(req.limit_units, 'budget.limit_units', 0, UNITS_MAX)
   if (operation == '') == (label_key == '') then
     raise('INVALID_ARGUMENT', 'budget', 'a budget names either an operation or a label_key')
   end
@@ -43,6 +43,5 @@ return run(function()
   budget.limit = limit
   emit(ctx, 'plan_change', {budget_id = id, budget_limit = limit})
   commit_ctx(ctx)
-  return {budget = {budget_id = id, operation = operation, label_key = label_key,
-    label_value = label_value, limit = limit, used = budget.used}}
+  return {budget = budget_view(id, budget)}
 end)

@@ -2,19 +2,20 @@
 -- set_price: sets an operation's price in the authoritative catalog (shard 0),
 -- under a new catalog version. Setting the current price again is a no-op.
 -- KEYS: 1 prices hash, 2 price history hash, 3 catalog meta hash, 4 event stream
--- ARGV[1] (msgpack): now, operation, price
--- Returns: {operation, price, version, at, changed}.
+-- ARGV[1] (msgpack): now, operation, units_per_quantity
+-- Returns: {operation, units_per_quantity, version, effective_at_ms, changed}.
+-- The prices hash keeps its records as {price, version, at}.
 
 return run(function()
   local req = decode_request()
   local operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX)
-  local price = check_int(req.price, 'units_per_quantity', 1, UNITS_MAX)
+  local price = check_int(req.units_per_quantity, 'units_per_quantity', 1, UNITS_MAX)
   local raw = redis.call('HGET', KEYS[1], operation)
   if raw then
     local current = cmsgpack.unpack(raw)
     if current.price == price then
-      return {operation = operation, price = price, version = current.version,
-        at = current.at, changed = false}
+      return {operation = operation, units_per_quantity = price, version = current.version,
+        effective_at_ms = current.at, changed = false}
     end
   end
   local version = redis.call('HINCRBY', KEYS[3], 'version', 1)
@@ -23,5 +24,6 @@ return run(function()
   redis.call('HSET', KEYS[2], price_version_field(operation, version), price)
   redis.call('XADD', KEYS[4], '*', 'type', 'price_change', 'event_id', 'catalog/' .. int_text(version),
     'operation', operation, 'units', price, 'price_version', version, 'at', req.now)
-  return {operation = operation, price = price, version = version, at = req.now, changed = true}
+  return {operation = operation, units_per_quantity = price, version = version,
+    effective_at_ms = req.now, changed = true}
 end)

@@ -2,10 +2,17 @@
 -- update_account: changes an account's plan, overage settings or labels.
 -- A new allotment applies from the next billing period.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, prefix, shard, retention_ms, account_id, set = {allotment?, policy?,
---   overage_limit?, ap_units?, ap_threshold?, labels? (replace), merge_labels? (add or change),
---   alerts? (replace)}
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms,
+--   set = {monthly_allotment, overage_policy, overage_limit, auto_purchase_units,
+--   auto_purchase_threshold, labels, merge_labels, alerts} (each optional; labels and
+--   alerts replace, merge_labels adds or changes labels)
 -- Returns: {account = account view, balance = balance view}.
+
+-- The settings a request may change as {request name, stored name} (the
+-- stored name is also the plan_change event's), in the order they are applied.
+local CHANGEABLE = {{'monthly_allotment', 'allotment'}, {'overage_policy', 'policy'},
+  {'overage_limit', 'overage_limit'}, {'auto_purchase_units', 'ap_units'},
+  {'auto_purchase_threshold', 'ap_threshold'}, {'labels', 'labels'}, {'alerts', 'alerts'}}
 
 return run(function()
   local req = decode_request()
@@ -13,30 +20,30 @@ return run(function()
   local acct = load_account(ctx, check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX))
   local set = req.set
   if type(set) ~= 'table' then raise('INVALID_ARGUMENT', 'request', 'set must be a map') end
-  local limits = {allotment = 'monthly_allotment', overage_limit = 'overage_limit',
-    ap_units = 'auto_purchase_units', ap_threshold = 'auto_purchase_threshold'}
-  for name, field in pairs(limits) do
-    if set[name] ~= nil then check_int(set[name], field, 0, UNITS_MAX) end
+  for _, field in ipairs({'monthly_allotment', 'overage_limit', 'auto_purchase_units',
+                          'auto_purchase_threshold'}) do
+    if set[field] ~= nil then check_int(set[field], field, 0, UNITS_MAX) end
   end
-  if set.labels ~= nil then check_labels(set.labels, 'labels') end
+  local labels = set.labels
+  if labels ~= nil then check_labels(labels, 'labels') end
   if set.merge_labels ~= nil then
     check_labels(set.merge_labels, 'labels')
-    local merged = {}
-    for k, val in pairs(acct.labels) do merged[k] = val end
-    for k, val in pairs(set.merge_labels) do merged[k] = val end
-    set.labels = merged
+    labels = {}
+    for k, val in pairs(acct.labels) do labels[k] = val end
+    for k, val in pairs(set.merge_labels) do labels[k] = val end
   end
-  if set.alerts ~= nil then set.alerts = check_alert_settings(set.alerts) end
-  local policy = set.policy or acct.policy
-  local ap_units = set.ap_units or acct.ap_units
-  check_policy(policy, ap_units)
+  local stored = {}
+  for _, names in ipairs(CHANGEABLE) do stored[names[2]] = set[names[1]] end
+  stored.labels = labels
+  if set.alerts ~= nil then stored.alerts = check_alert_settings(set.alerts) end
+  check_policy(stored.policy or acct.policy, stored.ap_units or acct.ap_units)
   touch(ctx)
   local changed = {}
-  for _, name in ipairs({'allotment', 'policy', 'overage_limit', 'ap_units', 'ap_threshold', 'labels',
-                         'alerts'}) do
-    if set[name] ~= nil then
-      acct[name] = set[name]
-      changed[name] = set[name]
+  for _, names in ipairs(CHANGEABLE) do
+    local name = names[2]
+    if stored[name] ~= nil then
+      acct[name] = stored[name]
+      changed[name] = stored[name]
     end
   end
   if next(changed) ~= nil then

@@ -20,14 +20,16 @@ local function spendable(acct)
 end
 
 -- Asserts the account's books balance; a failure is a bug, so it crashes
--- the script before it writes anything.
+-- the script before it writes anything. Returns the available units checked.
 local function assert_books(acct)
   local lhs = acct.total_granted
-  local rhs = available(acct) + acct.held + acct.total_charged - acct.total_refunded + acct.total_expired
+  local available_units = available(acct)
+  local rhs = available_units + acct.held + acct.total_charged - acct.total_refunded + acct.total_expired
   if lhs ~= rhs then
     error(string.format('books out of balance for %s: granted %d ~= %d', acct.id, lhs, rhs), 0)
   end
   for _, g in ipairs(acct.grants) do
     if g.remaining < 0 then error('negative grant ' .. g.id .. ' on ' .. acct.id, 0) end
   end
+  return available_units
 end

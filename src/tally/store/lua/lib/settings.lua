@@ -12,9 +12,11 @@ local function check_policy(policy, ap_units)
   end
 end
 
+-- Alert settings as requested ({allotment_used_percent, balance_below,
+-- overage_started}) to the account's stored shape ({percent, below, overage}).
 local function check_alert_settings(alerts)
   if type(alerts) ~= 'table' then raise('INVALID_ARGUMENT', 'alerts', 'alerts must be a map') end
-  local percent = alerts.percent or {}
+  local percent = alerts.allotment_used_percent or {}
   if type(percent) ~= 'table' or #percent > ALERT_PERCENTAGES_MAX then
     raise('INVALID_ARGUMENT', 'alerts.allotment_used_percent',
       string.format('at most %d percentages', ALERT_PERCENTAGES_MAX))
@@ -23,6 +25,6 @@ local function check_alert_settings(alerts)
     check_int(p, 'alerts.allotment_used_percent', ALERT_PERCENT_MIN, ALERT_PERCENT_MAX)
   end
   return {percent = percent,
-    below = check_int(alerts.below or 0, 'alerts.balance_below', 0, UNITS_MAX),
-    overage = alerts.overage == true}
+    below = check_int(alerts.balance_below or 0, 'alerts.balance_below', 0, UNITS_MAX),
+    overage = alerts.overage_started == true}
 end

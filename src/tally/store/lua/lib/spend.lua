@@ -11,7 +11,7 @@ local function check_spend_request(req)
     idem_key = check_str(req.idempotency_key, 'idempotency_key', IDEMPOTENCY_KEY_BYTES_MAX),
     price_version = check_int(req.price_version, 'price_version', 0, UNITS_MAX),
     labels = check_labels(req.labels, 'labels'),
-    window_ms = check_int(req.idem_window_ms, 'idem_window_ms', 1, TIMESTAMP_MS_MAX),
+    window_ms = check_int(req.idempotency_window_ms, 'idempotency_window_ms', 1, TIMESTAMP_MS_MAX),
     fingerprint = check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX),
   }
 end

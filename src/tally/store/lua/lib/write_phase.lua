@@ -5,11 +5,13 @@
 
 -- The last event carries images of the account, the holds and the
 -- idempotency record as written (`_acct`, `_holds`, `_idem`), so the ledger
--- can restore Redis from events alone. Returns the stream ids of the events.
+-- can restore Redis from events alone. Its available_after is the figure the
+-- books were checked with: ledger snapshots take it from there rather than
+-- compute the formula again. Returns the stream ids of the events.
 local function commit_ctx(ctx)
   local acct = ctx.acct
   check_alerts(ctx)
-  assert_books(acct)
+  local available_units = assert_books(acct)
   if #ctx.events == 0 then
     -- Nothing moved (e.g. refunding what is already refunded): every change of
     -- the account or a hold emits an event, so only the answer is kept.
@@ -20,6 +22,11 @@ local function commit_ctx(ctx)
   save_blob(ctx.acct_key, acct)
   local hold_images = write_holds(ctx)
   local last = ctx.events[#ctx.events]
+  -- emit() puts available_after last; snapshots rely on it being this figure
+  if last[#last] ~= available_units then
+    error(string.format('available_after %d of %s is not the checked %d', last[#last], acct.id,
+      available_units), 0)
+  end
   last[#last + 1] = '_acct'
   last[#last + 1] = cmsgpack.pack(acct)
   if next(hold_images) ~= nil then

@@ -1,0 +1,621 @@
+"""The script contract: what each Lua script takes and answers, typed.
+
+Every script receives one msgpack map (ARGV[1]) and answers one map. This
+module defines, per script, the request (a frozen dataclass whose fields are
+the map's keys), the part QuotaStore adds (a context: the clock, the shard,
+the store's settings) and the reply, and does the encoding and decoding.
+Each script's header comment lists the same fields; tests/unit/
+test_script_contract.py compares them, so the two cannot drift apart.
+
+Names follow the protos' vocabulary (monthly_allotment, overage_policy,
+units_per_quantity, units_granted_total, ...), one name per concept from the
+servicer to the script. The records the scripts store in Redis (the account
+blob, reservation records, the catalog's price records, ledger event
+fields) keep their own older names (allotment, policy, ap_units, price,
+total_granted, ...): renaming those would need a migration of live Redis
+and of the state images in the ledger. The scripts translate between the
+two where they read or write a record.
+
+Layout: decoding helpers, contexts, shared views, then one section per
+script (account scripts, spend scripts, catalog scripts), then the table of
+every script's request and reply. New scripts add their types in a section of
+their own above that table, and a row to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Self, TypeVar, cast
+
+# A msgpack map as a script packed it (the one untyped value; decoded here).
+RawMap = Mapping[str, Any]
+
+
+# --- decoding -------------------------------------------------------------
+
+
+def _map(value: Any) -> RawMap:
+    """A map from a reply: Lua packs an empty table as an empty array."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    """A list from a reply: Lua packs an empty table as an empty array, but
+    absent (nil) when it was never set."""
+    return value if isinstance(value, list) else []
+
+
+def _labels(value: Any) -> dict[str, str]:
+    return {str(k): str(v) for k, v in _map(value).items()}
+
+
+# Answers stored before these names (an idempotency record's answer, a charged
+# reservation's commit_answer) are replayed as they were stored until they
+# lapse (the idempotency window, the reservation retention): their earlier
+# names are read as the current ones.
+_EARLIER_NAMES = {
+    "granted": "units_granted",
+    "remaining": "units_remaining",
+    "total_granted": "units_granted_total",
+    "total_charged": "units_charged_total",
+    "total_refunded": "units_refunded_total",
+    "total_expired": "units_expired_total",
+    "unit_price": "units_per_quantity",
+}
+
+
+def _current_names(raw: RawMap) -> RawMap:
+    return {_EARLIER_NAMES.get(name, name): value for name, value in raw.items()}
+
+
+# --- contexts: what QuotaStore adds to a request ---------------------------
+
+
+@dataclass(frozen=True)
+class CatalogContext:
+    """What the catalog scripts are told besides the request: the clock."""
+
+    now: int  # ms since the epoch, from the store's clock
+
+
+@dataclass(frozen=True)
+class ScriptContext(CatalogContext):
+    """What an account script is told besides the request: the account it
+    works on (for reservation scripts, read from the reservation id), its
+    shard's key prefix and tag, and how long closed reservations are kept."""
+
+    account_id: str
+    prefix: str
+    shard: str
+    retention_ms: int
+
+
+@dataclass(frozen=True)
+class IdempotentContext(ScriptContext):
+    """An idempotent script's context: also how long its answer is kept."""
+
+    idempotency_window_ms: int
+
+
+# --- requests and replies: the common part ---------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A script's answer, or a part of one: its fields are the map's keys (a
+    field with a default may be absent)."""
+
+    @classmethod
+    def decode(cls, raw: RawMap) -> Self:
+        view = _current_names(raw)
+        hints = _field_types(cls)
+        values = {
+            field.name: _decoded(hints[field.name], view[field.name])
+            for field in dataclasses.fields(cls)
+            if field.name in view or _required(field)
+        }
+        return cls(**values)
+
+
+def _required(field: dataclasses.Field[Any]) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+_FIELD_TYPES: dict[type[Reply], dict[str, Any]] = {}
+
+
+def _field_types(cls: type[Reply]) -> dict[str, Any]:
+    """The fields' types, resolved once per class (they are written as text)."""
+    if cls not in _FIELD_TYPES:
+        _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+    return _FIELD_TYPES[cls]
+
+
+def _decoded(hint: Any, value: Any) -> Any:
+    """A reply's value as the field's type says."""
+    if hint in (int, str, bool):
+        return hint(value)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is dict and args == (str, str):
+        return _labels(value)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_decoded(args[0], item) for item in _list(value))
+    if isinstance(hint, type) and issubclass(hint, Reply):
+        return hint.decode(_map(value))
+    raise TypeError(f"a reply field of type {hint!r} has no decoding")
+
+
+ReplyT = TypeVar("ReplyT", bound=Reply)
+
+
+@dataclass(frozen=True)
+class ScriptRequest(Generic[ReplyT]):
+    """A script's request: its fields are the map's keys (None: absent, the
+    script's default). SCRIPT names the script, CONTEXT the context it takes,
+    REPLY its answer."""
+
+    SCRIPT: ClassVar[str]
+    CONTEXT: ClassVar[type[CatalogContext]] = ScriptContext
+    REPLY: ClassVar[type[Reply]]
+
+    def argv_fields(self) -> dict[str, object]:
+        """The request's part of the script's map."""
+        return _fields_of(self)
+
+    def encode(self, context: CatalogContext) -> dict[str, object]:
+        """The map the script decodes: the context and the request's fields."""
+        if type(context) is not self.CONTEXT:
+            raise TypeError(f"{self.SCRIPT} takes a {self.CONTEXT.__name__}, not {context!r}")
+        return _fields_of(context) | self.argv_fields()
+
+    def decode_reply(self, raw: RawMap) -> ReplyT:
+        return cast(ReplyT, self.REPLY.decode(raw))
+
+
+def _fields_of(value: Any) -> dict[str, object]:
+    fields: dict[str, object] = {}
+    for field in dataclasses.fields(value):
+        item = getattr(value, field.name)
+        if item is None:
+            continue
+        fields[field.name] = _fields_of(item) if dataclasses.is_dataclass(item) else item
+    return fields
+
+
+@dataclass(frozen=True)
+class IdempotentRequest(ScriptRequest[ReplyT]):
+    """A request under an idempotency key. Its fingerprint tells a retry (the
+    same request) from a different request under the same key."""
+
+    CONTEXT = IdempotentContext
+    METHOD: ClassVar[str]  # the RPC: requests of two RPCs never match
+    # Every field but these makes "the same request".
+    UNFINGERPRINTED: ClassVar[frozenset[str]] = frozenset({"idempotency_key"})
+
+    def fingerprint(self) -> str:
+        """The same bytes for the same request across releases: stored
+        idempotency records are matched against it."""
+        fields = {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name not in self.UNFINGERPRINTED
+        }
+        canonical = json.dumps(
+            {"method": self.METHOD, **fields}, sort_keys=True, separators=(",", ":")
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    def argv_fields(self) -> dict[str, object]:
+        return super().argv_fields() | {"fingerprint": self.fingerprint()}
+
+
+# --- views: what replies say about grants, balances, accounts, budgets ------
+# (store/lua/lib/views.lua builds them)
+
+
+@dataclass(frozen=True)
+class GrantView(Reply):
+    grant_id: str
+    kind: str  # ALLOTMENT, PURCHASE or PROMOTIONAL
+    units_granted: int
+    units_remaining: int
+    expires_at: int  # 0: never
+    granted_at: int
+    reference: str = ""
+
+
+@dataclass(frozen=True)
+class BalanceView(Reply):
+    account_id: str
+    available: int  # overage (used and held) counts as negative
+    spendable: int  # what the account may still spend, overage headroom included
+    held: int
+    grants: tuple[GrantView, ...]  # live grants in consumption order
+    overage_used: int
+    overage_held: int
+    overage_limit: int
+    period_start: int
+    period_end: int
+    period_consumed: int
+    auto_purchased: int
+    units_granted_total: int
+    units_charged_total: int
+    units_refunded_total: int
+    units_expired_total: int
+    as_of: int
+    # absent from balances stored (in answers) by older releases
+    period_purchased: int = 0
+    period_expired: int = 0
+
+    @classmethod
+    def decode(cls, raw: RawMap) -> Self:
+        # An answer stored before `spendable` (see _EARLIER_NAMES) gets the
+        # figure of a DENY account; it is not on the wire.
+        if "spendable" in raw:
+            return super().decode(raw)
+        return super().decode({**raw, "spendable": max(0, int(raw["available"]))})
+
+
+@dataclass(frozen=True)
+class AlertSettings(Reply):
+    """Threshold alerts, each raised once per period (off: empty, 0, False)."""
+
+    allotment_used_percent: tuple[int, ...] = ()
+    balance_below: int = 0
+    overage_started: bool = False
+
+
+@dataclass(frozen=True)
+class BudgetView(Reply):
+    budget_id: str  # "operation:<op>" or "label:<key>=<value>"
+    operation: str
+    label_key: str
+    label_value: str
+    limit_units: int
+    used_units: int  # this period: charged and held
+
+
+@dataclass(frozen=True)
+class AccountView(Reply):
+    account_id: str
+    monthly_allotment: int
+    overage_policy: str  # DENY, ALLOW or AUTO_PURCHASE
+    overage_limit: int
+    labels: dict[str, str]
+    auto_purchase_units: int
+    auto_purchase_threshold: int
+    billing_anchor_day: int
+    created_at: int
+    period_start: int
+    period_end: int
+    alerts: AlertSettings
+    budgets: tuple[BudgetView, ...]  # by budget_id
+
+
+# --- account scripts ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountReply(Reply):
+    account: AccountView
+    balance: BalanceView
+
+
+@dataclass(frozen=True)
+class CreateAccountReply(Reply):
+    account: AccountView
+    balance: BalanceView
+    replayed: bool  # the account existed with the same settings
+
+
+@dataclass(frozen=True)
+class CreateAccountRequest(ScriptRequest[CreateAccountReply]):
+    SCRIPT = "create_account"
+    REPLY = CreateAccountReply
+
+    account_id: str
+    monthly_allotment: int
+    overage_policy: str
+    overage_limit: int
+    labels: dict[str, str]
+    auto_purchase_units: int
+    auto_purchase_threshold: int
+    billing_anchor_day: int  # 0: the creation day
+    alerts: AlertSettings
+
+
+@dataclass(frozen=True)
+class AccountChanges:
+    """The settings an UpdateAccount changes (None: unchanged)."""
+
+    monthly_allotment: int | None = None  # from the next billing period
+    overage_policy: str | None = None
+    overage_limit: int | None = None
+    auto_purchase_units: int | None = None
+    auto_purchase_threshold: int | None = None
+    labels: dict[str, str] | None = None  # replaces every label
+    merge_labels: dict[str, str] | None = None  # adds or changes these
+    alerts: AlertSettings | None = None  # replaces the settings
+
+
+@dataclass(frozen=True)
+class UpdateAccountRequest(ScriptRequest[AccountReply]):
+    SCRIPT = "update_account"
+    REPLY = AccountReply
+
+    account_id: str
+    set: AccountChanges
+
+
+@dataclass(frozen=True)
+class BalanceRequest(ScriptRequest[AccountReply]):
+    SCRIPT = "balance"
+    REPLY = AccountReply
+
+    account_id: str
+
+
+@dataclass(frozen=True)
+class BudgetReply(Reply):
+    budget: BudgetView
+
+
+@dataclass(frozen=True)
+class SetBudgetRequest(ScriptRequest[BudgetReply]):
+    """A budget names an operation, or a label key and value (the other empty)."""
+
+    SCRIPT = "set_budget"
+    REPLY = BudgetReply
+
+    account_id: str
+    operation: str
+    label_key: str
+    label_value: str
+    limit_units: int
+
+
+@dataclass(frozen=True)
+class DeleteBudgetRequest(ScriptRequest[BudgetReply]):
+    SCRIPT = "delete_budget"
+    REPLY = BudgetReply
+
+    account_id: str
+    budget_id: str
+
+
+@dataclass(frozen=True)
+class PurchaseReply(Reply):
+    grant: GrantView
+    balance: BalanceView
+    replayed: bool
+
+
+@dataclass(frozen=True)
+class PurchaseRequest(IdempotentRequest[PurchaseReply]):
+    SCRIPT = "purchase"
+    REPLY = PurchaseReply
+    METHOD = "PurchaseUnits"
+    # The key is the account's own: its fingerprints have never named the account.
+    UNFINGERPRINTED = frozenset({"idempotency_key", "account_id"})
+
+    account_id: str
+    units: int
+    expires_at: int  # 0: never
+    reference: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class ExpireHoldReply(Reply):
+    expired: int  # holds expired by this call (the account's other due ones included)
+
+
+@dataclass(frozen=True)
+class ExpireHoldRequest(ScriptRequest[ExpireHoldReply]):
+    SCRIPT = "expire_hold"
+    REPLY = ExpireHoldReply
+
+    reservation_id: str
+
+
+# --- spend scripts -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HoldReply(Reply):
+    """A held reservation (reserve, extend)."""
+
+    reservation_id: str
+    units: int
+    expires_at: int
+    balance: BalanceView
+    replayed: bool
+    price_version: int
+    units_per_quantity: int
+    quantity: int
+
+
+@dataclass(frozen=True)
+class ChargeReply(Reply):
+    reservation_id: str
+    units: int
+    balance: BalanceView
+    replayed: bool
+    price_version: int
+    overage_units: int
+
+
+@dataclass(frozen=True)
+class SpendRequest(IdempotentRequest[ReplyT]):
+    """What Reserve and Charge both ask."""
+
+    account_id: str
+    operation: str
+    quantity: int  # >= 1
+    idempotency_key: str
+    labels: dict[str, str]
+    price_version: int  # 0: the current price
+
+
+@dataclass(frozen=True)
+class ReserveRequest(SpendRequest[HoldReply]):
+    SCRIPT = "reserve"
+    REPLY = HoldReply
+    METHOD = "Reserve"
+
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class ChargeRequest(SpendRequest[ChargeReply]):
+    SCRIPT = "charge"
+    REPLY = ChargeReply
+    METHOD = "Charge"
+
+
+@dataclass(frozen=True)
+class CommitReply(Reply):
+    units_charged: int
+    units_released: int
+    balance: BalanceView
+    replayed: bool
+    late: bool  # the hold had expired: charged from what was available
+    overage_units: int
+    operation: str = ""  # absent from commit answers stored by older releases
+
+
+@dataclass(frozen=True)
+class CommitRequest(ScriptRequest[CommitReply]):
+    SCRIPT = "commit"
+    REPLY = CommitReply
+
+    reservation_id: str
+    quantity: int | None = None  # None: the whole reserved quantity
+
+
+@dataclass(frozen=True)
+class RefundReply(Reply):
+    units_refunded: int
+    units_refundable: int
+    balance: BalanceView
+    replayed: bool
+    operation: str = ""  # absent from refund answers stored by older releases
+
+
+@dataclass(frozen=True)
+class RefundRequest(IdempotentRequest[RefundReply]):
+    SCRIPT = "refund"
+    REPLY = RefundReply
+    METHOD = "Refund"
+
+    reservation_id: str
+    units: int | None  # None: all that is still refundable
+    reason: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class ExtendRequest(ScriptRequest[HoldReply]):
+    SCRIPT = "extend"
+    REPLY = HoldReply
+
+    reservation_id: str
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class QuoteReply(Reply):
+    units: int
+    units_per_quantity: int
+    price_version: int
+    affordable: bool  # auto-purchases included
+    available: int  # what the account could spend before any auto-purchase
+
+
+@dataclass(frozen=True)
+class QuoteRequest(ScriptRequest[QuoteReply]):
+    SCRIPT = "quote"
+    REPLY = QuoteReply
+
+    account_id: str
+    operation: str
+    quantity: int  # >= 1
+
+
+# --- catalog scripts -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PriceView(Reply):
+    operation: str
+    units_per_quantity: int
+    version: int  # the catalog version that set it
+    effective_at_ms: int
+
+    @classmethod
+    def of_record(cls, operation: str, record: RawMap) -> Self:
+        """From a record of the prices hash (stored as {price, version, at})."""
+        return cls(
+            operation=operation,
+            units_per_quantity=int(record["price"]),
+            version=int(record["version"]),
+            effective_at_ms=int(record["at"]),
+        )
+
+
+@dataclass(frozen=True)
+class SetPriceReply(PriceView):
+    changed: bool  # False: that was the price already
+
+
+@dataclass(frozen=True)
+class SetPriceRequest(ScriptRequest[SetPriceReply]):
+    SCRIPT = "set_price"
+    CONTEXT = CatalogContext
+    REPLY = SetPriceReply
+
+    operation: str
+    units_per_quantity: int
+
+
+@dataclass(frozen=True)
+class ApplyPriceReply(Reply):
+    applied: bool  # False: the shard had this version or a newer one
+
+
+@dataclass(frozen=True)
+class ApplyPriceRequest(ScriptRequest[ApplyPriceReply]):
+    SCRIPT = "apply_price"
+    CONTEXT = CatalogContext
+    REPLY = ApplyPriceReply
+
+    operation: str
+    units_per_quantity: int
+    version: int
+    effective_at_ms: int
+
+
+# --- every script ----------------------------------------------------------------
+
+REQUESTS: tuple[type[ScriptRequest[Any]], ...] = (
+    CreateAccountRequest,
+    UpdateAccountRequest,
+    BalanceRequest,
+    SetBudgetRequest,
+    DeleteBudgetRequest,
+    PurchaseRequest,
+    ExpireHoldRequest,
+    ReserveRequest,
+    ChargeRequest,
+    CommitRequest,
+    RefundRequest,
+    ExtendRequest,
+    QuoteRequest,
+    SetPriceRequest,
+    ApplyPriceRequest,
+)
