@@ -14,8 +14,11 @@ import msgpack
 
 from tally.clock import Clock
 from tally.domain.catalog import DEFAULT_CATALOG
+from tally.domain.usage import Usage
 from tally.store.client import ScriptRunner, store_errors
+from tally.store.contract import BillingPeriodRequest, ReadUsageRequest
 from tally.store.keys import META_KEY, KeySpace
+from tally.store.usage_counters import usage_of
 
 
 @dataclass(frozen=True)
@@ -81,12 +84,6 @@ class QuotaStore:
         return await self.runner.run(
             "delete_budget", self.keys.account_keys(account_id), request, timeout_s
         )
-
-    async def usage_counters(self, account_id: str, period_start_ms: int) -> dict[str, int]:
-        """The current period's usage counters of an account (field -> value)."""
-        with store_errors():
-            raw = await self.redis.hgetall(self.keys.usage(account_id, period_start_ms))
-        return {k.decode(): int(v) for k, v in raw.items()}
 
     async def balance(self, account_id: str, timeout_s: float | None) -> dict[str, Any]:
         return await self.runner.run(
@@ -269,3 +266,25 @@ class QuotaStore:
                 f"this Redis holds data laid out in {int(stored)} shards; "
                 f"--shards {self.keys.shards} would lose it"
             )
+
+    # --- usage counters and billing periods ----------------------------------
+
+    async def usage(
+        self, account_id: str, period_start_ms: int, timeout_s: float | None
+    ) -> list[Usage]:
+        """The usage an account's counters of one billing period hold (read_usage.lua)."""
+        request = ReadUsageRequest(now=self.clock.now_ms())
+        keys = [self.keys.usage(account_id, period_start_ms)]
+        reply = await self.runner.run("read_usage", keys, dict(request), timeout_s)
+        return [usage_of(account_id, record) for record in reply["records"]]
+
+    async def billing_period(
+        self, year: int, month: int, anchor_day: int, timeout_s: float | None
+    ) -> tuple[int, int]:
+        """The [start, end) ms of the billing period that starts in that month on
+        anchor_day (billing_period.lua: the calendar is Lua's alone)."""
+        request = BillingPeriodRequest(
+            now=self.clock.now_ms(), year=year, month=month, anchor_day=anchor_day
+        )
+        reply = await self.runner.run("billing_period", [], dict(request), timeout_s)
+        return int(reply["period_start"]), int(reply["period_end"])
