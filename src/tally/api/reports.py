@@ -30,7 +30,9 @@ DAY_MS = 24 * HOUR_MS
 RANGE_MS_MAX = 400 * DAY_MS
 GROUP_BY_MAX = 4
 FORECAST_WINDOW_DAYS = 7
-PERIOD = re.compile(r"(\d{4})-(\d{2})")
+PERIOD = re.compile(r"([0-9]{4})-([0-9]{2})")
+# (year, month) of a requested `period`
+Month = tuple[int, int]
 # An all-accounts report's `period` is the calendar month.
 CALENDAR_ANCHOR_DAY = 1
 
@@ -174,16 +176,17 @@ async def usage_report(
 ) -> usage_pb2.UsageReport:
     by_account = not request.account_id
     grouping = parse_grouping(request.group_by, by_account)
+    month = requested_month(request)
     now_ms = store.clock.now_ms()
     next_hour = now_ms // HOUR_MS * HOUR_MS + HOUR_MS  # the end of the current hour
     if by_account:
-        return await all_accounts_report(store, ledger, request, grouping, next_hour)
+        return await all_accounts_report(store, ledger, request, month, grouping, next_hour)
     account_id = v.account_id(request.account_id)
     reply = await store.balance(account_id, None)
     balance, account = reply["balance"], reply["account"]
     period_start = int(balance["period_start"])
     start_ms, end_ms = await requested_range(
-        store, request, int(account["anchor_day"]), period_start, next_hour
+        store, request, month, int(account["anchor_day"]), period_start, next_hour
     )
     usages = await account_usage(store, ledger, account_id, period_start, start_ms, end_ms)
     created_hour = int(account["created_at"]) // HOUR_MS * HOUR_MS
@@ -195,7 +198,7 @@ async def usage_report(
     return report
 
 
-def requested_month(request: usage_pb2.GetUsageReportRequest) -> tuple[int, int] | None:
+def requested_month(request: usage_pb2.GetUsageReportRequest) -> Month | None:
     """The (year, month) `period` names; None when it is unset. It excludes start and end."""
     if not request.period:
         return None
@@ -214,12 +217,11 @@ def requested_month(request: usage_pb2.GetUsageReportRequest) -> tuple[int, int]
 
 
 async def requested_range(
-    store: QuotaStore, request: usage_pb2.GetUsageReportRequest, anchor_day: int,
-    default_start_ms: int, default_end_ms: int,
+    store: QuotaStore, request: usage_pb2.GetUsageReportRequest, month: Month | None,
+    anchor_day: int, default_start_ms: int, default_end_ms: int,
 ) -> tuple[int, int]:
-    """The [start, end) to report: the billing period starting in the month `period`
-    names on anchor_day, else what start and end say."""
-    month = requested_month(request)
+    """The [start, end) to report: the billing period starting in the requested month
+    on anchor_day, else what start and end say."""
     if month is None:
         return report_range(request, default_start_ms, default_end_ms)
     return await store.billing_period(*month, anchor_day, None)
@@ -259,13 +261,15 @@ def grouped_report(
 
 async def all_accounts_report(
     store: QuotaStore, ledger: SqlLedger, request: usage_pb2.GetUsageReportRequest,
-    grouping: Grouping, next_hour: int,
+    month: Month | None, grouping: Grouping, next_hour: int,
 ) -> usage_pb2.UsageReport:
     """Every account, from the ledger (behind Redis by at most the flush interval)."""
-    if not request.HasField("start") and not request.period:
+    if not request.HasField("start") and month is None:
         raise InvalidArgument("start or period is required for an all-accounts report",
                               field_name="start")
-    start_ms, end_ms = await requested_range(store, request, CALENDAR_ANCHOR_DAY, 0, next_hour)
+    start_ms, end_ms = await requested_range(
+        store, request, month, CALENDAR_ANCHOR_DAY, 0, next_hour
+    )
     entries = await asyncio.to_thread(ledger.usage_entries, start_ms)
     return grouped_report(in_range(from_entries(entries), start_ms, end_ms), grouping,
                           start_ms, end_ms)
