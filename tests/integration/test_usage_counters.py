@@ -100,57 +100,41 @@ def good_record() -> dict[str, Any]:
             "labels": {"project": "atlas"}, "units": 10, "quantity": 1, "count": 1}
 
 
-BAD_RECORDS: list[tuple[str, Any, str]] = [
-    ("bucket_ms", T0_MS + 1, "records[2].bucket_ms"),  # not a whole hour
-    ("bucket_ms", -HOUR_MS, "records[2].bucket_ms"),
-    ("bucket_ms", 1.5, "records[2].bucket_ms"),
-    ("operation", "image|upscale", "records[2].operation"),
-    ("operation", "", "records[2].operation"),
-    ("operation", 7, "records[2].operation"),
-    ("labels", "project=atlas", "records[2].labels"),
-    ("labels", {"k": 5}, "records[2].labels"),
-    ("labels", {f"k{i}": "v" for i in range(33)}, "records[2].labels"),
-    ("units", 2**53, "records[2].units"),
-    ("units", 0.5, "records[2].units"),
-    ("quantity", -1, "records[2].quantity"),
-    ("count", None, "records[2].count"),
-]
+def with_bad_second_record(name: str, value: Any) -> dict[str, Any]:
+    """A request change: two records, the second one with `name` set to value (None:
+    left out)."""
+    bad = {k: v for k, v in (good_record() | {name: value}).items() if v is not None}
+    return {"records": [good_record(), bad]}
 
 
-@pytest.mark.parametrize(("name", "value", "reported"), BAD_RECORDS,
-                         ids=[f"{b[0]}-{b[1]!r}"[:40] for b in BAD_RECORDS])
-async def test_restore_refuses_a_bad_record_and_writes_nothing(
-    running: Running, name: str, value: Any, reported: str
-) -> None:
-    """Proves restore_usage.lua checks every record before its first write: one bad field
-    in the second record is INVALID_ARGUMENT naming it, and the counters are untouched
-    (not even the replacing delete happened)."""
-    store = running.authority.store
-    account_id, start_ms, end_ms = await charged_account(running)
-    before = await counters(store, account_id, start_ms)
-    bad = good_record() | {name: value}
-    if value is None:
-        del bad[name]
-    request = {"now": T0_MS, "replace": True, "period_end": end_ms,
-               "records": [good_record(), bad]}
-    with pytest.raises(InvalidArgument) as refused:
-        await store.runner.run("restore_usage", [store.keys.usage(account_id, start_ms)],
-                               request, None)
-    assert refused.value.field_name == reported, refused.value.message
-    assert await counters(store, account_id, start_ms) == before
-
-
-@pytest.mark.parametrize(("change", "reported"), [
+BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"replace": 1}, "replace"),
     ({"period_end": -1}, "period_end"),
     ({"records": "none"}, "records"),
     ({"records": [good_record()] * (USAGE_RECORDS_PER_CALL_MAX + 1)}, "records"),
-])
-async def test_restore_refuses_a_bad_request_and_writes_nothing(
+    (with_bad_second_record("bucket_ms", T0_MS + 1), "records[2].bucket_ms"),  # not whole
+    (with_bad_second_record("bucket_ms", -HOUR_MS), "records[2].bucket_ms"),
+    (with_bad_second_record("bucket_ms", 1.5), "records[2].bucket_ms"),
+    (with_bad_second_record("operation", "image|upscale"), "records[2].operation"),
+    (with_bad_second_record("operation", ""), "records[2].operation"),
+    (with_bad_second_record("operation", 7), "records[2].operation"),
+    (with_bad_second_record("labels", "project=atlas"), "records[2].labels"),
+    (with_bad_second_record("labels", {"k": 5}), "records[2].labels"),
+    (with_bad_second_record("labels", {f"k{i}": "v" for i in range(33)}), "records[2].labels"),
+    (with_bad_second_record("units", 2**53), "records[2].units"),
+    (with_bad_second_record("units", 0.5), "records[2].units"),
+    (with_bad_second_record("quantity", -1), "records[2].quantity"),
+    (with_bad_second_record("count", None), "records[2].count"),
+]
+
+
+@pytest.mark.parametrize(("change", "reported"), BAD_REQUESTS)
+async def test_restore_refuses_a_bad_request_or_record_and_writes_nothing(
     running: Running, change: dict[str, Any], reported: str
 ) -> None:
-    """Proves restore_usage.lua refuses a malformed request (and more records than one
-    call takes) naming the field, before it deletes or writes anything."""
+    """Proves restore_usage.lua checks its request and every record before its first
+    write: a malformed field (or more records than one call takes) is INVALID_ARGUMENT
+    naming it, and the counters are untouched (not even the replacing delete happened)."""
     store = running.authority.store
     account_id, start_ms, end_ms = await charged_account(running)
     before = await counters(store, account_id, start_ms)
