@@ -88,8 +88,9 @@ class StateImages:
         """Replaces the period's usage counters with these usage records'
         (restore_usage.lua writes them, in the scripts' own format)."""
         keys = [self.keys.usage(account_id, period_start_ms)]
-        for request in restore_requests(now_ms, period_end_ms, usages):
-            await self.scripts.run("restore_usage", keys, dict(request), None)
+        with redis_errors():
+            for request in restore_requests(now_ms, period_end_ms, usages):
+                await self.scripts.run("restore_usage", keys, dict(request), None)
 
     async def restore_open_hold(
         self, reservation_id: str, account_id: str, image: bytes, expires_at_ms: int
