@@ -105,3 +105,16 @@ async def test_ledger_lists_alert_entries_by_type(running: Running) -> None:
     assert [e["type"] for e in json.loads(out)["entries"]] == ["alert"]
     code, out, err = await tally(running, "ledger", account_id, "--type", "alert")
     assert code == 0 and "alert" in out, err
+
+
+async def test_report_period_is_resolved_by_the_server(running: Running) -> None:
+    """Proves `tally report --period` sends the month for the server to resolve: every
+    account's report covers the calendar month, a malformed month or one given with
+    --from is refused naming `period` (exit 1)."""
+    code, out, err = await tally(running, "report", "--period", "2026-11", "--format", "json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["start"] == "2026-11-01T00:00:00Z" and report["end"] == "2026-12-01T00:00:00Z"
+    for extra in (["--period", "2026-13"], ["--period", "2026-11", "--from", "2026-11-25"]):
+        code, _, err = await tally(running, "report", unique(), *extra)
+        assert code == 1 and "INVALID_ARGUMENT" in err and "period" in err, err

@@ -5,11 +5,13 @@ Usage is net: each charge (commit, late commit, charge) adds its units,
 quantity and a count of one in the hour it was charged; a refund takes its
 units back in the hour of the charge it refunds. The account's current billing
 period comes from the counters the Lua scripts keep (exact in real time);
-earlier time comes from the ledger. Time bounds are whole UTC hours.
+earlier time comes from the ledger. Time bounds are whole UTC hours, or the
+billing period `period` names (its bounds come from the scripts' calendar).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -17,17 +19,22 @@ from typing import Any
 from tally.api import convert
 from tally.api import validation as v
 from tally.domain.errors import InvalidArgument
+from tally.domain.limits import PERIOD_YEAR_MAX, PERIOD_YEAR_MIN
 from tally.domain.usage import HOUR_MS, Usage, from_entries
 from tally.ledger.ledger import Ledger
 from tally.store.contract import BalanceRequest, BalanceView
 from tally.store.quota_store import QuotaStore
-from tally.store.usage_counters import usages_of
 from tally.v1 import usage_pb2
 
 DAY_MS = 24 * HOUR_MS
 RANGE_MS_MAX = 400 * DAY_MS
 GROUP_BY_MAX = 4
 FORECAST_WINDOW_DAYS = 7
+PERIOD = re.compile(r"([0-9]{4})-([0-9]{2})")
+# (year, month) of a requested `period`
+Month = tuple[int, int]
+# An all-accounts report's `period` is the calendar month.
+CALENDAR_ANCHOR_DAY = 1
 
 
 @dataclass(frozen=True)
@@ -89,9 +96,8 @@ async def account_usage(
     """Counters for the current period, the ledger before it."""
     usages: list[Usage] = []
     if end_ms > period_start_ms:
-        counters = await store.usage_counters(account_id, period_start_ms)
-        usages += in_range(usages_of(account_id, counters), max(start_ms, period_start_ms),
-                           end_ms)
+        counted = await store.usage(account_id, period_start_ms, None)
+        usages += in_range(counted, max(start_ms, period_start_ms), end_ms)
     if start_ms < period_start_ms:
         entries = await ledger.usage_entries(start_ms, account_id)
         usages += in_range(from_entries(entries), start_ms, min(end_ms, period_start_ms))
@@ -164,15 +170,18 @@ async def usage_report(
 ) -> usage_pb2.UsageReport:
     by_account = not request.account_id
     grouping = parse_grouping(request.group_by, by_account)
+    month = requested_month(request)
     now_ms = store.clock.now_ms()
     next_hour = now_ms // HOUR_MS * HOUR_MS + HOUR_MS  # the end of the current hour
     if by_account:
-        return await all_accounts_report(ledger, request, grouping, next_hour)
+        return await all_accounts_report(store, ledger, request, month, grouping, next_hour)
     account_id = v.account_id(request.account_id)
     reply = await store.balance(BalanceRequest(account_id), None)
     balance, account = reply.balance, reply.account
     period_start = balance.period_start
-    start_ms, end_ms = report_range(request, period_start, next_hour)
+    start_ms, end_ms = await requested_range(
+        store, request, month, account.billing_anchor_day, period_start, next_hour
+    )
     usages = await account_usage(store, ledger, account_id, period_start, start_ms, end_ms)
     created_hour = account.created_at // HOUR_MS * HOUR_MS
     window = (max(next_hour - FORECAST_WINDOW_DAYS * DAY_MS, created_hour), next_hour)
@@ -181,6 +190,35 @@ async def usage_report(
     report.period.CopyFrom(period_summary(balance))
     report.forecast.CopyFrom(forecast(balance, window, window_usage, now_ms))
     return report
+
+
+def requested_month(request: usage_pb2.GetUsageReportRequest) -> Month | None:
+    """The (year, month) `period` names; None when it is unset. It excludes start and end."""
+    if not request.period:
+        return None
+    if request.HasField("start") or request.HasField("end"):
+        raise InvalidArgument("period cannot be combined with start or end",
+                              field_name="period")
+    match = PERIOD.fullmatch(request.period)
+    year, month = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not (PERIOD_YEAR_MIN <= year <= PERIOD_YEAR_MAX and 1 <= month <= 12):
+        raise InvalidArgument(
+            f"period must be a month YYYY-MM from {PERIOD_YEAR_MIN}-01 to "
+            f"{PERIOD_YEAR_MAX}-12, got {request.period[:80]!r}",
+            field_name="period",
+        )
+    return year, month
+
+
+async def requested_range(
+    store: QuotaStore, request: usage_pb2.GetUsageReportRequest, month: Month | None,
+    anchor_day: int, default_start_ms: int, default_end_ms: int,
+) -> tuple[int, int]:
+    """The [start, end) to report: the billing period starting in the requested month
+    on anchor_day, else what start and end say."""
+    if month is None:
+        return report_range(request, default_start_ms, default_end_ms)
+    return await store.billing_period(*month, anchor_day, None)
 
 
 def report_range(
@@ -216,13 +254,16 @@ def grouped_report(
 
 
 async def all_accounts_report(
-    ledger: Ledger, request: usage_pb2.GetUsageReportRequest, grouping: Grouping,
-    next_hour: int,
+    store: QuotaStore, ledger: Ledger, request: usage_pb2.GetUsageReportRequest,
+    month: Month | None, grouping: Grouping, next_hour: int,
 ) -> usage_pb2.UsageReport:
     """Every account, from the ledger (behind Redis by at most the flush interval)."""
-    if not request.HasField("start"):
-        raise InvalidArgument("start is required for an all-accounts report", field_name="start")
-    start_ms, end_ms = report_range(request, 0, next_hour)
+    if not request.HasField("start") and month is None:
+        raise InvalidArgument("start or period is required for an all-accounts report",
+                              field_name="start")
+    start_ms, end_ms = await requested_range(
+        store, request, month, CALENDAR_ANCHOR_DAY, 0, next_hour
+    )
     entries = await ledger.usage_entries(start_ms)
     return grouped_report(in_range(from_entries(entries), start_ms, end_ms), grouping,
                           start_ms, end_ms)

@@ -4,37 +4,12 @@ and the forecast, as a table, CSV or JSON."""
 from __future__ import annotations
 
 import argparse
-import calendar
 import csv
 import sys
-from datetime import UTC, datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from tally.cli import arguments, output
-from tally.cli.accounts import get_account
 from tally.cli.target import Api, connection_flags, run
 from tally.v1 import usage_pb2
-
-
-def _anchored(year: int, month: int, anchor_day: int) -> datetime:
-    day = min(anchor_day, calendar.monthrange(year, month)[1])
-    return datetime(year, month, day, tzinfo=UTC)
-
-
-def _period_bounds(text: str, anchor_day: int) -> tuple[Timestamp, Timestamp]:
-    """`2026-11` -> the billing period that starts in that month (on the account's
-    anchor day; the calendar month for day 1 or an all-accounts report)."""
-    try:
-        month = datetime.strptime(text, "%Y-%m")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid month {text!r} (e.g. 2026-11)") from None
-    next_year, next_month = (month.year + 1, 1) if month.month == 12 else (
-        month.year, month.month + 1)
-    first, last = Timestamp(), Timestamp()
-    first.FromDatetime(_anchored(month.year, month.month, anchor_day))
-    last.FromDatetime(_anchored(next_year, next_month, anchor_day))
-    return first, last
 
 
 def _report(args: argparse.Namespace, api: Api) -> int:
@@ -42,14 +17,8 @@ def _report(args: argparse.Namespace, api: Api) -> int:
         account_id=args.account_id,
         group_by=[g.strip().upper() if not g.strip().lower().startswith("label:")
                   else "LABEL:" + g.strip()[6:] for g in args.by.split(",") if g.strip()],
+        period=args.period,
     )
-    if args.period:
-        anchor_day = 1
-        if args.account_id:
-            anchor_day = get_account(api, args.account_id).billing_anchor_day
-        start, end = _period_bounds(args.period, anchor_day)
-        request.start.CopyFrom(start)
-        request.end.CopyFrom(end)
     if args.start is not None:
         request.start.CopyFrom(args.start)
     if args.end is not None:
@@ -105,9 +74,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "earlier time comes from the ledger. Bounds are whole UTC hours.",
     )
     report.add_argument("account_id", metavar="ACCOUNT_ID", nargs="?", default="",
-                        help="omit for every account (from the ledger; needs --from)")
-    report.add_argument("--period", default=None, metavar="YYYY-MM",
-                        help="the account's billing period that starts in that month")
+                        help="omit for every account (from the ledger; needs --from or --period)")
+    report.add_argument("--period", default="", metavar="YYYY-MM",
+                        help="the account's billing period that starts in that month "
+                        "(the calendar month for every account); not with --from/--to")
     arguments.add_time_range(report)
     report.add_argument("--by", default="operation", metavar="KEYS",
                         help="comma-separated: operation, label:<key>, day, hour "

@@ -12,6 +12,10 @@ from __future__ import annotations
 UNITS_MAX = 2**53 - 1
 # Clock values: 9999-12-31T23:59:59.999Z, the last instant a Timestamp can show.
 TIMESTAMP_MS_MAX = 253_402_300_799_999
+# The years a billing period named by its month (`YYYY-MM`) may start in: every
+# period of the last one ends before TIMESTAMP_MS_MAX.
+PERIOD_YEAR_MIN = 1970
+PERIOD_YEAR_MAX = 9998
 
 # Text fields, in bytes.
 ACCOUNT_ID_BYTES_MAX = 128
@@ -43,6 +47,8 @@ AUTO_PURCHASE_PACKS_MAX = 1000
 
 # Work per script call: due holds one touch of an account expires (the reaper does the rest).
 LAZY_EXPIRIES_MAX = 100
+# Usage records recovery writes back per call of restore_usage.lua.
+USAGE_RECORDS_PER_CALL_MAX = 1000
 
 # Usage counters outlive their billing period this long (past periods are
 # reported from the ledger).

@@ -8,7 +8,7 @@ the charge it refunds (the scripts' usage counters follow the same rule).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tally.domain.events import CHARGE_TYPES, Entry, EntryType
 
@@ -39,3 +39,17 @@ def from_entries(entries: Iterable[Entry]) -> list[Usage]:
             usages.append(Usage(charged_at // HOUR_MS * HOUR_MS, entry.account_id,
                                 entry.operation, entry.labels, -entry.units, 0, 0))
     return usages
+
+
+def net(usages: Iterable[Usage]) -> list[Usage]:
+    """One record per (hour, account, operation, label set), summing those given."""
+    sums: dict[tuple[int, str, str, tuple[tuple[str, str], ...]], Usage] = {}
+    for usage in usages:
+        key = (usage.bucket_ms, usage.account_id, usage.operation,
+               tuple(sorted(usage.labels.items())))
+        seen = sums.get(key)
+        sums[key] = usage if seen is None else replace(
+            seen, units=seen.units + usage.units, quantity=seen.quantity + usage.quantity,
+            count=seen.count + usage.count,
+        )
+    return list(sums.values())

@@ -65,7 +65,7 @@ async def recover(
     progress(f"{len(states)} accounts in the ledger, {len(stale)} missing or behind in Redis")
     for index, state in enumerate(s for s in states if s.account_id in stale):
         await images.restore_account(state.account_id, state.state)
-        await _rebuild_usage(images, ledger, state.account_id, unpack_image(state.state))
+        await _rebuild_usage(images, ledger, state.account_id, unpack_image(state.state), now_ms)
         result.accounts += 1
         if (index + 1) % 1000 == 0:
             progress(f"  {index + 1} accounts restored")
@@ -91,14 +91,14 @@ async def recover(
 
 
 async def _rebuild_usage(
-    images: StateImages, ledger: Ledger, account_id: str, acct: dict[str, Any]
+    images: StateImages, ledger: Ledger, account_id: str, acct: dict[str, Any], now_ms: int
 ) -> None:
     """The current period's usage counters, recomputed from the ledger's entries."""
     period_start, period_end = int(acct["period_start"]), int(acct["period_end"])
     entries = await ledger.usage_entries(period_start, account_id)
     # a refund of an earlier period's charge counts there
     usages = [u for u in from_entries(entries) if u.bucket_ms >= period_start]
-    await images.restore_usage(account_id, period_start, period_end, usages)
+    await images.restore_usage(account_id, period_start, period_end, usages, now_ms)
 
 
 async def _restore_reservation(

@@ -181,10 +181,18 @@ def _fields_of(value: Any) -> dict[str, object]:
     fields: dict[str, object] = {}
     for field in dataclasses.fields(value):
         item = getattr(value, field.name)
-        if item is None:
-            continue
-        fields[field.name] = _fields_of(item) if dataclasses.is_dataclass(item) else item
+        if item is not None:
+            fields[field.name] = _encoded(item)
     return fields
+
+
+def _encoded(item: object) -> object:
+    """A field's value as the script's map holds it (dataclasses become maps)."""
+    if dataclasses.is_dataclass(item) and not isinstance(item, type):
+        return _fields_of(item)
+    if isinstance(item, tuple):
+        return tuple(_encoded(element) for element in item)
+    return item
 
 
 @dataclass(frozen=True)
@@ -600,6 +608,67 @@ class ApplyPriceRequest(ScriptRequest[ApplyPriceReply]):
     effective_at_ms: int
 
 
+# --- usage counters and billing periods ------------------------------------
+# The counters' field format lives in lib/usage.lua alone; Python sees records.
+
+
+@dataclass(frozen=True)
+class UsageRecord(Reply):
+    """One (hour, operation, label set) of a billing period's usage counters."""
+
+    bucket_ms: int
+    operation: str
+    labels: dict[str, str]
+    units: int  # net of refunds: may be negative
+    quantity: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ReadUsageReply(Reply):
+    records: tuple[UsageRecord, ...]
+
+
+@dataclass(frozen=True)
+class ReadUsageRequest(ScriptRequest[ReadUsageReply]):
+    SCRIPT = "read_usage"
+    CONTEXT = CatalogContext
+    REPLY = ReadUsageReply
+
+
+@dataclass(frozen=True)
+class RestoreUsageReply(Reply):
+    records: int  # how many records were written
+
+
+@dataclass(frozen=True)
+class RestoreUsageRequest(ScriptRequest[RestoreUsageReply]):
+    SCRIPT = "restore_usage"
+    CONTEXT = CatalogContext
+    REPLY = RestoreUsageReply
+
+    replace: bool  # the first call of a period: delete its counters first
+    period_end: int
+    records: tuple[UsageRecord, ...]  # at most USAGE_RECORDS_PER_CALL_MAX
+
+
+@dataclass(frozen=True)
+class BillingPeriodReply(Reply):
+    period_start: int
+    period_end: int
+
+
+@dataclass(frozen=True)
+class BillingPeriodRequest(ScriptRequest[BillingPeriodReply]):
+    SCRIPT = "billing_period"
+    CONTEXT = CatalogContext
+    REPLY = BillingPeriodReply
+
+    year: int
+    month: int
+    anchor_day: int
+
+
 # --- every script ----------------------------------------------------------------
 
 REQUESTS: tuple[type[ScriptRequest[Any]], ...] = (
@@ -618,4 +687,7 @@ REQUESTS: tuple[type[ScriptRequest[Any]], ...] = (
     QuoteRequest,
     SetPriceRequest,
     ApplyPriceRequest,
+    ReadUsageRequest,
+    RestoreUsageRequest,
+    BillingPeriodRequest,
 )

@@ -14,11 +14,13 @@ import msgpack
 
 from tally.clock import Clock
 from tally.domain.catalog import DEFAULT_CATALOG
+from tally.domain.usage import Usage
 from tally.store.client import ScriptRunner, store_errors
 from tally.store.contract import (
     AccountReply,
     ApplyPriceRequest,
     BalanceRequest,
+    BillingPeriodRequest,
     BudgetReply,
     CatalogContext,
     ChargeReply,
@@ -38,6 +40,7 @@ from tally.store.contract import (
     PurchaseRequest,
     QuoteReply,
     QuoteRequest,
+    ReadUsageRequest,
     RefundReply,
     RefundRequest,
     ReplyT,
@@ -50,6 +53,7 @@ from tally.store.contract import (
     UpdateAccountRequest,
 )
 from tally.store.keys import META_KEY, KeySpace
+from tally.store.usage_counters import usage_of
 
 
 @dataclass(frozen=True)
@@ -128,12 +132,6 @@ class QuotaStore:
         self, request: DeleteBudgetRequest, timeout_s: float | None
     ) -> BudgetReply:
         return await self._on_account(request, request.account_id, timeout_s)
-
-    async def usage_counters(self, account_id: str, period_start_ms: int) -> dict[str, int]:
-        """The current period's usage counters of an account (field -> value)."""
-        with store_errors():
-            raw = await self.redis.hgetall(self.keys.usage(account_id, period_start_ms))
-        return {k.decode(): int(v) for k, v in raw.items()}
 
     async def balance(self, request: BalanceRequest, timeout_s: float | None) -> AccountReply:
         return await self._on_account(request, request.account_id, timeout_s)
@@ -277,3 +275,22 @@ class QuotaStore:
                 f"this Redis holds data laid out in {int(stored)} shards; "
                 f"--shards {self.keys.shards} would lose it"
             )
+
+    # --- usage counters and billing periods ----------------------------------
+
+    async def usage(
+        self, account_id: str, period_start_ms: int, timeout_s: float | None
+    ) -> list[Usage]:
+        """The usage an account's counters of one billing period hold (read_usage.lua)."""
+        keys = [self.keys.usage(account_id, period_start_ms)]
+        reply = await self._run(ReadUsageRequest(), self._catalog_context(), keys, timeout_s)
+        return [usage_of(account_id, record) for record in reply.records]
+
+    async def billing_period(
+        self, year: int, month: int, anchor_day: int, timeout_s: float | None
+    ) -> tuple[int, int]:
+        """The [start, end) ms of the billing period that starts in that month on
+        anchor_day (billing_period.lua: the calendar is Lua's alone)."""
+        request = BillingPeriodRequest(year=year, month=month, anchor_day=anchor_day)
+        reply = await self._run(request, self._catalog_context(), [], timeout_s)
+        return reply.period_start, reply.period_end

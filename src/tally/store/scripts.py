@@ -43,6 +43,9 @@ SCRIPT_NAMES = (
     "apply_price",
     "set_budget",
     "delete_budget",
+    "read_usage",
+    "restore_usage",
+    "billing_period",
 )
 
 KEYS_HELPER = "keys"

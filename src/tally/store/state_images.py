@@ -13,12 +13,13 @@ from typing import Any
 
 import msgpack
 
-from tally.domain.limits import USAGE_RETENTION_MS
 from tally.domain.usage import Usage
+from tally.store.client import ScriptRunner
+from tally.store.contract import CatalogContext
 from tally.store.failures import redis_errors
 from tally.store.keys import META_KEY, KeySpace
 from tally.store.quota_store import QuotaStore
-from tally.store.usage_counters import counter_fields
+from tally.store.usage_counters import restore_requests
 
 PIPELINE_BATCH = 500
 SCAN_COUNT = 1000
@@ -31,6 +32,8 @@ class StateImages:
     def __init__(self, redis: Any, keys: KeySpace) -> None:
         self.redis = redis  # the store's pool (an aioredis.Redis)
         self.keys = keys
+        # what the scripts own a format of (the usage counters) goes back through them
+        self.scripts = ScriptRunner(redis)
 
     @classmethod
     def of(cls, store: QuotaStore) -> StateImages:
@@ -80,17 +83,16 @@ class StateImages:
             await self.redis.set(self._account_key(account_id), image)
 
     async def restore_usage(
-        self, account_id: str, period_start_ms: int, period_end_ms: int, usages: Iterable[Usage]
+        self, account_id: str, period_start_ms: int, period_end_ms: int,
+        usages: Iterable[Usage], now_ms: int,
     ) -> None:
-        """Replaces the period's usage counters with these usage records'."""
-        key = self.keys.usage(account_id, period_start_ms)
+        """Replaces the period's usage counters with these usage records'
+        (restore_usage.lua writes them, in the scripts' own format)."""
+        keys = [self.keys.usage(account_id, period_start_ms)]
         with redis_errors():
-            await self.redis.delete(key)
-            for usage in usages:
-                for name, value in counter_fields(usage).items():
-                    await self.redis.hincrby(key, name, value)
-            if await self.redis.exists(key):
-                await self.redis.pexpireat(key, period_end_ms + USAGE_RETENTION_MS)
+            for request in restore_requests(period_end_ms, usages):
+                context = CatalogContext(now=now_ms)
+                await self.scripts.run(request.SCRIPT, keys, request.encode(context), None)
 
     async def restore_open_hold(
         self, reservation_id: str, account_id: str, image: bytes, expires_at_ms: int

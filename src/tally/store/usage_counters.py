@@ -1,40 +1,40 @@
-"""The usage counters the scripts keep per account and billing period.
+"""Usage records between the domain and the usage-counter scripts.
 
-A counter hash (KeySpace.usage) has one field per kind, hour, operation and
-label set: `<u|q|c>|<hour ms>|<operation>|<labels as sorted JSON pairs>`
-(u: units, q: quantity, c: count), written by the scripts and rebuilt by
-recovery from the ledger.
+The counters' field format is lib/usage.lua's alone: read_usage.lua returns a
+billing period's counters as records and restore_usage.lua writes records
+back (recovery). Here records become domain Usage and back.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterable
 
-from tally.domain.usage import Usage
-
-
-def counter_fields(usage: Usage) -> dict[str, int]:
-    """The counter increments one net usage record makes (zero ones left out)."""
-    pairs = sorted(usage.labels.items())
-    signature = json.dumps([list(p) for p in pairs], separators=(",", ":")) if pairs else ""
-    suffix = f"{usage.bucket_ms}|{usage.operation}|{signature}"
-    fields = {f"u|{suffix}": usage.units}
-    if usage.quantity:
-        fields[f"q|{suffix}"] = usage.quantity
-    if usage.count:
-        fields[f"c|{suffix}"] = usage.count
-    return fields
+from tally.domain.limits import USAGE_RECORDS_PER_CALL_MAX
+from tally.domain.usage import Usage, net
+from tally.store.contract import RestoreUsageRequest, UsageRecord
 
 
-def usages_of(account_id: str, counters: dict[str, int]) -> list[Usage]:
-    """The usage records a counter hash holds (field -> value)."""
-    merged: dict[tuple[int, str, str], dict[str, int]] = {}
-    for field, value in counters.items():
-        kind, bucket_text, operation, signature = field.split("|", 3)
-        merged.setdefault((int(bucket_text), operation, signature), {})[kind] = value
-    usages = []
-    for (bucket_ms, operation, signature), values in merged.items():
-        labels = {k: val for k, val in json.loads(signature)} if signature else {}
-        usages.append(Usage(bucket_ms, account_id, operation, labels, values.get("u", 0),
-                            values.get("q", 0), values.get("c", 0)))
-    return usages
+def usage_of(account_id: str, record: UsageRecord) -> Usage:
+    """A record as read_usage.lua returns it, as the account's usage."""
+    return Usage(
+        bucket_ms=record.bucket_ms, account_id=account_id, operation=record.operation,
+        labels=record.labels, units=record.units, quantity=record.quantity,
+        count=record.count,
+    )
+
+
+def record_of(usage: Usage) -> UsageRecord:
+    return UsageRecord(bucket_ms=usage.bucket_ms, operation=usage.operation,
+                       labels=usage.labels, units=usage.units, quantity=usage.quantity,
+                       count=usage.count)
+
+
+def restore_requests(period_end_ms: int, usages: Iterable[Usage]) -> list[RestoreUsageRequest]:
+    """The restore_usage.lua calls that replace a period's counters with these usage
+    records (netted per counter first): at least one, the first replacing."""
+    records = tuple(record_of(usage) for usage in net(usages))
+    return [
+        RestoreUsageRequest(replace=start == 0, period_end=period_end_ms,
+                            records=records[start : start + USAGE_RECORDS_PER_CALL_MAX])
+        for start in range(0, max(len(records), 1), USAGE_RECORDS_PER_CALL_MAX)
+    ]

@@ -9,8 +9,8 @@
 
 local function charged_so_far(ctx, budget)
   local used = 0
-  for _, row in ipairs(period_units(ctx, ctx.acct.period_start)) do
-    if budget_applies(budget, row.operation, row.labels) then used = used + row.units end
+  for _, record in ipairs(usage_records(counters_key(ctx, ctx.acct.period_start))) do
+    if budget_applies(budget, record.operation, record.labels) then used = used + record.units end
   end
   return math.max(0, used)
 end

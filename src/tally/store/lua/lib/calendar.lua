@@ -41,16 +41,19 @@ local function anchor_ms(y, m, anchor_day)
   return days_from_civil(y, m, math.min(anchor_day, month_days)) * DAY_MS
 end
 
+-- The [start, end) of the billing period that starts in month m of year y.
+local function period_starting_in(y, m, anchor_day)
+  local ny, nm = next_month(y, m)
+  return anchor_ms(y, m, anchor_day), anchor_ms(ny, nm, anchor_day)
+end
+
 -- The [start, end) of the billing period holding now_ms.
 local function period_bounds(now_ms, anchor_day)
   local y, m = civil_from_days(math.floor(now_ms / DAY_MS))
-  local start_ms = anchor_ms(y, m, anchor_day)
-  if now_ms < start_ms then
+  if now_ms < anchor_ms(y, m, anchor_day) then
     if m == 1 then y, m = y - 1, 12 else m = m - 1 end
-    start_ms = anchor_ms(y, m, anchor_day)
   end
-  local ny, nm = next_month(y, m)
-  return start_ms, anchor_ms(ny, nm, anchor_day)
+  return period_starting_in(y, m, anchor_day)
 end
 
 local function day_of_month(now_ms)
