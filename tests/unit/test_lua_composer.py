@@ -12,6 +12,8 @@ import pytest
 import redis
 
 from tally.domain import limits
+from tally.domain.events import EntryType
+from tally.domain.usage import HOUR_MS
 from tally.store import keys, scripts
 from tally.store.keys import KeySpace
 from tally.store.scripts import LuaUnit
@@ -58,15 +60,20 @@ def client(module_redis: RedisProcess) -> Iterator[redis.Redis]:
     connection.close()
 
 
-def test_limits_prelude_holds_python_values(client: redis.Redis) -> None:
-    """Proves every limit of domain/limits.py reaches Lua with its Python value, by
-    returning each one from a script that runs the generated prelude."""
+def test_prelude_holds_python_values(client: redis.Redis) -> None:
+    """Proves every limit of domain/limits.py, the usage bucket and every entry type reach
+    Lua with their Python values, by returning each one from a script that runs the
+    generated prelude."""
     expected = {name: value for name, value in vars(limits).items() if name.isupper()}
     assert "UNITS_MAX" in expected and "TIMESTAMP_MS_MAX" in expected
+    expected["HOUR_MS"] = HOUR_MS
     names = sorted(expected)
-    probe = f"{scripts.limits_prelude()}\nreturn {{{', '.join(names)}}}"
+    probe = f"{scripts.prelude()}\nreturn {{{', '.join(names)}}}"
     values = client.eval(probe, 0)
     assert dict(zip(names, values, strict=True)) == expected
+    entries = [entry.name for entry in EntryType]
+    probe = f"{scripts.prelude()}\nreturn {{{', '.join(f'ENTRY.{n}' for n in entries)}}}"
+    assert [value.decode() for value in client.eval(probe, 0)] == [e.value for e in EntryType]
 
 
 @pytest.mark.parametrize("shards", [1, 16, 4096])

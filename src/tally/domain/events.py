@@ -1,7 +1,7 @@
 """The ledger entry: its types, its fields and the one decoder of a stream entry.
 
 Each Lua script appends the entries it caused to its shard's stream (see
-store/lua/lib/account.lua `emit`, and set_price.lua for `price_change`); the
+store/lua/lib/events.lua `emit`, and set_price.lua for `price_change`); the
 flusher copies them into the ledger, the watch sends them, reports and
 recovery sum them. They all use `Entry`.
 

@@ -126,6 +126,17 @@ class KeySpace:
     def price_history(self, shard: int) -> str:
         return PRICE_HISTORY_KEY.format(prefix=self.prefix(shard))
 
+    @staticmethod
+    def price_version_field(operation: str, version: int) -> str:
+        """The price history's field for one version of an operation's price."""
+        return PRICE_VERSION_FIELD.format(operation=operation, version=version)
+
+    @staticmethod
+    def price_version_of(field: str) -> tuple[str, int]:
+        """(operation, version) of a price history field (operations hold no '@')."""
+        operation, _, version = field.rpartition("@")
+        return operation, int(version)
+
     def catalog_meta(self) -> str:
         return CATALOG_KEY.format(prefix=self.prefix(0))
 

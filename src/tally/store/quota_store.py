@@ -249,10 +249,10 @@ class QuotaStore:
         history = await self.redis.hgetall(self.keys.price_history(0))
         current = {p.operation: p for p in prices}
         for name, units in history.items():
-            operation, _, version = name.decode().rpartition("@")
+            operation, version = self.keys.price_version_of(name.decode())
             at_ms = current[operation].effective_at_ms if operation in current else 0
             await self._apply_everywhere(
-                PriceView(operation, int(units), int(version), at_ms), None
+                PriceView(operation, int(units), version, at_ms), None
             )
 
     # --- deployment checks -------------------------------------------------

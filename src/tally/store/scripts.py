@@ -7,10 +7,12 @@ A helper (lib/<name>.lua) names the helpers it uses with its own include line.
 The composer resolves includes transitively and puts each helper in once,
 every helper after those it depends on; a cycle or an unknown name is an error.
 
-Two helpers are generated here rather than written by hand, so that a fact
+Two pieces are generated here rather than written by hand, so that a fact
 Python owns is never copied into Lua:
-    limits    `local NAME = value` for every limit of domain/limits.py; it
-              opens every script, included or not
+    prelude   opens every script, included or not: `local NAME = value` for
+              every limit of domain/limits.py, HOUR_MS (the usage bucket of
+              domain/usage.py) and `ENTRY`, the entry types of
+              domain/events.py (`emit(ctx, ENTRY.RESERVE, ...)`)
     keys      the builders of the names the scripts write themselves,
               from store/keys.py's templates (keys.LUA_BUILT)
 The composed text is what Redis runs; its SHA1 is what EVALSHA names.
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 from tally.domain import limits
+from tally.domain.events import EntryType
+from tally.domain.usage import HOUR_MS
 from tally.store import keys
 
 SCRIPT_NAMES = (
@@ -90,14 +94,19 @@ def parse_unit(label: str, text: str) -> LuaUnit:
     return LuaUnit(text=text, flags=tuple(flags), includes=tuple(includes))
 
 
-def limits_prelude() -> str:
-    """`local NAME = value` for every limit in domain/limits.py."""
+def prelude() -> str:
+    """What opens every script: the limits, the usage bucket and the entry types."""
     lines = ["-- limits: generated from tally/domain/limits.py"]
     for name, value in vars(limits).items():
         if name.isupper():
             if type(value) is not int or abs(value) > limits.UNITS_MAX:
                 raise TypeError(f"limits.{name} must be an integer Lua holds exactly")
             lines.append(f"local {name} = {value}")
+    lines.append("-- the usage counters' bucket: generated from tally/domain/usage.py")
+    lines.append(f"local HOUR_MS = {HOUR_MS}")
+    lines.append("-- entry types: generated from tally/domain/events.py")
+    entries = ", ".join(f"{entry.name} = {lua_string(entry.value)}" for entry in EntryType)
+    lines.append(f"local ENTRY = {{{entries}}}")
     return "\n".join(lines)
 
 
@@ -175,7 +184,7 @@ def compose(name: str) -> LuaScript:
     script = parse_unit(f"{name}.lua", read_source(f"{name}.lua"))
     helpers = resolve_helpers(f"{name}.lua", script.includes)
     shebang = "#!lua flags=" + ",".join(script.flags) if script.flags else "#!lua"
-    parts = [shebang, limits_prelude(), *(unit.text for unit in helpers.values()), script.text]
+    parts = [shebang, prelude(), *(unit.text for unit in helpers.values()), script.text]
     source = "\n".join(parts)
     sha = hashlib.sha1(source.encode()).hexdigest()
     return LuaScript(name=name, source=source, sha=sha, read_only="no-writes" in script.flags)

@@ -120,7 +120,8 @@ class StateImages:
             for price in prices:
                 operation, version, units, _ = price
                 await self.redis.hset(
-                    self.keys.price_history(0), f"{operation}@{version}", units
+                    self.keys.price_history(0), self.keys.price_version_field(operation, version),
+                    units,
                 )
                 if operation not in newest or version > newest[operation][1]:
                     newest[operation] = price

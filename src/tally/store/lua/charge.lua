@@ -26,7 +26,7 @@ return run(function()
   acct.total_charged = acct.total_charged + units
   acct.period_consumed = acct.period_consumed + units
   mark_hold(ctx, hold)
-  emit(ctx, 'charge', {reservation_id = hold.id, operation = hold.operation,
+  emit(ctx, ENTRY.CHARGE, {reservation_id = hold.id, operation = hold.operation,
     quantity = hold.quantity, units = units, overage = short, moves = moves_text(moves),
     labels = hold.labels, idempotency_key = spend.idem_key, price_version = version})
   local answer = {reservation_id = hold.id, units = units, balance = balance_view(ctx),

@@ -66,7 +66,7 @@ return run(function()
   hold.charged, hold.charged_quantity, hold.charge_moves = units, quantity, moves
   hold.overage_charged, hold.charge_period = overage, acct.period_start
   mark_hold(ctx, hold)
-  emit(ctx, late and 'late_commit' or 'commit', {reservation_id = rid, operation = hold.operation,
+  emit(ctx, late and ENTRY.LATE_COMMIT or ENTRY.COMMIT, {reservation_id = rid, operation = hold.operation,
     quantity = quantity, units = units, released = released, overage = overage,
     moves = moves_text(moves), expired = lost, labels = hold.labels})
   local answer = {units_charged = units, units_released = released, balance = balance_view(ctx),

@@ -65,13 +65,13 @@ return run(function()
     total_granted = 0, total_charged = 0, total_refunded = 0, total_expired = 0, grants = {},
     period_purchased = 0, period_expired = 0, alerts = alerts, fired = {}, budgets = {}}
   ctx.acct = acct
-  emit(ctx, 'plan_change', {created = 1, allotment = acct.allotment, policy = acct.policy,
+  emit(ctx, ENTRY.PLAN_CHANGE, {created = 1, allotment = acct.allotment, policy = acct.policy,
     overage_limit = acct.overage_limit, ap_units = acct.ap_units, ap_threshold = acct.ap_threshold,
     anchor_day = anchor_day, labels = acct.labels})
   if acct.allotment > 0 then
     local g = add_grant(ctx, 'ALLOTMENT', acct.allotment, period_end, '')
     acct.total_granted = acct.allotment
-    emit(ctx, 'allotment', {grant_id = g.id, units = acct.allotment,
+    emit(ctx, ENTRY.ALLOTMENT, {grant_id = g.id, units = acct.allotment,
       period_start = period_start, period_end = period_end})
   end
   commit_ctx(ctx)

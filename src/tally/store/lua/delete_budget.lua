@@ -13,7 +13,7 @@ return run(function()
   if budget == nil then raise('NOT_FOUND', 'budget_id', 'budget ' .. id .. ' not found') end
   touch(ctx)
   acct.budgets[id] = nil
-  emit(ctx, 'plan_change', {budget_id = id, budget_deleted = 1})
+  emit(ctx, ENTRY.PLAN_CHANGE, {budget_id = id, budget_deleted = 1})
   commit_ctx(ctx)
   return {budget = budget_view(id, budget)}
 end)

@@ -20,7 +20,7 @@ return run(function()
   touch(ctx)
   hold.expires_at = ctx.now + ttl_ms
   mark_hold(ctx, hold)
-  emit(ctx, 'extend', {reservation_id = rid, operation = hold.operation, units = 0,
+  emit(ctx, ENTRY.EXTEND, {reservation_id = rid, operation = hold.operation, units = 0,
     expires_at = hold.expires_at})
   commit_ctx(ctx)
   return {reservation_id = rid, units = hold.units, expires_at = hold.expires_at,

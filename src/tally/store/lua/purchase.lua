@@ -32,7 +32,7 @@ return run(function()
   local g = add_grant(ctx, 'PURCHASE', units, expires_at, reference)
   acct.total_granted = acct.total_granted + units
   acct.period_purchased = acct.period_purchased + units
-  emit(ctx, 'purchase', {grant_id = g.id, units = units, reference = reference,
+  emit(ctx, ENTRY.PURCHASE, {grant_id = g.id, units = units, reference = reference,
     expires_at = expires_at, idempotency_key = idem_key})
   local answer = {grant = grant_view(g), balance = balance_view(ctx), replayed = false}
   remember(ctx, KEYS[5], req.fingerprint, answer, window_ms)

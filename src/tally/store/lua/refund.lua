@@ -34,7 +34,7 @@ local function refund_charge(ctx, hold, units, reason)
     acct.period_consumed = acct.period_consumed - units
   end
   mark_hold(ctx, hold)
-  emit(ctx, 'refund', {reservation_id = hold.id, operation = hold.operation, units = units,
+  emit(ctx, ENTRY.REFUND, {reservation_id = hold.id, operation = hold.operation, units = units,
     overage = from_overage, credit = credit, moves = moves_text(back), expired = lost, reason = reason,
     charged_at = hold.charged_at,
     labels = hold.labels, idempotency_key = hold.refund_key})
@@ -60,7 +60,7 @@ return run(function()
       raise('FAILED_PRECONDITION', 'units', string.format(
         'a hold is released whole (%d units); commit a smaller quantity instead', hold.units))
     end
-    release_hold(ctx, hold, 'RELEASED', 'release')
+    release_hold(ctx, hold, 'RELEASED', ENTRY.RELEASE)
     hold.refunded, refunded = hold.units, hold.units
   elseif hold.state == 'COMMITTED' then
     local refundable = hold.charged - hold.refunded

@@ -23,7 +23,7 @@ return run(function()
   acct.held = acct.held + units
   acct.overage_held = acct.overage_held + short
   mark_hold(ctx, hold)
-  emit(ctx, 'reserve', {reservation_id = hold.id, operation = hold.operation,
+  emit(ctx, ENTRY.RESERVE, {reservation_id = hold.id, operation = hold.operation,
     quantity = hold.quantity, units = units, overage = short, moves = moves_text(moves),
     labels = hold.labels, idempotency_key = spend.idem_key, price_version = hold.price_version,
     expires_at = hold.expires_at})

@@ -41,7 +41,7 @@ return run(function()
     acct.budgets[id] = budget
   end
   budget.limit = limit
-  emit(ctx, 'plan_change', {budget_id = id, budget_limit = limit})
+  emit(ctx, ENTRY.PLAN_CHANGE, {budget_id = id, budget_limit = limit})
   commit_ctx(ctx)
   return {budget = budget_view(id, budget)}
 end)

@@ -22,7 +22,7 @@ return run(function()
   local record = {price = price, version = version, at = req.now}
   redis.call('HSET', KEYS[1], operation, cmsgpack.pack(record))
   redis.call('HSET', KEYS[2], price_version_field(operation, version), price)
-  redis.call('XADD', KEYS[4], '*', 'type', 'price_change', 'event_id', 'catalog/' .. int_text(version),
+  redis.call('XADD', KEYS[4], '*', 'type', ENTRY.PRICE_CHANGE, 'event_id', 'catalog/' .. int_text(version),
     'operation', operation, 'units', price, 'price_version', version, 'at', req.now)
   return {operation = operation, units_per_quantity = price, version = version,
     effective_at_ms = req.now, changed = true}

@@ -47,7 +47,7 @@ return run(function()
     end
   end
   if next(changed) ~= nil then
-    emit(ctx, 'plan_change', changed)
+    emit(ctx, ENTRY.PLAN_CHANGE, changed)
     commit_ctx(ctx)
   end
   return {account = account_view(acct), balance = balance_view(ctx)}

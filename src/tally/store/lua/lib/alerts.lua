@@ -12,7 +12,7 @@ end
 local function fire(ctx, name, units)
   if ctx.acct.fired[name] then return end
   ctx.acct.fired[name] = true
-  emit(ctx, 'alert', {alert = name, units = units})
+  emit(ctx, ENTRY.ALERT, {alert = name, units = units})
 end
 
 local function check_alerts(ctx)

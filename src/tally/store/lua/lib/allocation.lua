@@ -18,7 +18,7 @@ local function auto_purchase(ctx, units)
   acct.total_granted = acct.total_granted + bought
   acct.auto_purchased = acct.auto_purchased + bought
   acct.period_purchased = acct.period_purchased + bought
-  emit(ctx, 'purchase', {grant_id = g.id, units = bought, auto = 1, packs = packs})
+  emit(ctx, ENTRY.PURCHASE, {grant_id = g.id, units = bought, auto = 1, packs = packs})
 end
 
 local function insufficient(ctx, operation, units, spendable_units)

@@ -3,7 +3,9 @@
 
 -- Events are numbered 1, 2, 3... per account (event_seq), so a gap in the
 -- ledger is visible; ids of grants and holds come from another counter (seq).
+-- etype is a value of ENTRY (a misspelt member is nil: a bug, so a crash before any write).
 local function emit(ctx, etype, fields)
+  if type(etype) ~= 'string' then error('emit: unknown entry type', 0) end
   local acct = ctx.acct
   acct.event_seq = (acct.event_seq or 0) + 1
   local event = {'type', etype, 'event_id', acct.id .. '/' .. int_text(acct.event_seq),

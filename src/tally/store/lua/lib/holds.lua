@@ -34,7 +34,7 @@ end
 -- Expires a hold whose time has come even when the lazy sweep skipped it.
 local function settle_if_due(ctx, hold)
   if hold.state == 'HELD' and hold.expires_at <= ctx.now then
-    release_hold(ctx, hold, 'EXPIRED', 'expire')
+    release_hold(ctx, hold, 'EXPIRED', ENTRY.EXPIRE)
   end
 end
 

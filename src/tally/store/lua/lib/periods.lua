@@ -7,7 +7,7 @@ local function expire_due_holds(ctx)
   for _, rid in ipairs(due) do
     local hold = load_hold(ctx, rid)
     if hold and hold.state == 'HELD' and hold.expires_at <= ctx.now then
-      release_hold(ctx, hold, 'EXPIRED', 'expire')
+      release_hold(ctx, hold, 'EXPIRED', ENTRY.EXPIRE)
     elseif hold and hold.state == 'HELD' then
       -- extended since it was indexed; commit_ctx re-indexes it
       mark_hold(ctx, hold)
@@ -24,7 +24,7 @@ local function expire_grants(ctx)
       acct.period_expired = acct.period_expired + g.remaining
       local units = g.remaining
       g.remaining = 0
-      emit(ctx, g.kind == 'ALLOTMENT' and 'allotment_expire' or 'grant_expire',
+      emit(ctx, g.kind == 'ALLOTMENT' and ENTRY.ALLOTMENT_EXPIRE or ENTRY.GRANT_EXPIRE,
         {grant_id = g.id, units = units, grant_kind = g.kind})
     else
       live[#live + 1] = g
@@ -41,7 +41,7 @@ local function roll_period(ctx)
     acct.total_granted = acct.total_granted + acct.overage_used
     local units = acct.overage_used
     acct.overage_used = 0
-    emit(ctx, 'overage', {units = units, period_start = acct.period_start, period_end = acct.period_end})
+    emit(ctx, ENTRY.OVERAGE, {units = units, period_start = acct.period_start, period_end = acct.period_end})
   end
   -- Exhausted grants leave the account at the period's end (a refund brings
   -- a still-valid one back); the number of live grants stays bounded.
@@ -60,7 +60,7 @@ local function roll_period(ctx)
   if acct.allotment > 0 then
     local g = add_grant(ctx, 'ALLOTMENT', acct.allotment, acct.period_end, '')
     acct.total_granted = acct.total_granted + acct.allotment
-    emit(ctx, 'allotment', {grant_id = g.id, units = acct.allotment,
+    emit(ctx, ENTRY.ALLOTMENT, {grant_id = g.id, units = acct.allotment,
       period_start = acct.period_start, period_end = acct.period_end})
   end
 end

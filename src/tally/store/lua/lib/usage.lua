@@ -11,8 +11,6 @@
 -- commit_ctx), recovery writes them (restore_usage.lua), reports and budgets
 -- read them (usage_records; read_usage.lua).
 
-local HOUR_MS = 3600000
-
 local function labels_signature(labels)
   local keys = {}
   for k in pairs(labels) do keys[#keys + 1] = k end
