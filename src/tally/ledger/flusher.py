@@ -21,6 +21,7 @@ import msgpack
 from tally import metrics
 from tally.domain.errors import Unavailable
 from tally.ledger.ledger import Ledger, LedgerUnavailable
+from tally.store.failures import StoreBusy
 from tally.store.streams import EventStreams, ShardLag
 
 log = logging.getLogger("tally.flusher")
@@ -138,7 +139,7 @@ class Flusher:
                     next_snapshot = loop.time() + self.settings.snapshot_interval_s
             except LedgerUnavailable as exc:  # the driver's words say more than ours
                 self._pass_failed(exc.reason)
-            except (Unavailable, OSError, ConnectionError) as exc:
+            except (Unavailable, StoreBusy, OSError, ConnectionError) as exc:
                 self._pass_failed(str(exc))
 
     def stop(self) -> None:
