@@ -109,10 +109,8 @@ class AdmissionInterceptor(WrappingInterceptor):
 
     def wrap(self, full_method: str, handler: Handler) -> Handler:
         service = full_method.lstrip("/").rpartition("/")[0]
-        if service not in self.services or handler.response_streaming:
-            return handler
-        if handler.unary_unary is None:
-            return handler
+        if service not in self.services or handler.unary_unary is None:
+            return handler  # health, reflection, and server streams (WatchUsage)
         return grpc.unary_unary_rpc_method_handler(
             self._admitted(method_label(full_method), handler.unary_unary),
             request_deserializer=handler.request_deserializer,
