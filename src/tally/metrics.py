@@ -2,8 +2,8 @@
 a reservation id, an idempotency key or a request label value.
 
 The label values in use are bounded sets: gRPC method names (the registered
-services), status code names, Lua script names, Redis error kinds, background
-task names, and operation names from the price catalog (capped at
+services), status code names, Lua script names, Redis error kinds, shed reasons,
+background task names, and operation names from the price catalog (capped at
 OPERATION_LABELS_MAX distinct values; the rest are counted as "other").
 """
 
@@ -88,7 +88,6 @@ RPC_WAITING = Gauge(
     "Calls waiting for an admission slot (admission_queue at most)",
     registry=REGISTRY,
 )
-SHED_REASONS = ("queue_full", "wait_expired", "deadline")
 RPC_SHED = Counter(
     "tally_rpc_shed_total",
     "Calls refused at admission, by method and reason: queue_full and wait_expired "
