@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health
 
 from tally import metrics
+from tally.api.admission import Admission, AdmissionLimits
 from tally.api.server import build_server, set_serving
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
@@ -56,6 +57,16 @@ def ttl_limits(settings: Settings) -> HoldTtlLimits:
         default_ms=round(settings.hold_ttl_default * 1000),
         min_ms=round(settings.hold_ttl_min * 1000),
         max_ms=round(settings.hold_ttl_max * 1000),
+    )
+
+
+def build_admission(settings: Settings) -> Admission:
+    return Admission(
+        AdmissionLimits(
+            max_in_flight=settings.max_in_flight,
+            queue_max=settings.admission_queue,
+            wait_s=settings.admission_wait,
+        )
     )
 
 
@@ -133,6 +144,7 @@ class Authority:
     reaper: Reaper
     watch: UsageWatch
     background: Supervisor
+    admission: Admission
     embedded: EmbeddedRedis | None = None
     metrics_server: Any = None
 
@@ -193,8 +205,10 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         await store.sync_catalog(load_defaults=settings.default_catalog)
         await flusher.flush_through(0)  # the default catalog is money-in too
         watch = UsageWatch(flusher.streams, ledger, max_watchers=settings.max_watchers)
+        admission = build_admission(settings)
         server, port, health_servicer = build_server(
-            store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch
+            store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch,
+            admission,
         )
         await server.start()
     except BaseException:
@@ -216,7 +230,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     )
     authority = Authority(
         settings, store, ledger, flusher, server, port, health_servicer, reaper, watch,
-        background, embedded,
+        background, admission, embedded,
     )
     if settings.metrics_listen:
         authority.metrics_server = metrics.serve(settings.metrics_listen)

@@ -19,6 +19,9 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 MAX_WATCHERS = 256  # concurrent watches per server, each with its own Redis connection
+# Calls served at once per server: enough for bursts of hundreds of callers, few
+# enough that each still gets its Redis connection (64 by default) within its deadline.
+MAX_IN_FLIGHT = 512
 
 
 def parse_duration_s(text: str) -> float:
@@ -78,11 +81,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_retention", "flushed events stay in the Redis streams this long, so "
             "all-accounts watches can resume", parse_duration_s, 30.0),
     Setting("max_watchers", "concurrent WatchUsage streams per server", int, MAX_WATCHERS),
+    Setting("max_in_flight", "calls served at once per server (health checks, reflection and "
+            "watches not counted); more wait for a slot", int, MAX_IN_FLIGHT),
+    Setting("admission_queue", "calls waiting for a slot, at most; more are shed at once "
+            "(RESOURCE_EXHAUSTED)", int, 2 * MAX_IN_FLIGHT),
+    Setting("admission_wait", "longest wait for a slot (never past the call's deadline); "
+            "then the call is shed (RESOURCE_EXHAUSTED)", parse_duration_s, 1.0),
     Setting("recover_on_start", "rebuild Redis from the ledger at start when it is empty or "
             "behind (otherwise refuse to serve)", parse_bool, False),
-    Setting("redis_timeout", "Redis socket timeout when the caller sets no deadline",
-            parse_duration_s, 5.0),
-    Setting("redis_max_connections", "Redis connection pool size", int, 64),
+    Setting("redis_timeout", "Redis socket timeout when the caller sets no deadline, and the "
+            "longest wait for a free pooled connection", parse_duration_s, 5.0),
+    Setting("redis_max_connections", "Redis connection pool size (callers wait in turn for "
+            "a free connection)", int, 64),
     Setting("redis_appendfsync", "embedded Redis AOF fsync policy: always|everysec|no", str,
             "always"),
     Setting("shutdown_grace", "how long SIGTERM waits for in-flight calls", parse_duration_s, 10.0),
@@ -118,6 +128,9 @@ class Settings:
     snapshot_interval: float
     stream_retention: float
     max_watchers: int
+    max_in_flight: int
+    admission_queue: int
+    admission_wait: float
     recover_on_start: bool
     redis_timeout: float
     redis_max_connections: int
@@ -157,10 +170,13 @@ class Settings:
         if self.log_format not in {"json", "text"}:
             raise ValueError("log_format must be json or text")
         if min(self.reaper_batch, self.redis_max_connections, self.flush_batch,
-               self.max_watchers) < 1:
+               self.max_watchers, self.max_in_flight) < 1:
             raise ValueError(
-                "reaper_batch, flush_batch, redis_max_connections and max_watchers must be positive"
+                "reaper_batch, flush_batch, redis_max_connections, max_watchers and "
+                "max_in_flight must be positive"
             )
+        if self.admission_queue < 0 or self.admission_wait < 0:
+            raise ValueError("admission_queue and admission_wait must not be negative")
         if self.background_failures_max < 1:
             raise ValueError("background_failures_max must be positive")
         if self.stream_retention < 0:

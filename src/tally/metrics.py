@@ -2,8 +2,8 @@
 a reservation id, an idempotency key or a request label value.
 
 The label values in use are bounded sets: gRPC method names (the registered
-services), status code names, Lua script names, Redis error kinds, background
-task names, and operation names from the price catalog (capped at
+services), status code names, Lua script names, Redis error kinds, shed reasons,
+background task names, and operation names from the price catalog (capped at
 OPERATION_LABELS_MAX distinct values; the rest are counted as "other").
 """
 
@@ -78,6 +78,24 @@ RPC_DURATION = Histogram(
     registry=REGISTRY,
 )
 
+RPC_IN_FLIGHT = Gauge(
+    "tally_rpc_in_flight",
+    "Calls holding an admission slot (max_in_flight at most)",
+    registry=REGISTRY,
+)
+RPC_WAITING = Gauge(
+    "tally_rpc_waiting",
+    "Calls waiting for an admission slot (admission_queue at most)",
+    registry=REGISTRY,
+)
+RPC_SHED = Counter(
+    "tally_rpc_shed_total",
+    "Calls refused at admission, by method and reason: queue_full and wait_expired "
+    "(RESOURCE_EXHAUSTED), deadline (DEADLINE_EXCEEDED while waiting for a slot)",
+    ["method", "reason"],
+    registry=REGISTRY,
+)
+
 # --- units ------------------------------------------------------------------
 
 UNITS_RESERVED = Counter(
@@ -124,7 +142,12 @@ REDIS_SCRIPT_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0,
 )
-REDIS_ERROR_KINDS = ("unavailable", "deadline", "other")
+# unavailable .. readonly: Redis cannot serve now (UNAVAILABLE); no_connection: no
+# pooled connection came free in time (RESOURCE_EXHAUSTED); deadline: the caller's
+# deadline passed (DEADLINE_EXCEEDED); other: Redis refused the call (INTERNAL).
+REDIS_ERROR_KINDS = (
+    "unavailable", "oom", "busy", "loading", "readonly", "no_connection", "deadline", "other",
+)
 
 REDIS_SCRIPT_DURATION = Histogram(
     "tally_redis_script_duration_seconds",
@@ -135,8 +158,9 @@ REDIS_SCRIPT_DURATION = Histogram(
 )
 REDIS_ERRORS = Counter(
     "tally_redis_errors_total",
-    "Lua script calls that failed in Redis: unavailable (connection, timeout, "
-    "loading, read-only, OOM), deadline (the caller's deadline passed), other",
+    "Lua script calls that failed, by kind: unavailable (connection lost, timeout), oom, "
+    "busy (a script ran too long), loading, readonly (a replica), no_connection (none came "
+    "free in time), deadline (the caller's deadline passed), other",
     ["kind"],
     registry=REGISTRY,
 )

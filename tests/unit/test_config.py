@@ -135,6 +135,8 @@ def test_unparsable_values_name_their_source(
         (["--log-format", "xml"], {}, "log_format"),
         ([], {"TALLY_REAPER_BATCH": "0"}, "reaper_batch"),
         (["--redis-max-connections", "-1"], {}, "redis_max_connections"),
+        (["--max-in-flight", "0"], {}, "max_in_flight"),
+        ([], {"TALLY_ADMISSION_QUEUE": "-1"}, "admission_queue"),
         (["--listen", "50051"], {}, "listen"),
         ([], {"TALLY_LISTEN": "127.0.0.1:http"}, "listen"),
         (["--hold-ttl-min", "10m"], {}, "hold_ttl"),  # above the 5m default

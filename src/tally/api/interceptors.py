@@ -1,5 +1,6 @@
-"""Server interceptors: RPC metrics (rate, status code, latency) and units by
-operation, recorded from the request and response messages.
+"""Server interceptors: the base that wraps each method's handler once, and
+RPC metrics (rate, status code, latency) and units by operation, recorded from
+the request and response messages (admission lives in api/admission.py).
 
 Every unary-request handler (unary-unary and unary-stream) is wrapped. A call
 ends with OK, with the code its handler aborted with (or set), INTERNAL when
@@ -13,6 +14,7 @@ Units are counted only for successful calls that moved something: a replay
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import inspect
 import logging
@@ -64,9 +66,13 @@ def _final_code(context: Context, aborted: bool) -> str:
     return name
 
 
-def _cancelled_code(context: Context) -> str:
+def _deadline_passed(context: Context) -> bool:
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    return remaining is not None and remaining <= 0
+
+
+def _cancelled_code(context: Context) -> str:
+    if _deadline_passed(context):
         return grpc.StatusCode.DEADLINE_EXCEEDED.name
     return grpc.StatusCode.CANCELLED.name
 
@@ -120,14 +126,18 @@ def _record_units(recorder: UnitsRecorder | None, request: Any, response: Any) -
 # --- the interceptor ------------------------------------------------------------
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every call with a unary request; counts units moved.
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the handler of each method with a unary request; `wrap` says how.
 
     grpc.aio asks the interceptor on every call: the wrapped handler of each method
     is built once and reused while the service returns the same handler."""
 
     def __init__(self) -> None:
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    @abc.abstractmethod
+    def wrap(self, full_method: str, handler: Handler) -> Handler:
+        """The handler to serve full_method with (handler itself: left as it is)."""
 
     async def intercept_service(
         self,
@@ -141,26 +151,29 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(full_method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _wrap(full_method, handler)
+        wrapped = self.wrap(full_method, handler)
         self._wrapped[full_method] = (handler, wrapped)
         return wrapped
 
 
-def _wrap(full_method: str, handler: Handler) -> Handler:
-    method = method_label(full_method)
-    if not handler.response_streaming and handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _unary_unary(method, handler.unary_unary, UNITS_RECORDERS.get(full_method)),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.response_streaming and handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _unary_stream(method, handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    return handler
+class MetricsInterceptor(WrappingInterceptor):
+    """Counts and times every call with a unary request; counts units moved."""
+
+    def wrap(self, full_method: str, handler: Handler) -> Handler:
+        method = method_label(full_method)
+        if not handler.response_streaming and handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary_unary(method, handler.unary_unary, UNITS_RECORDERS.get(full_method)),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.response_streaming and handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _unary_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 def _unary_unary(
@@ -192,6 +205,12 @@ def _unary_unary(
             raise
         except asyncio.CancelledError:
             code = _cancelled_code(context)
+            raise
+        except Exception:
+            # An answer that could not be sent because the deadline passed meanwhile
+            # (gRPC ended the call DEADLINE_EXCEEDED already) is not an internal error.
+            if _deadline_passed(context):
+                code = grpc.StatusCode.DEADLINE_EXCEEDED.name
             raise
         finally:
             duration.observe(time.perf_counter() - started)

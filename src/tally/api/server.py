@@ -6,6 +6,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tally.api.admission import Admission, AdmissionInterceptor
 from tally.api.interceptors import MetricsInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
 from tally.api.usage import UsageServicer
@@ -41,10 +42,12 @@ def build_server(
     barrier: MoneyInBarrier,
     ledger: Ledger,
     watch: UsageWatch,
+    admission: Admission,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Returns the server (not started), the bound port and its health servicer."""
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor()],
+        # Metrics first (outermost): a call shed at admission is counted with its code.
+        interceptors=[MetricsInterceptor(), AdmissionInterceptor(admission, SERVICE_NAMES)],
         options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", 4 * MESSAGE_BYTES_MAX),

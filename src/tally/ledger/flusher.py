@@ -22,6 +22,7 @@ from tally import metrics
 from tally.domain.errors import Unavailable
 from tally.ledger.backend import StateRow
 from tally.ledger.ledger import Ledger, LedgerUnavailable
+from tally.store.failures import StoreBusy
 from tally.store.streams import EventStreams, ShardLag
 
 log = logging.getLogger("tally.flusher")
@@ -137,7 +138,7 @@ class Flusher:
                     next_snapshot = loop.time() + self.settings.snapshot_interval_s
             except LedgerUnavailable as exc:  # the driver's words say more than ours
                 self._pass_failed(exc.reason)
-            except (Unavailable, OSError, ConnectionError) as exc:
+            except (Unavailable, StoreBusy, OSError, ConnectionError) as exc:
                 self._pass_failed(str(exc))
 
     def stop(self) -> None:

@@ -28,9 +28,9 @@ from tally.domain.errors import (
     ResourceExhausted,
     Shortfall,
     TallyError,
-    Unavailable,
 )
-from tally.store.failures import store_errors
+from tally.store.failures import StoreBusy, StoreUnreachable, store_errors
+from tally.store.pool import WaitingConnectionPool
 from tally.store.scripts import LuaScript, load_all
 
 # A call with less time left than this is refused before it reaches Redis: it
@@ -39,8 +39,11 @@ DEADLINE_SLACK_S = 0.005
 
 
 def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+    """A client whose callers wait in turn for one of max_connections connections,
+    up to their deadline and at most socket_timeout_s (then StoreBusy)."""
+    pool = WaitingConnectionPool.from_url(
         url,
+        timeout=socket_timeout_s,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s,
         retry=Retry(NoBackoff(), retries=0),
@@ -53,6 +56,7 @@ def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aiore
         # turn every pooled connection into one UNAVAILABLE after each restart.
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 def _decode(value: Any) -> Any:
@@ -119,8 +123,8 @@ class ScriptRunner:
                 "the store did not answer before the call's deadline; "
                 "retry with the same idempotency key"
             ) from exc
-        except Unavailable:
-            metrics.redis_error("unavailable")
+        except (StoreUnreachable, StoreBusy) as exc:
+            metrics.redis_error(exc.fault)
             raise
         except Exception:
             metrics.redis_error("other")

@@ -1,4 +1,13 @@
-"""Redis failures as domain errors: nothing outside store/ sees a Redis exception."""
+"""Redis failures as domain errors: nothing outside store/ sees a Redis exception.
+
+Three outcomes. Redis cannot serve now (connection lost, timeout, out of
+memory, a script running too long, loading, a read-only replica): UNAVAILABLE,
+worth a retry, and nothing was applied (every script carries a `#!lua`
+shebang, so Redis refuses a write script under OOM or on a replica before it
+runs, and a BUSY server runs nothing else). No pooled connection came free in
+time: the server is overloaded, not Redis, so RESOURCE_EXHAUSTED. Anything else
+Redis refused is a bug or a misconfiguration (INTERNAL).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,7 @@ from collections.abc import Iterator
 
 from redis.exceptions import (
     BusyLoadingError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -15,17 +25,48 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tally.domain.errors import TallyError, Unavailable
+from tally.store.pool import ConnectionWaitExpired
+
+# Why Redis cannot serve now, by fault kind (the tally_redis_errors_total label).
+CANNOT_SERVE: dict[str, str] = {
+    "unavailable": "the store is unreachable",
+    "oom": "the store is out of memory",
+    "busy": "the store is busy running a script",
+    "loading": "the store is loading its data",
+    "readonly": "the store is a read-only replica",
+}
+NO_CONNECTION = "no_connection"
+
+# redis-py strips the code of the errors it knows (OOM, LOADING, READONLY) and
+# keeps the rest: BUSY arrives as "BUSY Redis is busy running a script...".
+# BUSYGROUP (a consumer group that exists) is another word, not this one.
+_BUSY_WORD = "BUSY"
 
 
 class StoreUnreachable(Unavailable):
-    """Redis could not be reached or cannot serve now (connection lost, timeout,
-    loading, a read-only replica): worth a retry."""
+    """Redis could not be reached or cannot serve now: worth a retry. `fault`
+    is one of CANNOT_SERVE's kinds; `kind` the redis-py exception's name."""
 
-    def __init__(self, cause: BaseException) -> None:
+    def __init__(self, cause: BaseException, fault: str) -> None:
+        self.fault = fault
         self.kind = type(cause).__name__
         self.reason = str(cause)
         super().__init__(
-            f"the store is unreachable ({self.kind}); retry with the same idempotency key"
+            f"{CANNOT_SERVE[fault]} ({self.kind}); retry with the same idempotency key"
+        )
+
+
+class StoreBusy(TallyError):
+    """No pooled Redis connection came free within the pool's wait: this server
+    has more calls than connections, Redis itself is fine (RESOURCE_EXHAUSTED)."""
+
+    code = "RESOURCE_EXHAUSTED"
+    fault = NO_CONNECTION
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(
+            f"server busy: no Redis connection came free within {wait_s:g}s; "
+            "retry with the same idempotency key"
         )
 
 
@@ -37,17 +78,34 @@ class StoreRefused(TallyError):
         super().__init__(self.reason)
 
 
+def _fault(exc: RedisError) -> str | None:
+    """The CANNOT_SERVE kind of a Redis error; None when Redis refused the command."""
+    if isinstance(exc, BusyLoadingError):
+        return "loading"
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
+        return "unavailable"
+    if isinstance(exc, OutOfMemoryError):
+        return "oom"
+    if isinstance(exc, ReadOnlyError):
+        return "readonly"
+    if isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] == _BUSY_WORD:
+        return "busy"
+    return None
+
+
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
-    """Connection-level Redis failures become Unavailable (safe to retry)."""
+    """Redis failures that a retry can cure become StoreUnreachable (UNAVAILABLE),
+    a connection wait that ran out StoreBusy (RESOURCE_EXHAUSTED)."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ReadOnlyError) as exc:
-        raise StoreUnreachable(exc) from exc
-    except ResponseError as exc:
-        if str(exc).startswith("OOM"):
-            raise Unavailable("the store is out of memory") from exc
-        raise
+    except ConnectionWaitExpired as exc:
+        raise StoreBusy(exc.wait_s) from exc
+    except RedisError as exc:
+        fault = _fault(exc)
+        if fault is None:
+            raise
+        raise StoreUnreachable(exc, fault) from exc
 
 
 @contextlib.contextmanager
