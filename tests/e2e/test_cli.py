@@ -264,3 +264,21 @@ async def test_errors_are_one_line_and_exit_nonzero(running: Running) -> None:
     assert down.code == 1
     assert down.err.startswith("tally: UNAVAILABLE: ")
     assert len(down.err.splitlines()) == 1
+
+
+
+async def test_a_reader_that_goes_away_ends_the_command_quietly(running: Running) -> None:
+    """Proves `tally ... | head` does not print a traceback when head stops reading: the
+    command writes into a pipe whose reading end is already closed and exits 1, quietly."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            str(TALLY), "prices", "list", "--target", running.authority.address,
+            stdout=write_end, stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    finally:
+        os.close(write_end)
+    assert process.returncode == 1
+    assert err.decode() == ""
