@@ -10,16 +10,19 @@ and the semantics the Lua scripts document:
   a commit charges the first units it took and gives the rest back to the
   grants they came from; a refund gives units back newest-taken first;
   units given back to a grant that has expired since count as expired, and
-  a grant dropped while exhausted comes back (granted 0, as a new grant in
-  the consumption order) while it is still valid;
+  a grant dropped while exhausted, still valid, takes its units back through
+  a live grant of its kind and expiry, or comes back (granted 0, as a new
+  grant in the consumption order);
 - a hold expires when now >= expires_at; a commit after that is late: it
   takes what the grants have and records the rest as overage;
 - a new period's allotment appears when the account is touched in it; the
   old allotment expires; overage of the closed period is invoiced (it
   becomes granted units), and refunded later it comes back as a
-  PROMOTIONAL credit; exhausted grants leave the account at the period end;
+  PROMOTIONAL credit (every credit in one live credit grant); exhausted grants
+  leave the account at the period end;
 - AUTO_PURCHASE buys packs so that after a spend `available` stays at or
-  above the threshold, at most `overage_limit` units per period;
+  above the threshold, at most `overage_limit` units per period, into one
+  live auto-purchase grant;
 - idempotency records lapse `window_ms` after they were written (by the
   clock); the same key with another request is FAILED_PRECONDITION.
 
@@ -100,6 +103,7 @@ class Grant:
     units_granted: int
     units_remaining: int
     expires_at_ms: int  # 0: never
+    reference: str = ""
 
     def order(self) -> tuple[int, int, int]:
         return (self.expires_at_ms or NEVER_MS, KIND_RANK[self.kind], self.seq)
@@ -250,14 +254,30 @@ class Model:
 
     def _add_grant(
         self, acct: Account, kind: str, units: int, expires_at_ms: int, granted: int | None = None,
-        grant_id: int | None = None,
+        grant_id: int | None = None, reference: str = "",
     ) -> Grant:
         seq = self._next_seq()
         grant = Grant(seq if grant_id is None else grant_id, seq, kind,
-                      units if granted is None else granted, units, expires_at_ms)
+                      units if granted is None else granted, units, expires_at_ms, reference)
         acct.grants.append(grant)
         acct.grants.sort(key=Grant.order)
         return grant
+
+    def _merge_units(
+        self, acct: Account, kind: str, units: int, expires_at_ms: int, granted: int,
+        reference: str | None, new_reference: str = "", grant_id: int | None = None,
+    ) -> None:
+        """Units into the first live grant of that kind and expiry (and reference, unless
+        None), else a new grant (the server's merge_units; the model never has GRANTS_MAX
+        grants)."""
+        for g in acct.grants:
+            if (g.kind == kind and g.expires_at_ms == expires_at_ms
+                    and reference in (None, g.reference)):
+                g.units_granted += granted
+                g.units_remaining += units
+                return
+        self._add_grant(acct, kind, units, expires_at_ms, granted=granted, grant_id=grant_id,
+                        reference=new_reference if reference is None else reference)
 
     def _return_units(self, acct: Account, mv: Move, units: int) -> None:
         """Units back to the grant a move took them from (see the module notes)."""
@@ -265,8 +285,8 @@ class Model:
         if grant is not None:
             grant.units_remaining += units
         elif mv.expires_at_ms == 0 or mv.expires_at_ms > self.now_ms:
-            self._add_grant(acct, mv.kind, units, mv.expires_at_ms, granted=0,
-                            grant_id=mv.grant_id)
+            self._merge_units(acct, mv.kind, units, mv.expires_at_ms, granted=0, reference=None,
+                              new_reference="restored", grant_id=mv.grant_id)
         else:
             acct.total_expired += units
 
@@ -325,7 +345,7 @@ class Model:
         spendable_before = acct.spendable()
         bought = self._auto_pack_units(acct, units)
         if bought:
-            self._add_grant(acct, "PURCHASE", bought, 0)
+            self._merge_units(acct, "PURCHASE", bought, 0, bought, reference="auto-purchase")
             acct.total_granted += bought
             acct.auto_purchased += bought
         if units > acct.spendable():
@@ -539,7 +559,8 @@ class Model:
         if from_overage and same_period:
             acct.overage_used -= from_overage
         elif from_overage:
-            self._add_grant(acct, "PROMOTIONAL", from_overage, 0)
+            self._merge_units(acct, "PROMOTIONAL", from_overage, 0, from_overage,
+                              reference="refund credit")
         rest = units - from_overage
         for mv in reversed(res.charge_moves):
             n = min(mv.units - mv.refunded, rest)

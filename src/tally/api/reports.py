@@ -20,7 +20,7 @@ from tally.api import convert
 from tally.api import validation as v
 from tally.domain.errors import InvalidArgument
 from tally.domain.limits import PERIOD_YEAR_MAX, PERIOD_YEAR_MIN
-from tally.domain.usage import HOUR_MS, Usage, from_entries
+from tally.domain.usage import HOUR_MS, OTHER_LABEL, OTHER_LABELS, Usage, from_entries
 from tally.ledger.ledger import Ledger
 from tally.store.contract import BalanceRequest, BalanceView
 from tally.store.quota_store import QuotaStore
@@ -54,8 +54,16 @@ class Grouping:
             usage.account_id if self.by_account else "",
             bucket,
             usage.operation if self.operation else "",
-            tuple(usage.labels.get(k, "") for k in self.label_keys),
+            tuple(label_value(usage, k) for k in self.label_keys),
         )
+
+
+def label_value(usage: Usage, key: str) -> str:
+    """What a row grouped by `key` shows for the usage: usage the current period's
+    counters hold under the other label set (not tracked by label set) shows "*"."""
+    if usage.labels == OTHER_LABELS:
+        return OTHER_LABEL
+    return usage.labels.get(key, "")
 
 
 def parse_grouping(group_by: Iterable[str], by_account: bool) -> Grouping:

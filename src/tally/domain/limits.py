@@ -50,6 +50,14 @@ LAZY_EXPIRIES_MAX = 100
 # Usage records recovery writes back per call of restore_usage.lua.
 USAGE_RECORDS_PER_CALL_MAX = 1000
 
-# Usage counters outlive their billing period this long (past periods are
-# reported from the ledger).
-USAGE_RETENTION_MS = 62 * 86_400_000  # 62 days
+# Usage counters outlive their billing period this long: nothing reads them
+# after it (past periods are reported, and recovered, from the ledger); the
+# grace covers servers whose clocks disagree a little about the period's end.
+USAGE_RETENTION_MS = 86_400_000  # 1 day
+# Label sets one account's usage counters track per billing period (the first
+# ones charged); usage with any other label set is counted under the one
+# "other" label set (domain/usage.py OTHER_LABELS).
+USAGE_LABEL_SETS_MAX = 64
+# A label set longer than this as text (its pairs sorted by key, as JSON) is
+# counted under the other label set too.
+USAGE_LABEL_SET_BYTES_MAX = 1024

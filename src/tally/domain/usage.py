@@ -13,6 +13,11 @@ from dataclasses import dataclass, replace
 from tally.domain.events import CHARGE_TYPES, Entry, EntryType
 
 HOUR_MS = 3_600_000
+# Usage the counters do not track by label set (past USAGE_LABEL_SETS_MAX in a
+# period, or longer than USAGE_LABEL_SET_BYTES_MAX) is reported under this one
+# label set: "*" is no label key a caller may send (api/validation.LABEL_KEY).
+OTHER_LABEL = "*"
+OTHER_LABELS = {OTHER_LABEL: OTHER_LABEL}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ Two pieces are generated here rather than written by hand, so that a fact
 Python owns is never copied into Lua:
     prelude   opens every script, included or not: `local NAME = value` for
               every limit of domain/limits.py, HOUR_MS (the usage bucket of
-              domain/usage.py) and `ENTRY`, the entry types of
+              domain/usage.py), USAGE_OTHER_LABEL and `ENTRY`, the entry types of
               domain/events.py (`emit(ctx, ENTRY.RESERVE, ...)`)
     keys      the builders of the names the scripts write themselves,
               from store/keys.py's templates (keys.LUA_BUILT)
@@ -28,7 +28,7 @@ from importlib import resources
 
 from tally.domain import limits
 from tally.domain.events import EntryType
-from tally.domain.usage import HOUR_MS
+from tally.domain.usage import HOUR_MS, OTHER_LABEL
 from tally.store import keys
 
 SCRIPT_NAMES = (
@@ -104,6 +104,7 @@ def prelude() -> str:
             lines.append(f"local {name} = {value}")
     lines.append("-- the usage counters' bucket: generated from tally/domain/usage.py")
     lines.append(f"local HOUR_MS = {HOUR_MS}")
+    lines.append(f"local USAGE_OTHER_LABEL = {lua_string(OTHER_LABEL)}")
     lines.append("-- entry types: generated from tally/domain/events.py")
     entries = ", ".join(f"{entry.name} = {lua_string(entry.value)}" for entry in EntryType)
     lines.append(f"local ENTRY = {{{entries}}}")

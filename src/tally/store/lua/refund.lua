@@ -1,7 +1,8 @@
 --! include: codec reservation idempotency periods holds grants budgets usage events views write_phase
 -- refund: releases a hold (whole), or gives back part or all of a committed
 -- charge. Overage of the current period is given back first; overage of a
--- period already invoiced comes back as a PROMOTIONAL credit; grant units go
+-- period already invoiced comes back as a PROMOTIONAL credit (every credit in
+-- the account's one live credit grant, see merge_units); grant units go
 -- back to their grants (counted as expired if the grant has expired since).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
@@ -20,7 +21,8 @@ local function refund_charge(ctx, hold, units, reason)
       acct.overage_used = acct.overage_used - from_overage
     else
       credit = from_overage
-      add_grant(ctx, 'PROMOTIONAL', credit, 0, 'refund:' .. hold.id)
+      merge_units(ctx, {kind = 'PROMOTIONAL', units = credit, granted = credit, expires_at = 0,
+        reference = 'refund credit', anywhere = true})
     end
   end
   local back, lost = give_back(ctx, hold.charge_moves, units - from_overage, true)

@@ -1,18 +1,18 @@
---! include: codec context periods budgets usage events write_phase views
+--! include: codec context periods usage events write_phase views
 -- set_budget: sets a spend limit per billing period on one operation or one
 -- label value. A new budget starts from the units already charged this period
--- in its scope (holds made before it existed do not count against it).
+-- in its scope as the usage counters know them (usage_in_scope: units counted
+-- under the other label set are not known by label value, so a label budget
+-- does not start from them; holds made before it existed do not count against
+-- it). From then on every charge counts against it by its own labels, tracked
+-- or not.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, operation, label_key,
 --   label_value, limit_units
 -- Returns: {budget = budget view}.
 
 local function charged_so_far(ctx, budget)
-  local used = 0
-  for _, record in ipairs(usage_records(counters_key(ctx, ctx.acct.period_start))) do
-    if budget_applies(budget, record.operation, record.labels) then used = used + record.units end
-  end
-  return math.max(0, used)
+  return math.max(0, usage_in_scope(counters_key(ctx, ctx.acct.period_start), budget))
 end
 
 return run(function()

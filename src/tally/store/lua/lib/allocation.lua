@@ -3,7 +3,9 @@
 -- way (AUTO_PURCHASE), then from overage (ALLOW).
 
 -- AUTO_PURCHASE: packs bought so that, after spending `units`, available
--- stays at or above the threshold, within the per-period cap.
+-- stays at or above the threshold, within the per-period cap. They join the
+-- account's one live auto-purchase grant (PURCHASE, never expiring); with
+-- GRANTS_MAX grants holding units and none never expiring, none are bought.
 local function auto_purchase(ctx, units)
   local acct = ctx.acct
   if acct.policy ~= 'AUTO_PURCHASE' or acct.ap_units <= 0 then return end
@@ -14,7 +16,9 @@ local function auto_purchase(ctx, units)
   packs = math.min(packs, cap_packs, AUTO_PURCHASE_PACKS_MAX)
   if packs <= 0 then return end
   local bought = packs * acct.ap_units
-  local g = add_grant(ctx, 'PURCHASE', bought, 0, 'auto-purchase')
+  local g = merge_units(ctx, {kind = 'PURCHASE', units = bought, granted = bought, expires_at = 0,
+    reference = 'auto-purchase'})
+  if g == nil then return end
   acct.total_granted = acct.total_granted + bought
   acct.auto_purchased = acct.auto_purchased + bought
   acct.period_purchased = acct.period_purchased + bought

@@ -58,7 +58,8 @@ local function roll_period(ctx)
   acct.fired = {}
   for _, budget in pairs(acct.budgets) do budget.used = 0 end
   if acct.allotment > 0 then
-    local g = add_grant(ctx, 'ALLOTMENT', acct.allotment, acct.period_end, '')
+    local g = merge_units(ctx, {kind = 'ALLOTMENT', units = acct.allotment, granted = acct.allotment,
+      expires_at = acct.period_end, reference = '', anywhere = true})
     acct.total_granted = acct.total_granted + acct.allotment
     emit(ctx, ENTRY.ALLOTMENT, {grant_id = g.id, units = acct.allotment,
       period_start = acct.period_start, period_end = acct.period_end})

@@ -1,15 +1,29 @@
 --! include: codec keys
 -- usage: the usage counters of a billing period (one hash per account and
 -- period), and the one place their field format is written and read.
--- Per hour bucket, operation and label set a hash holds the net units
--- (field `u|<bucket ms>|<operation>|<labels>`), the quantity (`q|...`) and the
--- count of charges (`c|...`); <labels> is the label pairs sorted by key, as a
--- JSON array (empty text without labels). Refunds net out the charge they
--- refund, in its bucket.
+-- The hash stays bounded whatever the labels' cardinality: it tracks at most
+-- USAGE_LABEL_SETS_MAX label sets a period (each at most
+-- USAGE_LABEL_SET_BYTES_MAX bytes as text), the first ones charged; usage with
+-- any other label set is counted under the one label set
+-- {USAGE_OTHER_LABEL = USAGE_OTHER_LABEL} (a key no caller's label can have).
+-- A label set is named by the SHA1 of its text <labels> (the label pairs
+-- sorted by key, as a JSON array), its `sid`: '' without labels, '*' for the
+-- other label set. Fields:
+--   u|<bucket ms>|<operation>|<sid>  net units per hour bucket (also q| the
+--                                    quantity, c| the count of charges)
+--   l|<sid>   <labels> of a tracked label set
+--   t|<sid>   a tracked label set's net units this period (label budgets)
+--   o|<operation>  an operation's net units this period (operation budgets)
+--   sets      the tracked sids, sorted, as a JSON array
+-- Refunds net out the charge they refund, in its bucket; only the current
+-- period's counters are kept (earlier ones are reported from the ledger).
 -- Everything else sees usage records {bucket_ms, operation, labels, units,
 -- quantity, count}: scripts collect them on ctx (count_usage, written by
--- commit_ctx), recovery writes them (restore_usage.lua), reports and budgets
--- read them (usage_records; read_usage.lua).
+-- commit_ctx), recovery writes them (restore_usage.lua), reports read them
+-- (usage_records; read_usage.lua) and budgets read the period totals
+-- (usage_in_scope).
+
+local OTHER_SID = '*'
 
 local function labels_signature(labels)
   local keys = {}
@@ -29,18 +43,55 @@ local function labels_of(signature)
   return labels
 end
 
--- Adds one record to a counter hash (a zero quantity or count writes no field).
-local function add_counters(key, record)
-  local suffix = int_text(record.bucket_ms) .. '|' .. record.operation .. '|'
-    .. labels_signature(record.labels)
-  redis.call('HINCRBY', key, 'u|' .. suffix, record.units)
-  if record.quantity ~= 0 then redis.call('HINCRBY', key, 'q|' .. suffix, record.quantity) end
-  if record.count ~= 0 then redis.call('HINCRBY', key, 'c|' .. suffix, record.count) end
+local function tracked_sids(key)
+  local text = redis.call('HGET', key, 'sets')
+  if not text then return {} end
+  return cjson.decode(text)
 end
 
--- Past periods are reported from the ledger; the counters outlive theirs a while.
+-- The sid a record with these labels is counted under, and whether its label
+-- set is new to the counters (tracked from this record on). Reads only.
+local function label_set(key, labels)
+  if labels[USAGE_OTHER_LABEL] ~= nil then return OTHER_SID, nil end
+  local signature = labels_signature(labels)
+  if signature == '' then return '', nil end
+  local sid = redis.sha1hex(signature)
+  if redis.call('HEXISTS', key, 'l|' .. sid) == 1 then return sid, nil end
+  if #signature > USAGE_LABEL_SET_BYTES_MAX or #tracked_sids(key) >= USAGE_LABEL_SETS_MAX then
+    return OTHER_SID, nil
+  end
+  return sid, signature
+end
+
+local function counter_suffix(record, sid)
+  return int_text(record.bucket_ms) .. '|' .. record.operation .. '|' .. sid
+end
+
+-- Adds one record to a counter hash (a zero quantity or count writes no field).
+local function add_counters(key, record)
+  local sid, new_signature = label_set(key, record.labels)
+  if new_signature then
+    local sids = tracked_sids(key)
+    sids[#sids + 1] = sid
+    table.sort(sids)
+    redis.call('HSET', key, 'l|' .. sid, new_signature, 'sets', cjson.encode(sids))
+  end
+  local suffix = counter_suffix(record, sid)
+  redis.call('HINCRBY', key, 'u|' .. suffix, int_text(record.units))
+  if record.quantity ~= 0 then redis.call('HINCRBY', key, 'q|' .. suffix, int_text(record.quantity)) end
+  if record.count ~= 0 then redis.call('HINCRBY', key, 'c|' .. suffix, int_text(record.count)) end
+  if sid ~= '' and sid ~= OTHER_SID then redis.call('HINCRBY', key, 't|' .. sid, int_text(record.units)) end
+  redis.call('HINCRBY', key, 'o|' .. record.operation, int_text(record.units))
+end
+
+-- Past periods are reported from the ledger; the counters outlive theirs a
+-- short grace (USAGE_RETENTION_MS), and never leave sooner than that grace
+-- from Redis's own clock (the expiry is Redis's: counters written for a
+-- period the caller's clock says has just ended must still be readable).
 local function keep_counters(key, period_end)
-  redis.call('PEXPIREAT', key, period_end + USAGE_RETENTION_MS)
+  local time = redis.call('TIME')
+  local redis_now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  redis.call('PEXPIREAT', key, int_text(math.max(period_end, redis_now_ms) + USAGE_RETENTION_MS))
 end
 
 -- Refuses a record the field format could not hold (before anything is written).
@@ -71,10 +122,28 @@ local function counters_key(ctx, period_start)
   return usage_key(ctx.prefix, ctx.acct.id, period_start)
 end
 
+-- Refuses a change that would take an hour's quantity or count past
+-- UNITS_MAX (before anything is written; net units are bounded by the
+-- account's running totals).
+local function check_counters(key, record)
+  local suffix = counter_suffix(record, (label_set(key, record.labels)))
+  local held = redis.call('HMGET', key, 'q|' .. suffix, 'c|' .. suffix)
+  if tonumber(held[1] or 0) + record.quantity > UNITS_MAX
+      or tonumber(held[2] or 0) + record.count > UNITS_MAX then
+    raise('FAILED_PRECONDITION', 'quantity', string.format(
+      'the usage counted for %s in this hour would pass %d', record.operation, UNITS_MAX))
+  end
+end
+
+-- Collects a change of the current period's counters; a refund of a charge of
+-- an earlier period changes none (that period is reported from the ledger).
 local function count_usage(ctx, period_start, at_ms, operation, labels, units, quantity, count)
-  ctx.usage[#ctx.usage + 1] = {key = counters_key(ctx, period_start),
-    record = {bucket_ms = math.floor(at_ms / HOUR_MS) * HOUR_MS, operation = operation,
-      labels = labels, units = units, quantity = quantity, count = count}}
+  if period_start ~= ctx.acct.period_start then return end
+  local key = counters_key(ctx, period_start)
+  local record = {bucket_ms = math.floor(at_ms / HOUR_MS) * HOUR_MS, operation = operation,
+    labels = labels, units = units, quantity = quantity, count = count}
+  check_counters(key, record)
+  ctx.usage[#ctx.usage + 1] = {key = key, record = record}
 end
 
 -- Part of the write phase: applies the changes count_usage collected.
@@ -89,26 +158,51 @@ end
 -- included), one per bucket, operation and label set, in no particular order.
 local function usage_records(key)
   local fields = redis.call('HGETALL', key)
-  local records, by_suffix = {}, {}
+  local records, by_suffix, labels_by_sid = {}, {}, {['']= {}, [OTHER_SID] = {[USAGE_OTHER_LABEL] = USAGE_OTHER_LABEL}}
+  for i = 1, #fields, 2 do
+    local sid = string.match(fields[i], '^l|(.*)$')
+    if sid then labels_by_sid[sid] = labels_of(fields[i + 1]) end
+  end
   for i = 1, #fields, 2 do
     local kind, suffix = string.match(fields[i], '^([uqc])|(.*)$')
-    if kind == nil then error('usage counter field ' .. fields[i] .. ' is malformed', 0) end
-    local record = by_suffix[suffix]
-    if record == nil then
-      local bucket, operation, signature = string.match(suffix, '^(%d+)|([^|]*)|(.*)$')
-      record = {bucket_ms = tonumber(bucket), operation = operation, labels = labels_of(signature),
-        units = 0, quantity = 0, count = 0}
-      by_suffix[suffix] = record
-      records[#records + 1] = record
-    end
-    local value = tonumber(fields[i + 1])
-    if kind == 'u' then
-      record.units = value
-    elseif kind == 'q' then
-      record.quantity = value
-    else
-      record.count = value
+    if kind ~= nil then
+      local record = by_suffix[suffix]
+      if record == nil then
+        local bucket, operation, sid = string.match(suffix, '^(%d+)|([^|]*)|(.*)$')
+        local labels = labels_by_sid[sid]
+        if labels == nil then error('usage counter field ' .. fields[i] .. ' names no label set', 0) end
+        record = {bucket_ms = tonumber(bucket), operation = operation, labels = labels,
+          units = 0, quantity = 0, count = 0}
+        by_suffix[suffix] = record
+        records[#records + 1] = record
+      end
+      local value = tonumber(fields[i + 1])
+      if kind == 'u' then
+        record.units = value
+      elseif kind == 'q' then
+        record.quantity = value
+      else
+        record.count = value
+      end
+    elseif not string.match(fields[i], '^[lto]|') and fields[i] ~= 'sets' then
+      error('usage counter field ' .. fields[i] .. ' is malformed', 0)
     end
   end
   return records
+end
+
+-- The net units the current period's counters hold in a budget's scope: an
+-- operation's, or those of the tracked label sets carrying the budget's label
+-- value (usage counted under the other label set is not known by value).
+-- Reads at most USAGE_LABEL_SETS_MAX label sets.
+local function usage_in_scope(key, budget)
+  if budget.operation ~= '' then
+    return tonumber(redis.call('HGET', key, 'o|' .. budget.operation) or 0)
+  end
+  local sum = 0
+  for _, sid in ipairs(tracked_sids(key)) do
+    local held = redis.call('HMGET', key, 'l|' .. sid, 't|' .. sid)
+    if labels_of(held[1])[budget.label_key] == budget.label_value then sum = sum + tonumber(held[2] or 0) end
+  end
+  return sum
 end

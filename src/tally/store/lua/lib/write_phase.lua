@@ -11,6 +11,7 @@
 local function commit_ctx(ctx)
   local acct = ctx.acct
   check_alerts(ctx)
+  check_running_totals(acct)
   local available_units = assert_books(acct)
   if #ctx.events == 0 then
     -- Nothing moved (e.g. refunding what is already refunded): every change of
@@ -23,7 +24,7 @@ local function commit_ctx(ctx)
   local hold_images = write_holds(ctx)
   local last = ctx.events[#ctx.events]
   -- emit() puts available_after last; snapshots rely on it being this figure
-  if last[#last] ~= available_units then
+  if last[#last] ~= int_text(available_units) then
     error(string.format('available_after %d of %s is not the checked %d', last[#last], acct.id,
       available_units), 0)
   end
