@@ -26,7 +26,7 @@ from tally.api.watch import UsageWatch
 from tally.clock import Clock, SystemClock
 from tally.config import Settings
 from tally.ledger import recovery
-from tally.ledger.backend import open_ledger
+from tally.ledger.backend import Retention, open_ledger
 from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.flusher import Flusher, FlusherSettings
 from tally.ledger.ledger import Ledger
@@ -93,6 +93,11 @@ def build_flusher(settings: Settings, store: QuotaStore, ledger: Ledger) -> Flus
             claim_idle_ms=round(settings.flush_claim_idle * 1000),
             snapshot_interval_s=settings.snapshot_interval,
             stream_retention_ms=round(settings.stream_retention * 1000),
+            retention=Retention(
+                snapshots_kept=settings.snapshots_kept,
+                reservation_retention_ms=round(settings.reservation_retention * 1000),
+                batch_rows=settings.ledger_prune_batch,
+            ),
         ),
     )
 

@@ -78,6 +78,10 @@ SETTINGS: tuple[Setting, ...] = (
             parse_duration_s, 30.0),
     Setting("snapshot_interval", "how often balance snapshots are written", parse_duration_s,
             300.0),
+    Setting("snapshots_kept", "the newest balance snapshots kept in the ledger; older ones "
+            "are pruned", int, 24),
+    Setting("ledger_prune_batch", "rows pruned per ledger table per flush pass, at most "
+            "(snapshots, closed reservations, lapsed idempotency records)", int, 5000),
     Setting("stream_retention", "flushed events stay in the Redis streams this long, so "
             "all-accounts watches can resume", parse_duration_s, 30.0),
     Setting("max_watchers", "concurrent WatchUsage streams per server", int, MAX_WATCHERS),
@@ -126,6 +130,8 @@ class Settings:
     flush_batch: int
     flush_claim_idle: float
     snapshot_interval: float
+    snapshots_kept: int
+    ledger_prune_batch: int
     stream_retention: float
     max_watchers: int
     max_in_flight: int
@@ -177,6 +183,8 @@ class Settings:
             )
         if self.admission_queue < 0 or self.admission_wait < 0:
             raise ValueError("admission_queue and admission_wait must not be negative")
+        if min(self.snapshots_kept, self.ledger_prune_batch) < 1:
+            raise ValueError("snapshots_kept and ledger_prune_batch must be positive")
         if self.background_failures_max < 1:
             raise ValueError("background_failures_max must be positive")
         if self.stream_retention < 0:

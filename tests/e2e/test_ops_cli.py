@@ -67,7 +67,7 @@ async def test_ledger_status_migrate_and_verify_commands(
     assert status["events_waiting"] == 0
     assert status["latest_snapshot"]["accounts"] >= 1
     code, out, _ = await tally(env, "migrate")
-    assert code == 0 and "schema version 1" in out
+    assert code == 0 and "schema version 2" in out
     code, out, err = await tally(env, "verify")
     assert code == 0, out + err
     assert "agree" in out

@@ -67,7 +67,7 @@ async def test_the_ledger_records_the_injected_clock(ledger_url: str) -> None:
     not the wall clock's."""
     clock = ManualClock(T0_MS)
     ledger = Ledger(open_ledger(ledger_url), clock)
-    assert await ledger.migrate() == [1]
+    assert await ledger.migrate() == [1, 2]
     clock.advance(61_000)
     snapshot_id = await ledger.snapshot("test", [])
     assert await ledger.latest_snapshot() == (snapshot_id, T0_MS + 61_000, 0)

@@ -5,8 +5,10 @@ Usage is net: each charge (commit, late commit, charge) adds its units,
 quantity and a count of one in the hour it was charged; a refund takes its
 units back in the hour of the charge it refunds. The account's current billing
 period comes from the counters the Lua scripts keep (exact in real time);
-earlier time comes from the ledger. Time bounds are whole UTC hours, or the
-billing period `period` names (its bounds come from the scripts' calendar).
+earlier time comes from the ledger, read a page at a time and folded into the
+report's rows as it comes (memory grows with the report, not with the entries
+behind it). Time bounds are whole UTC hours, or the billing period `period`
+names (its bounds come from the scripts' calendar).
 """
 
 from __future__ import annotations
@@ -93,44 +95,64 @@ def whole_hour(ms: int, field: str) -> int:
     return ms
 
 
-def in_range(usages: Iterable[Usage], start_ms: int, end_ms: int) -> list[Usage]:
-    return [u for u in usages if start_ms <= u.bucket_ms < end_ms]
+class Totals:
+    """A report's rows and totals, summed as usage is read."""
 
+    def __init__(self, grouping: Grouping, start_ms: int, end_ms: int) -> None:
+        self.grouping = grouping
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+        self.sums: dict[tuple[Any, ...], list[int]] = {}
+        self.units = self.quantity = self.count = 0
 
-async def account_usage(
-    store: QuotaStore, ledger: Ledger, account_id: str, period_start_ms: int,
-    start_ms: int, end_ms: int,
-) -> list[Usage]:
-    """Counters for the current period, the ledger before it."""
-    usages: list[Usage] = []
-    if end_ms > period_start_ms:
-        counted = await store.usage(account_id, period_start_ms, None)
-        usages += in_range(counted, max(start_ms, period_start_ms), end_ms)
-    if start_ms < period_start_ms:
-        entries = await ledger.usage_entries(start_ms, account_id)
-        usages += in_range(from_entries(entries), start_ms, min(end_ms, period_start_ms))
-    return usages
+    def add(self, usages: Iterable[Usage]) -> None:
+        """Adds the usages within [start_ms, end_ms)."""
+        for usage in usages:
+            if not self.start_ms <= usage.bucket_ms < self.end_ms:
+                continue
+            sums = self.sums.setdefault(self.grouping.key(usage), [0, 0, 0])
+            sums[0] += usage.units
+            sums[1] += usage.quantity
+            sums[2] += usage.count
+            self.units += usage.units
+            self.quantity += usage.quantity
+            self.count += usage.count
 
-
-def rows(usages: Iterable[Usage], grouping: Grouping) -> list[usage_pb2.UsageRow]:
-    totals: dict[tuple[Any, ...], list[int]] = {}
-    for usage in usages:
-        sums = totals.setdefault(grouping.key(usage), [0, 0, 0])
-        sums[0] += usage.units
-        sums[1] += usage.quantity
-        sums[2] += usage.count
-    result = []
-    for (account_id, bucket, operation, label_values), (units, quantity, count) in sorted(
-        totals.items()
-    ):
-        row = usage_pb2.UsageRow(
-            account_id=account_id, operation=operation, units=units, quantity=quantity,
-            count=count, labels=dict(zip(grouping.label_keys, label_values, strict=True)),
+    def report(self) -> usage_pb2.UsageReport:
+        return usage_pb2.UsageReport(
+            rows=self.rows(),
+            total_units=self.units,
+            total_quantity=self.quantity,
+            total_count=self.count,
+            start=convert.timestamp(self.start_ms),
+            end=convert.timestamp(self.end_ms),
         )
-        if grouping.day or grouping.hour:
-            row.bucket_start.CopyFrom(convert.timestamp(bucket))
-        result.append(row)
-    return result
+
+    def rows(self) -> list[usage_pb2.UsageRow]:
+        result = []
+        for (account_id, bucket, operation, label_values), (units, quantity, count) in sorted(
+            self.sums.items()
+        ):
+            row = usage_pb2.UsageRow(
+                account_id=account_id, operation=operation, units=units, quantity=quantity,
+                count=count, labels=dict(zip(self.grouping.label_keys, label_values, strict=True)),
+            )
+            if self.grouping.day or self.grouping.hour:
+                row.bucket_start.CopyFrom(convert.timestamp(bucket))
+            result.append(row)
+        return result
+
+
+async def add_account_usage(
+    store: QuotaStore, ledger: Ledger, account_id: str, period_start_ms: int, totals: Totals
+) -> None:
+    """Counters for the current period, the ledger before it."""
+    if totals.end_ms > period_start_ms:
+        counted = await store.usage(account_id, period_start_ms, None)
+        totals.add(u for u in counted if u.bucket_ms >= period_start_ms)
+    if totals.start_ms < period_start_ms:
+        async for page in ledger.usage_pages(totals.start_ms, account_id):
+            totals.add(u for u in from_entries(page) if u.bucket_ms < period_start_ms)
 
 
 def period_summary(balance: BalanceView) -> usage_pb2.PeriodSummary:
@@ -152,12 +174,12 @@ def period_summary(balance: BalanceView) -> usage_pb2.PeriodSummary:
 
 
 def forecast(
-    balance: BalanceView, window: tuple[int, int], window_usage: list[Usage], now_ms: int,
+    balance: BalanceView, window: tuple[int, int], window_units: int, now_ms: int,
 ) -> usage_pb2.Forecast:
     """The rate is the net usage of the window's hours over the window's length
     (shorter for a younger account)."""
     days = max(window[1] - window[0], HOUR_MS) / DAY_MS
-    per_day = sum(u.units for u in window_usage) / days
+    per_day = window_units / days
     period_end = balance.period_end
     days_left = max(0, period_end - now_ms) / DAY_MS
     result = usage_pb2.Forecast(
@@ -190,13 +212,15 @@ async def usage_report(
     start_ms, end_ms = await requested_range(
         store, request, month, account.billing_anchor_day, period_start, next_hour
     )
-    usages = await account_usage(store, ledger, account_id, period_start, start_ms, end_ms)
+    totals = Totals(grouping, start_ms, end_ms)
+    await add_account_usage(store, ledger, account_id, period_start, totals)
     created_hour = account.created_at // HOUR_MS * HOUR_MS
     window = (max(next_hour - FORECAST_WINDOW_DAYS * DAY_MS, created_hour), next_hour)
-    window_usage = await account_usage(store, ledger, account_id, period_start, *window)
-    report = grouped_report(usages, grouping, start_ms, end_ms)
+    window_totals = Totals(parse_grouping((), by_account=False), *window)
+    await add_account_usage(store, ledger, account_id, period_start, window_totals)
+    report = totals.report()
     report.period.CopyFrom(period_summary(balance))
-    report.forecast.CopyFrom(forecast(balance, window, window_usage, now_ms))
+    report.forecast.CopyFrom(forecast(balance, window, window_totals.units, now_ms))
     return report
 
 
@@ -248,19 +272,6 @@ def report_range(
     return start_ms, end_ms
 
 
-def grouped_report(
-    usages: list[Usage], grouping: Grouping, start_ms: int, end_ms: int
-) -> usage_pb2.UsageReport:
-    return usage_pb2.UsageReport(
-        rows=rows(usages, grouping),
-        total_units=sum(u.units for u in usages),
-        total_quantity=sum(u.quantity for u in usages),
-        total_count=sum(u.count for u in usages),
-        start=convert.timestamp(start_ms),
-        end=convert.timestamp(end_ms),
-    )
-
-
 async def all_accounts_report(
     store: QuotaStore, ledger: Ledger, request: usage_pb2.GetUsageReportRequest,
     month: Month | None, grouping: Grouping, next_hour: int,
@@ -272,6 +283,7 @@ async def all_accounts_report(
     start_ms, end_ms = await requested_range(
         store, request, month, CALENDAR_ANCHOR_DAY, 0, next_hour
     )
-    entries = await ledger.usage_entries(start_ms)
-    return grouped_report(in_range(from_entries(entries), start_ms, end_ms), grouping,
-                          start_ms, end_ms)
+    totals = Totals(grouping, start_ms, end_ms)
+    async for page in ledger.usage_pages(start_ms):
+        totals.add(from_entries(page))
+    return totals.report()

@@ -1,9 +1,16 @@
 """Ledger backends: SQLite (embedded default) and PostgreSQL, one SQL dialect.
 
-The backends are synchronous DB-API code behind one lock, called from the
-event loop only through the async facade in `ledger.py`, which also gives them
-every time they record (they never read a clock). Statements are written with
-`?` placeholders; PostgreSQL gets `%s`.
+The backends are synchronous DB-API code, called from the event loop only
+through the async facade in `ledger.py`, which also gives them every time they
+record (they never read a clock). Statements are written with `?`
+placeholders; PostgreSQL gets `%s`.
+
+Writes go through one connection behind one lock (the flusher, the money-in
+barrier, snapshots, pruning). Reads never take that lock: each runs in its own
+snapshot transaction on one of at most READ_CONNECTIONS_MAX read-only
+connections (SQLite WAL readers, PostgreSQL REPEATABLE READ), so a report never
+waits for a write and a write never waits for a report. No read returns an
+unbounded result: lists come a page at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
+import msgpack
+
 from tally.domain.events import (
     USAGE_TYPES,
     Entry,
@@ -29,6 +38,7 @@ from tally.domain.events import (
 from tally.ledger.schema import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 10_000
+READ_CONNECTIONS_MAX = 4  # read connections per ledger, beside its one writer
 ENTRY_COLUMNS = (
     "entry_id, account_id, seq, type, reservation_id, operation, quantity, units, "
     "available_after, occurred_at, labels, idempotency_key, shard, detail, flushed_at"
@@ -56,6 +66,34 @@ class StateRow:
     available: int = 0
 
 
+# Where a paged usage read stopped: (account_id, occurred_at_ms, seq) of its last row.
+UsageKey = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What pruning keeps of the tables beside the entries."""
+
+    snapshots_kept: int  # the newest snapshots kept (with their balances)
+    reservation_retention_ms: int  # a closed reservation's image is kept this long
+    batch_rows: int  # rows deleted per table per pass, at most
+
+
+@dataclass(frozen=True)
+class Pruned:
+    snapshots: int = 0
+    snapshot_balances: int = 0
+    reservations: int = 0
+    idempotency_records: int = 0
+
+
+def hold_closed_at(image: bytes) -> int:
+    """When a reservation image's hold closed (committed, released, expired); 0 while
+    it is held."""
+    hold = msgpack.unpackb(image, raw=False, strict_map_key=False)
+    return 0 if hold["state"] == "HELD" else int(hold["closed_at"])
+
+
 class SqlLedger:
     """The schema and every query; subclasses only connect."""
 
@@ -63,12 +101,18 @@ class SqlLedger:
     blob_type = "BLOB"
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._conn: Any = None
+        self._lock = threading.Lock()  # the writer's
+        self._conn: Any = None  # the writer's connection
+        self._readers_lock = threading.Lock()  # guards the idle list only
+        self._idle_readers: list[Any] = []
+        self._reader_slots = threading.BoundedSemaphore(READ_CONNECTIONS_MAX)
 
     # --- connection -------------------------------------------------------
 
     def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _connect_reader(self) -> Any:
         raise NotImplementedError
 
     def _sql(self, sql: str) -> str:
@@ -79,16 +123,20 @@ class SqlLedger:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+        with self._readers_lock:
+            idle, self._idle_readers = self._idle_readers, []
+        for conn in idle:
+            conn.close()
 
     @contextmanager
-    def transaction(self, write: bool = True) -> Iterator[Cursor]:
-        """One transaction; a failure rolls back and drops the connection."""
+    def transaction(self) -> Iterator[Cursor]:
+        """One write transaction; a failure rolls back and drops the connection."""
         with self._lock:
             if self._conn is None:
                 self._conn = self._connect()
             cursor = _Translating(self._conn.cursor(), self._sql)
             try:
-                self._begin(cursor, write)
+                self._begin(cursor, write=True)
                 yield cursor
                 self._conn.commit()
             except BaseException:
@@ -97,6 +145,26 @@ class SqlLedger:
                 except Exception:  # the connection is gone; it is replaced next time
                     self._conn = None
                 raise
+
+    @contextmanager
+    def reading(self) -> Iterator[Cursor]:
+        """One read-only snapshot transaction on a read connection (never the
+        writer's): it neither waits for the writer's lock nor holds it."""
+        with self._reader_slots:
+            with self._readers_lock:
+                conn = self._idle_readers.pop() if self._idle_readers else None
+            if conn is None:
+                conn = self._connect_reader()
+            try:
+                cursor = _Translating(conn.cursor(), self._sql)
+                self._begin(cursor, write=False)
+                yield cursor
+                conn.rollback()  # nothing to keep: it only read
+            except BaseException:
+                conn.close()  # a failed reader is not reused (PostgreSQL keeps it aborted)
+                raise
+            with self._readers_lock:
+                self._idle_readers.append(conn)
 
     def _begin(self, cursor: Cursor, write: bool) -> None:
         del cursor, write
@@ -135,12 +203,11 @@ class SqlLedger:
             return self.schema_version()
         except Exception as exc:
             if "schema_migrations" in str(exc):
-                self.close()  # PostgreSQL leaves the failed transaction's connection unusable
                 return 0
             raise
 
     def schema_version(self) -> int:
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:
             cur.execute("SELECT MAX(version) FROM schema_migrations")
             row = cur.fetchone()
         return int(row[0] or 0)
@@ -189,11 +256,11 @@ class SqlLedger:
             )
         for rid, image in images.holds.items():
             cur.execute(
-                "INSERT INTO reservation_states (reservation_id, account_id, seq, state) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (reservation_id) DO UPDATE SET "
-                "seq = excluded.seq, state = excluded.state "
+                "INSERT INTO reservation_states (reservation_id, account_id, seq, state, "
+                "closed_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (reservation_id) DO UPDATE SET "
+                "seq = excluded.seq, state = excluded.state, closed_at = excluded.closed_at "
                 "WHERE excluded.seq > reservation_states.seq",
-                (rid, entry.account_id, entry.seq, image),
+                (rid, entry.account_id, entry.seq, image, hold_closed_at(image)),
             )
         idem = images.idempotency
         if idem is not None:
@@ -261,6 +328,46 @@ class SqlLedger:
             )
         return snapshot_id
 
+    def prune(self, retention: Retention, now_ms: int) -> Pruned:
+        """Deletes, at most retention.batch_rows per table, what nothing needs any
+        more: snapshots beyond the newest snapshots_kept, reservation images whose
+        hold closed reservation_retention ago (no longer refundable, and recovery
+        would not restore them), idempotency images that lapsed."""
+        batch = retention.batch_rows
+        with self.transaction() as cur:
+            cur.execute(
+                "SELECT snapshot_id FROM snapshots ORDER BY snapshot_id DESC LIMIT 1 OFFSET ?",
+                (retention.snapshots_kept - 1,),
+            )
+            oldest_kept = cur.fetchone()
+            snapshots = balances = 0
+            if oldest_kept is not None:
+                cur.execute(
+                    "DELETE FROM snapshots WHERE snapshot_id IN (SELECT snapshot_id "
+                    "FROM snapshots WHERE snapshot_id < ? LIMIT ?)",
+                    (oldest_kept[0], batch),
+                )
+                snapshots = cur.rowcount
+                cur.execute(
+                    "DELETE FROM snapshot_balances WHERE (snapshot_id, account_id) IN ("
+                    "SELECT snapshot_id, account_id FROM snapshot_balances "
+                    "WHERE snapshot_id < ? LIMIT ?)",
+                    (oldest_kept[0], batch),
+                )
+                balances = cur.rowcount
+            cur.execute(
+                "DELETE FROM reservation_states WHERE reservation_id IN (SELECT reservation_id "
+                "FROM reservation_states WHERE closed_at > 0 AND closed_at <= ? LIMIT ?)",
+                (now_ms - retention.reservation_retention_ms, batch),
+            )
+            reservations = cur.rowcount
+            cur.execute(
+                "DELETE FROM idempotency_states WHERE record_key IN (SELECT record_key "
+                "FROM idempotency_states WHERE expires_at <= ? LIMIT ?)",
+                (now_ms, batch),
+            )
+            return Pruned(snapshots, balances, reservations, cur.rowcount)
+
     # --- reads ------------------------------------------------------------
 
     def entries(
@@ -273,6 +380,9 @@ class SqlLedger:
         after_seq: int = 0,
         limit: int = 1000,
     ) -> list[Entry]:
+        """The account's entries after after_seq, in order, only as far as the ledger
+        holds every entry from after_seq + 1 on: an entry committed late (a slow
+        flusher writing n after n + 1) is served once it is there, never skipped."""
         sql = [f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE account_id = ? AND seq > ?"]
         params: list[Any] = [account_id, after_seq]
         if start_ms:
@@ -286,34 +396,44 @@ class SqlLedger:
             params.extend(str(t) for t in types)
         sql.append("ORDER BY seq LIMIT ?")
         params.append(limit)
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:  # one snapshot: the gap is looked for in what was read
             cur.execute(" ".join(sql), params)
-            rows = cur.fetchall()
-        return [_entry_row(r) for r in rows]
+            rows = [_entry_row(r) for r in cur.fetchall()]
+            if not rows:
+                return rows
+            contiguous_through = _contiguous_through(cur, account_id, after_seq, rows[-1].seq)
+        return [row for row in rows if row.seq <= contiguous_through]
 
-    def usage_entries(self, since_ms: int, account_id: str = "") -> list[Entry]:
-        """Charges and refunds that occurred at or after since_ms (all accounts when
-        account_id is empty), in no particular order."""
+    def usage_page(
+        self, since_ms: int, account_id: str, after: UsageKey | None, limit: int
+    ) -> list[Entry]:
+        """One page of the charges and refunds that occurred at or after since_ms (all
+        accounts when account_id is empty), after `after`, in (account, time, seq) order."""
         usage_types = sorted(USAGE_TYPES)
-        sql = (
+        sql = [
             f"SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE occurred_at >= ? "
             f"AND type IN ({', '.join('?' for _ in usage_types)})"
-        )
+        ]
         params: list[Any] = [since_ms, *usage_types]
         if account_id:
-            sql += " AND account_id = ?"
+            sql.append("AND account_id = ?")
             params.append(account_id)
-        with self.transaction(write=False) as cur:
-            cur.execute(sql, params)
+        if after is not None:
+            sql.append("AND (account_id, occurred_at, seq) > (?, ?, ?)")
+            params.extend(after)
+        sql.append("ORDER BY account_id, occurred_at, seq LIMIT ?")
+        params.append(limit)
+        with self.reading() as cur:
+            cur.execute(" ".join(sql), params)
             return [_entry_row(r) for r in cur.fetchall()]
 
     def count_entries(self) -> int:
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:
             cur.execute("SELECT COUNT(*) FROM ledger_entries")
             return int(cur.fetchone()[0])
 
     def account_states(self) -> list[StateRow]:
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:
             cur.execute(
                 "SELECT s.account_id, s.seq, s.state, e.available_after FROM account_states s "
                 "JOIN ledger_entries e ON e.account_id = s.account_id AND e.seq = s.seq "
@@ -325,14 +445,14 @@ class SqlLedger:
             ]
 
     def reservation_states(self) -> list[StateRow]:
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:
             cur.execute(
                 "SELECT reservation_id, account_id, seq, state FROM reservation_states"
             )
             return [StateRow(r[0], r[1], int(r[2]), bytes(r[3])) for r in cur.fetchall()]
 
     def idempotency_states(self, now_ms: int) -> list[StateRow]:
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:
             cur.execute(
                 "SELECT record_key, account_id, seq, state, expires_at FROM idempotency_states "
                 "WHERE expires_at > ?",
@@ -343,7 +463,7 @@ class SqlLedger:
             ]
 
     def catalog_prices(self) -> list[tuple[str, int, int, int]]:
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:
             cur.execute(
                 "SELECT operation, version, price, effective_at FROM catalog_prices "
                 "ORDER BY version"
@@ -353,7 +473,7 @@ class SqlLedger:
     def entry_sums(self) -> dict[str, dict[str, int]]:
         """Per account and event type: units moved, and units lost to expiry."""
         sums: dict[str, dict[str, int]] = {}
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:
             cur.execute(
                 "SELECT account_id, type, SUM(units), COUNT(*) FROM ledger_entries "
                 "WHERE account_id <> '' GROUP BY account_id, type"
@@ -376,13 +496,27 @@ class SqlLedger:
 
     def latest_snapshot(self) -> tuple[int, int, int] | None:
         """(snapshot_id, taken_at_ms, accounts) of the newest snapshot."""
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:
             cur.execute(
                 "SELECT snapshot_id, taken_at, accounts FROM snapshots "
                 "ORDER BY snapshot_id DESC LIMIT 1"
             )
             row = cur.fetchone()
         return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
+
+
+def _contiguous_through(cur: Cursor, account_id: str, after_seq: int, last_seq: int) -> int:
+    """The largest k <= last_seq with every entry after_seq + 1 .. k in the ledger
+    (after_seq when after_seq + 1 is missing)."""
+    cur.execute(
+        "SELECT MIN(c.seq) FROM (SELECT CAST(? AS BIGINT) AS seq UNION ALL "
+        "SELECT seq FROM ledger_entries WHERE account_id = ? AND seq > ? AND seq < ?) c "
+        "WHERE NOT EXISTS (SELECT 1 FROM ledger_entries n "
+        "WHERE n.account_id = ? AND n.seq = c.seq + 1)",
+        (after_seq, account_id, after_seq, last_seq, account_id),
+    )
+    first_before_gap = cur.fetchone()[0]
+    return last_seq if first_before_gap is None else int(first_before_gap)
 
 
 class _Translating:
@@ -417,22 +551,32 @@ class SqliteLedger(SqlLedger):
         self.path = path
 
     def _connect(self) -> Any:
+        conn = self._open()
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _connect_reader(self) -> Any:
+        conn = self._open()
+        conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
         )
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         return conn
 
     def _begin(self, cursor: Cursor, write: bool) -> None:
         # A writer takes the write lock up front, so it waits (busy_timeout)
-        # rather than failing half-way; readers never wait in WAL mode.
+        # rather than failing half-way; readers never wait in WAL mode (a read
+        # transaction reads one snapshot).
         cursor.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
     def pragma(self, name: str) -> str:
-        with self.transaction(write=False) as cur:
+        with self.reading() as cur:
             cur.execute(f"PRAGMA {name}")
             return str(cur.fetchone()[0])
 
@@ -449,6 +593,16 @@ class PostgresLedger(SqlLedger):
         import psycopg
 
         return psycopg.connect(self.url, connect_timeout=10)
+
+    def _connect_reader(self) -> Any:
+        import psycopg
+
+        conn = psycopg.connect(self.url, connect_timeout=10)
+        # every statement of a read transaction sees the same snapshot (a page and
+        # the gap looked for in it); read-only snapshots never fail to serialize
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        return conn
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")

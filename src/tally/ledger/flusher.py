@@ -5,6 +5,9 @@ dead flusher left pending), writes the batch to the ledger in one
 transaction, acknowledges, then trims the stream up to the oldest entry not
 yet acknowledged — never by length. Several flushers (servers or `tally
 flusher` processes) may run at once: the ledger ignores events it already has.
+Each pass also prunes the ledger's tables beside the entries (a bounded batch
+per table; see Retention), so they stay as large as the retained state, never
+as the traffic.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import msgpack
 
 from tally import metrics
 from tally.domain.errors import Unavailable
-from tally.ledger.backend import StateRow
+from tally.ledger.backend import Retention, StateRow
 from tally.ledger.ledger import Ledger, LedgerUnavailable
 from tally.store.failures import StoreBusy
 from tally.store.streams import EventStreams, ShardLag
@@ -39,6 +42,7 @@ class FlusherSettings:
     claim_idle_ms: int = 30_000
     snapshot_interval_s: float = 300.0
     stream_retention_ms: int = 0  # flushed events kept this long (watches resume from them)
+    retention: Retention | None = None  # what pruning keeps; None: this flusher never prunes
 
 
 def consumer_name() -> str:
@@ -130,6 +134,8 @@ class Flusher:
                 break
             try:
                 metrics.FLUSHER_EVENTS_FLUSHED.inc(await self.flush_all())
+                if self.settings.retention is not None:
+                    await self.ledger.prune(self.settings.retention)
                 if loop.time() >= next_lag:
                     self._record_lag(await self.lag())
                     next_lag = loop.time() + LAG_INTERVAL_S

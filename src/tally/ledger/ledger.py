@@ -6,20 +6,35 @@ It owns three things no caller repeats:
   LedgerUnavailable (worth a retry), any other driver error is a bug and stays
   as it is (INTERNAL at the API);
 - the clock: the times the ledger records (flushed, snapshot taken, migration
-  applied) come from the injected clock, the one the server uses.
+  applied) and prunes by come from the injected clock, the one the server uses.
+
+Reads run on the backend's read connections, at most READ_CONNECTIONS_MAX at a
+time: a read waits here, on the event loop, for a free connection, so it never
+holds a worker thread while it waits (the writer needs one). Usage is read a
+page of `page_rows` entries at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import ParamSpec, TypeVar
 
+from prometheus_client import Counter, Histogram
+
+from tally import metrics
 from tally.clock import Clock
 from tally.domain.errors import Unavailable
 from tally.domain.events import Entry, StreamEntry
-from tally.ledger.backend import SqlLedger, StateRow
+from tally.ledger.backend import (
+    READ_CONNECTIONS_MAX,
+    Pruned,
+    Retention,
+    SqlLedger,
+    StateRow,
+    UsageKey,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -30,6 +45,21 @@ _SQLITE_UNREACHABLE = frozenset(
     {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR}
 )
 _SQLITE_PRIMARY_CODE_MASK = 0xFF  # extended result codes carry the primary one in the low byte
+
+PAGE_ROWS = 1000  # entries a paged read holds at once
+
+READ_PAGE_ROWS = Histogram(
+    "tally_ledger_read_page_rows",
+    "Entries per page of a paged ledger read (reports, usage recovery)",
+    buckets=(10, 100, PAGE_ROWS),
+    registry=metrics.REGISTRY,
+)
+ROWS_PRUNED = Counter(
+    "tally_ledger_rows_pruned_total",
+    "Rows pruned from the ledger's tables beside the entries, by table",
+    ["table"],
+    registry=metrics.REGISTRY,
+)
 
 
 class LedgerUnavailable(Unavailable):
@@ -54,9 +84,11 @@ def _unreachable(exc: Exception) -> bool:
 class Ledger:
     """Every ledger read and write an async caller makes."""
 
-    def __init__(self, backend: SqlLedger, clock: Clock) -> None:
+    def __init__(self, backend: SqlLedger, clock: Clock, page_rows: int = PAGE_ROWS) -> None:
         self.backend = backend
         self.clock = clock
+        self.page_rows = page_rows
+        self._read_slots = asyncio.Semaphore(READ_CONNECTIONS_MAX)
 
     @property
     def dialect(self) -> str:
@@ -73,6 +105,10 @@ class Ledger:
                 raise LedgerUnavailable(exc) from exc
             raise
 
+    async def _read(self, work: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        async with self._read_slots:
+            return await self._call(work, *args, **kwargs)
+
     # --- schema -----------------------------------------------------------
 
     async def migrate(self) -> list[int]:
@@ -80,7 +116,7 @@ class Ledger:
         return await self._call(self.backend.migrate, self.clock.now_ms())
 
     async def schema_version(self) -> int:
-        return await self._call(self.backend.schema_version)
+        return await self._read(self.backend.schema_version)
 
     # --- writes -----------------------------------------------------------
 
@@ -92,6 +128,17 @@ class Ledger:
         self, reason: str, balances: Iterable[tuple[str, int, dict[str, int], bytes]]
     ) -> int:
         return await self._call(self.backend.snapshot, reason, balances, self.clock.now_ms())
+
+    async def prune(self, retention: Retention) -> Pruned:
+        """One bounded pass of pruning, as of the clock's now."""
+        pruned = await self._call(self.backend.prune, retention, self.clock.now_ms())
+        for table, rows in (
+            ("snapshots", pruned.snapshots), ("snapshot_balances", pruned.snapshot_balances),
+            ("reservation_states", pruned.reservations),
+            ("idempotency_states", pruned.idempotency_records),
+        ):
+            ROWS_PRUNED.labels(table).inc(rows)
+        return pruned
 
     # --- reads ------------------------------------------------------------
 
@@ -105,32 +152,45 @@ class Ledger:
         after_seq: int = 0,
         limit: int = 1000,
     ) -> list[Entry]:
-        return await self._call(
+        return await self._read(
             self.backend.entries, account_id, start_ms=start_ms, end_ms=end_ms, types=types,
             after_seq=after_seq, limit=limit,
         )
 
-    async def usage_entries(self, since_ms: int, account_id: str = "") -> list[Entry]:
-        return await self._call(self.backend.usage_entries, since_ms, account_id)
+    async def usage_pages(self, since_ms: int, account_id: str = "") -> AsyncIterator[list[Entry]]:
+        """Charges and refunds that occurred at or after since_ms (all accounts when
+        account_id is empty), a page of at most page_rows at a time."""
+        after: UsageKey | None = None
+        while True:
+            page = await self._read(
+                self.backend.usage_page, since_ms, account_id, after, self.page_rows
+            )
+            READ_PAGE_ROWS.observe(len(page))
+            if page:
+                yield page
+            if len(page) < self.page_rows:
+                return
+            last = page[-1]
+            after = (last.account_id, last.occurred_at_ms, last.seq)
 
     async def count_entries(self) -> int:
-        return await self._call(self.backend.count_entries)
+        return await self._read(self.backend.count_entries)
 
     async def account_states(self) -> list[StateRow]:
-        return await self._call(self.backend.account_states)
+        return await self._read(self.backend.account_states)
 
     async def reservation_states(self) -> list[StateRow]:
-        return await self._call(self.backend.reservation_states)
+        return await self._read(self.backend.reservation_states)
 
     async def idempotency_states(self, now_ms: int) -> list[StateRow]:
         """The records that have not expired at now_ms."""
-        return await self._call(self.backend.idempotency_states, now_ms)
+        return await self._read(self.backend.idempotency_states, now_ms)
 
     async def catalog_prices(self) -> list[tuple[str, int, int, int]]:
-        return await self._call(self.backend.catalog_prices)
+        return await self._read(self.backend.catalog_prices)
 
     async def entry_sums(self) -> dict[str, dict[str, int]]:
-        return await self._call(self.backend.entry_sums)
+        return await self._read(self.backend.entry_sums)
 
     async def latest_snapshot(self) -> tuple[int, int, int] | None:
-        return await self._call(self.backend.latest_snapshot)
+        return await self._read(self.backend.latest_snapshot)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tally.domain.events import EntryType
-from tally.domain.usage import from_entries
-from tally.ledger.backend import StateRow
+from tally.domain.usage import Usage, from_entries, net
+from tally.ledger.backend import StateRow, hold_closed_at
 from tally.ledger.flusher import Flusher
 from tally.ledger.ledger import Ledger
 from tally.store.state_images import StateImages, unpack_image
@@ -95,9 +95,10 @@ async def _rebuild_usage(
 ) -> None:
     """The current period's usage counters, recomputed from the ledger's entries."""
     period_start, period_end = int(acct["period_start"]), int(acct["period_end"])
-    entries = await ledger.usage_entries(period_start, account_id)
-    # a refund of an earlier period's charge counts there
-    usages = [u for u in from_entries(entries) if u.bucket_ms >= period_start]
+    usages: list[Usage] = []
+    async for page in ledger.usage_pages(period_start, account_id):
+        # a refund of an earlier period's charge counts there
+        usages = net([*usages, *(u for u in from_entries(page) if u.bucket_ms >= period_start)])
     await images.restore_usage(account_id, period_start, period_end, usages, now_ms)
 
 
@@ -106,11 +107,12 @@ async def _restore_reservation(
 ) -> bool:
     """An open hold comes back with its expiry indexes; a closed one only for what is
     left of its retention (as the scripts keep it). Returns whether it came back."""
-    hold = unpack_image(row.state)
-    if hold["state"] == "HELD":
+    closed_at = hold_closed_at(row.state)
+    if not closed_at:
+        hold = unpack_image(row.state)
         await images.restore_open_hold(row.key, row.account_id, row.state, int(hold["expires_at"]))
         return True
-    left_ms = int(hold.get("closed_at", 0)) + retention_ms - now_ms
+    left_ms = closed_at + retention_ms - now_ms
     if left_ms <= 0:
         return False
     await images.restore_closed_hold(row.key, row.state, left_ms)

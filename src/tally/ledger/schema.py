@@ -85,6 +85,17 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        2,
+        "pruning: when a reservation image's hold closed; lapsed images found by index",
+        (
+            # 0 while held. Images written before this migration keep 0 (never pruned):
+            # Tally was never released with version 1 alone.
+            "ALTER TABLE reservation_states ADD COLUMN closed_at BIGINT NOT NULL DEFAULT 0",
+            "CREATE INDEX reservation_states_by_closed ON reservation_states (closed_at)",
+            "CREATE INDEX idempotency_states_by_expiry ON idempotency_states (expires_at)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -250,13 +250,12 @@ class UsageWatch:
         self, progress: _Progress, upto: int | None = None
     ) -> AsyncIterator[usage_pb2.UsageEvent]:
         """The account's events after progress.last that the ledger has without a gap
-        (up to `upto`), a page at a time."""
+        (up to `upto`), a page at a time. The ledger serves only the run without a
+        gap: an event it lacks (committed late) is still in Redis."""
         while upto is None or progress.last < upto:
             limit = self.batch if upto is None else min(self.batch, upto - progress.last)
             rows = await self._ledger_rows(progress.account_id, progress.last, limit)
             for row in rows:
-                if row.seq != progress.last + 1:
-                    return  # the ledger has a gap here: the missing event is still in Redis
                 progress.last = row.seq
                 _FROM_LEDGER.inc()
                 yield usage_event(row, str(row.seq))
