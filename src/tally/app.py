@@ -225,7 +225,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     if settings.metrics_listen:
         authority.metrics_server = metrics.serve(settings.metrics_listen)
     background.start("reaper", reaper)
-    background.start("period sweeper", sweeper)
+    background.start("sweeper", sweeper)
     background.start("flusher", flusher)
     log.info(
         "serving",

@@ -12,6 +12,8 @@ import pytest
 import pytest_asyncio
 from google.protobuf.duration_pb2 import Duration
 
+from tally.store.contract import PriceVersionRecord
+from tally.store.state_images import StateImages, unpack_image
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.support import (
     T0_MS,
@@ -224,3 +226,72 @@ async def test_superseded_price_version_is_honoured_for_the_quote_validity(
     running.clock.advance(30 * DAY_MS)
     assert (await quoted(second.version, "r3")).units == 200
     assert running.authority.settings.quote_validity * 1000 == validity_ms
+
+
+async def history_record(
+    running: Running, shard: int, operation: str, version: int
+) -> PriceVersionRecord:
+    store = running.authority.store
+    raw = await store.redis.hget(
+        store.keys.price_history(shard), store.keys.price_version_field(operation, version)
+    )
+    assert raw is not None, f"shard {shard} has no version {version} of {operation}"
+    return PriceVersionRecord.decode(unpack_image(raw))
+
+
+async def test_every_shard_and_a_repaired_one_record_when_a_version_was_superseded(
+    running: Running,
+) -> None:
+    """Proves every shard's copy of the price history records the time SetPrice
+    superseded a version (so a quote lapses at the same instant on every shard), and
+    that a shard whose copy was lost gets the same record back from sync_catalog."""
+    store = running.authority.store
+    operation = f"test.op-{unique('h')}"
+    first = (await running.catalog.SetPrice(
+        catalog_pb2.SetPriceRequest(operation=operation, units_per_quantity=1)
+    )).price
+    running.clock.advance(SECOND_MS)
+    superseded_ms = running.clock.now_ms()
+    await running.catalog.SetPrice(
+        catalog_pb2.SetPriceRequest(operation=operation, units_per_quantity=2)
+    )
+    superseded = PriceVersionRecord(price=1, superseded_at=superseded_ms)
+    for shard in range(store.keys.shards):
+        assert await history_record(running, shard, operation, first.version) == superseded
+    lost = store.keys.shards - 1
+    await store.redis.hdel(
+        store.keys.price_history(lost), store.keys.price_version_field(operation, first.version)
+    )
+    await store.sync_catalog(load_defaults=False)
+    assert await history_record(running, lost, operation, first.version) == superseded
+
+
+async def test_recovery_restores_supersession_times_and_makes_accounts_due(
+    own_redis: RedisProcess,
+) -> None:
+    """Proves recovery writes each price version superseded when the operation's next
+    version took effect (the current one not superseded), and restores an account due
+    at once in its shard's closings, so the sweeper closes it and indexes its next
+    closing (its period end)."""
+    running = await start_running(own_redis.url)
+    try:
+        running.authority.sweeper.stop()
+        store = running.authority.store
+        images = StateImages.of(store)
+        await images.restore_catalog([("op.a", 1, 5, 100), ("op.b", 2, 7, 200),
+                                      ("op.a", 3, 9, 300)])
+        assert await history_record(running, 0, "op.a", 1) == PriceVersionRecord(5, 300)
+        assert await history_record(running, 0, "op.a", 3) == PriceVersionRecord(9, 0)
+        assert await history_record(running, 0, "op.b", 2) == PriceVersionRecord(7, 0)
+
+        account_id = await create(running, 100)
+        image = await images.account(account_id)
+        assert image is not None
+        closings = store.keys.closings(store.keys.shard_of(account_id))
+        assert await store.redis.zscore(closings, account_id) == PERIOD_END_MS
+        await images.restore_account(account_id, image)
+        assert await store.redis.zscore(closings, account_id) == 0
+        assert await running.authority.sweeper.sweep_once() == 0  # nothing was due
+        assert await store.redis.zscore(closings, account_id) == PERIOD_END_MS
+    finally:
+        await stop_running(running)

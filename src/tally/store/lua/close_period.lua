@@ -19,9 +19,11 @@ return run(function()
   adopt_account(ctx, acct)
   touch(ctx)
   local events = #ctx.events
-  commit_ctx(ctx)
-  -- A period that rolled without an event (no allotment, no overage) is not
-  -- written: the index still moves on to the next closing.
-  index_closing(ctx)
+  commit_ctx(ctx)  -- indexes the next closing of an account it writes
+  if events == 0 then
+    -- A period that rolled without an event (no allotment, no overage) is not
+    -- written: the index still moves on to the next closing.
+    index_closing(ctx)
+  end
   return {events = events}
 end)
