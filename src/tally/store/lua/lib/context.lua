@@ -3,10 +3,11 @@
 -- Nothing here writes to Redis: every change is made in memory on ctx and
 -- written by commit_ctx (write_phase) once every check has passed.
 --
--- ctx = {now (the account's clock once it is loaded), prefix, shard, acct, acct_key, holds_key, expiries_key,
---        events_key, events = {}, holds = {rid -> hold loaded},
---        dirty = {rid -> true for holds to write}, usage = {counter changes},
---        idem = the idempotency record to write, retention_ms, quote_validity_ms}
+-- ctx = {now (the account's clock once it is loaded), prefix, shard, acct,
+--        acct_key, holds_key, expiries_key, events_key, events = {},
+--        holds = {rid -> hold loaded}, dirty = {rid -> true for holds to write},
+--        usage = {counter changes}, idem = the idempotency record to write,
+--        retention_ms, quote_validity_ms}
 
 local function new_ctx(req, keys)
   return {
