@@ -37,6 +37,7 @@ from tally.store.quota_store import QuotaStore, StoreLimits
 from tally.store.reaper import Reaper
 from tally.store.state_images import StateImages
 from tally.store.streams import EventStreams
+from tally.store.sweeper import PeriodSweeper
 from tally.supervisor import RestartPolicy, Supervisor
 
 log = logging.getLogger("tally.app")
@@ -79,6 +80,7 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
     limits = StoreLimits(
         idempotency_window_ms=round(settings.idempotency_window * 1000),
         reservation_retention_ms=round(settings.reservation_retention * 1000),
+        quote_validity_ms=round(settings.quote_validity * 1000),
     )
     return QuotaStore(ScriptRunner(redis), KeySpace(settings.shards), clock, limits)
 
@@ -147,6 +149,7 @@ class Authority:
     port: int
     health: health.aio.HealthServicer
     reaper: Reaper
+    sweeper: PeriodSweeper
     watch: UsageWatch
     background: Supervisor
     admission: Admission
@@ -226,6 +229,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         raise
     await set_serving(health_servicer, True)
     reaper = Reaper(store, settings.reaper_interval, settings.reaper_batch)
+    sweeper = PeriodSweeper(store, settings.period_sweep_interval, settings.period_sweep_batch)
     background = Supervisor(
         RestartPolicy(
             failures_max=settings.background_failures_max,
@@ -234,12 +238,13 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         lambda serving: set_serving(health_servicer, serving),
     )
     authority = Authority(
-        settings, store, ledger, flusher, server, port, health_servicer, reaper, watch,
+        settings, store, ledger, flusher, server, port, health_servicer, reaper, sweeper, watch,
         background, admission, embedded,
     )
     if settings.metrics_listen:
         authority.metrics_server = metrics.serve(settings.metrics_listen)
     background.start("reaper", reaper)
+    background.start("sweeper", sweeper)
     background.start("flusher", flusher)
     log.info(
         "serving",

@@ -67,6 +67,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("reaper_interval", "how often each shard's expired holds are released",
             parse_duration_s, 1.0),
     Setting("reaper_batch", "holds released per shard per reaper pass, at most", int, 500),
+    Setting("period_sweep_interval", "how often accounts whose billing period ended (or grant "
+            "expired) are closed, touched or not: the most a closing is late, plus one pass",
+            parse_duration_s, 60.0),
+    Setting("period_sweep_batch", "accounts closed per shard per sweeper batch, at most", int,
+            500),
+    Setting("quote_validity", "how long a superseded price_version is still honoured",
+            parse_duration_s, 600.0),
     Setting("background_failures_max", "failures in a row after which a background task "
             "(reaper, flusher) cannot stay up: health turns NOT_SERVING", int, 5),
     Setting("background_stable_after", "a restarted background task that runs this long is up "
@@ -124,6 +131,9 @@ class Settings:
     reservation_retention: float
     reaper_interval: float
     reaper_batch: int
+    period_sweep_interval: float
+    period_sweep_batch: int
+    quote_validity: float
     background_failures_max: int
     background_stable_after: float
     flush_interval: float
@@ -160,6 +170,7 @@ class Settings:
         if not 1 <= self.shards <= 4096:
             raise ValueError(f"shards must be between 1 and 4096, got {self.shards}")
         for name in ("idempotency_window", "reservation_retention", "reaper_interval",
+                     "period_sweep_interval",
                      "redis_timeout", "flush_interval", "flush_claim_idle",
                      "snapshot_interval", "background_stable_after"):
             if getattr(self, name) < 0.001:
@@ -175,16 +186,18 @@ class Settings:
             raise ValueError("redis_appendfsync must be always, everysec or no")
         if self.log_format not in {"json", "text"}:
             raise ValueError("log_format must be json or text")
-        if min(self.reaper_batch, self.redis_max_connections, self.flush_batch,
-               self.max_watchers, self.max_in_flight) < 1:
+        if min(self.reaper_batch, self.period_sweep_batch, self.redis_max_connections,
+               self.flush_batch, self.max_watchers, self.max_in_flight) < 1:
             raise ValueError(
-                "reaper_batch, flush_batch, redis_max_connections, max_watchers and "
-                "max_in_flight must be positive"
+                "reaper_batch, period_sweep_batch, flush_batch, redis_max_connections, "
+                "max_watchers and max_in_flight must be positive"
             )
         if self.admission_queue < 0 or self.admission_wait < 0:
             raise ValueError("admission_queue and admission_wait must not be negative")
         if min(self.snapshots_kept, self.ledger_prune_batch) < 1:
             raise ValueError("snapshots_kept and ledger_prune_batch must be positive")
+        if self.quote_validity < 0:
+            raise ValueError("quote_validity must not be negative")
         if self.background_failures_max < 1:
             raise ValueError("background_failures_max must be positive")
         if self.stream_retention < 0:

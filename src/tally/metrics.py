@@ -136,6 +136,14 @@ HOLDS_EXPIRED = Counter(
     registry=REGISTRY,
 )
 
+# --- billing periods -------------------------------------------------------
+
+ACCOUNTS_CLOSED = Counter(
+    "tally_accounts_closed_total",
+    "Accounts this process's period sweeper closed (period ended or grant expired)",
+    registry=REGISTRY,
+)
+
 # --- Redis ------------------------------------------------------------------
 
 REDIS_SCRIPT_BUCKETS = (

@@ -18,8 +18,9 @@ Time: every script first brings its account up to the clock (due holds
 expire, grants expire, a new period begins), so the model applies all of it
 the moment the clock moves. Two things keep a case deterministic, as
 hypothesis needs (it replays a case to shrink it):
-- the background reaper is stopped (it would write at moments the test does
-  not control); the reaper_step rule runs its per-hold script instead;
+- the background reaper and period sweeper are stopped (they would write at
+  moments the test does not control); the reaper_step rule runs the reaper's
+  per-hold script instead, and the sweep_step rule a whole sweeper pass;
 - a new period's allotment appears at the first write in the period, and a
   period nobody wrote in is skipped (its allotment never exists). Before the
   clock moves past an account's period end, the test makes sure the current
@@ -57,6 +58,7 @@ from hypothesis.stateful import (
 )
 
 from tally.store.contract import ExpireHoldRequest
+from tally.store.state_images import StateImages, unpack_image
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.integration.model import (
     ALLOW,
@@ -189,8 +191,9 @@ class QuotaMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.running: Running = self.loop.run_until_complete(start_running(self.redis_url))
-        # Deterministic cases: no background reaper (see the module notes).
+        # Deterministic cases: no background reaper or sweeper (see the module notes).
         self.running.authority.reaper.stop()
+        self.running.authority.sweeper.stop()
         self.quota = cast("quota_pb2_grpc.QuotaServiceAsyncStub", self.running.quota)
         self.admin = cast("account_pb2_grpc.AccountServiceAsyncStub", self.running.accounts)
         self.catalog = cast("catalog_pb2_grpc.CatalogServiceAsyncStub", self.running.catalog)
@@ -658,6 +661,19 @@ class QuotaMachine(RuleBasedStateMachine):
         store = self.running.authority.store
         reply = self.loop.run_until_complete(store.expire_hold(ExpireHoldRequest(rid)))
         assert isinstance(reply.expired, int)
+
+    @rule()
+    def sweep_step(self) -> None:
+        """A period sweeper pass (close_period.lua on every account due): it applies
+        what the model applied when the clock moved, so no figure changes; an account
+        whose current period it wrote needs no write before the next period end."""
+        authority = self.running.authority
+        self.loop.run_until_complete(authority.sweeper.sweep_once())
+        images = StateImages.of(authority.store)
+        for account_id, acct in self.model.accounts.items():
+            raw = self.loop.run_until_complete(images.account(account_id))
+            if raw is not None and unpack_image(raw)["period_start"] == acct.period_start_ms:
+                self.model.wrote(account_id)
 
     @rule(unit_ms=st.sampled_from([SECOND_MS, MINUTE_MS, HOUR_MS]), count=st.integers(1, 90))
     def advance_clock(self, unit_ms: int, count: int) -> None:

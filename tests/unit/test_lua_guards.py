@@ -155,7 +155,7 @@ def valid_request(store: QuotaStore, w: World, script: str) -> Request:
         keys = [store.keys.prices(1), store.keys.price_history(1)]
         return script, keys, {"now": store.clock.now_ms(), "operation": "image.new",
                               "units_per_quantity": 7, "version": 99,
-                              "effective_at_ms": store.clock.now_ms()}
+                              "effective_at_ms": store.clock.now_ms(), "superseded_at_ms": 0}
     raise AssertionError(script)
 
 
@@ -223,6 +223,7 @@ GUARDS: list[Guard] = [
           values(NOT_INTEGERS, TOO_LARGE, (0, -1))),
     Guard("apply_price", "units_per_quantity", "units_per_quantity", (1.5, 0, -1, 2**53, "7")),
     Guard("apply_price", "version", "version", (1.5, 0, -1, 2**53, "7")),
+    Guard("apply_price", "superseded_at_ms", "superseded_at_ms", (1.5, -1, 2**53, "7", None)),
 ]
 
 

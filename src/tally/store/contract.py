@@ -102,6 +102,14 @@ class IdempotentContext(ScriptContext):
     idempotency_window_ms: int
 
 
+@dataclass(frozen=True)
+class SpendContext(IdempotentContext):
+    """A spend script's context: also how long a price_version is honoured
+    after it is superseded (--quote-validity)."""
+
+    quote_validity_ms: int
+
+
 # --- requests and replies: the common part ---------------------------------
 
 
@@ -431,6 +439,19 @@ class ExpireHoldRequest(ScriptRequest[ExpireHoldReply]):
     reservation_id: str
 
 
+@dataclass(frozen=True)
+class ClosePeriodReply(Reply):
+    events: int  # events the close wrote (0: nothing was due, e.g. another server closed it)
+
+
+@dataclass(frozen=True)
+class ClosePeriodRequest(ScriptRequest[ClosePeriodReply]):
+    SCRIPT = "close_period"
+    REPLY = ClosePeriodReply
+
+    account_id: str
+
+
 # --- spend scripts -------------------------------------------------------------
 
 
@@ -461,6 +482,8 @@ class ChargeReply(Reply):
 @dataclass(frozen=True)
 class SpendRequest(IdempotentRequest[ReplyT]):
     """What Reserve and Charge both ask."""
+
+    CONTEXT: ClassVar[type[IdempotentContext]] = SpendContext
 
     account_id: str
     operation: str
@@ -559,6 +582,15 @@ class QuoteRequest(ScriptRequest[QuoteReply]):
 
 
 @dataclass(frozen=True)
+class PriceVersionRecord(Reply):
+    """A record of a shard's price history: one version of an operation's price
+    and when a newer version superseded it (0: it is still the current one)."""
+
+    price: int
+    superseded_at: int
+
+
+@dataclass(frozen=True)
 class PriceView(Reply):
     operation: str
     units_per_quantity: int
@@ -606,6 +638,7 @@ class ApplyPriceRequest(ScriptRequest[ApplyPriceReply]):
     units_per_quantity: int
     version: int
     effective_at_ms: int
+    superseded_at_ms: int  # 0: current as far as shard 0 knows
 
 
 # --- usage counters and billing periods ------------------------------------
@@ -679,6 +712,7 @@ REQUESTS: tuple[type[ScriptRequest[Any]], ...] = (
     DeleteBudgetRequest,
     PurchaseRequest,
     ExpireHoldRequest,
+    ClosePeriodRequest,
     ReserveRequest,
     ChargeRequest,
     CommitRequest,

@@ -52,6 +52,9 @@ IDEMPOTENCY_KEY = NameTemplate("idempotency_key", "{prefix}idem:{account_id}:{ke
 USAGE_KEY = NameTemplate("usage_key", "{prefix}usage:{account_id}:{period_start_ms:d}")
 # zset of the shard's open holds (the reaper's work)
 EXPIRIES_KEY = NameTemplate("expiries_key", "{prefix}expiries")
+# zset of the shard's accounts by when their next closing is due: the end of
+# their billing period or an earlier grant expiry (the period sweeper's work)
+CLOSINGS_KEY = NameTemplate("closings_key", "{prefix}closings")
 # the shard's event stream
 EVENTS_KEY = NameTemplate("events_key", "{prefix}events")
 # the shard's copy of the price catalog
@@ -67,7 +70,7 @@ RESERVATION_ID = NameTemplate("reservation_id_for", "{tag}.{sequence:d}.{account
 
 # What the scripts write themselves (from the prefix and shard tag they are
 # given); the store passes every other key in KEYS.
-LUA_BUILT = (RESERVATION_KEY, USAGE_KEY, RESERVATION_ID, PRICE_VERSION_FIELD)
+LUA_BUILT = (RESERVATION_KEY, USAGE_KEY, RESERVATION_ID, PRICE_VERSION_FIELD, CLOSINGS_KEY)
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,9 @@ class KeySpace:
 
     def expiries(self, shard: int) -> str:
         return EXPIRIES_KEY.format(prefix=self.prefix(shard))
+
+    def closings(self, shard: int) -> str:
+        return CLOSINGS_KEY.format(prefix=self.prefix(shard))
 
     def parse_reservation_id(self, reservation_id: str) -> ReservationRef:
         parts = reservation_id.split(".", 2)

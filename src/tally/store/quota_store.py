@@ -25,6 +25,8 @@ from tally.store.contract import (
     CatalogContext,
     ChargeReply,
     ChargeRequest,
+    ClosePeriodReply,
+    ClosePeriodRequest,
     CommitReply,
     CommitRequest,
     CreateAccountReply,
@@ -35,6 +37,7 @@ from tally.store.contract import (
     ExtendRequest,
     HoldReply,
     IdempotentContext,
+    PriceVersionRecord,
     PriceView,
     PurchaseReply,
     PurchaseRequest,
@@ -50,6 +53,7 @@ from tally.store.contract import (
     SetBudgetRequest,
     SetPriceReply,
     SetPriceRequest,
+    SpendContext,
     UpdateAccountRequest,
 )
 from tally.store.keys import META_KEY, KeySpace
@@ -60,6 +64,7 @@ from tally.store.usage_counters import usage_of
 class StoreLimits:
     idempotency_window_ms: int
     reservation_retention_ms: int
+    quote_validity_ms: int
 
 
 class QuotaStore:
@@ -92,6 +97,12 @@ class QuotaStore:
         return IdempotentContext(
             **vars(self._context(account_id)),
             idempotency_window_ms=self.limits.idempotency_window_ms,
+        )
+
+    def _spend_context(self, account_id: str) -> SpendContext:
+        return SpendContext(
+            **vars(self._idempotent_context(account_id)),
+            quote_validity_ms=self.limits.quote_validity_ms,
         )
 
     async def _run(
@@ -156,12 +167,12 @@ class QuotaStore:
     async def reserve(self, request: ReserveRequest, timeout_s: float | None) -> HoldReply:
         account_id = request.account_id
         keys = self._spend_keys(account_id, request.idempotency_key)
-        return await self._run(request, self._idempotent_context(account_id), keys, timeout_s)
+        return await self._run(request, self._spend_context(account_id), keys, timeout_s)
 
     async def charge(self, request: ChargeRequest, timeout_s: float | None) -> ChargeReply:
         account_id = request.account_id
         keys = self._spend_keys(account_id, request.idempotency_key)
-        return await self._run(request, self._idempotent_context(account_id), keys, timeout_s)
+        return await self._run(request, self._spend_context(account_id), keys, timeout_s)
 
     async def commit(self, request: CommitRequest, timeout_s: float | None) -> CommitReply:
         account_id = self._reservation_account(request.reservation_id)
@@ -194,9 +205,20 @@ class QuotaStore:
         return await self._on_account(request, account_id, None)
 
     async def due_holds(self, shard: int, batch: int) -> list[str]:
+        return await self._due(self.keys.expiries(shard), batch)
+
+    async def close_period(self, request: ClosePeriodRequest) -> ClosePeriodReply:
+        return await self._on_account(request, request.account_id, None)
+
+    async def due_closings(self, shard: int, batch: int) -> list[str]:
+        """Accounts of the shard whose period end or a grant expiry has come."""
+        return await self._due(self.keys.closings(shard), batch)
+
+    async def _due(self, index_key: str, batch: int) -> list[str]:
+        """The first `batch` members of a zset indexed by time, due by now."""
         with store_errors():
             raw = await self.redis.zrangebyscore(
-                self.keys.expiries(shard), "-inf", self.clock.now_ms(), start=0, num=batch
+                index_key, "-inf", self.clock.now_ms(), start=0, num=batch
             )
         return [r.decode() for r in raw]
 
@@ -211,18 +233,21 @@ class QuotaStore:
             self.keys.events(0),
         ]
         reply = await self._run(request, self._catalog_context(), keys, timeout_s)
-        await self._apply_everywhere(reply, timeout_s)
+        await self._apply_everywhere(reply, 0, timeout_s)
         return reply
 
     def _catalog_context(self) -> CatalogContext:
         return CatalogContext(now=self.clock.now_ms())
 
-    async def _apply_everywhere(self, price: PriceView, timeout_s: float | None) -> None:
+    async def _apply_everywhere(
+        self, price: PriceView, superseded_at_ms: int, timeout_s: float | None
+    ) -> None:
         request = ApplyPriceRequest(
             operation=price.operation,
             units_per_quantity=price.units_per_quantity,
             version=price.version,
             effective_at_ms=price.effective_at_ms,
+            superseded_at_ms=superseded_at_ms,
         )
         for shard in range(1, self.keys.shards):
             keys = [self.keys.prices(shard), self.keys.price_history(shard)]
@@ -248,11 +273,12 @@ class QuotaStore:
             return
         history = await self.redis.hgetall(self.keys.price_history(0))
         current = {p.operation: p for p in prices}
-        for name, units in history.items():
+        for name, packed in history.items():
             operation, version = self.keys.price_version_of(name.decode())
+            record = PriceVersionRecord.decode(msgpack.unpackb(packed, raw=False))
             at_ms = current[operation].effective_at_ms if operation in current else 0
             await self._apply_everywhere(
-                PriceView(operation, int(units), version, at_ms), None
+                PriceView(operation, record.price, version, at_ms), record.superseded_at, None
             )
 
     # --- deployment checks -------------------------------------------------

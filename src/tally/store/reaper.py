@@ -7,25 +7,28 @@ expire_hold.lua is a no-op for a hold that is no longer due.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from tally import metrics
-from tally.domain.errors import TallyError
 from tally.store.client import store_errors
 from tally.store.contract import ExpireHoldRequest
+from tally.store.periodic import PeriodicPass
 from tally.store.quota_store import QuotaStore
 
 log = logging.getLogger("tally.reaper")
 
 
-class Reaper:
+class Reaper(PeriodicPass):
+    NAME = "reaper"
+    DONE = "holds_expired"
+
     def __init__(self, store: QuotaStore, interval_s: float, batch: int) -> None:
+        super().__init__(interval_s, log)
         self.store = store
-        self.interval_s = interval_s
         self.batch = batch
-        self._stopping = asyncio.Event()
+
+    async def pass_once(self) -> int:
+        return await self.reap_once()
 
     async def reap_once(self) -> int:
         """One pass over every shard; returns how many holds it expired. Counts them
@@ -51,17 +54,3 @@ class Reaper:
                     pipe.zcard(keys.expiries(shard))
                 counts = await pipe.execute()
         return sum(int(count) for count in counts)
-
-    async def run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                expired = await self.reap_once()
-                if expired:
-                    log.info("holds expired", extra={"holds_expired": expired})
-            except TallyError as error:
-                log.warning("reaper pass failed", extra={"error": error.message})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
-
-    def stop(self) -> None:
-        self._stopping.set()

@@ -41,6 +41,7 @@ SCRIPT_NAMES = (
     "refund",
     "extend",
     "expire_hold",
+    "close_period",
     "balance",
     "quote",
     "set_price",

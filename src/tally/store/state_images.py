@@ -79,8 +79,12 @@ class StateImages:
     # --- restores ---------------------------------------------------------------
 
     async def restore_account(self, account_id: str, image: bytes) -> None:
+        """The account, due at once in its shard's closings: the sweeper's first pass
+        closes it if it is due and indexes its next closing (close_period.lua)."""
+        closings = self.keys.closings(self.keys.shard_of(account_id))
         with redis_errors():
             await self.redis.set(self._account_key(account_id), image)
+            await self.redis.zadd(closings, {account_id: 0})
 
     async def restore_usage(
         self, account_id: str, period_start_ms: int, period_end_ms: int,
@@ -113,15 +117,20 @@ class StateImages:
             await self.redis.set(record_key, image, px=ttl_ms)
 
     async def restore_catalog(self, prices: Sequence[PriceVersion]) -> None:
-        """Every price version into the history; the newest of each operation as its
-        price (unless Redis has a newer one); the catalog version at least the newest."""
+        """Every price version into the history, superseded when the operation's next
+        version took effect; the newest of each operation as its price (unless Redis
+        has a newer one); the catalog version at least the newest."""
         newest: dict[str, PriceVersion] = {}
+        by_version = sorted(prices, key=lambda price: (price[0], price[1]))
         with redis_errors():
-            for price in prices:
+            for index, price in enumerate(by_version):
                 operation, version, units, _ = price
+                later = by_version[index + 1 : index + 2]
+                superseded_at = later[0][3] if later and later[0][0] == operation else 0
+                record = {"price": units, "superseded_at": superseded_at}
                 await self.redis.hset(
                     self.keys.price_history(0), self.keys.price_version_field(operation, version),
-                    units,
+                    msgpack.packb(record),
                 )
                 if operation not in newest or version > newest[operation][1]:
                     newest[operation] = price

@@ -1,9 +1,12 @@
---! include: codec keys
--- apply_price: copies one catalog price (set on shard 0) into a shard's own
--- copy, so that hot-path scripts read prices from their own hash slot.
--- Applying an older version than the shard has changes only the history.
+--! include: codec pricing
+-- apply_price: copies one version of a catalog price (set on shard 0) into a
+-- shard's own copy, so that hot-path scripts read prices from their own hash
+-- slot. A newer version than the shard's becomes its price and supersedes
+-- the shard's one at effective_at_ms, as set_price did on shard 0; an older
+-- one changes only the history.
 -- KEYS: 1 prices hash, 2 price history hash
--- ARGV[1] (msgpack): now, operation, units_per_quantity, version, effective_at_ms
+-- ARGV[1] (msgpack): now, operation, units_per_quantity, version, effective_at_ms,
+--   superseded_at_ms (0: current as far as shard 0 knows)
 -- Returns: {applied = bool}.
 
 return run(function()
@@ -12,9 +15,15 @@ return run(function()
   local price = check_int(req.units_per_quantity, 'units_per_quantity', 1, UNITS_MAX)
   local version = check_int(req.version, 'version', 1, UNITS_MAX)
   local at = check_int(req.effective_at_ms, 'effective_at_ms', 0, TIMESTAMP_MS_MAX)
-  redis.call('HSET', KEYS[2], price_version_field(operation, version), price)
+  local superseded_at = check_int(req.superseded_at_ms, 'superseded_at_ms', 0, TIMESTAMP_MS_MAX)
+  if not price_record(KEYS[2], operation, version) then
+    save_price_record(KEYS[2], operation, version, {price = price, superseded_at = 0})
+  end
+  if superseded_at ~= 0 then supersede(KEYS[2], operation, version, price, superseded_at) end
   local raw = redis.call('HGET', KEYS[1], operation)
-  if raw and cmsgpack.unpack(raw).version >= version then return {applied = false} end
+  local current = raw and cmsgpack.unpack(raw)
+  if current and current.version >= version then return {applied = false} end
+  if current then supersede(KEYS[2], operation, current.version, current.price, at) end
   redis.call('HSET', KEYS[1], operation, cmsgpack.pack({price = price, version = version, at = at}))
   return {applied = true}
 end)

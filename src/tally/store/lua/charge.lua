@@ -4,6 +4,7 @@
 --       4 shard event stream, 5 idempotency record, 6 shard prices hash,
 --       7 shard price history hash
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, idempotency_window_ms,
+--   quote_validity_ms,
 --   operation, quantity (>= 1), idempotency_key, fingerprint, labels,
 --   price_version (0: current)
 -- Returns: {reservation_id, units, balance, replayed, price_version, overage_units};

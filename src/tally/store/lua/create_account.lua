@@ -41,8 +41,7 @@ return run(function()
   local alerts = check_alert_settings(req.alerts or {})
   local existing = load_blob(ctx.acct_key)
   if existing then
-    upgrade(existing)
-    ctx.acct = existing
+    adopt_account(ctx, existing)
     local same = same_map(existing.labels, req.labels) and same_alerts(existing.alerts, alerts)
       and (anchor_day == 0 or anchor_day == existing.anchor_day)
     for name, stored in pairs(SETTINGS) do
@@ -59,7 +58,7 @@ return run(function()
   local acct = {id = account_id, allotment = req.monthly_allotment, policy = req.overage_policy,
     overage_limit = req.overage_limit, ap_units = req.auto_purchase_units,
     ap_threshold = req.auto_purchase_threshold,
-    anchor_day = anchor_day, labels = req.labels, created_at = ctx.now,
+    anchor_day = anchor_day, labels = req.labels, created_at = ctx.now, clock = ctx.now,
     period_start = period_start, period_end = period_end, period_consumed = 0,
     overage_used = 0, overage_held = 0, auto_purchased = 0, held = 0, seq = 0, event_seq = 0,
     total_granted = 0, total_charged = 0, total_refunded = 0, total_expired = 0, grants = {},

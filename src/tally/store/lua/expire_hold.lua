@@ -11,6 +11,7 @@ return run(function()
   local rid = check_str(req.reservation_id, 'reservation_id', RESERVATION_ID_BYTES_MAX)
   check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX)
   local acct = load_blob(ctx.acct_key)
+  if acct then adopt_account(ctx, acct) end
   local hold = load_hold(ctx, rid)
   if not acct or not hold or hold.state ~= 'HELD' then
     -- nothing left to expire: drop the stale index entries
@@ -24,8 +25,6 @@ return run(function()
     redis.call('ZADD', ctx.holds_key, hold.expires_at, rid)
     return {expired = 0}
   end
-  upgrade(acct)
-  ctx.acct = acct
   touch(ctx)
   settle_if_due(ctx, hold)
   local expired = 0

@@ -1,6 +1,7 @@
---! include: codec keys
+--! include: codec pricing
 -- set_price: sets an operation's price in the authoritative catalog (shard 0),
--- under a new catalog version. Setting the current price again is a no-op.
+-- under a new catalog version; the version it replaces is superseded now.
+-- Setting the current price again is a no-op.
 -- KEYS: 1 prices hash, 2 price history hash, 3 catalog meta hash, 4 event stream
 -- ARGV[1] (msgpack): now, operation, units_per_quantity
 -- Returns: {operation, units_per_quantity, version, effective_at_ms, changed}.
@@ -11,17 +12,16 @@ return run(function()
   local operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX)
   local price = check_int(req.units_per_quantity, 'units_per_quantity', 1, UNITS_MAX)
   local raw = redis.call('HGET', KEYS[1], operation)
-  if raw then
-    local current = cmsgpack.unpack(raw)
-    if current.price == price then
-      return {operation = operation, units_per_quantity = price, version = current.version,
-        effective_at_ms = current.at, changed = false}
-    end
+  local current = raw and cmsgpack.unpack(raw)
+  if current and current.price == price then
+    return {operation = operation, units_per_quantity = price, version = current.version,
+      effective_at_ms = current.at, changed = false}
   end
   local version = redis.call('HINCRBY', KEYS[3], 'version', 1)
   local record = {price = price, version = version, at = req.now}
   redis.call('HSET', KEYS[1], operation, cmsgpack.pack(record))
-  redis.call('HSET', KEYS[2], price_version_field(operation, version), price)
+  if current then supersede(KEYS[2], operation, current.version, current.price, req.now) end
+  save_price_record(KEYS[2], operation, version, {price = price, superseded_at = 0})
   redis.call('XADD', KEYS[4], '*', 'type', ENTRY.PRICE_CHANGE, 'event_id', 'catalog/' .. int_text(version),
     'operation', operation, 'units', price, 'price_version', version, 'at', req.now)
   return {operation = operation, units_per_quantity = price, version = version,

@@ -3,10 +3,11 @@
 -- Nothing here writes to Redis: every change is made in memory on ctx and
 -- written by commit_ctx (write_phase) once every check has passed.
 --
--- ctx = {now, prefix, shard, acct, acct_key, holds_key, expiries_key,
---        events_key, events = {}, holds = {rid -> hold loaded},
---        dirty = {rid -> true for holds to write}, usage = {counter changes},
---        idem = the idempotency record to write, retention_ms}
+-- ctx = {now (the account's clock once it is loaded), prefix, shard, acct,
+--        acct_key, holds_key, expiries_key, events_key, events = {},
+--        holds = {rid -> hold loaded}, dirty = {rid -> true for holds to write},
+--        usage = {counter changes}, idem = the idempotency record to write,
+--        retention_ms, quote_validity_ms}
 
 local function new_ctx(req, keys)
   return {
@@ -15,6 +16,8 @@ local function new_ctx(req, keys)
     acct_key = keys[1], holds_key = keys[2], expiries_key = keys[3], events_key = keys[4],
     events = {}, holds = {}, dirty = {}, usage = {},
     retention_ms = check_int(req.retention_ms or 0, 'retention_ms', 0, TIMESTAMP_MS_MAX),
+    -- spend scripts only; pricing checks it when a superseded version is quoted
+    quote_validity_ms = req.quote_validity_ms,
   }
 end
 
@@ -26,13 +29,24 @@ local function upgrade(acct)
   acct.alerts = acct.alerts or {percent = {}, below = 0, overage = false}
   acct.fired = acct.fired or {}
   acct.budgets = acct.budgets or {}
+  acct.clock = acct.clock or 0
+end
+
+-- Makes acct the account ctx works on, on the account's clock: the latest
+-- now a script used on it. Servers' clocks differ slightly; a script whose
+-- clock is behind uses the account's instead, so that nothing it does
+-- (expiries, periods, idempotency lapses, event times) goes back in time.
+local function adopt_account(ctx, acct)
+  upgrade(acct)
+  if acct.clock > ctx.now then ctx.now = acct.clock end
+  acct.clock = ctx.now
+  ctx.acct = acct
 end
 
 local function load_account(ctx, account_id)
   local acct = load_blob(ctx.acct_key)
   if not acct then raise('NOT_FOUND', 'account_id', 'account ' .. account_id .. ' not found') end
-  upgrade(acct)
-  ctx.acct = acct
+  adopt_account(ctx, acct)
   return acct
 end
 

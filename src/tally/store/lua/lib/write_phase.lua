@@ -1,4 +1,4 @@
---! include: codec books alerts holds usage
+--! include: codec books alerts holds usage closings
 -- write_phase: commit_ctx, the one place a script run's changes are written
 -- (a script calls it once, after every check has passed: "check everything,
 -- then write").
@@ -21,6 +21,7 @@ local function commit_ctx(ctx)
     return {}
   end
   save_blob(ctx.acct_key, acct)
+  index_closing(ctx)
   local hold_images = write_holds(ctx)
   local last = ctx.events[#ctx.events]
   -- emit() puts available_after last; snapshots rely on it being this figure
