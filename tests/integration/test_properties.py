@@ -254,12 +254,14 @@ class QuotaMachine(RuleBasedStateMachine):
         expected = model_figures(self.model.accounts[account_id])
         assert balance_figures(b) == expected, f"{account_id}: server != model"
 
-    @staticmethod
-    def _same_answer(reply: Any, first: Any) -> None:
-        """A replay answers exactly what the first call answered, flagged replayed."""
+    def _same_answer(self, reply: Any, first: Any, account_id: str) -> None:
+        """A replay answers what the first call answered, flagged replayed, with the
+        account's balance as of the replay (the model's now)."""
         again = copy.deepcopy(first)
         again.replayed = True
+        again.balance.CopyFrom(reply.balance)
         assert reply == again, f"replay differs:\n{reply}\nfirst:\n{first}"
+        self._check_balance(reply.balance, account_id)
 
     def _predict(self, operation: Callable[[], Outcome]) -> Outcome | ModelError:
         try:
@@ -284,7 +286,7 @@ class QuotaMachine(RuleBasedStateMachine):
             return None
         ok = self._ok(reply)
         if expected.replay is not None:
-            self._same_answer(ok, expected.replay.answer)
+            self._same_answer(ok, expected.replay.answer, account_id)
             return None
         assert expected.reservation is not None
         assert not ok.replayed
@@ -306,7 +308,7 @@ class QuotaMachine(RuleBasedStateMachine):
             return None
         ok = self._ok(reply)
         if expected.replay is not None:
-            self._same_answer(ok, expected.replay.answer)
+            self._same_answer(ok, expected.replay.answer, account_id)
             return None
         assert expected.reservation is not None
         assert not ok.replayed
@@ -332,7 +334,8 @@ class QuotaMachine(RuleBasedStateMachine):
         assert ok.replayed == expected.replayed
         if expected.replayed:
             if rid in self.commit_answers:
-                self._same_answer(ok, self.commit_answers[rid])
+                self._same_answer(ok, self.commit_answers[rid],
+                                  self.model.reservations[rid].account_id)
             return
         self.commit_answers[rid] = ok
         self._check_balance(ok.balance, self.model.reservations[rid].account_id)
@@ -348,7 +351,7 @@ class QuotaMachine(RuleBasedStateMachine):
             return
         ok = self._ok(reply)
         if expected.replay is not None:
-            self._same_answer(ok, expected.replay.answer)
+            self._same_answer(ok, expected.replay.answer, account_id)
             return
         assert not ok.replayed
         assert (ok.units_refunded, ok.units_refundable) == (

@@ -15,6 +15,7 @@ return run(function()
   local ctx = new_ctx(req, KEYS)
   local spend = check_spend_request(req)
   local ttl_ms = check_int(req.ttl_ms, 'ttl', 1, TIMESTAMP_MS_MAX)
+  spend.ttl_ms = ttl_ms
   local replay, hold, moves, short = open_spend(ctx, spend, KEYS)
   if replay then return replay end
   local acct, units = ctx.acct, hold.units
@@ -27,10 +28,9 @@ return run(function()
     quantity = hold.quantity, units = units, overage = short, moves = moves_text(moves),
     labels = hold.labels, idempotency_key = spend.idem_key, price_version = hold.price_version,
     expires_at = hold.expires_at})
-  local answer = {reservation_id = hold.id, units = units, expires_at = hold.expires_at,
+  remember(ctx, KEYS[5], spend.fingerprint, spend.window_ms, spend_figures(hold, nil))
+  commit_ctx(ctx)
+  return {reservation_id = hold.id, units = units, expires_at = hold.expires_at,
     balance = balance_view(ctx), replayed = false, price_version = hold.price_version,
     units_per_quantity = hold.unit_price, quantity = hold.quantity}
-  remember(ctx, KEYS[5], spend.fingerprint, answer, spend.window_ms)
-  commit_ctx(ctx)
-  return answer
 end)
