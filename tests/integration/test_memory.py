@@ -4,9 +4,16 @@ replay window and come back from the ledger, and the sizing projection."""
 
 from __future__ import annotations
 
+from tally.ledger import recovery
+from tally.store.keys import idempotency_digest
+from tally.store.state_images import StateImages
 from tally.v1 import account_pb2, quota_pb2
 from tests.integration.test_semantics import balance, charge, create, reserve
-from tests.support import Running
+from tests.support import RedisProcess, Running, start_running, stop_running
+
+# Idempotency keys of every allowed form that look like parts of key names.
+ODD_KEYS = ("x}:acct:ghost", "}:acct:", "{s00}:acct:a", "*", "a:b:c", "tally:{s01}:events",
+            "\\x00~!@#$%^&*()_+|\"<>?", "}" * 128, "k")
 
 
 async def test_replays_answer_their_own_figures_with_the_balance_as_of_the_replay(
@@ -56,3 +63,34 @@ async def test_replays_answer_their_own_figures_with_the_balance_as_of_the_repla
     assert refunded_again.balance == now != refunded.balance
     assert (await running.accounts.PurchaseUnits(purchase)).grant == bought.grant
     assert await balance(running, account_id) == now
+
+
+async def test_idempotency_keys_of_any_allowed_form_never_shape_key_names(
+    own_redis: RedisProcess,
+) -> None:
+    """Proves idempotency keys that look like key names (`x}:acct:ghost`, globs, hash
+    tags, 128 bytes) work, replay, leave only fixed-length digests in Redis' key
+    names, and leave `verify` clean (no phantom account)."""
+    running = await start_running(own_redis.url)
+    try:
+        account_id = await create(running, allotment=1000)
+        for key in ODD_KEYS:
+            first = await reserve(running, account_id, 1, key, ttl_s=60)
+            again = await reserve(running, account_id, 1, key, ttl_s=60)
+            assert again.replayed and again.reservation_id == first.reservation_id
+            await running.quota.Commit(
+                quota_pb2.CommitRequest(reservation_id=first.reservation_id))
+        names = [key.decode() async for key in running.authority.store.redis.scan_iter(
+            match="*:idem:*")]
+        assert sorted(name.rsplit(":", 1)[1] for name in names) == sorted(
+            idempotency_digest(account_id, key) for key in ODD_KEYS)
+        assert all(len(name.rsplit(":", 1)[1]) == 22 for name in names)
+        authority = running.authority
+        report = await recovery.verify(
+            StateImages.of(authority.store), authority.ledger, authority.flusher,
+            lambda _: None,
+        )
+        assert report.differences == []
+        assert report.accounts == 1
+    finally:
+        await stop_running(running)
