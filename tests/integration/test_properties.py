@@ -201,7 +201,8 @@ class QuotaMachine(RuleBasedStateMachine):
         prices = {p.operation: p.units_per_quantity for p in listed.prices}
         assert set(OPERATIONS) <= set(prices), f"default catalog missing: {prices}"
         window_ms = round(self.running.authority.settings.idempotency_window * 1000)
-        self.model = Model(T0_MS, {op: prices[op] for op in OPERATIONS}, window_ms)
+        retention_ms = self.running.authority.store.limits.reservation_retention_ms
+        self.model = Model(T0_MS, {op: prices[op] for op in OPERATIONS}, window_ms, retention_ms)
         # what each idempotency key was first sent with, to send it again
         self.sent: dict[tuple[str, str], tuple[str, tuple[Any, ...]]] = {}
         self.commit_answers: dict[str, quota_pb2.CommitResponse] = {}

@@ -19,7 +19,7 @@ from typing import ParamSpec, TypeVar
 from tally.clock import Clock
 from tally.domain.errors import Unavailable
 from tally.domain.events import Entry, StreamEntry
-from tally.ledger.backend import SqlLedger, StateRow
+from tally.ledger.backend import ReservationImage, SqlLedger, StateRow
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -121,6 +121,10 @@ class Ledger:
 
     async def reservation_states(self) -> list[StateRow]:
         return await self._call(self.backend.reservation_states)
+
+    async def reservation_image(self, reservation_id: str, account_id: str) -> ReservationImage:
+        """The reservation's latest image, and how far the account's events are flushed."""
+        return await self._call(self.backend.reservation_image, reservation_id, account_id)
 
     async def idempotency_states(self, now_ms: int) -> list[StateRow]:
         """The records that have not expired at now_ms."""

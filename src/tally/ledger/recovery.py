@@ -105,12 +105,13 @@ async def _restore_reservation(
     images: StateImages, row: StateRow, now_ms: int, retention_ms: int
 ) -> bool:
     """An open hold comes back with its expiry indexes; a closed one only for what is
-    left of its retention (as the scripts keep it). Returns whether it came back."""
+    left of its closed window (as the scripts keep it; later ones come back from
+    the ledger when a call needs them). Returns whether it came back."""
     hold = unpack_image(row.state)
     if hold["state"] == "HELD":
         await images.restore_open_hold(row.key, row.account_id, row.state, int(hold["expires_at"]))
         return True
-    left_ms = int(hold.get("closed_at", 0)) + retention_ms - now_ms
+    left_ms = min(int(hold["closed_at"]) + retention_ms, int(hold["kept_until"])) - now_ms
     if left_ms <= 0:
         return False
     await images.restore_closed_hold(row.key, row.state, left_ms)

@@ -30,7 +30,7 @@ from tally.domain.errors import (
     TallyError,
     Unavailable,
 )
-from tally.store.failures import store_errors
+from tally.store.failures import HoldNotInStore, store_errors
 from tally.store.scripts import LuaScript, load_all
 
 # A call with less time left than this is refused before it reaches Redis: it
@@ -77,6 +77,9 @@ def _raise_script_error(reply: dict[str, Any]) -> None:
                 budget_id=str(extra.get("budget_id", "")),
             ),
         )
+    if code == "NOT_IN_STORE":
+        extra = reply.get("extra") or {}
+        raise HoldNotInStore(message, field_name=field_name, event_seq=int(extra["event_seq"]))
     error_cls = ERRORS_BY_CODE.get(code)
     if error_cls is None:
         raise RuntimeError(f"script returned unknown error code {code!r}: {message}")

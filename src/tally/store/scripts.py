@@ -41,6 +41,7 @@ SCRIPT_NAMES = (
     "refund",
     "extend",
     "expire_hold",
+    "restore_hold",
     "balance",
     "quote",
     "set_price",
