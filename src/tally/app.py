@@ -81,6 +81,7 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
         idempotency_window_ms=round(settings.idempotency_window * 1000),
         reservation_retention_ms=round(settings.reservation_retention * 1000),
         quote_validity_ms=round(settings.quote_validity * 1000),
+        closed_reservation_window_ms=round(settings.closed_window_s * 1000),
     )
     return QuotaStore(ScriptRunner(redis), KeySpace(settings.shards), clock, limits)
 

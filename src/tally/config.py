@@ -64,6 +64,10 @@ SETTINGS: tuple[Setting, ...] = (
             86400.0),
     Setting("reservation_retention", "how long closed reservations stay refundable",
             parse_duration_s, 35 * 86400.0),
+    Setting("closed_reservation_window", "a closed reservation stays in Redis this long after "
+            "its last change (retried Commits find it there); later Commits and Refunds bring "
+            "it back from the ledger. Never less than flush_interval + flush_claim_idle",
+            parse_duration_s, 600.0),
     Setting("reaper_interval", "how often each shard's expired holds are released",
             parse_duration_s, 1.0),
     Setting("reaper_batch", "holds released per shard per reaper pass, at most", int, 500),
@@ -129,6 +133,7 @@ class Settings:
     hold_ttl_max: float
     idempotency_window: float
     reservation_retention: float
+    closed_reservation_window: float
     reaper_interval: float
     reaper_batch: int
     period_sweep_interval: float
@@ -163,6 +168,13 @@ class Settings:
         return Path(self.data_dir)
 
     @property
+    def closed_window_s(self) -> float:
+        """How long a closed reservation stays in Redis: the setting, but never less
+        than it can take the flusher (a pass, or taking over a dead one's pending
+        events) to bring its last change to the ledger."""
+        return max(self.closed_reservation_window, self.flush_interval + self.flush_claim_idle)
+
+    @property
     def ledger_location(self) -> str:
         return self.ledger_url or f"sqlite:///{self.data_path / 'ledger.sqlite3'}"
 
@@ -175,6 +187,11 @@ class Settings:
                      "snapshot_interval", "background_stable_after"):
             if getattr(self, name) < 0.001:
                 raise ValueError(f"{name} must be at least 1ms, got {getattr(self, name)}s")
+        if not 0.001 <= self.closed_reservation_window <= self.reservation_retention:
+            raise ValueError(
+                "closed_reservation_window must be at least 1ms and at most "
+                f"reservation_retention, got {self.closed_reservation_window}s"
+            )
         if not self.hold_ttl_min <= self.hold_ttl_default <= self.hold_ttl_max:
             raise ValueError(
                 "hold_ttl_min <= hold_ttl_default <= hold_ttl_max must hold, got "

@@ -142,6 +142,7 @@ class Reservation:
     units_refunded: int = 0
     charge_period_ms: int = 0
     late: bool = False
+    closed_at_ms: int = 0  # an expired hold closed when it expired
 
 
 @dataclass
@@ -232,10 +233,13 @@ def atomic(method: Callable[..., T]) -> Callable[..., T]:
 
 
 class Model:
-    def __init__(self, now_ms: int, prices: dict[str, int], idem_window_ms: int) -> None:
+    def __init__(
+        self, now_ms: int, prices: dict[str, int], idem_window_ms: int, retention_ms: int
+    ) -> None:
         self.now_ms = now_ms
         self.prices = dict(prices)
         self.idem_window_ms = idem_window_ms
+        self.retention_ms = retention_ms  # a reservation is NOT_FOUND this long after it closed
         self.accounts: dict[str, Account] = {}
         self.reservations: dict[str, Reservation] = {}
         self.idem: dict[tuple[str, str], IdemRecord] = {}
@@ -309,6 +313,7 @@ class Model:
         acct.held -= res.units
         acct.overage_held -= res.overage
         res.state = state
+        res.closed_at_ms = res.expires_at_ms if state == EXPIRED else self.now_ms
 
     def _touch(self, acct: Account) -> None:
         for res in self.reservations.values():
@@ -382,6 +387,9 @@ class Model:
     def _reservation(self, rid: str) -> Reservation:
         res = self.reservations.get(rid)
         if res is None:
+            raise ModelError(grpc.StatusCode.NOT_FOUND)
+        closed_at_ms = res.expires_at_ms if res.state == HELD else res.closed_at_ms
+        if closed_at_ms + self.retention_ms <= self.now_ms:
             raise ModelError(grpc.StatusCode.NOT_FOUND)
         return res
 
@@ -466,8 +474,8 @@ class Model:
         units = price * quantity
         moves, short = self._allocate(acct, units)
         res = Reservation(account_id, operation, quantity, price, units, COMMITTED, 0, [], 0,
-                          from_charge=True, units_charged=units, charged_quantity=quantity,
-                          charge_moves=moves, overage_charged=short,
+                          closed_at_ms=self.now_ms, from_charge=True, units_charged=units,
+                          charged_quantity=quantity, charge_moves=moves, overage_charged=short,
                           charge_period_ms=acct.period_start_ms)
         acct.overage_used += short
         acct.total_charged += units
@@ -516,6 +524,7 @@ class Model:
         acct.total_charged += units
         acct.period_consumed += units
         res.state, res.late, res.units_released = COMMITTED, late, released
+        res.closed_at_ms = self.now_ms
         res.units_charged, res.charged_quantity, res.charge_moves = units, wanted, moves
         res.overage_charged, res.charge_period_ms = short, acct.period_start_ms
         self.wrote(res.account_id)

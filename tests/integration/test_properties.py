@@ -204,7 +204,8 @@ class QuotaMachine(RuleBasedStateMachine):
         prices = {p.operation: p.units_per_quantity for p in listed.prices}
         assert set(OPERATIONS) <= set(prices), f"default catalog missing: {prices}"
         window_ms = round(self.running.authority.settings.idempotency_window * 1000)
-        self.model = Model(T0_MS, {op: prices[op] for op in OPERATIONS}, window_ms)
+        retention_ms = self.running.authority.store.limits.reservation_retention_ms
+        self.model = Model(T0_MS, {op: prices[op] for op in OPERATIONS}, window_ms, retention_ms)
         # what each idempotency key was first sent with, to send it again
         self.sent: dict[tuple[str, str], tuple[str, tuple[Any, ...]]] = {}
         self.commit_answers: dict[str, quota_pb2.CommitResponse] = {}
@@ -257,12 +258,14 @@ class QuotaMachine(RuleBasedStateMachine):
         expected = model_figures(self.model.accounts[account_id])
         assert balance_figures(b) == expected, f"{account_id}: server != model"
 
-    @staticmethod
-    def _same_answer(reply: Any, first: Any) -> None:
-        """A replay answers exactly what the first call answered, flagged replayed."""
+    def _same_answer(self, reply: Any, first: Any, account_id: str) -> None:
+        """A replay answers what the first call answered, flagged replayed, with the
+        account's balance as of the replay (the model's now)."""
         again = copy.deepcopy(first)
         again.replayed = True
+        again.balance.CopyFrom(reply.balance)
         assert reply == again, f"replay differs:\n{reply}\nfirst:\n{first}"
+        self._check_balance(reply.balance, account_id)
 
     def _predict(self, operation: Callable[[], Outcome]) -> Outcome | ModelError:
         try:
@@ -287,7 +290,7 @@ class QuotaMachine(RuleBasedStateMachine):
             return None
         ok = self._ok(reply)
         if expected.replay is not None:
-            self._same_answer(ok, expected.replay.answer)
+            self._same_answer(ok, expected.replay.answer, account_id)
             return None
         assert expected.reservation is not None
         assert not ok.replayed
@@ -309,7 +312,7 @@ class QuotaMachine(RuleBasedStateMachine):
             return None
         ok = self._ok(reply)
         if expected.replay is not None:
-            self._same_answer(ok, expected.replay.answer)
+            self._same_answer(ok, expected.replay.answer, account_id)
             return None
         assert expected.reservation is not None
         assert not ok.replayed
@@ -335,7 +338,8 @@ class QuotaMachine(RuleBasedStateMachine):
         assert ok.replayed == expected.replayed
         if expected.replayed:
             if rid in self.commit_answers:
-                self._same_answer(ok, self.commit_answers[rid])
+                self._same_answer(ok, self.commit_answers[rid],
+                                  self.model.reservations[rid].account_id)
             return
         self.commit_answers[rid] = ok
         self._check_balance(ok.balance, self.model.reservations[rid].account_id)
@@ -351,7 +355,7 @@ class QuotaMachine(RuleBasedStateMachine):
             return
         ok = self._ok(reply)
         if expected.replay is not None:
-            self._same_answer(ok, expected.replay.answer)
+            self._same_answer(ok, expected.replay.answer, account_id)
             return
         assert not ok.replayed
         assert (ok.units_refunded, ok.units_refundable) == (

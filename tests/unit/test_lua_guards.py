@@ -68,6 +68,7 @@ def base(store: QuotaStore, account_id: str) -> dict[str, Any]:
         "prefix": store.keys.prefix(shard),
         "shard": store.keys.tag(shard),
         "retention_ms": WINDOW_MS,
+        "closed_window_ms": WINDOW_MS,
         "account_id": account_id,
     }
 

@@ -7,6 +7,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tally.api.admission import Admission, AdmissionInterceptor
+from tally.api.closed_reservations import ClosedReservations
 from tally.api.interceptors import MetricsInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
 from tally.api.usage import UsageServicer
@@ -54,7 +55,9 @@ def build_server(
             ("grpc.max_concurrent_streams", 1000),
         ]
     )
-    quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaServicer(store, ttl_limits), server)
+    quota_pb2_grpc.add_QuotaServiceServicer_to_server(
+        QuotaServicer(store, ttl_limits, ClosedReservations(store, ledger, barrier)), server
+    )
     account_pb2_grpc.add_AccountServiceServicer_to_server(
         AccountServicer(store, barrier, ledger), server
     )

@@ -8,6 +8,7 @@ import grpc
 
 from tally.api import convert, ledger_query
 from tally.api import validation as v
+from tally.api.closed_reservations import ClosedReservations
 from tally.api.errors import deadline_s, map_errors
 from tally.domain import limits
 from tally.domain.errors import InvalidArgument
@@ -60,9 +61,12 @@ class AccountNamed(Protocol):
 
 
 class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
-    def __init__(self, store: QuotaStore, ttl_limits: v.HoldTtlLimits) -> None:
+    def __init__(
+        self, store: QuotaStore, ttl_limits: v.HoldTtlLimits, closed: ClosedReservations
+    ) -> None:
         self.store = store
         self.ttl_limits = ttl_limits
+        self.closed = closed  # reservations no longer in Redis come back through it
 
     @map_errors
     async def Reserve(
@@ -101,7 +105,10 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
                 v.units(request.quantity, "quantity") if request.HasField("quantity") else None
             ),
         )
-        reply = await self.store.commit(commit, deadline_s(context))
+        reply = await self.closed.call(
+            commit.reservation_id, lambda: self.store.commit(commit, deadline_s(context)),
+            lambda: deadline_s(context),
+        )
         return quota_pb2.CommitResponse(
             units_charged=reply.units_charged,
             units_released=reply.units_released,
@@ -124,7 +131,10 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             reason=v.text(request.reason, "reason", limits.REASON_BYTES_MAX),
             idempotency_key=v.idempotency_key(request.idempotency_key),
         )
-        reply = await self.store.refund(refund, deadline_s(context))
+        reply = await self.closed.call(
+            refund.reservation_id, lambda: self.store.refund(refund, deadline_s(context)),
+            lambda: deadline_s(context),
+        )
         return quota_pb2.RefundResponse(
             units_refunded=reply.units_refunded,
             balance=convert.balance(reply.balance),
@@ -144,7 +154,10 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
             reservation_id=reservation_id,
             ttl_ms=v.hold_ttl_ms(request.ttl, "ttl", self.ttl_limits),
         )
-        reply = await self.store.extend(extend, deadline_s(context))
+        reply = await self.closed.call(
+            reservation_id, lambda: self.store.extend(extend, deadline_s(context)),
+            lambda: deadline_s(context),
+        )
         return convert.extend_response(reply)
 
     @map_errors

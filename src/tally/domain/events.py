@@ -182,6 +182,6 @@ def _images(fields: Fields) -> EntryImages:
         idempotency = IdempotencyImage(
             key=idem["key"],
             record=msgpack.packb(idem["record"], use_bin_type=True),
-            expires_at_ms=int(idem["record"]["exp"]),
+            expires_at_ms=int(idem["expires_at"]),
         )
     return EntryImages(account=fields.get(b"_acct"), holds=holds, idempotency=idempotency)

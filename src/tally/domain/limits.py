@@ -26,6 +26,10 @@ RESERVATION_ID_BYTES_MAX = 300
 REASON_BYTES_MAX = 512
 REFERENCE_BYTES_MAX = 256
 FINGERPRINT_BYTES_MAX = 64
+# An idempotency record keeps this many hex characters (64 bits) of the request's
+# fingerprint: one record per call is kept for the whole window, so every byte
+# counts, and 64 bits tell a different request under the same key apart.
+FINGERPRINT_STORED_CHARS = 16
 LABEL_KEY_BYTES_MAX = 63
 LABEL_VALUE_BYTES_MAX = 256
 LABELS_MAX = 32

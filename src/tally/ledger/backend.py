@@ -94,6 +94,15 @@ def hold_closed_at(image: bytes) -> int:
     return 0 if hold["state"] == "HELD" else int(hold["closed_at"])
 
 
+@dataclass(frozen=True)
+class ReservationImage:
+    """What the ledger knows of one reservation and of its account's flushed events."""
+
+    state: bytes | None  # the reservation's latest image (None: the ledger has none)
+    account_seq: int  # the newest event of the account the ledger has (0: none)
+    account_seq_at_ms: int  # when that event occurred
+
+
 class SqlLedger:
     """The schema and every query; subclasses only connect."""
 
@@ -450,6 +459,24 @@ class SqlLedger:
                 "SELECT reservation_id, account_id, seq, state FROM reservation_states"
             )
             return [StateRow(r[0], r[1], int(r[2]), bytes(r[3])) for r in cur.fetchall()]
+
+    def reservation_image(self, reservation_id: str, account_id: str) -> ReservationImage:
+        with self.reading() as cur:
+            cur.execute(
+                "SELECT state FROM reservation_states WHERE reservation_id = ?", (reservation_id,)
+            )
+            row = cur.fetchone()
+            cur.execute(
+                "SELECT s.seq, e.occurred_at FROM account_states s JOIN ledger_entries e "
+                "ON e.account_id = s.account_id AND e.seq = s.seq WHERE s.account_id = ?",
+                (account_id,),
+            )
+            account = cur.fetchone()
+        return ReservationImage(
+            state=None if row is None else bytes(row[0]),
+            account_seq=0 if account is None else int(account[0]),
+            account_seq_at_ms=0 if account is None else int(account[1]),
+        )
 
     def idempotency_states(self, now_ms: int) -> list[StateRow]:
         with self.reading() as cur:

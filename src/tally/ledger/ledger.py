@@ -30,6 +30,7 @@ from tally.domain.events import Entry, StreamEntry
 from tally.ledger.backend import (
     READ_CONNECTIONS_MAX,
     Pruned,
+    ReservationImage,
     Retention,
     SqlLedger,
     StateRow,
@@ -181,6 +182,10 @@ class Ledger:
 
     async def reservation_states(self) -> list[StateRow]:
         return await self._read(self.backend.reservation_states)
+
+    async def reservation_image(self, reservation_id: str, account_id: str) -> ReservationImage:
+        """The reservation's latest image, and how far the account's events are flushed."""
+        return await self._read(self.backend.reservation_image, reservation_id, account_id)
 
     async def idempotency_states(self, now_ms: int) -> list[StateRow]:
         """The records that have not expired at now_ms."""

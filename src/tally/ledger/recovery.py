@@ -106,13 +106,15 @@ async def _restore_reservation(
     images: StateImages, row: StateRow, now_ms: int, retention_ms: int
 ) -> bool:
     """An open hold comes back with its expiry indexes; a closed one only for what is
-    left of its retention (as the scripts keep it). Returns whether it came back."""
+    left of its closed window (as the scripts keep it; later ones come back from
+    the ledger when a call needs them). Returns whether it came back."""
     closed_at = hold_closed_at(row.state)
     if not closed_at:
         hold = unpack_image(row.state)
         await images.restore_open_hold(row.key, row.account_id, row.state, int(hold["expires_at"]))
         return True
-    left_ms = closed_at + retention_ms - now_ms
+    kept_until = int(unpack_image(row.state)["kept_until"])
+    left_ms = min(closed_at + retention_ms, kept_until) - now_ms
     if left_ms <= 0:
         return False
     await images.restore_closed_hold(row.key, row.state, left_ms)

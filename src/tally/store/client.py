@@ -29,7 +29,7 @@ from tally.domain.errors import (
     Shortfall,
     TallyError,
 )
-from tally.store.failures import StoreBusy, StoreUnreachable, store_errors
+from tally.store.failures import HoldNotInStore, StoreBusy, StoreUnreachable, store_errors
 from tally.store.pool import WaitingConnectionPool
 from tally.store.scripts import LuaScript, load_all
 
@@ -81,6 +81,9 @@ def _raise_script_error(reply: dict[str, Any]) -> None:
                 budget_id=str(extra.get("budget_id", "")),
             ),
         )
+    if code == "NOT_IN_STORE":
+        extra = reply.get("extra") or {}
+        raise HoldNotInStore(message, field_name=field_name, event_seq=int(extra["event_seq"]))
     error_cls = ERRORS_BY_CODE.get(code)
     if error_cls is None:
         raise RuntimeError(f"script returned unknown error code {code!r}: {message}")

@@ -93,6 +93,8 @@ class ScriptContext(CatalogContext):
     prefix: str
     shard: str
     retention_ms: int
+    # how long a closed reservation stays in Redis (None: for scripts that close none)
+    closed_window_ms: int | None = dataclasses.field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -560,6 +562,22 @@ class ExtendRequest(ScriptRequest[HoldReply]):
 
 
 @dataclass(frozen=True)
+class RestoreHoldReply(Reply):
+    restored: bool  # False: the record was in Redis already
+
+
+@dataclass(frozen=True)
+class RestoreHoldRequest(ScriptRequest[RestoreHoldReply]):
+    """A closed reservation's record back into Redis from the ledger's image."""
+
+    SCRIPT = "restore_hold"
+    REPLY = RestoreHoldReply
+
+    reservation_id: str
+    image: RawMap  # the record the ledger keeps, unpacked (it is sent as it is)
+
+
+@dataclass(frozen=True)
 class QuoteReply(Reply):
     units: int
     units_per_quantity: int
@@ -718,6 +736,7 @@ REQUESTS: tuple[type[ScriptRequest[Any]], ...] = (
     CommitRequest,
     RefundRequest,
     ExtendRequest,
+    RestoreHoldRequest,
     QuoteRequest,
     SetPriceRequest,
     ApplyPriceRequest,

@@ -93,6 +93,16 @@ def _fault(exc: RedisError) -> str | None:
     return None
 
 
+class HoldNotInStore(Unavailable):
+    """A reservation the account issued is no longer in Redis (closed, past the
+    closed window): its record comes back from the ledger (restore_hold). Left
+    unhandled it is UNAVAILABLE. event_seq: the account's event sequence in Redis."""
+
+    def __init__(self, message: str, *, field_name: str = "", event_seq: int) -> None:
+        super().__init__(message, field_name=field_name)
+        self.event_seq = event_seq
+
+
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
     """Redis failures that a retry can cure become StoreUnreachable (UNAVAILABLE),

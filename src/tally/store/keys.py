@@ -8,13 +8,17 @@ The templates are data: KeySpace formats them in Python, and the script
 composer (store/scripts.py) generates Lua builders from the same templates
 for the names the scripts build themselves (LUA_BUILT).
 
-Account ids cannot contain ':' so the idempotency key's name is unambiguous.
+An idempotency record's name carries a fixed-length digest of the account id
+and the caller's key, never the key itself: a caller's key cannot shape a key
+name (`x}:acct:ghost` would otherwise look like an account to a SCAN).
 A reservation id is `<shard tag>.<sequence>.<account id>`: Commit and Refund
 need nothing else to find every key.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import zlib
 from dataclasses import dataclass
 
@@ -46,8 +50,10 @@ ACCOUNT_KEY = NameTemplate("account_key", "{prefix}acct:{account_id}")
 HOLDS_KEY = NameTemplate("holds_key", "{prefix}holds:{account_id}")
 # reservation record
 RESERVATION_KEY = NameTemplate("reservation_key", "{prefix}res:{reservation_id}")
-# idempotency record (fingerprint + answer)
-IDEMPOTENCY_KEY = NameTemplate("idempotency_key", "{prefix}idem:{account_id}:{key}")
+# idempotency record (fingerprint + the call's figures), by idempotency_digest()
+IDEMPOTENCY_KEY = NameTemplate("idempotency_key", "{prefix}idem:{digest}")
+# Bytes of BLAKE2b in an idempotency record's name: 128 bits, 22 base64url characters.
+IDEMPOTENCY_DIGEST_BYTES = 16
 # usage counters of the billing period starting at period_start_ms
 USAGE_KEY = NameTemplate("usage_key", "{prefix}usage:{account_id}:{period_start_ms:d}")
 # zset of the shard's open holds (the reaper's work)
@@ -108,7 +114,8 @@ class KeySpace:
 
     def idempotency(self, account_id: str, key: str) -> str:
         return IDEMPOTENCY_KEY.format(
-            prefix=self.prefix(self.shard_of(account_id)), account_id=account_id, key=key
+            prefix=self.prefix(self.shard_of(account_id)),
+            digest=idempotency_digest(account_id, key),
         )
 
     def usage(self, account_id: str, period_start_ms: int) -> str:
@@ -179,3 +186,12 @@ class KeySpace:
     def account_id_of(self, account_key: str) -> str:
         """The account id an account key names."""
         return account_key.split(":acct:", 1)[1]
+
+
+def idempotency_digest(account_id: str, key: str) -> str:
+    """The account's idempotency key as a fixed-length name part (base64url, no
+    padding). Account ids hold no NUL, so (account, key) pairs never collide."""
+    digest = hashlib.blake2b(
+        f"{account_id}\0{key}".encode(), digest_size=IDEMPOTENCY_DIGEST_BYTES
+    ).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -48,6 +48,8 @@ from tally.store.contract import (
     RefundRequest,
     ReplyT,
     ReserveRequest,
+    RestoreHoldReply,
+    RestoreHoldRequest,
     ScriptContext,
     ScriptRequest,
     SetBudgetRequest,
@@ -65,6 +67,7 @@ class StoreLimits:
     idempotency_window_ms: int
     reservation_retention_ms: int
     quote_validity_ms: int
+    closed_reservation_window_ms: int
 
 
 class QuotaStore:
@@ -91,6 +94,7 @@ class QuotaStore:
             prefix=self.keys.prefix(shard),
             shard=self.keys.tag(shard),
             retention_ms=self.limits.reservation_retention_ms,
+            closed_window_ms=self.limits.closed_reservation_window_ms,
         )
 
     def _idempotent_context(self, account_id: str) -> IdempotentContext:
@@ -187,6 +191,12 @@ class QuotaStore:
         return await self._run(request, self._idempotent_context(account_id), keys, timeout_s)
 
     async def extend(self, request: ExtendRequest, timeout_s: float | None) -> HoldReply:
+        account_id = self._reservation_account(request.reservation_id)
+        return await self._on_account(request, account_id, timeout_s)
+
+    async def restore_hold(
+        self, request: RestoreHoldRequest, timeout_s: float | None
+    ) -> RestoreHoldReply:
         account_id = self._reservation_account(request.reservation_id)
         return await self._on_account(request, account_id, timeout_s)
 

@@ -42,6 +42,7 @@ SCRIPT_NAMES = (
     "extend",
     "expire_hold",
     "close_period",
+    "restore_hold",
     "balance",
     "quote",
     "set_price",

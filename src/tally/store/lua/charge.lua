@@ -3,8 +3,8 @@
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record, 6 shard prices hash,
 --       7 shard price history hash
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, idempotency_window_ms,
---   quote_validity_ms,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms,
+--   idempotency_window_ms, quote_validity_ms,
 --   operation, quantity (>= 1), idempotency_key, fingerprint, labels,
 --   price_version (0: current)
 -- Returns: {reservation_id, units, balance, replayed, price_version, overage_units};
@@ -30,12 +30,8 @@ return run(function()
   emit(ctx, ENTRY.CHARGE, {reservation_id = hold.id, operation = hold.operation,
     quantity = hold.quantity, units = units, overage = short, moves = moves_text(moves),
     labels = hold.labels, idempotency_key = spend.idem_key, price_version = version})
-  local answer = {reservation_id = hold.id, units = units, balance = balance_view(ctx),
-    replayed = false, price_version = version, overage_units = short}
-  -- a Commit of a charged reservation (quantity unset or the same) replays this
-  hold.commit_answer = {units_charged = units, units_released = 0, balance = answer.balance,
-    replayed = false, late = false, overage_units = short, operation = hold.operation}
-  remember(ctx, KEYS[5], spend.fingerprint, answer, spend.window_ms)
+  remember(ctx, KEYS[5], spend.fingerprint, spend.window_ms, spend_figures(hold, short))
   commit_ctx(ctx)
-  return answer
+  return {reservation_id = hold.id, units = units, balance = balance_view(ctx),
+    replayed = false, price_version = version, overage_units = short}
 end)

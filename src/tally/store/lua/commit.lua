@@ -4,7 +4,7 @@
 -- charged anyway (the work was done) from what is available, the rest as
 -- overage, and flagged late. Idempotent by reservation id.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, reservation_id,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, reservation_id,
 --   quantity (absent: the whole reserved quantity)
 -- Returns: {units_charged, units_released, balance, replayed, late, overage_units,
 --   operation}.
@@ -37,8 +37,11 @@ return run(function()
       raise('FAILED_PRECONDITION', 'quantity', string.format(
         'reservation was already committed with quantity %d', hold.charged_quantity))
     end
-    hold.commit_answer.replayed = true
-    return hold.commit_answer
+    -- the answer again from the hold's own figures, with the balance as of now
+    touch(ctx)
+    return {units_charged = hold.charged, units_released = hold.late and 0 or hold.units - hold.charged,
+      balance = balance_view(ctx), replayed = true, late = hold.late,
+      overage_units = hold.overage_charged, operation = hold.operation}
   end
   if hold.state == 'RELEASED' then
     raise('FAILED_PRECONDITION', 'reservation_id', 'reservation ' .. rid .. ' was released')
@@ -69,9 +72,7 @@ return run(function()
   emit(ctx, late and ENTRY.LATE_COMMIT or ENTRY.COMMIT, {reservation_id = rid, operation = hold.operation,
     quantity = quantity, units = units, released = released, overage = overage,
     moves = moves_text(moves), expired = lost, labels = hold.labels})
-  local answer = {units_charged = units, units_released = released, balance = balance_view(ctx),
-    replayed = false, late = late, overage_units = overage, operation = hold.operation}
-  hold.commit_answer = answer
   commit_ctx(ctx)
-  return answer
+  return {units_charged = units, units_released = released, balance = balance_view(ctx),
+    replayed = false, late = late, overage_units = overage, operation = hold.operation}
 end)

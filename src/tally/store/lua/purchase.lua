@@ -2,7 +2,7 @@
 -- purchase: adds a PURCHASE grant bought by the customer.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, idempotency_window_ms,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, idempotency_window_ms,
 --   units, expires_at (0: never), reference, idempotency_key, fingerprint
 -- Returns: {grant = grant view, balance = balance view, replayed = bool}.
 
@@ -16,8 +16,14 @@ return run(function()
   local idem_key = check_str(req.idempotency_key, 'idempotency_key', IDEMPOTENCY_KEY_BYTES_MAX)
   local window_ms = check_int(req.idempotency_window_ms, 'idempotency_window_ms', 1, TIMESTAMP_MS_MAX)
   check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX)
-  local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
-  if replay then return replay end
+  local figures, at = idem_lookup(KEYS[5], req.fingerprint, ctx.now, window_ms)
+  if figures then
+    -- the grant as it was bought (the request's own figures), the balance as of now
+    touch(ctx)
+    return {grant = {grant_id = figures[1], kind = 'PURCHASE',
+      units_granted = units, units_remaining = units, expires_at = expires_at, granted_at = at,
+      reference = reference}, balance = balance_view(ctx), replayed = true}
+  end
   if expires_at ~= 0 and expires_at <= ctx.now then
     raise('INVALID_ARGUMENT', 'expires_at', 'expires_at must be in the future')
   end
@@ -34,8 +40,7 @@ return run(function()
   acct.period_purchased = acct.period_purchased + units
   emit(ctx, ENTRY.PURCHASE, {grant_id = g.id, units = units, reference = reference,
     expires_at = expires_at, idempotency_key = idem_key})
-  local answer = {grant = grant_view(g), balance = balance_view(ctx), replayed = false}
-  remember(ctx, KEYS[5], req.fingerprint, answer, window_ms)
+  remember(ctx, KEYS[5], req.fingerprint, window_ms, {g.id})
   commit_ctx(ctx)
-  return answer
+  return {grant = grant_view(g), balance = balance_view(ctx), replayed = false}
 end)

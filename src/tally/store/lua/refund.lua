@@ -6,12 +6,12 @@
 -- back to their grants (counted as expired if the grant has expired since).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, idempotency_window_ms,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, idempotency_window_ms,
 --   reservation_id, units (absent: all that is refundable), reason, idempotency_key,
 --   fingerprint
 -- Returns: {units_refunded, units_refundable, balance, replayed, operation}.
 
-local function refund_charge(ctx, hold, units, reason)
+local function refund_charge(ctx, hold, units, reason, idem_key)
   local acct = ctx.acct
   local from_overage = math.min(units, hold.overage_charged - hold.overage_refunded)
   local credit = 0
@@ -39,7 +39,7 @@ local function refund_charge(ctx, hold, units, reason)
   emit(ctx, ENTRY.REFUND, {reservation_id = hold.id, operation = hold.operation, units = units,
     overage = from_overage, credit = credit, moves = moves_text(back), expired = lost, reason = reason,
     charged_at = hold.charged_at,
-    labels = hold.labels, idempotency_key = hold.refund_key})
+    labels = hold.labels, idempotency_key = idem_key})
 end
 
 return run(function()
@@ -51,8 +51,12 @@ return run(function()
   local idem_key = check_str(req.idempotency_key, 'idempotency_key', IDEMPOTENCY_KEY_BYTES_MAX)
   local window_ms = check_int(req.idempotency_window_ms, 'idempotency_window_ms', 1, TIMESTAMP_MS_MAX)
   check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX)
-  local replay = idem_lookup(KEYS[5], req.fingerprint, ctx.now)
-  if replay then return replay end
+  local figures = idem_lookup(KEYS[5], req.fingerprint, ctx.now, window_ms)
+  if figures then
+    touch(ctx)
+    return {units_refunded = figures[1], units_refundable = figures[2],
+      balance = balance_view(ctx), replayed = true, operation = figures[3]}
+  end
   local hold = find_hold(ctx, rid)
   touch(ctx)
   settle_if_due(ctx, hold)
@@ -72,8 +76,7 @@ return run(function()
         'refund of %d units is more than the %d still refundable', units, refundable))
     end
     if units > 0 then
-      hold.refund_key = idem_key
-      refund_charge(ctx, hold, units, reason)
+      refund_charge(ctx, hold, units, reason, idem_key)
       refunded = units
     end
   elseif units ~= nil then
@@ -82,9 +85,8 @@ return run(function()
   end
   local refundable_after = 0
   if hold.state == 'COMMITTED' then refundable_after = hold.charged - hold.refunded end
-  local answer = {units_refunded = refunded, units_refundable = refundable_after,
-    balance = balance_view(ctx), replayed = false, operation = hold.operation}
-  remember(ctx, KEYS[5], req.fingerprint, answer, window_ms)
+  remember(ctx, KEYS[5], req.fingerprint, window_ms, {refunded, refundable_after, hold.operation})
   commit_ctx(ctx)
-  return answer
+  return {units_refunded = refunded, units_refundable = refundable_after,
+    balance = balance_view(ctx), replayed = false, operation = hold.operation}
 end)

@@ -7,7 +7,7 @@
 --        acct_key, holds_key, expiries_key, events_key, events = {},
 --        holds = {rid -> hold loaded}, dirty = {rid -> true for holds to write},
 --        usage = {counter changes}, idem = the idempotency record to write,
---        retention_ms, quote_validity_ms}
+--        retention_ms, closed_window_ms, quote_validity_ms}
 
 local function new_ctx(req, keys)
   return {
@@ -16,6 +16,7 @@ local function new_ctx(req, keys)
     acct_key = keys[1], holds_key = keys[2], expiries_key = keys[3], events_key = keys[4],
     events = {}, holds = {}, dirty = {}, usage = {},
     retention_ms = check_int(req.retention_ms or 0, 'retention_ms', 0, TIMESTAMP_MS_MAX),
+    closed_window_ms = check_int(req.closed_window_ms or 0, 'closed_window_ms', 0, TIMESTAMP_MS_MAX),
     -- spend scripts only; pricing checks it when a superseded version is quoted
     quote_validity_ms = req.quote_validity_ms,
   }

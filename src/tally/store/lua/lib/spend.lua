@@ -1,4 +1,4 @@
---! include: codec keys context idempotency pricing periods budgets allocation
+--! include: codec keys context idempotency pricing periods budgets allocation views
 -- spend: the opening reserve and charge share, from the checks of the
 -- request to the units set aside for a new hold.
 
@@ -19,13 +19,33 @@ end
 -- A new reservation record, HELD or already COMMITTED by the caller.
 local function new_hold(ctx, spend, unit_price, price_version, units)
   local acct = ctx.acct
-  return {id = reservation_id_for(ctx.shard, next_seq(acct), acct.id), account_id = acct.id,
+  local seq = next_seq(acct)
+  return {id = reservation_id_for(ctx.shard, seq, acct.id), seq = seq,
     operation = spend.operation, quantity = spend.quantity, unit_price = unit_price,
     price_version = price_version, units = units, overage = 0, moves = {}, labels = spend.labels,
-    state = 'HELD', created_at = ctx.now, expires_at = 0, idempotency_key = spend.idem_key,
-    charged = 0, charged_quantity = 0, overage_charged = 0, overage_refunded = 0, refunded = 0,
+    state = 'HELD', expires_at = 0, charged = 0, charged_quantity = 0, overage_charged = 0, overage_refunded = 0, refunded = 0,
     charge_moves = {}, charge_period = 0, late = false, charged_at = 0,
     budgets = {}, budget_period = acct.period_start}
+end
+
+-- The figures an idempotency record keeps of a reserve or charge; the rest of
+-- the answer is the request's (the same request: its fingerprint matched).
+-- (overage: a charge's units beyond the grants; nil for a reserve).
+local function spend_figures(hold, overage)
+  return {hold.seq, hold.unit_price, hold.price_version, overage}
+end
+
+-- A reserve's or charge's answer to a replay (the fields of both: each reply
+-- takes its own), from those figures and the time they were stored (a hold
+-- expires ttl_ms after it). The balance is the account's as of now (touched
+-- in memory, nothing is written).
+local function spend_replay(ctx, spend, figures, at)
+  local seq, unit_price, price_version, overage = unpack(figures)
+  touch(ctx)
+  return {reservation_id = reservation_id_for(ctx.shard, seq, ctx.acct.id),
+    units = unit_price * spend.quantity, balance = balance_view(ctx), replayed = true,
+    price_version = price_version, units_per_quantity = unit_price, quantity = spend.quantity,
+    expires_at = at + (spend.ttl_ms or 0), overage_units = overage or 0}
 end
 
 -- After the script's own checks of `spend` (check_spend_request): loads the
@@ -36,8 +56,8 @@ end
 -- units not covered by grants (overage).
 local function open_spend(ctx, spend, keys)
   load_account(ctx, spend.account_id)
-  local replay = idem_lookup(keys[5], spend.fingerprint, ctx.now)
-  if replay then return replay end
+  local figures, at = idem_lookup(keys[5], spend.fingerprint, ctx.now, spend.window_ms)
+  if figures then return spend_replay(ctx, spend, figures, at) end
   local unit_price, version = price_of(ctx, keys[6], keys[7], spend.operation, spend.price_version)
   local units = units_for(unit_price, spend.quantity)
   touch(ctx)

@@ -38,7 +38,8 @@ local function commit_ctx(ctx)
   if ctx.idem then
     save_blob(ctx.idem.key, ctx.idem.record, ctx.idem.window_ms)
     last[#last + 1] = '_idem'
-    last[#last + 1] = cmsgpack.pack({key = ctx.idem.key, record = ctx.idem.record})
+    last[#last + 1] = cmsgpack.pack({key = ctx.idem.key, record = ctx.idem.record,
+      expires_at = ctx.idem.expires_at})
   end
   write_usage(ctx)
   local ids = {}
