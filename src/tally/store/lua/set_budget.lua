@@ -3,7 +3,8 @@
 -- label value. A new budget starts from the units already charged this period
 -- in its scope (holds made before it existed do not count against it).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, operation, label_key,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, fence_floor, operation,
+--   label_key,
 --   label_value, limit_units
 -- Returns: {budget = budget view}.
 
