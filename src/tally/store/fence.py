@@ -17,9 +17,16 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from tally import metrics
 from tally.domain.errors import Unavailable
+from tally.domain.limits import UNITS_MAX
 from tally.store.contract import FenceMark
 
 log = logging.getLogger("tally.fence")
+
+# A floor count no count of the same epoch reaches (the scripts bound counts by it).
+COUNT_MAX = UNITS_MAX
+
+# A floor count no count of the same epoch reaches (the scripts bound counts by it).
+COUNT_MAX = UNITS_MAX
 
 FencedCallback = Callable[[bool], Awaitable[None]]
 
@@ -57,15 +64,31 @@ class ShardFences:
     def fenced(self) -> frozenset[int]:
         return frozenset(self._fenced)
 
+    def raise_count(self, shard: int, count: int) -> None:
+        """The ledger holds the shard's entries up to this fence count (of the current
+        epoch or an older one: either way Redis may not be below it now)."""
+        floor = self._floors[shard]
+        self.raise_floors([(shard, FenceMark(floor.epoch, count))])
+
     async def refused(self, shard: int) -> None:
         """A script found the shard behind its floor."""
         metrics.SHARD_FENCE_REFUSALS.inc()
+        await self._fence(shard, "Redis is behind the ledger")
+
+    async def conflicted(self, shard: int) -> None:
+        """The ledger holds an entry id of the shard's stream with other content:
+        nothing of this epoch is trusted any more, only a recovery's new one."""
+        floor = self._floors[shard]
+        self.raise_floors([(shard, FenceMark(floor.epoch, COUNT_MAX))])
+        await self._fence(shard, "an entry conflicts with the ledger")
+
+    async def _fence(self, shard: int, reason: str) -> None:
         if shard in self._fenced:
             return
         self._fenced.add(shard)
         metrics.SHARDS_FENCED.set(len(self._fenced))
         log.error("shard fenced: Redis lost writes; run tally recover",
-                  extra={"shard": shard, "floor": str(self._floors[shard])})
+                  extra={"shard": shard, "reason": reason, "floor": str(self._floors[shard])})
         if len(self._fenced) == 1:
             await self.on_fenced(True)
 
