@@ -4,6 +4,7 @@ run while the server keeps running, heals it from the ledger."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tally import metrics
 from tally.domain.events import decode
 from tally.ledger.backend import EntryConflict, open_ledger
+from tally.store.keys import KeySpace
 from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
 from tests.integration.crash_support import run_tally_async, serving
 from tests.support import T0_MS, RedisProcess, start_running, stop_running, unique
@@ -66,9 +68,14 @@ async def test_a_wiped_redis_is_refused_until_recovered(
             assert [k for k in client.scan_iter() if b":events" not in k] == []
             assert sum(client.xlen(k) for k in client.scan_iter(match="*:events")) == 0
             assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            shard = KeySpace(int(env.get("TALLY_SHARDS", "16"))).shard_of(account_id)
+            code, out, _ = await run_tally_async(env, "status", "--json")
+            assert code == 1 and json.loads(out)["shards_behind"] == [shard], out
 
             code, _, err = await run_tally_async(env, "recover")
             assert code == 0, err
+            code, out, _ = await run_tally_async(env, "status", "--json")
+            assert code == 0 and json.loads(out)["shards_behind"] == []
             balance = await quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
             assert balance.balance.available == ALLOTMENT + 300
             await accounts.PurchaseUnits(_purchase(account_id, "p-2", 700))
