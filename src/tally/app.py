@@ -20,7 +20,7 @@ from grpc_health.v1 import health
 
 from tally import metrics
 from tally.api.admission import Admission, AdmissionLimits
-from tally.api.server import build_server, set_serving
+from tally.api.server import Serving, build_server
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
 from tally.clock import Clock, SystemClock
@@ -31,6 +31,7 @@ from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.flusher import Flusher, FlusherSettings
 from tally.ledger.ledger import Ledger
 from tally.store.client import ScriptRunner, connect
+from tally.store.contract import FenceMark
 from tally.store.embedded import EmbeddedRedis
 from tally.store.keys import KeySpace
 from tally.store.quota_store import QuotaStore, StoreLimits
@@ -102,6 +103,7 @@ def build_flusher(settings: Settings, store: QuotaStore, ledger: Ledger) -> Flus
                 batch_rows=settings.ledger_prune_batch,
             ),
         ),
+        fences=store.fences,
     )
 
 
@@ -116,19 +118,32 @@ async def open_and_migrate(settings: Settings, clock: Clock) -> Ledger:
 async def ensure_current(
     store: QuotaStore, ledger: Ledger, recover_on_start: bool
 ) -> None:
-    """Refuses to serve from a Redis that is empty or behind the ledger."""
+    """Refuses to serve from a Redis that is empty or behind the ledger (accounts,
+    catalog or shard fences); then takes the ledger's fences as the floors."""
     images = StateImages.of(store)
     stale = await recovery.stale_accounts(images, ledger)
     prices_in_ledger = await ledger.catalog_prices()
     catalog_lost = bool(prices_in_ledger) and not await images.has_catalog()
-    if not stale and not catalog_lost:
-        return
+    fenced = await recovery.shards_behind(images, ledger)
+    if stale or catalog_lost or fenced:
+        await _recover_on_start(
+            store, ledger, images, recover_on_start,
+            f"{len(stale)} accounts, e.g. {', '.join(stale[:3]) or '-'}; "
+            f"catalog lost: {catalog_lost}; shards behind: {len(fenced)}",
+        )
+    floors = await ledger.shard_fences()
+    store.fences.raise_floors(
+        (shard, FenceMark(epoch, count)) for shard, (epoch, count) in floors.items()
+    )
+
+
+async def _recover_on_start(
+    store: QuotaStore, ledger: Ledger, images: StateImages, recover_on_start: bool, what: str
+) -> None:
     if not recover_on_start:
-        sample = ", ".join(stale[:3])
         raise RuntimeError(
-            f"Redis is empty or behind the ledger ({len(stale)} accounts, e.g. {sample or '-'}; "
-            f"catalog lost: {catalog_lost}). Run `tally recover`, or start with "
-            "--recover-on-start, rather than serve wrong balances."
+            f"Redis is empty or behind the ledger ({what}). Run `tally recover`, or start "
+            "with --recover-on-start, rather than serve wrong balances."
         )
     result = await recovery.recover(
         images, ledger, store.clock.now_ms(),
@@ -154,6 +169,7 @@ class Authority:
     watch: UsageWatch
     background: Supervisor
     admission: Admission
+    serving: Serving
     embedded: EmbeddedRedis | None = None
     metrics_server: Any = None
 
@@ -167,7 +183,7 @@ class Authority:
         grace = self.settings.shutdown_grace if grace_s is None else grace_s
         log.info("shutting down", extra={"grace_s": grace})
         await self.background.stop()  # first: no restart, no health change from now on
-        await set_serving(self.health, False)
+        await self.serving.close()
         # open watches end at once (clients resume elsewhere) rather than hold the grace
         self.watch.stop()
         await self.server.stop(grace)
@@ -228,7 +244,9 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         if embedded is not None:
             embedded.stop()
         raise
-    await set_serving(health_servicer, True)
+    serving = Serving(health_servicer)
+    await serving.fences(bool(store.fences.fenced))
+    store.fences.on_fenced = serving.fences
     reaper = Reaper(store, settings.reaper_interval, settings.reaper_batch)
     sweeper = PeriodSweeper(store, settings.period_sweep_interval, settings.period_sweep_batch)
     background = Supervisor(
@@ -236,11 +254,11 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
             failures_max=settings.background_failures_max,
             stable_after_s=settings.background_stable_after,
         ),
-        lambda serving: set_serving(health_servicer, serving),
+        serving.tasks,
     )
     authority = Authority(
         settings, store, ledger, flusher, server, port, health_servicer, reaper, sweeper, watch,
-        background, admission, embedded,
+        background, admission, serving, embedded,
     )
     if settings.metrics_listen:
         authority.metrics_server = metrics.serve(settings.metrics_listen)

@@ -42,6 +42,26 @@ FLUSHER_FAILURES = Counter(
     registry=REGISTRY,
 )
 
+LEDGER_CONFLICTS = Counter(
+    "tally_ledger_conflicts_total",
+    "Stream entries whose event id the ledger holds with other content (Redis lost "
+    "writes): left unacknowledged, the shard fenced",
+    registry=REGISTRY,
+)
+
+# --- shard fences (Redis that lost writes) -----------------------------------
+
+SHARD_FENCE_REFUSALS = Counter(
+    "tally_shard_fence_refusals_total",
+    "Script calls refused because their shard's Redis is behind the ledger",
+    registry=REGISTRY,
+)
+SHARDS_FENCED = Gauge(
+    "tally_shards_fenced",
+    "Shards this server refuses to write to until they are recovered",
+    registry=REGISTRY,
+)
+
 # --- background tasks (the supervisor) -------------------------------------
 
 BACKGROUND_RESTARTS = Counter(

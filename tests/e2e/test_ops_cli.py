@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from tally.ledger.schema import LATEST_VERSION
 from tally.v1 import account_pb2, quota_pb2
 from tests.support import RedisProcess, start_running, stop_running, unique
 
@@ -67,7 +68,7 @@ async def test_ledger_status_migrate_and_verify_commands(
     assert status["events_waiting"] == 0
     assert status["latest_snapshot"]["accounts"] >= 1
     code, out, _ = await tally(env, "migrate")
-    assert code == 0 and "schema version 2" in out
+    assert code == 0 and f"schema version {LATEST_VERSION}" in out
     code, out, err = await tally(env, "verify")
     assert code == 0, out + err
     assert "agree" in out

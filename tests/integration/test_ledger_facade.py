@@ -13,6 +13,7 @@ from tally.clock import ManualClock
 from tally.domain.errors import Unavailable
 from tally.ledger.backend import open_ledger
 from tally.ledger.ledger import Ledger, LedgerUnavailable
+from tally.ledger.schema import LATEST_VERSION
 from tests.support import T0_MS, free_port
 
 
@@ -67,7 +68,7 @@ async def test_the_ledger_records_the_injected_clock(ledger_url: str) -> None:
     not the wall clock's."""
     clock = ManualClock(T0_MS)
     ledger = Ledger(open_ledger(ledger_url), clock)
-    assert await ledger.migrate() == [1, 2]
+    assert await ledger.migrate() == list(range(1, LATEST_VERSION + 1))
     clock.advance(61_000)
     snapshot_id = await ledger.snapshot("test", [])
     assert await ledger.latest_snapshot() == (snapshot_id, T0_MS + 61_000, 0)

@@ -39,6 +39,7 @@ def stream_entry(
         entry_id=f"{account_id}/{seq}", account_id=account_id, seq=seq, type=kind,
         occurred_at_ms=T0_MS + seq, reservation_id="", operation="image.upscale", quantity=1,
         units=units, available_after=0, labels={}, idempotency_key="", detail={}, shard=0,
+        fence=0,
     )
     return StreamEntry(f"{T0_MS}-{seq}", entry, images or EntryImages())
 

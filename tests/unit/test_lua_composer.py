@@ -95,7 +95,8 @@ def test_lua_key_builders_write_keyspace_names(client: redis.Redis, shards: int)
         "local sequence, period_start_ms = tonumber(ARGV[5]), tonumber(ARGV[6])\n"
         "local rid = reservation_id_for(tag, sequence, account_id)\n"
         "return {rid, reservation_key(prefix, rid), usage_key(prefix, account_id, period_start_ms),"
-        " price_version_field(operation, sequence), closings_key(prefix)}"
+        " price_version_field(operation, sequence), closings_key(prefix),"
+        " fence_key(prefix)}"
     )
     args = (space.prefix(shard), space.tag(shard), account_id, operation, sequence, period_start_ms)
     built = client.eval(probe, 0, *args)
@@ -105,11 +106,12 @@ def test_lua_key_builders_write_keyspace_names(client: redis.Redis, shards: int)
         space.usage(account_id, period_start_ms),
         keys.PRICE_VERSION_FIELD.format(operation=operation, version=sequence),
         space.closings(shard),
+        space.fence(shard),
     ]
     assert space.parse_reservation_id(reservation_id).account_id == account_id
     assert {t.name for t in keys.LUA_BUILT} == {
         "reservation_id_for", "reservation_key", "usage_key", "price_version_field",
-        "closings_key",
+        "closings_key", "fence_key",
     }
 
 

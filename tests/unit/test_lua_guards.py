@@ -17,6 +17,7 @@ from tally import app
 from tally.clock import ManualClock
 from tally.domain.errors import InvalidArgument
 from tally.store.contract import AlertSettings, ChargeRequest, CreateAccountRequest, ReserveRequest
+from tally.store.fence import ShardFences
 from tally.store.quota_store import QuotaStore
 from tests.support import T0_MS, RedisProcess, settings, unique
 
@@ -47,8 +48,10 @@ async def module_store(module_redis: RedisProcess) -> AsyncIterator[QuotaStore]:
 
 @pytest_asyncio.fixture
 async def store(module_store: QuotaStore) -> QuotaStore:
-    """The module's store on an emptied Redis with the default catalog."""
+    """The module's store on an emptied Redis with the default catalog (and fences
+    reset, as in a server started on it: emptying Redis under a store fences it)."""
     await module_store.redis.flushdb()
+    module_store.fences = ShardFences(module_store.keys.shards)
     await module_store.check_deployment()
     await module_store.sync_catalog(load_defaults=True)
     return module_store

@@ -86,3 +86,31 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
     )
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, status)
+
+
+class Serving:
+    """Health from two sources: SERVING while every background task can stay up
+    (the supervisor) and no shard is fenced (store/fence.py); after `close()`
+    (shutdown) always NOT_SERVING."""
+
+    def __init__(self, health_servicer: health.aio.HealthServicer) -> None:
+        self._servicer = health_servicer
+        self._tasks_up = True
+        self._fenced = False
+        self._closed = False
+
+    async def tasks(self, up: bool) -> None:
+        self._tasks_up = up
+        await self._publish()
+
+    async def fences(self, fenced: bool) -> None:
+        self._fenced = fenced
+        await self._publish()
+
+    async def close(self) -> None:
+        self._closed = True
+        await self._publish()
+
+    async def _publish(self) -> None:
+        serving = self._tasks_up and not self._fenced and not self._closed
+        await set_serving(self._servicer, serving)

@@ -72,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("migrate", "apply the ledger's schema migrations", run_migrate),
         ("flusher", "run a standalone flusher (streams -> ledger) until SIGTERM", run_flusher),
-        ("status", "flusher lag per shard and the ledger's state", run_status),
+        ("status", "flusher lag per shard, the ledger's state, shards behind the ledger (exit 1)",
+         run_status),
         ("verify", "flush, then compare every account in Redis with the ledger", run_verify),
         ("recover", "rebuild Redis from the ledger (accounts missing or behind)", run_recover),
     ]
@@ -137,25 +138,30 @@ def run_status(args: argparse.Namespace) -> int:
         snapshot = await ops.ledger.latest_snapshot()
         waiting = sum(lag.waiting for lag in lags)
         oldest_ms = max((lag.oldest_unflushed_ms for lag in lags), default=0)
+        behind = await recovery.shards_behind(ops.images, ops.ledger)
         if args.json:
             print(json.dumps({
                 "ledger": ops.ledger.dialect, "ledger_entries": entries,
+                "shards_behind": behind,
                 "events_waiting": waiting, "oldest_unflushed_ms": oldest_ms,
                 "latest_snapshot": None if snapshot is None else {
                     "snapshot_id": snapshot[0], "taken_at_ms": snapshot[1],
                     "accounts": snapshot[2]},
                 "shards": [asdict(lag) for lag in lags],
             }))
-            return 0
+            return 1 if behind else 0
         print(f"ledger: {ops.ledger.dialect}, {entries} entries")
         print(f"events waiting to be flushed: {waiting} (oldest {oldest_ms / 1000:.1f}s old)")
+        if behind:
+            listed = ", ".join(ops.store.keys.tag(shard) for shard in behind)
+            print(f"shards behind the ledger (Redis lost writes; run tally recover): {listed}")
         if snapshot is not None:
             taken = datetime.fromtimestamp(snapshot[1] / 1000, UTC).isoformat()
             print(f"latest snapshot: #{snapshot[0]} at {taken}, {snapshot[2]} accounts")
         rows = [[str(lag.shard), str(lag.length), str(lag.pending), str(lag.waiting),
                  f"{lag.oldest_unflushed_ms / 1000:.1f}s"] for lag in lags]
         print(table(["shard", "stream", "pending", "waiting", "oldest"], rows))
-        return 0
+        return 1 if behind else 0
 
     return _run(args, work)
 

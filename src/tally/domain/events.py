@@ -8,7 +8,8 @@ recovery sum them. They all use `Entry`.
 A stream entry is flat text fields: `type`, `event_id` (`<account>/<seq>`, or
 `catalog/<version>` for prices), `account_id`, `at` (ms), `reservation_id`,
 `operation`, `quantity`, `units`, `available_after`, `labels` (JSON object),
-`idempotency_key`, plus type-specific ones kept in `detail` (`alert`,
+`idempotency_key`, `fence` (the shard's fence count the script's write phase
+reached; 0 for prices), plus type-specific ones kept in `detail` (`alert`,
 `charged_at`, `expired`, `price_version`, ...). The last entry of a script also
 carries msgpack images of what the script wrote (`_acct`, `_holds`, `_idem`),
 which is what recovery restores from.
@@ -73,6 +74,7 @@ class Entry:
     idempotency_key: str
     detail: dict[str, str]  # every text field of the stream entry
     shard: int
+    fence: int  # the shard's fence count after the script (store/lua/lib/fence.lua)
 
     @property
     def price_version(self) -> int:
@@ -133,6 +135,7 @@ def decode(shard: int, stream_id: bytes | str, fields: Fields) -> StreamEntry:
         idempotency_key=text.get("idempotency_key", ""),
         detail=text,
         shard=shard,
+        fence=_int(text.get("fence")),
     )
     return StreamEntry(
         stream_id=stream_id.decode() if isinstance(stream_id, bytes) else stream_id,

@@ -41,7 +41,7 @@ BUSY_TIMEOUT_MS = 10_000
 READ_CONNECTIONS_MAX = 4  # read connections per ledger, beside its one writer
 ENTRY_COLUMNS = (
     "entry_id, account_id, seq, type, reservation_id, operation, quantity, units, "
-    "available_after, occurred_at, labels, idempotency_key, shard, detail, flushed_at"
+    "available_after, occurred_at, labels, idempotency_key, shard, detail, flushed_at, fence"
 )
 
 
@@ -224,28 +224,79 @@ class SqlLedger:
     # --- writes -----------------------------------------------------------
 
     def write_batch(self, events: Sequence[StreamEntry], flushed_at_ms: int) -> int:
-        """Inserts entries (ignoring ones already there) and upserts the state
-        images they carry, in one transaction. Returns the new entries' count."""
+        """Inserts entries (ignoring ones already there with the same content) and
+        upserts the state images they carry, in one transaction. Returns the new
+        entries' count. An entry whose id the ledger holds with other content means
+        Redis lost writes and reused the id: nothing of the batch is written
+        (EntryConflict)."""
         inserted = 0
+        conflicts: list[StreamEntry] = []
         with self.transaction() as cur:
             for event in events:
                 entry = event.entry
+                detail = json.dumps(entry.detail, sort_keys=True)
                 cur.execute(
                     f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (entry_id) DO NOTHING",
                     (
                         entry.entry_id, entry.account_id, entry.seq, entry.type.value,
                         entry.reservation_id, entry.operation, entry.quantity, entry.units,
                         entry.available_after, entry.occurred_at_ms,
                         json.dumps(entry.labels, sort_keys=True), entry.idempotency_key,
-                        entry.shard, json.dumps(entry.detail, sort_keys=True), flushed_at_ms,
+                        entry.shard, detail, flushed_at_ms, entry.fence,
                     ),
                 )
-                inserted += max(cur.rowcount, 0)
+                if cur.rowcount > 0:
+                    inserted += cur.rowcount
+                elif self._stored_detail(cur, entry.entry_id) != detail:
+                    conflicts.append(event)
+                    continue
                 self._write_images(cur, event, flushed_at_ms)
+            if conflicts:
+                raise EntryConflict(conflicts)  # rolls the whole batch back
             self._advance_positions(cur, events, flushed_at_ms)
+            self._raise_fence_counts(cur, events, flushed_at_ms)
         return inserted
+
+    @staticmethod
+    def _stored_detail(cur: Cursor, entry_id: str) -> str:
+        cur.execute("SELECT detail FROM ledger_entries WHERE entry_id = ?", (entry_id,))
+        return str(cur.fetchone()[0])
+
+    def _raise_fence_counts(
+        self, cur: Cursor, events: Sequence[StreamEntry], now_ms: int
+    ) -> None:
+        """Each shard's highest fence count: what its Redis may never be below."""
+        highest: dict[int, int] = {}
+        for event in events:
+            shard = event.entry.shard
+            highest[shard] = max(highest.get(shard, 0), event.entry.fence)
+        for shard, count in highest.items():
+            cur.execute(
+                "INSERT INTO shard_fences (shard, epoch, count, updated_at) VALUES (?, 0, ?, ?) "
+                "ON CONFLICT (shard) DO UPDATE SET count = excluded.count, "
+                "updated_at = excluded.updated_at WHERE excluded.count > shard_fences.count",
+                (shard, count, now_ms),
+            )
+
+    def start_fence_epoch(
+        self, shard: int, redis_mark: tuple[int, int], now_ms: int
+    ) -> tuple[int, int]:
+        """Recovery's new fence for a shard: an epoch above the ledger's and Redis',
+        a count at least both of theirs. Recorded before Redis is told it."""
+        with self.transaction() as cur:
+            cur.execute("SELECT epoch, count FROM shard_fences WHERE shard = ?", (shard,))
+            row = cur.fetchone()
+            epoch, count = (0, 0) if row is None else (int(row[0]), int(row[1]))
+            mark = (max(epoch, redis_mark[0]) + 1, max(count, redis_mark[1]))
+            cur.execute(
+                "INSERT INTO shard_fences (shard, epoch, count, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (shard) DO UPDATE SET epoch = excluded.epoch, "
+                "count = excluded.count, updated_at = excluded.updated_at",
+                (shard, mark[0], mark[1], now_ms),
+            )
+        return mark
 
     def _write_images(self, cur: Cursor, event: StreamEntry, now_ms: int) -> None:
         entry, images = event.entry, event.images
@@ -521,6 +572,12 @@ class SqlLedger:
                     per["lost"] = per.get("lost", 0) + lost
         return sums
 
+    def shard_fences(self) -> dict[int, tuple[int, int]]:
+        """Per shard, (epoch, count): the lowest fence its Redis may have."""
+        with self.reading() as cur:
+            cur.execute("SELECT shard, epoch, count FROM shard_fences")
+            return {int(r[0]): (int(r[1]), int(r[2])) for r in cur.fetchall()}
+
     def latest_snapshot(self) -> tuple[int, int, int] | None:
         """(snapshot_id, taken_at_ms, accounts) of the newest snapshot."""
         with self.reading() as cur:
@@ -544,6 +601,16 @@ def _contiguous_through(cur: Cursor, account_id: str, after_seq: int, last_seq: 
     )
     first_before_gap = cur.fetchone()[0]
     return last_seq if first_before_gap is None else int(first_before_gap)
+
+
+class EntryConflict(Exception):
+    """Entries whose ids the ledger holds with other content (a batch with them is
+    not written)."""
+
+    def __init__(self, entries: Sequence[StreamEntry]) -> None:
+        self.entries = list(entries)
+        ids = ", ".join(e.entry.entry_id for e in self.entries[:5])
+        super().__init__(f"{len(self.entries)} entries conflict with the ledger: {ids}")
 
 
 class _Translating:
@@ -653,6 +720,6 @@ def _entry_row(r: Sequence[Any]) -> Entry:
         entry_id=r[0], account_id=r[1], seq=int(r[2]), type=EntryType(r[3]), reservation_id=r[4],
         operation=r[5], quantity=int(r[6]), units=int(r[7]), available_after=int(r[8]),
         occurred_at_ms=int(r[9]), labels=labels_of(r[10]), idempotency_key=r[11],
-        shard=int(r[12]), detail=json.loads(r[13]),
+        shard=int(r[12]), detail=json.loads(r[13]), fence=int(r[15]),
     )
 

@@ -8,6 +8,12 @@ flusher` processes) may run at once: the ledger ignores events it already has.
 Each pass also prunes the ledger's tables beside the entries (a bounded batch
 per table; see Retention), so they stay as large as the retained state, never
 as the traffic.
+
+An event whose id the ledger holds with other content is not a duplicate but an
+alarm (Redis lost writes and reused the id): its batch is not written nor
+acknowledged, the shard is fenced (store/fence.py), and the conflict is logged
+and counted. After each batch it commits, the flusher raises the shard's fence
+floor to the batch's highest fence count.
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import msgpack
 
 from tally import metrics
 from tally.domain.errors import Unavailable
-from tally.ledger.backend import Retention, StateRow
+from tally.ledger.backend import EntryConflict, Retention, StateRow
 from tally.ledger.ledger import Ledger, LedgerUnavailable
 from tally.store.failures import StoreBusy
+from tally.store.fence import ShardFences
 from tally.store.streams import EventStreams, ShardLag
 
 log = logging.getLogger("tally.flusher")
@@ -56,11 +63,13 @@ class Flusher:
         ledger: Ledger,
         settings: FlusherSettings,
         consumer: str | None = None,
+        fences: ShardFences | None = None,
     ) -> None:
         self.streams = streams
         self.keys = streams.keys
         self.ledger = ledger
         self.settings = settings
+        self.fences = fences or ShardFences(streams.keys.shards)
         self.consumer = consumer or consumer_name()
         self._stopping = asyncio.Event()
         self._locks = [asyncio.Lock() for _ in range(self.keys.shards)]
@@ -82,11 +91,25 @@ class Flusher:
                 if not delivery.ids:
                     break
                 if delivery.entries:
-                    await self.ledger.write_batch(delivery.entries)
+                    try:
+                        await self.ledger.write_batch(delivery.entries)
+                    except EntryConflict as conflict:
+                        await self._alarm(shard, conflict)
+                        break  # left pending: never acknowledged nor trimmed
+                    highest = max(event.entry.fence for event in delivery.entries)
+                    self.fences.raise_count(shard, highest)
                 await self.streams.acknowledge(shard, delivery.ids)
                 total += len(delivery.entries)
             await self._trim(shard)
             return total
+
+    async def _alarm(self, shard: int, conflict: EntryConflict) -> None:
+        metrics.LEDGER_CONFLICTS.inc(len(conflict.entries))
+        log.error(
+            "stream entries conflict with the ledger: Redis lost writes; run tally recover",
+            extra={"shard": shard, "entries": [e.entry.entry_id for e in conflict.entries[:10]]},
+        )
+        await self.fences.conflicted(shard)
 
     async def _trim(self, shard: int) -> None:
         await self.streams.trim(shard, self.settings.stream_retention_ms)

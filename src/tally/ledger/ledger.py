@@ -197,5 +197,17 @@ class Ledger:
     async def entry_sums(self) -> dict[str, dict[str, int]]:
         return await self._read(self.backend.entry_sums)
 
+    async def shard_fences(self) -> dict[int, tuple[int, int]]:
+        """Per shard, (epoch, count): the lowest fence its Redis may have."""
+        return await self._call(self.backend.shard_fences)
+
+    async def start_fence_epoch(
+        self, shard: int, redis_mark: tuple[int, int]
+    ) -> tuple[int, int]:
+        """Records recovery's new (epoch, count) for the shard, above Redis' mark."""
+        return await self._call(
+            self.backend.start_fence_epoch, shard, redis_mark, self.clock.now_ms()
+        )
+
     async def latest_snapshot(self) -> tuple[int, int, int] | None:
         return await self._read(self.backend.latest_snapshot)

@@ -3,6 +3,10 @@
 `recover` writes back into Redis every account, reservation, idempotency
 record and price whose Redis copy is missing or older than the ledger's
 (by the per-account event sequence), as of the last flushed event.
+Last, it starts a new fence epoch on every shard (store/lua/lib/fence.lua),
+recorded in the ledger first: a server fenced off a shard whose Redis lost
+writes passes again on its next call, and a Redis that later comes back older
+than this recovery is refused.
 `verify` compares the two after a flush, and audits the ledger against
 itself: each account's totals must equal the sums of its entries.
 """
@@ -18,6 +22,7 @@ from tally.domain.usage import Usage, from_entries, net
 from tally.ledger.backend import StateRow, hold_closed_at
 from tally.ledger.flusher import Flusher
 from tally.ledger.ledger import Ledger
+from tally.store.contract import FenceMark
 from tally.store.state_images import StateImages, unpack_image
 
 Progress = Callable[[str], None]
@@ -83,11 +88,28 @@ async def recover(
     await images.restore_catalog(prices)
     result.prices = len(prices)
     await images.restore_deployment()
+    await _start_fence_epochs(images, ledger)
     progress(
         f"restored {result.accounts} accounts, {result.reservations} reservations, "
         f"{result.idempotency_records} idempotency records, {result.prices} prices"
     )
     return result
+
+
+async def shards_behind(images: StateImages, ledger: Ledger) -> list[int]:
+    """Shards whose Redis fence is below the ledger's (Redis lost writes)."""
+    in_redis = await images.fences()
+    in_ledger = await ledger.shard_fences()
+    return [
+        shard for shard, (epoch, count) in sorted(in_ledger.items())
+        if in_redis[shard] < FenceMark(epoch, count)
+    ]
+
+
+async def _start_fence_epochs(images: StateImages, ledger: Ledger) -> None:
+    for shard, mark in enumerate(await images.fences()):
+        epoch, count = await ledger.start_fence_epoch(shard, (mark.epoch, mark.count))
+        await images.set_fence(shard, FenceMark(epoch, count))
 
 
 async def _rebuild_usage(

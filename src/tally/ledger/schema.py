@@ -96,6 +96,21 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "CREATE INDEX idempotency_states_by_expiry ON idempotency_states (expires_at)",
         ),
     ),
+    (
+        3,
+        "shard fences: each entry's fence count, each shard's highest",
+        (
+            "ALTER TABLE ledger_entries ADD COLUMN fence BIGINT NOT NULL DEFAULT 0",
+            # epoch: the one recovery last started; count: the highest count of
+            # the shard's entries or set by that recovery (store/lua/lib/fence.lua)
+            """CREATE TABLE shard_fences (
+                shard INTEGER PRIMARY KEY,
+                epoch BIGINT NOT NULL,
+                count BIGINT NOT NULL,
+                updated_at BIGINT NOT NULL
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

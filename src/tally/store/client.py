@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -29,7 +30,9 @@ from tally.domain.errors import (
     Shortfall,
     TallyError,
 )
+from tally.store.contract import FenceMark
 from tally.store.failures import HoldNotInStore, StoreBusy, StoreUnreachable, store_errors
+from tally.store.fence import ShardBehind
 from tally.store.pool import WaitingConnectionPool
 from tally.store.scripts import LuaScript, load_all
 
@@ -84,10 +87,21 @@ def _raise_script_error(reply: dict[str, Any]) -> None:
     if code == "NOT_IN_STORE":
         extra = reply.get("extra") or {}
         raise HoldNotInStore(message, field_name=field_name, event_seq=int(extra["event_seq"]))
+    if code == ShardBehind.script_code:
+        raise ShardBehind(message, field_name=field_name)
     error_cls = ERRORS_BY_CODE.get(code)
     if error_cls is None:
         raise RuntimeError(f"script returned unknown error code {code!r}: {message}")
     raise error_cls(message, field_name=field_name)
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    """A script's result map, and its shard's fence as the run left it (None: the
+    script checks no fence)."""
+
+    result: dict[str, Any]
+    fence: FenceMark | None
 
 
 class ScriptRunner:
@@ -108,6 +122,12 @@ class ScriptRunner:
     async def run(
         self, name: str, keys: list[str], request: dict[str, Any], timeout_s: float | None
     ) -> dict[str, Any]:
+        """One EVALSHA (or EVALSHA_RO); its result map, or the script's typed error."""
+        return (await self.call(name, keys, request, timeout_s)).result
+
+    async def call(
+        self, name: str, keys: list[str], request: dict[str, Any], timeout_s: float | None
+    ) -> ScriptResult:
         """One EVALSHA (or EVALSHA_RO); raises the script's typed error, if any."""
         if timeout_s is not None and timeout_s < DEADLINE_SLACK_S:
             raise DeadlineExceeded(
@@ -142,7 +162,11 @@ class ScriptRunner:
         if not reply.get("ok"):
             _raise_script_error(reply)
         result = reply.get("r")
-        return result if isinstance(result, dict) else {}
+        fence = reply.get("fence")
+        return ScriptResult(
+            result if isinstance(result, dict) else {},
+            FenceMark.decode(fence) if isinstance(fence, dict) else None,
+        )
 
     async def _evalsha(self, script: LuaScript, keys: list[str], payload: bytes) -> Any:
         command = self.redis.evalsha_ro if script.read_only else self.redis.evalsha

@@ -83,11 +83,25 @@ class CatalogContext:
     now: int  # ms since the epoch, from the store's clock
 
 
+@dataclass(frozen=True, order=True)
+class FenceMark:
+    """A shard's fence (lib/fence.lua): ordered by epoch, then count."""
+
+    epoch: int = 0
+    count: int = 0
+
+    @classmethod
+    def decode(cls, raw: RawMap) -> Self:
+        return cls(epoch=int(raw.get("epoch", 0)), count=int(raw.get("count", 0)))
+
+
 @dataclass(frozen=True)
 class ScriptContext(CatalogContext):
     """What an account script is told besides the request: the account it
     works on (for reservation scripts, read from the reservation id), its
-    shard's key prefix and tag, and how long closed reservations are kept."""
+    shard's key prefix and tag, how long closed reservations are kept, and the
+    lowest fence the shard may have (below it, Redis lost writes; QuotaStore
+    always sets it, absent reads as FenceMark(), which nothing is below)."""
 
     account_id: str
     prefix: str
@@ -95,6 +109,7 @@ class ScriptContext(CatalogContext):
     retention_ms: int
     # how long a closed reservation stays in Redis (None: for scripts that close none)
     closed_window_ms: int | None = dataclasses.field(default=None, kw_only=True)
+    fence_floor: FenceMark | None = dataclasses.field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)

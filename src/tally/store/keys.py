@@ -67,6 +67,9 @@ EVENTS_KEY = NameTemplate("events_key", "{prefix}events")
 PRICES_KEY = NameTemplate("prices_key", "{prefix}prices")
 # every price version, for quoted reserves
 PRICE_HISTORY_KEY = NameTemplate("price_history_key", "{prefix}price_history")
+# the shard's fence {epoch, count}: what a Redis that lost writes is told apart by
+# (store/lua/lib/fence.lua)
+FENCE_KEY = NameTemplate("fence_key", "{prefix}fence")
 # catalog version counter (shard 0 is authoritative)
 CATALOG_KEY = NameTemplate("catalog_key", "{prefix}catalog")
 # a field of the price history hash: the price of one version of an operation
@@ -76,7 +79,9 @@ RESERVATION_ID = NameTemplate("reservation_id_for", "{tag}.{sequence:d}.{account
 
 # What the scripts write themselves (from the prefix and shard tag they are
 # given); the store passes every other key in KEYS.
-LUA_BUILT = (RESERVATION_KEY, USAGE_KEY, RESERVATION_ID, PRICE_VERSION_FIELD, CLOSINGS_KEY)
+LUA_BUILT = (
+    RESERVATION_KEY, USAGE_KEY, RESERVATION_ID, PRICE_VERSION_FIELD, CLOSINGS_KEY, FENCE_KEY
+)
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,9 @@ class KeySpace:
 
     def events(self, shard: int) -> str:
         return EVENTS_KEY.format(prefix=self.prefix(shard))
+
+    def fence(self, shard: int) -> str:
+        return FENCE_KEY.format(prefix=self.prefix(shard))
 
     def expiries(self, shard: int) -> str:
         return EXPIRIES_KEY.format(prefix=self.prefix(shard))

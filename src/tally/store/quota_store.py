@@ -1,8 +1,10 @@
 """The store facade: one method per operation, each one script call.
 
 Methods take a script's request and return its reply, both typed in
-store/contract.py; the store adds the context (clock, shard, settings). The
-gRPC layer never speaks Redis; it calls these.
+store/contract.py; the store adds the context (clock, shard, settings, the
+shard's fence floor) and keeps the shard fences (store/fence.py) up to date
+with what account scripts answer. The gRPC layer never speaks Redis; it calls
+these.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from tally.store.contract import (
     SpendContext,
     UpdateAccountRequest,
 )
+from tally.store.fence import ShardBehind, ShardFences
 from tally.store.keys import META_KEY, KeySpace
 from tally.store.usage_counters import usage_of
 
@@ -72,12 +75,18 @@ class StoreLimits:
 
 class QuotaStore:
     def __init__(
-        self, runner: ScriptRunner, keys: KeySpace, clock: Clock, limits: StoreLimits
+        self,
+        runner: ScriptRunner,
+        keys: KeySpace,
+        clock: Clock,
+        limits: StoreLimits,
+        fences: ShardFences | None = None,
     ) -> None:
         self.runner = runner
         self.keys = keys
         self.clock = clock
         self.limits = limits
+        self.fences = fences or ShardFences(keys.shards)
 
     @property
     def redis(self) -> Any:
@@ -95,6 +104,7 @@ class QuotaStore:
             shard=self.keys.tag(shard),
             retention_ms=self.limits.reservation_retention_ms,
             closed_window_ms=self.limits.closed_reservation_window_ms,
+            fence_floor=self.fences.floor(shard),
         )
 
     def _idempotent_context(self, account_id: str) -> IdempotentContext:
@@ -116,8 +126,19 @@ class QuotaStore:
         keys: list[str],
         timeout_s: float | None,
     ) -> ReplyT:
-        raw = await self.runner.run(request.SCRIPT, keys, request.encode(context), timeout_s)
-        return request.decode_reply(raw)
+        if not isinstance(context, ScriptContext):
+            raw = await self.runner.run(request.SCRIPT, keys, request.encode(context), timeout_s)
+            return request.decode_reply(raw)
+        shard = self.keys.shard_of(context.account_id)
+        try:
+            ran = await self.runner.call(request.SCRIPT, keys, request.encode(context), timeout_s)
+        except ShardBehind:
+            await self.fences.refused(shard)
+            raise
+        if ran.fence is None:
+            raise RuntimeError(f"{request.SCRIPT}.lua checked no fence")
+        await self.fences.passed(shard, ran.fence)
+        return request.decode_reply(ran.result)
 
     async def _on_account(
         self, request: ScriptRequest[ReplyT], account_id: str, timeout_s: float | None

@@ -15,7 +15,7 @@ import msgpack
 
 from tally.domain.usage import Usage
 from tally.store.client import ScriptRunner
-from tally.store.contract import CatalogContext
+from tally.store.contract import CatalogContext, FenceMark
 from tally.store.failures import redis_errors
 from tally.store.keys import META_KEY, KeySpace
 from tally.store.quota_store import QuotaStore
@@ -71,6 +71,15 @@ class StateImages:
                     match=self.keys.account_pattern(), count=SCAN_COUNT
                 )
             ]
+
+    async def fences(self) -> list[FenceMark]:
+        """Every shard's fence as Redis holds it ({0, 0} when missing)."""
+        with redis_errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for shard in range(self.keys.shards):
+                pipe.hmget(self.keys.fence(shard), "epoch", "count")
+            rows = await pipe.execute()
+        return [FenceMark(int(epoch or 0), int(count or 0)) for epoch, count in rows]
 
     async def has_catalog(self) -> bool:
         with redis_errors():
@@ -144,6 +153,13 @@ class StateImages:
                 stored = await self.redis.hget(self.keys.catalog_meta(), "version")
                 if stored is None or int(stored) < top:
                     await self.redis.hset(self.keys.catalog_meta(), "version", top)
+
+    async def set_fence(self, shard: int, mark: FenceMark) -> None:
+        """The shard's fence as recovery left it (lib/fence.lua reads it)."""
+        with redis_errors():
+            await self.redis.hset(
+                self.keys.fence(shard), mapping={"epoch": mark.epoch, "count": mark.count}
+            )
 
     async def restore_deployment(self) -> None:
         """The deployment facts (shard count), unless Redis has them."""

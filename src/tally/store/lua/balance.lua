@@ -3,7 +3,7 @@
 -- balance: an account's balance and settings as of now, with due holds,
 -- expiries and a new period applied in memory (nothing is written).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor
 -- Returns: {account = account view, balance = balance view}.
 
 return run(function()

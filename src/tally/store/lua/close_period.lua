@@ -4,7 +4,7 @@
 -- due grants expired, the next allotment granted, due holds expired), then
 -- the account's next closing indexed. A second close is a no-op.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor
 -- Returns: {events = number of events the close wrote}.
 
 return run(function()

@@ -4,7 +4,7 @@
 -- charged anyway (the work was done) from what is available, the rest as
 -- overage, and flagged late. Idempotent by reservation id.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, reservation_id,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, reservation_id,
 --   quantity (absent: the whole reserved quantity)
 -- Returns: {units_charged, units_released, balance, replayed, late, overage_units,
 --   operation}.

@@ -1,7 +1,7 @@
 --! include: codec calendar context settings periods grants events write_phase views
 -- create_account: creates an account and its first period's allotment.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, monthly_allotment,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, monthly_allotment,
 --   overage_policy, overage_limit, auto_purchase_units, auto_purchase_threshold,
 --   billing_anchor_day (0: today's day), labels,
 --   alerts = {allotment_used_percent, balance_below, overage_started}

@@ -1,7 +1,7 @@
 --! include: codec context periods events write_phase views
 -- delete_budget: removes a budget; what it counted stays charged.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, budget_id
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, budget_id
 -- Returns: {budget = budget view of the removed budget}.
 
 return run(function()

@@ -2,7 +2,7 @@
 -- expire_hold: the reaper's step for one due hold. Brings its account up to
 -- now (which expires every due hold of the account, this one included).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, reservation_id
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, reservation_id
 -- Returns: {expired = number of holds expired by this call}.
 
 return run(function()

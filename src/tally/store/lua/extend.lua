@@ -1,7 +1,7 @@
 --! include: codec reservation periods holds events views write_phase
 -- extend: gives a held reservation a new lifetime of ttl_ms from now.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, reservation_id, ttl_ms
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, reservation_id, ttl_ms
 -- Returns: {reservation_id, units, expires_at, balance, replayed, price_version,
 --   units_per_quantity, quantity}.
 

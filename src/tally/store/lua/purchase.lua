@@ -2,7 +2,7 @@
 -- purchase: adds a PURCHASE grant bought by the customer.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, idempotency_window_ms,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, idempotency_window_ms,
 --   units, expires_at (0: never), reference, idempotency_key, fingerprint
 -- Returns: {grant = grant view, balance = balance view, replayed = bool}.
 

@@ -4,7 +4,7 @@
 -- pay it (auto-purchases included); moves nothing.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 shard prices hash, 6 shard price history hash
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, operation,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, operation,
 --   quantity (>= 1)
 -- Returns: {units, units_per_quantity, price_version, affordable, available}.
 

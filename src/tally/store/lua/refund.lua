@@ -6,7 +6,7 @@
 -- back to their grants (counted as expired if the grant has expired since).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, idempotency_window_ms,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, idempotency_window_ms,
 --   reservation_id, units (absent: all that is refundable), reason, idempotency_key,
 --   fingerprint
 -- Returns: {units_refunded, units_refundable, balance, replayed, operation}.

@@ -3,7 +3,7 @@
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record, 6 shard prices hash,
 --       7 shard price history hash
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor,
 --   idempotency_window_ms, quote_validity_ms,
 --   operation, quantity (>= 1), idempotency_key, fingerprint, ttl_ms, labels,
 --   price_version (0: current)

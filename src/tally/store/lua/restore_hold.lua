@@ -6,7 +6,7 @@
 -- have changed it. Restores nothing older than retention_ms (NOT_FOUND, as a
 -- reservation unknown to both).
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor,
 --   reservation_id, image (the record, as the ledger keeps it)
 -- Returns: {restored (false: it was in Redis already)}.
 

@@ -7,7 +7,7 @@
 -- it). From then on every charge counts against it by its own labels, tracked
 -- or not.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, operation, label_key,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, operation, label_key,
 --   label_value, limit_units
 -- Returns: {budget = budget view}.
 

@@ -2,7 +2,7 @@
 -- update_account: changes an account's plan, overage settings or labels.
 -- A new allotment applies from the next billing period.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
--- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms,
+-- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor,
 --   set = {monthly_allotment, overage_policy, overage_limit, auto_purchase_units,
 --   auto_purchase_threshold, labels, merge_labels, alerts} (each optional; labels and
 --   alerts replace, merge_labels adds or changes labels)

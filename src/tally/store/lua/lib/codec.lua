@@ -66,9 +66,13 @@ local function int_text(n)
   return string.format('%d', n)
 end
 
+-- What a run reports beside its result: `fence`, the shard's fence as the run
+-- left it (set by lib/fence.lua; absent from scripts that do not check one).
+local run_report = {}
+
 local function run(main)
   local ok, result = pcall(main)
-  if ok then return cmsgpack.pack({ok = true, r = result}) end
+  if ok then return cmsgpack.pack({ok = true, r = result, fence = run_report.fence}) end
   if type(result) == 'table' and result.tally_err then
     return cmsgpack.pack({ok = false, code = result.code, field = result.field or '',
       message = result.message or '', extra = result.extra or {}})

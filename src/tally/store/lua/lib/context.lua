@@ -1,4 +1,4 @@
---! include: codec
+--! include: codec fence
 -- context: one script run's state and the account it works on.
 -- Nothing here writes to Redis: every change is made in memory on ctx and
 -- written by commit_ctx (write_phase) once every check has passed.
@@ -10,7 +10,7 @@
 --        retention_ms, closed_window_ms, quote_validity_ms}
 
 local function new_ctx(req, keys)
-  return {
+  local ctx = {
     now = req.now, prefix = check_str(req.prefix, 'prefix', KEY_PREFIX_BYTES_MAX),
     shard = check_str(req.shard, 'shard', SHARD_TAG_BYTES_MAX),
     acct_key = keys[1], holds_key = keys[2], expiries_key = keys[3], events_key = keys[4],
@@ -20,6 +20,8 @@ local function new_ctx(req, keys)
     -- spend scripts only; pricing checks it when a superseded version is quoted
     quote_validity_ms = req.quote_validity_ms,
   }
+  check_fence(ctx, req.fence_floor)
+  return ctx
 end
 
 -- Fields added after an account was first written get their neutral value.

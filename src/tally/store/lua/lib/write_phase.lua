@@ -1,4 +1,4 @@
---! include: codec books alerts holds usage closings
+--! include: codec books alerts holds usage closings fence
 -- write_phase: commit_ctx, the one place a script run's changes are written
 -- (a script calls it once, after every check has passed: "check everything,
 -- then write").
@@ -42,6 +42,7 @@ local function commit_ctx(ctx)
       expires_at = ctx.idem.expires_at})
   end
   write_usage(ctx)
+  stamp_fence(ctx)
   local ids = {}
   for i, event in ipairs(ctx.events) do
     ids[i] = redis.call('XADD', ctx.events_key, '*', unpack(event))

@@ -1,0 +1,36 @@
+--! include: codec keys
+-- fence: a check that the shard's Redis has not lost writes, before any write.
+-- Each shard has a fence hash {epoch, count}: count goes up by one in every write
+-- phase that appends events (each event carries it as `fence`); `tally recover`
+-- starts a new epoch when it heals the shard from the ledger. The server passes the
+-- lowest fence it accepts (fence_floor = {epoch, count}: the highest it saw in its
+-- own replies or in the ledger). A fence below it (a wipe, a restart from an older
+-- snapshot, a failover to a lagging replica) refuses the call before any write;
+-- a missing fence reads as {0, 0}.
+
+-- floor: the request's fence_floor (absent: {0, 0}, a floor nothing is below).
+local function check_fence(ctx, floor)
+  floor = floor or {epoch = 0, count = 0}
+  if type(floor) ~= 'table' then raise('INVALID_ARGUMENT', 'fence_floor', 'fence_floor must be a map') end
+  local floor_epoch = check_int(floor.epoch, 'fence_floor.epoch', 0, UNITS_MAX)
+  local floor_count = check_int(floor.count, 'fence_floor.count', 0, UNITS_MAX)
+  local key = fence_key(ctx.prefix)
+  local stored = redis.call('HMGET', key, 'epoch', 'count')
+  local epoch, count = tonumber(stored[1]) or 0, tonumber(stored[2]) or 0
+  if epoch < floor_epoch or (epoch == floor_epoch and count < floor_count) then
+    raise('SHARD_BEHIND', 'shard', string.format(
+      'shard %s is behind the ledger: Redis lost writes; run tally recover', ctx.shard))
+  end
+  ctx.fence_key = key
+  run_report.fence = {epoch = epoch, count = count}
+end
+
+-- In the write phase: the next count, carried by every event of this run.
+local function stamp_fence(ctx)
+  local count = redis.call('HINCRBY', ctx.fence_key, 'count', 1)
+  run_report.fence.count = count
+  for _, event in ipairs(ctx.events) do
+    event[#event + 1] = 'fence'
+    event[#event + 1] = count
+  end
+end
