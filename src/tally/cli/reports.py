@@ -8,7 +8,7 @@ import csv
 import sys
 
 from tally.cli import arguments, output
-from tally.cli.target import Api, connection_flags, run
+from tally.cli.target import Api, Subparsers, add_command
 from tally.v1 import usage_pb2
 
 
@@ -65,10 +65,9 @@ def _print_summary(report: usage_pb2.UsageReport) -> None:
         ]))
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    report = subparsers.add_parser(
-        "report",
-        parents=[connection_flags()],
+def register(subparsers: Subparsers) -> None:
+    report = add_command(
+        subparsers, "report", _report,
         help="usage by operation, label, day or hour; period summary and forecast",
         description="Usage report. The current billing period is exact in real time; "
         "earlier time comes from the ledger. Bounds are whole UTC hours.",
@@ -83,4 +82,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="comma-separated: operation, label:<key>, day, hour "
                         "(default: operation)")
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    report.set_defaults(handler=run(_report))

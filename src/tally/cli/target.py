@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Required, TypeAlias, TypedDict, Unpack
 
 import grpc
 
@@ -59,6 +60,8 @@ class Api:
 
 
 Handler = Callable[[argparse.Namespace, Api], int]
+# argparse._SubParsersAction is generic in the stubs only.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def target_of(args: argparse.Namespace) -> str:
@@ -142,3 +145,34 @@ def run(handler: Handler) -> Callable[[argparse.Namespace], int]:
             return 130
 
     return run_handler
+
+
+class HelpTexts(TypedDict, total=False):
+    """What `--help` says of a command: `help` in its parent's list, `description` atop its own."""
+
+    help: Required[str]
+    description: str
+
+
+def add_command(
+    subparsers: Subparsers, name: str, handler: Handler, **texts: Unpack[HelpTexts]
+) -> argparse.ArgumentParser:
+    """An admin command: the connection flags, and `handler` run by `run`."""
+    parser = subparsers.add_parser(name, parents=[connection_flags()], **texts)
+    parser.set_defaults(handler=run(handler))
+    return parser
+
+
+def add_account_command(
+    subparsers: Subparsers, name: str, handler: Handler, **texts: Unpack[HelpTexts]
+) -> argparse.ArgumentParser:
+    """An admin command on one account: ACCOUNT_ID is its first argument."""
+    parser = add_command(subparsers, name, handler, **texts)
+    parser.add_argument("account_id", metavar="ACCOUNT_ID")
+    return parser
+
+
+def add_noun(subparsers: Subparsers, name: str, **texts: Unpack[HelpTexts]) -> Subparsers:
+    """A command whose actions are admin commands (`tally accounts create`)."""
+    noun = subparsers.add_parser(name, **texts)
+    return noun.add_subparsers(dest="action", metavar="ACTION", required=True)
