@@ -17,10 +17,7 @@ def _ledger(args: argparse.Namespace, api: Api) -> int:
         types=args.type or [],
         page_size=min(args.limit, PAGE_SIZE_MAX),
     )
-    if args.start is not None:
-        request.start.CopyFrom(args.start)
-    if args.end is not None:
-        request.end.CopyFrom(args.end)
+    arguments.copy_time_range(args, request)
     entries: list[account_pb2.LedgerEntry] = []
     while len(entries) < args.limit:
         reply = api.accounts.ListLedgerEntries(request, timeout=api.timeout_s)

@@ -19,10 +19,7 @@ def _report(args: argparse.Namespace, api: Api) -> int:
                   else "LABEL:" + g.strip()[6:] for g in args.by.split(",") if g.strip()],
         period=args.period,
     )
-    if args.start is not None:
-        request.start.CopyFrom(args.start)
-    if args.end is not None:
-        request.end.CopyFrom(args.end)
+    arguments.copy_time_range(args, request)
     report = api.usage.GetUsageReport(request, timeout=api.timeout_s).report
     if args.format == "json" or args.json:
         print(output.dumps(output.message_dict(report)))

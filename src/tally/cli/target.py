@@ -13,7 +13,6 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Required, TypeAlias, TypedDict, Unpack
 
 import grpc
@@ -35,28 +34,15 @@ AMBIGUOUS = frozenset(
 )
 
 
-@dataclass
 class Api:
     """Blocking stubs on one channel, with the per-call timeout."""
 
-    channel: grpc.Channel
-    timeout_s: float
-
-    @property
-    def accounts(self) -> account_pb2_grpc.AccountServiceStub:
-        return account_pb2_grpc.AccountServiceStub(self.channel)
-
-    @property
-    def quota(self) -> quota_pb2_grpc.QuotaServiceStub:
-        return quota_pb2_grpc.QuotaServiceStub(self.channel)
-
-    @property
-    def catalog(self) -> catalog_pb2_grpc.CatalogServiceStub:
-        return catalog_pb2_grpc.CatalogServiceStub(self.channel)
-
-    @property
-    def usage(self) -> usage_pb2_grpc.UsageServiceStub:
-        return usage_pb2_grpc.UsageServiceStub(self.channel)
+    def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.accounts = account_pb2_grpc.AccountServiceStub(channel)
+        self.quota = quota_pb2_grpc.QuotaServiceStub(channel)
+        self.catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        self.usage = usage_pb2_grpc.UsageServiceStub(channel)
 
 
 Handler = Callable[[argparse.Namespace, Api], int]
