@@ -132,6 +132,48 @@ def _timestamp(moment: datetime) -> Timestamp:
     return ts
 
 
+Spend = TypeVar("Spend", quota_pb2.ReserveRequest, quota_pb2.ChargeRequest)
+
+
+def _spend_request(
+    kind: type[Spend],
+    account_id: str,
+    operation: str,
+    quantity: int,
+    labels: Mapping[str, str] | None,
+    idempotency_key: str | None,
+    price_version: int,
+) -> Spend:
+    """What Reserve and Charge both ask: `quantity` of `operation` on an account,
+    under one idempotency key (made here when the caller gave none)."""
+    return kind(
+        account_id=account_id,
+        operation=operation,
+        quantity=quantity,
+        idempotency_key=_key(idempotency_key),
+        labels=dict(labels or {}),
+        price_version=price_version,
+    )
+
+
+def _reserve_request(
+    account_id: str,
+    operation: str,
+    quantity: int,
+    labels: Mapping[str, str] | None,
+    ttl_s: float | None,
+    idempotency_key: str | None,
+    price_version: int,
+) -> quota_pb2.ReserveRequest:
+    request = _spend_request(
+        quota_pb2.ReserveRequest, account_id, operation, quantity, labels,
+        idempotency_key, price_version,
+    )
+    if ttl_s is not None:
+        request.ttl.CopyFrom(_duration(ttl_s))
+    return request
+
+
 class TallyClient:
     """Typed async access to the quota hot path (and purchases)."""
 
@@ -229,16 +271,13 @@ class TallyClient:
         price_version: int = 0,
     ) -> quota_pb2.ReserveResponse:
         """Holds the units `quantity` of `operation` costs; `ttl_s` None: the server's default."""
-        request = quota_pb2.ReserveRequest(
-            account_id=account_id,
-            operation=operation,
-            quantity=quantity,
-            idempotency_key=_key(idempotency_key),
-            labels=dict(labels or {}),
-            price_version=price_version,
+        return await self._reserve(
+            _reserve_request(
+                account_id, operation, quantity, labels, ttl_s, idempotency_key, price_version
+            )
         )
-        if ttl_s is not None:
-            request.ttl.CopyFrom(_duration(ttl_s))
+
+    async def _reserve(self, request: quota_pb2.ReserveRequest) -> quota_pb2.ReserveResponse:
         return await self._call(self._quota.Reserve, request)
 
     async def commit(
@@ -276,13 +315,9 @@ class TallyClient:
         price_version: int = 0,
     ) -> quota_pb2.ChargeResponse:
         """Reserves and commits in one step."""
-        request = quota_pb2.ChargeRequest(
-            account_id=account_id,
-            operation=operation,
-            quantity=quantity,
-            idempotency_key=_key(idempotency_key),
-            labels=dict(labels or {}),
-            price_version=price_version,
+        request = _spend_request(
+            quota_pb2.ChargeRequest, account_id, operation, quantity, labels,
+            idempotency_key, price_version,
         )
         return await self._call(self._quota.Charge, request)
 
@@ -342,39 +377,19 @@ class TallyClient:
         an exception, which is then re-raised."""
         return Hold(
             self,
-            account_id,
-            operation,
-            quantity,
-            labels=labels,
-            ttl_s=ttl_s,
-            idempotency_key=_key(idempotency_key),
-            price_version=price_version,
+            _reserve_request(
+                account_id, operation, quantity, labels, ttl_s, idempotency_key, price_version
+            ),
         )
 
 
 class Hold:
     """One reservation for the length of an `async with` block."""
 
-    def __init__(
-        self,
-        client: TallyClient,
-        account_id: str,
-        operation: str,
-        quantity: int,
-        *,
-        labels: Mapping[str, str] | None,
-        ttl_s: float | None,
-        idempotency_key: str,
-        price_version: int,
-    ) -> None:
+    def __init__(self, client: TallyClient, request: quota_pb2.ReserveRequest) -> None:
         self._client = client
-        self.account_id = account_id
-        self.operation = operation
-        self.quantity = quantity
-        self.labels = dict(labels or {})
-        self.ttl_s = ttl_s
-        self.idempotency_key = idempotency_key
-        self.price_version = price_version
+        # Sent on enter (and on each retry); its key also names the release on failure.
+        self.request = request
         self._delivered: int | None = None
         self.reservation: quota_pb2.ReserveResponse | None = None
         self.committed: quota_pb2.CommitResponse | None = None
@@ -396,8 +411,9 @@ class Hold:
 
     def deliver(self, quantity: int) -> None:
         """Commits `quantity` (at most what was reserved) instead of the whole."""
-        if not 0 <= quantity <= self.quantity:
-            raise ValueError(f"deliver() takes 0..{self.quantity}, got {quantity}")
+        reserved = self.request.quantity
+        if not 0 <= quantity <= reserved:
+            raise ValueError(f"deliver() takes 0..{reserved}, got {quantity}")
         self._delivered = quantity
 
     async def extend(self, ttl_s: float) -> quota_pb2.ExtendResponse:
@@ -410,15 +426,7 @@ class Hold:
         return reply
 
     async def __aenter__(self) -> Self:
-        self.reservation = await self._client.reserve(
-            self.account_id,
-            self.operation,
-            self.quantity,
-            labels=self.labels,
-            ttl_s=self.ttl_s,
-            idempotency_key=self.idempotency_key,
-            price_version=self.price_version,
-        )
+        self.reservation = await self._client._reserve(self.request)
         return self
 
     async def __aexit__(
@@ -435,7 +443,7 @@ class Hold:
             self.released = await self._client.refund(
                 reservation_id,
                 reason=f"released: the work failed ({exc_type.__name__ if exc_type else '?'})",
-                idempotency_key=f"release-{self.idempotency_key}"[:128],
+                idempotency_key=f"release-{self.request.idempotency_key}"[:128],
             )
         except Exception as release_error:
             # The original exception matters more; the hold expires on its own.

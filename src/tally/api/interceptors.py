@@ -86,11 +86,16 @@ def _reserved(request: quota_pb2.ReserveRequest, response: quota_pb2.ReserveResp
         metrics.UNITS_RESERVED.labels(operation=operation).inc(max(0, response.units))
 
 
+def _count_charge(operation: str, units_charged: int, overage_units: int) -> None:
+    """A Commit and a Charge count their units alike."""
+    label = metrics.operation_label(operation)
+    metrics.UNITS_CHARGED.labels(operation=label).inc(max(0, units_charged))
+    metrics.OVERAGE_UNITS.labels(operation=label).inc(max(0, overage_units))
+
+
 def _committed(_request: quota_pb2.CommitRequest, response: quota_pb2.CommitResponse) -> None:
     if not response.replayed:
-        operation = metrics.operation_label(response.operation)
-        metrics.UNITS_CHARGED.labels(operation=operation).inc(max(0, response.units_charged))
-        metrics.OVERAGE_UNITS.labels(operation=operation).inc(max(0, response.overage_units))
+        _count_charge(response.operation, response.units_charged, response.overage_units)
 
 
 def _refunded(_request: quota_pb2.RefundRequest, response: quota_pb2.RefundResponse) -> None:
@@ -101,9 +106,7 @@ def _refunded(_request: quota_pb2.RefundRequest, response: quota_pb2.RefundRespo
 
 def _charged(request: quota_pb2.ChargeRequest, response: quota_pb2.ChargeResponse) -> None:
     if not response.replayed:
-        operation = metrics.operation_label(request.operation)
-        metrics.UNITS_CHARGED.labels(operation=operation).inc(max(0, response.units))
-        metrics.OVERAGE_UNITS.labels(operation=operation).inc(max(0, response.overage_units))
+        _count_charge(request.operation, response.units, response.overage_units)
 
 
 UNITS_RECORDERS: dict[str, UnitsRecorder] = {

@@ -41,39 +41,38 @@ class HoldTtlLimits:
     max_ms: int
 
 
-def account_id(value: str, field: str = "account_id") -> str:
+def _required_match(value: str, field: str, pattern: re.Pattern[str], rule: str) -> str:
+    """`value` is required and must match `pattern`; `rule` says what it must be."""
     if not value:
         raise InvalidArgument(f"{field} is required", field_name=field)
-    if not ACCOUNT_ID.fullmatch(value):
-        raise InvalidArgument(
-            f"{field} must be 1-{ACCOUNT_ID_BYTES_MAX} characters of A-Z a-z 0-9 . _ @ - "
-            "and start with a letter or digit",
-            field_name=field,
-        )
+    if not pattern.fullmatch(value):
+        raise InvalidArgument(f"{field} must be {rule}", field_name=field)
     return value
+
+
+def account_id(value: str, field: str = "account_id") -> str:
+    return _required_match(
+        value,
+        field,
+        ACCOUNT_ID,
+        f"1-{ACCOUNT_ID_BYTES_MAX} characters of A-Z a-z 0-9 . _ @ - "
+        "and start with a letter or digit",
+    )
 
 
 def operation(value: str, field: str = "operation") -> str:
-    if not value:
-        raise InvalidArgument(f"{field} is required", field_name=field)
-    if not OPERATION.fullmatch(value):
-        raise InvalidArgument(
-            f"{field} must be 1-{OPERATION_BYTES_MAX} characters of a-z 0-9 . _ -",
-            field_name=field,
-        )
-    return value
+    return _required_match(
+        value, field, OPERATION, f"1-{OPERATION_BYTES_MAX} characters of a-z 0-9 . _ -"
+    )
 
 
 def idempotency_key(value: str, field: str = "idempotency_key") -> str:
-    if not value:
-        raise InvalidArgument(f"{field} is required", field_name=field)
-    if not IDEMPOTENCY_KEY.fullmatch(value):
-        raise InvalidArgument(
-            f"{field} must be 1-{IDEMPOTENCY_KEY_BYTES_MAX} printable ASCII characters "
-            "without spaces",
-            field_name=field,
-        )
-    return value
+    return _required_match(
+        value,
+        field,
+        IDEMPOTENCY_KEY,
+        f"1-{IDEMPOTENCY_KEY_BYTES_MAX} printable ASCII characters without spaces",
+    )
 
 
 def units(value: int, field: str, *, minimum: int = 0) -> int:

@@ -6,7 +6,7 @@ import argparse
 
 from tally.cli import arguments, output
 from tally.cli.balances import balance_rows, get_balance, grant_table
-from tally.cli.target import Api, connection_flags, run
+from tally.cli.target import Api, Subparsers, add_account_command, add_noun
 from tally.v1 import account_pb2, common_pb2
 
 POLICIES: dict[str, common_pb2.OveragePolicy.ValueType] = {
@@ -198,22 +198,22 @@ def _plan_flags(parser: argparse.ArgumentParser, *, update: bool) -> None:
     )
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    common = connection_flags()
-    accounts = subparsers.add_parser(
-        "accounts",
-        help="create, show and update accounts",
+def _label_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--label", type=arguments.label, action="append", metavar="KEY=VALUE", help=help
+    )
+
+
+def register(subparsers: Subparsers) -> None:
+    actions = add_noun(
+        subparsers, "accounts", help="create, show and update accounts",
         description="Create, show and update accounts.",
     )
-    actions = accounts.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    create = actions.add_parser(
-        "create",
-        parents=[common],
-        help="create an account",
+    create = add_account_command(
+        actions, "create", _create, help="create an account",
         description="Create an account. Creating it again with the same settings is a no-op.",
     )
-    create.add_argument("account_id", metavar="ACCOUNT_ID")
     create.add_argument(
         "--allotment", type=int, required=True, metavar="N", help="units granted per billing period"
     )
@@ -225,32 +225,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="D",
         help="day of the month (1-31) periods start on (default: today's)",
     )
-    create.add_argument(
-        "--label",
-        type=arguments.label,
-        action="append",
-        metavar="KEY=VALUE",
-        help="a label; repeat for more",
-    )
-    create.set_defaults(handler=run(_create))
+    _label_flag(create, "a label; repeat for more")
 
-    show = actions.add_parser(
-        "show",
-        parents=[common],
-        help="an account's settings and balance",
+    add_account_command(
+        actions, "show", _show, help="an account's settings and balance",
         description="Show an account's settings and its balance.",
     )
-    show.add_argument("account_id", metavar="ACCOUNT_ID")
-    show.set_defaults(handler=run(_show))
 
-    update = actions.add_parser(
-        "update",
-        parents=[common],
-        help="change an account's plan, overage or labels",
+    update = add_account_command(
+        actions, "update", _update, help="change an account's plan, overage or labels",
         description="Change an account. Only the flags given change; a new allotment applies "
         "from the next billing period.",
     )
-    update.add_argument("account_id", metavar="ACCOUNT_ID")
     update.add_argument(
         "--allotment",
         type=int,
@@ -259,16 +245,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="units per billing period, from the next period on",
     )
     _plan_flags(update, update=True)
-    update.add_argument(
-        "--label",
-        type=arguments.label,
-        action="append",
-        metavar="KEY=VALUE",
-        help="a label to set; repeat for more",
-    )
+    _label_flag(update, "a label to set; repeat for more")
     update.add_argument(
         "--replace-labels",
         action="store_true",
         help="replace all labels with the --label ones (none: clear them)",
     )
-    update.set_defaults(handler=run(_update))

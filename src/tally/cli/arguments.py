@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -34,3 +35,21 @@ def add_time_range(parser: argparse.ArgumentParser) -> None:
     """--from and --to, read into args.start and args.end (None when not given)."""
     parser.add_argument("--from", dest="start", type=timestamp, default=None, metavar="ISO8601")
     parser.add_argument("--to", dest="end", type=timestamp, default=None, metavar="ISO8601")
+
+
+class TimeRanged(Protocol):
+    """A request with a `start` and an `end` (unset: open)."""
+
+    @property
+    def start(self) -> Timestamp: ...
+
+    @property
+    def end(self) -> Timestamp: ...
+
+
+def copy_time_range(args: argparse.Namespace, request: TimeRanged) -> None:
+    """Sets the request's bounds from --from and --to, those given."""
+    if args.start is not None:
+        request.start.CopyFrom(args.start)
+    if args.end is not None:
+        request.end.CopyFrom(args.end)

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from tally.cli import output
-from tally.cli.target import Api, connection_flags, run
+from tally.cli.target import Api, Subparsers, add_account_command
 from tally.v1 import common_pb2, quota_pb2
 
 
@@ -57,12 +57,8 @@ def _balance(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    balance = subparsers.add_parser(
-        "balance",
-        parents=[connection_flags()],
-        help="an account's balance and grants",
+def register(subparsers: Subparsers) -> None:
+    add_account_command(
+        subparsers, "balance", _balance, help="an account's balance and grants",
         description="Show an account's balance, its period and its grants in consumption order.",
     )
-    balance.add_argument("account_id", metavar="ACCOUNT_ID")
-    balance.set_defaults(handler=run(_balance))

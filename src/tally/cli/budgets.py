@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from tally.cli import output
-from tally.cli.target import Api, connection_flags, run
+from tally.cli.target import Api, Subparsers, add_account_command, add_noun
 from tally.v1 import account_pb2, common_pb2
 
 
@@ -56,25 +56,17 @@ def _budgets_delete(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    common = connection_flags()
-    budgets = subparsers.add_parser(
-        "budgets", help="spend limits per period inside an account",
+def register(subparsers: Subparsers) -> None:
+    actions = add_noun(
+        subparsers, "budgets", help="spend limits per period inside an account",
         description="Spend limits per billing period on an operation or a label value.",
     )
-    budget_actions = budgets.add_subparsers(dest="action", metavar="ACTION", required=True)
-    budget_set = budget_actions.add_parser(
-        "set", parents=[common], help="set a budget",
+    budget_set = add_account_command(
+        actions, "set", _budgets_set, help="set a budget",
         description="Set a budget: SCOPE is operation:<name> or label:<key>=<value>.",
     )
-    budget_set.add_argument("account_id", metavar="ACCOUNT_ID")
     budget_set.add_argument("scope", metavar="SCOPE")
     budget_set.add_argument("limit", type=int, metavar="UNITS_PER_PERIOD")
-    budget_set.set_defaults(handler=run(_budgets_set))
-    budget_list = budget_actions.add_parser("list", parents=[common], help="list budgets")
-    budget_list.add_argument("account_id", metavar="ACCOUNT_ID")
-    budget_list.set_defaults(handler=run(_budgets_list))
-    budget_delete = budget_actions.add_parser("delete", parents=[common], help="delete a budget")
-    budget_delete.add_argument("account_id", metavar="ACCOUNT_ID")
+    add_account_command(actions, "list", _budgets_list, help="list budgets")
+    budget_delete = add_account_command(actions, "delete", _budgets_delete, help="delete a budget")
     budget_delete.add_argument("budget_id", metavar="BUDGET_ID")
-    budget_delete.set_defaults(handler=run(_budgets_delete))

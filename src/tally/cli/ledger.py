@@ -6,7 +6,7 @@ import argparse
 
 from tally.api.ledger_query import PAGE_SIZE_MAX
 from tally.cli import arguments, output
-from tally.cli.target import Api, connection_flags, run
+from tally.cli.target import Api, Subparsers, add_account_command
 from tally.v1 import account_pb2
 
 
@@ -17,10 +17,7 @@ def _ledger(args: argparse.Namespace, api: Api) -> int:
         types=args.type or [],
         page_size=min(args.limit, PAGE_SIZE_MAX),
     )
-    if args.start is not None:
-        request.start.CopyFrom(args.start)
-    if args.end is not None:
-        request.end.CopyFrom(args.end)
+    arguments.copy_time_range(args, request)
     entries: list[account_pb2.LedgerEntry] = []
     while len(entries) < args.limit:
         reply = api.accounts.ListLedgerEntries(request, timeout=api.timeout_s)
@@ -52,14 +49,11 @@ def _ledger(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ledger = subparsers.add_parser(
-        "ledger",
-        parents=[connection_flags()],
-        help="an account's ledger entries",
+def register(subparsers: Subparsers) -> None:
+    ledger = add_account_command(
+        subparsers, "ledger", _ledger, help="an account's ledger entries",
         description="List an account's durable ledger entries, oldest first.",
     )
-    ledger.add_argument("account_id", metavar="ACCOUNT_ID")
     ledger.add_argument(
         "--type", action="append", metavar="TYPE", help="only entries of this type; repeatable"
     )
@@ -67,4 +61,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ledger.add_argument(
         "--limit", type=int, default=1000, metavar="N", help="at most N entries (default 1000)"
     )
-    ledger.set_defaults(handler=run(_ledger))

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from tally.cli import output
-from tally.cli.target import Api, connection_flags, run
+from tally.cli.target import Api, Subparsers, add_command, add_noun
 from tally.v1 import catalog_pb2
 
 
@@ -43,28 +43,19 @@ def _prices_set(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    common = connection_flags()
-    prices = subparsers.add_parser(
-        "prices",
-        help="list and set operation prices",
+def register(subparsers: Subparsers) -> None:
+    actions = add_noun(
+        subparsers, "prices", help="list and set operation prices",
         description="List and set the price of each operation.",
     )
-    price_actions = prices.add_subparsers(dest="action", metavar="ACTION", required=True)
-    listing = price_actions.add_parser(
-        "list",
-        parents=[common],
-        help="every operation's price",
+    add_command(
+        actions, "list", _prices_list, help="every operation's price",
         description="List every operation's price.",
     )
-    listing.set_defaults(handler=run(_prices_list))
-    setting = price_actions.add_parser(
-        "set",
-        parents=[common],
-        help="set an operation's price",
+    setting = add_command(
+        actions, "set", _prices_set, help="set an operation's price",
         description="Set an operation's price in units per quantity. Holds keep the price "
         "they were made with.",
     )
     setting.add_argument("operation", metavar="OPERATION")
     setting.add_argument("units_per_quantity", type=int, metavar="UNITS_PER_QUANTITY")
-    setting.set_defaults(handler=run(_prices_set))

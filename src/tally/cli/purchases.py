@@ -6,7 +6,7 @@ import argparse
 import uuid
 
 from tally.cli import arguments, output
-from tally.cli.target import Api, connection_flags, run
+from tally.cli.target import Api, Subparsers, add_account_command
 from tally.v1 import account_pb2, common_pb2
 
 
@@ -53,15 +53,12 @@ def _purchase(args: argparse.Namespace, api: Api) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    purchase = subparsers.add_parser(
-        "purchase",
-        parents=[connection_flags()],
-        help="add purchased units to an account",
+def register(subparsers: Subparsers) -> None:
+    purchase = add_account_command(
+        subparsers, "purchase", _purchase, help="add purchased units to an account",
         description="Add purchased units to an account. Without --idempotency-key a fresh "
         "key is made and printed, so a failed call can be retried with it safely.",
     )
-    purchase.add_argument("account_id", metavar="ACCOUNT_ID")
     purchase.add_argument("units", type=int, metavar="UNITS")
     purchase.add_argument("--reference", default="", metavar="REF", help="the invoice or order id")
     purchase.add_argument(
@@ -77,4 +74,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="KEY",
         help="retry a purchase with the key it printed",
     )
-    purchase.set_defaults(handler=run(_purchase))

@@ -8,7 +8,7 @@ import csv
 import sys
 
 from tally.cli import arguments, output
-from tally.cli.target import Api, connection_flags, run
+from tally.cli.target import Api, Subparsers, add_command
 from tally.v1 import usage_pb2
 
 
@@ -19,10 +19,7 @@ def _report(args: argparse.Namespace, api: Api) -> int:
                   else "LABEL:" + g.strip()[6:] for g in args.by.split(",") if g.strip()],
         period=args.period,
     )
-    if args.start is not None:
-        request.start.CopyFrom(args.start)
-    if args.end is not None:
-        request.end.CopyFrom(args.end)
+    arguments.copy_time_range(args, request)
     report = api.usage.GetUsageReport(request, timeout=api.timeout_s).report
     if args.format == "json" or args.json:
         print(output.dumps(output.message_dict(report)))
@@ -65,10 +62,9 @@ def _print_summary(report: usage_pb2.UsageReport) -> None:
         ]))
 
 
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    report = subparsers.add_parser(
-        "report",
-        parents=[connection_flags()],
+def register(subparsers: Subparsers) -> None:
+    report = add_command(
+        subparsers, "report", _report,
         help="usage by operation, label, day or hour; period summary and forecast",
         description="Usage report. The current billing period is exact in real time; "
         "earlier time comes from the ledger. Bounds are whole UTC hours.",
@@ -83,4 +79,3 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                         help="comma-separated: operation, label:<key>, day, hour "
                         "(default: operation)")
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    report.set_defaults(handler=run(_report))

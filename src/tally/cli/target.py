@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Required, TypeAlias, TypedDict, Unpack
 
 import grpc
 
@@ -34,31 +34,20 @@ AMBIGUOUS = frozenset(
 )
 
 
-@dataclass
 class Api:
     """Blocking stubs on one channel, with the per-call timeout."""
 
-    channel: grpc.Channel
-    timeout_s: float
-
-    @property
-    def accounts(self) -> account_pb2_grpc.AccountServiceStub:
-        return account_pb2_grpc.AccountServiceStub(self.channel)
-
-    @property
-    def quota(self) -> quota_pb2_grpc.QuotaServiceStub:
-        return quota_pb2_grpc.QuotaServiceStub(self.channel)
-
-    @property
-    def catalog(self) -> catalog_pb2_grpc.CatalogServiceStub:
-        return catalog_pb2_grpc.CatalogServiceStub(self.channel)
-
-    @property
-    def usage(self) -> usage_pb2_grpc.UsageServiceStub:
-        return usage_pb2_grpc.UsageServiceStub(self.channel)
+    def __init__(self, channel: grpc.Channel, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.accounts = account_pb2_grpc.AccountServiceStub(channel)
+        self.quota = quota_pb2_grpc.QuotaServiceStub(channel)
+        self.catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        self.usage = usage_pb2_grpc.UsageServiceStub(channel)
 
 
 Handler = Callable[[argparse.Namespace, Api], int]
+# argparse._SubParsersAction is generic in the stubs only.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def target_of(args: argparse.Namespace) -> str:
@@ -142,3 +131,34 @@ def run(handler: Handler) -> Callable[[argparse.Namespace], int]:
             return 130
 
     return run_handler
+
+
+class HelpTexts(TypedDict, total=False):
+    """What `--help` says of a command: `help` in its parent's list, `description` atop its own."""
+
+    help: Required[str]
+    description: str
+
+
+def add_command(
+    subparsers: Subparsers, name: str, handler: Handler, **texts: Unpack[HelpTexts]
+) -> argparse.ArgumentParser:
+    """An admin command: the connection flags, and `handler` run by `run`."""
+    parser = subparsers.add_parser(name, parents=[connection_flags()], **texts)
+    parser.set_defaults(handler=run(handler))
+    return parser
+
+
+def add_account_command(
+    subparsers: Subparsers, name: str, handler: Handler, **texts: Unpack[HelpTexts]
+) -> argparse.ArgumentParser:
+    """An admin command on one account: ACCOUNT_ID is its first argument."""
+    parser = add_command(subparsers, name, handler, **texts)
+    parser.add_argument("account_id", metavar="ACCOUNT_ID")
+    return parser
+
+
+def add_noun(subparsers: Subparsers, name: str, **texts: Unpack[HelpTexts]) -> Subparsers:
+    """A command whose actions are admin commands (`tally accounts create`)."""
+    noun = subparsers.add_parser(name, **texts)
+    return noun.add_subparsers(dest="action", metavar="ACTION", required=True)
