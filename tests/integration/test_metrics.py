@@ -30,6 +30,11 @@ SCRAPE_TIMEOUT_S = 5.0
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
+# Idempotency keys distinctive enough that "absent from the exposition" cannot match by chance.
+RESERVE_KEY, CHARGE_KEY, REFUND_KEY = (
+    unique(f"idem-{verb}") for verb in ("reserve", "charge", "refund")
+)
+
 
 @dataclass
 class Observed:
@@ -103,8 +108,8 @@ async def drive_mix(running: Running, account_id: str) -> list[str]:
     Refund 5, its replay; Charge image.generate.sdxl x4 (20 units); a Reserve of 10000
     units (RESOURCE_EXHAUSTED); a Reserve without idempotency key (INVALID_ARGUMENT)."""
     stubs = aio(running)
-    held = await stubs.quota.Reserve(reserve(account_id, "r1", quantity=3))
-    replay = await stubs.quota.Reserve(reserve(account_id, "r1", quantity=3))
+    held = await stubs.quota.Reserve(reserve(account_id, RESERVE_KEY, quantity=3))
+    replay = await stubs.quota.Reserve(reserve(account_id, RESERVE_KEY, quantity=3))
     assert (held.units, replay.replayed) == (30, True)
     rid = held.reservation_id
     committed = await stubs.quota.Commit(quota_pb2.CommitRequest(reservation_id=rid, quantity=2))
@@ -112,13 +117,13 @@ async def drive_mix(running: Running, account_id: str) -> list[str]:
     assert (committed.units_charged, committed.operation, again.replayed) == (
         20, "image.upscale", True
     )
-    refund = quota_pb2.RefundRequest(reservation_id=rid, units=5, idempotency_key="f1")
+    refund = quota_pb2.RefundRequest(reservation_id=rid, units=5, idempotency_key=REFUND_KEY)
     refunded = await stubs.quota.Refund(refund)
     assert (refunded.units_refunded, (await stubs.quota.Refund(refund)).replayed) == (5, True)
     charged = await stubs.quota.Charge(
         quota_pb2.ChargeRequest(
             account_id=account_id, operation="image.generate.sdxl", quantity=4,
-            idempotency_key="c1",
+            idempotency_key=CHARGE_KEY,
         )
     )
     assert (charged.units, charged.overage_units) == (20, 0)
@@ -196,7 +201,8 @@ async def test_rpc_and_unit_counters_count_a_known_mix_exactly(observed: Observe
     assert ran == 3
     for kind in ("unavailable", "deadline", "other"):
         assert delta(before, after, "tally_redis_errors_total", kind=kind) == 0
-    for secret in (account_id, *reservation_ids, "customer_ref", "r1", "c1", "f1"):
+    for secret in (account_id, *reservation_ids, "customer_ref", RESERVE_KEY, CHARGE_KEY,
+                   REFUND_KEY):
         assert secret not in after.text, f"{secret!r} appears in the exposition"
 
 
