@@ -91,10 +91,10 @@ async def test_idempotency_keys_of_any_allowed_form_never_shape_key_names(
             await running.quota.Commit(
                 quota_pb2.CommitRequest(reservation_id=first.reservation_id))
         names = [key.decode() async for key in running.authority.store.redis.scan_iter(
-            match="*:idem:*")]
+            match="*:i:*")]
         assert sorted(name.rsplit(":", 1)[1] for name in names) == sorted(
             idempotency_digest(account_id, key) for key in ODD_KEYS)
-        assert all(len(name.rsplit(":", 1)[1]) == 22 for name in names)
+        assert all(len(name.rsplit(":", 1)[1]) == 14 for name in names)
         authority = running.authority
         report = await recovery.verify(
             StateImages.of(authority.store), authority.ledger, authority.flusher,
@@ -197,12 +197,14 @@ async def test_closed_reservation_window_and_retention_bounds(
 async def test_a_pair_rate_of_1000_per_second_needs_at_most_16_gib_of_redis(
     tmp_path: Path, own_redis: RedisProcess,
 ) -> None:
-    """Proves, from MEMORY USAGE of what Reserve+Commit pairs leave in Redis at the
-    default settings (each record kind for its window), that 1,000 pairs/s need at
-    most 16 GiB of Redis at steady state, and that no kind embeds a balance."""
-    figures = await memory.measure(200, tmp_path, own_redis.url)
+    """Proves, from the used_memory growth of what Reserve+Commit pairs leave in Redis
+    at the default settings (each record kind for its window, with its keys' expiry
+    entries and hash-table slots, at tables just doubled: 2^8 + 1 pairs), that 1,000
+    pairs/s need at most 16 GiB of Redis at steady state, and that no kind embeds a
+    balance."""
+    figures = await memory.measure(257, tmp_path, own_redis.url)
     assert figures.windows_s == {"idempotency": 86400.0, "closed reservation": 600.0,
                                  "stream (flushed)": 30.0}
     assert figures.per_pair("idempotency") <= 160
     assert figures.per_pair("closed reservation") <= 700
-    assert figures.steady_state_bytes(1000) <= memory.TARGET_BYTES
+    assert figures.steady_state_bytes(1000, strict=True) <= memory.TARGET_BYTES

@@ -54,25 +54,6 @@ def _labels(value: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in _map(value).items()}
 
 
-# Answers stored before these names (an idempotency record's answer, a charged
-# reservation's commit_answer) are replayed as they were stored until they
-# lapse (the idempotency window, the reservation retention): their earlier
-# names are read as the current ones.
-_EARLIER_NAMES = {
-    "granted": "units_granted",
-    "remaining": "units_remaining",
-    "total_granted": "units_granted_total",
-    "total_charged": "units_charged_total",
-    "total_refunded": "units_refunded_total",
-    "total_expired": "units_expired_total",
-    "unit_price": "units_per_quantity",
-}
-
-
-def _current_names(raw: RawMap) -> RawMap:
-    return {_EARLIER_NAMES.get(name, name): value for name, value in raw.items()}
-
-
 # --- contexts: what QuotaStore adds to a request ---------------------------
 
 
@@ -137,12 +118,11 @@ class Reply:
 
     @classmethod
     def decode(cls, raw: RawMap) -> Self:
-        view = _current_names(raw)
         hints = _field_types(cls)
         values = {
-            field.name: _decoded(hints[field.name], view[field.name])
+            field.name: _decoded(hints[field.name], raw[field.name])
             for field in dataclasses.fields(cls)
-            if field.name in view or _required(field)
+            if field.name in raw or _required(field)
         }
         return cls(**values)
 
@@ -281,17 +261,8 @@ class BalanceView(Reply):
     units_refunded_total: int
     units_expired_total: int
     as_of: int
-    # absent from balances stored (in answers) by older releases
-    period_purchased: int = 0
-    period_expired: int = 0
-
-    @classmethod
-    def decode(cls, raw: RawMap) -> Self:
-        # An answer stored before `spendable` (see _EARLIER_NAMES) gets the
-        # figure of a DENY account; it is not on the wire.
-        if "spendable" in raw:
-            return super().decode(raw)
-        return super().decode({**raw, "spendable": max(0, int(raw["available"]))})
+    period_purchased: int
+    period_expired: int
 
 
 @dataclass(frozen=True)
