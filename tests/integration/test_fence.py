@@ -16,7 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tally import metrics
 from tally.domain.events import decode
 from tally.ledger.backend import EntryConflict, open_ledger
+from tally.ledger.recovery import recover
+from tally.store.contract import FenceMark
 from tally.store.keys import KeySpace
+from tally.store.state_images import StateImages
 from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
 from tests.integration.crash_support import run_tally_async, serving
 from tests.support import T0_MS, RedisProcess, start_running, stop_running, unique
@@ -173,3 +176,34 @@ def test_the_ledger_refuses_a_batch_with_a_conflicting_entry(ledger_url: str) ->
     assert [e.entry.entry_id for e in conflict.value.entries] == ["a/1"]
     assert [e.entry_id for e in ledger.entries("a")] == ["a/1"]
     ledger.close()
+
+
+async def test_the_fence_watch_finds_a_wiped_redis_nobody_calls(own_redis: RedisProcess) -> None:
+    """Proves a server learns the ledger's fence floors after start and, with no call at
+    all, fences a shard whose Redis was wiped (health NOT_SERVING) at its next fence
+    watch pass, and lifts the fence at the pass after `recover` healed the shard."""
+    ledger_url = f"sqlite:///{own_redis.folder / 'ledger.sqlite3'}"
+    writer = await start_running(own_redis.url, ledger_url=ledger_url, flush_interval="1h")
+    watching = await start_running(own_redis.url, ledger_url=ledger_url, flush_interval="1h",
+                                   fence_check_interval="1h")
+    try:
+        account_id = unique()
+        shard = watching.authority.store.keys.shard_of(account_id)
+        # another server writes the shard and flushes it: the watching one never saw it
+        await writer.accounts.CreateAccount(_create(account_id))
+        await writer.authority.flusher.flush_shard(shard, steal=True)
+        await stop_running(writer)
+        fences = watching.authority.store.fences
+        redis.Redis.from_url(own_redis.url).flushall()
+        assert await watching.authority.fence_watch.pass_once() == 1
+        assert fences.fenced == frozenset({shard}) and fences.floor(shard) > FenceMark()
+        stubs = watching.stubs.channel
+        assert await _health(stubs) == health_pb2.HealthCheckResponse.NOT_SERVING
+        authority = watching.authority
+        await recover(StateImages.of(authority.store), authority.ledger, T0_MS, lambda _: None,
+                      authority.store.limits.reservation_retention_ms)
+        assert await authority.fence_watch.pass_once() == 0
+        assert fences.fenced == frozenset()
+        assert await _health(stubs) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await stop_running(watching)
