@@ -20,7 +20,7 @@ from tally.ledger.recovery import recover
 from tally.store.contract import FenceMark
 from tally.store.keys import KeySpace
 from tally.store.state_images import StateImages
-from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
+from tally.v1 import account_pb2, account_pb2_grpc, catalog_pb2, quota_pb2, quota_pb2_grpc
 from tests.integration.crash_support import run_tally_async, serving
 from tests.support import T0_MS, RedisProcess, start_running, stop_running, unique
 
@@ -73,7 +73,8 @@ async def test_a_wiped_redis_is_refused_until_recovered(
             assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
             shard = KeySpace(int(env.get("TALLY_SHARDS", "16"))).shard_of(account_id)
             code, out, _ = await run_tally_async(env, "status", "--json")
-            assert code == 1 and json.loads(out)["shards_behind"] == [shard], out
+            # shard 0 too: the catalog's events are fenced there
+            assert code == 1 and json.loads(out)["shards_behind"] == sorted({0, shard}), out
 
             code, _, err = await run_tally_async(env, "recover")
             assert code == 0, err
@@ -195,8 +196,9 @@ async def test_the_fence_watch_finds_a_wiped_redis_nobody_calls(own_redis: Redis
         await stop_running(writer)
         fences = watching.authority.store.fences
         redis.Redis.from_url(own_redis.url).flushall()
-        assert await watching.authority.fence_watch.pass_once() == 1
-        assert fences.fenced == frozenset({shard}) and fences.floor(shard) > FenceMark()
+        behind = frozenset({0, shard})  # shard 0 holds the catalog's events
+        assert await watching.authority.fence_watch.pass_once() == len(behind)
+        assert fences.fenced == behind and fences.floor(shard) > FenceMark()
         stubs = watching.stubs.channel
         assert await _health(stubs) == health_pb2.HealthCheckResponse.NOT_SERVING
         authority = watching.authority
@@ -207,3 +209,38 @@ async def test_the_fence_watch_finds_a_wiped_redis_nobody_calls(own_redis: Redis
         assert await _health(stubs) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await stop_running(watching)
+
+
+async def test_set_price_on_a_wiped_redis_is_refused_until_recovered(
+    own_redis: RedisProcess,
+) -> None:
+    """Proves the catalog is fenced like accounts: after FLUSHALL, SetPrice is refused
+    UNAVAILABLE with nothing written (no `catalog/<n>` event reusing an id the ledger
+    holds) and health turns NOT_SERVING; after recovery it succeeds under a version above
+    every earlier one, and the ledger records that price."""
+    running = await start_running(own_redis.url, flush_interval="1h")
+    try:
+        authority = running.authority
+        set_price = catalog_pb2.SetPriceRequest(operation="image.new", units_per_quantity=7)
+        client = redis.Redis.from_url(own_redis.url)
+        client.flushall()
+        await _refused(running.catalog.SetPrice(set_price))
+        assert [k for k in client.scan_iter() if b":events" not in k] == []
+        assert sum(client.xlen(k) for k in client.scan_iter(match="*:events")) == 0
+        assert await _health(running.stubs.channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        client.close()
+
+        versions = [version for _, version, _, _ in await authority.ledger.catalog_prices()]
+        await recover(StateImages.of(authority.store), authority.ledger, T0_MS, lambda _: None,
+                      authority.store.limits.reservation_retention_ms)
+        reply = await running.catalog.SetPrice(set_price)
+        assert reply.price.version > max(versions)
+        assert await _health(running.stubs.channel) == health_pb2.HealthCheckResponse.SERVING
+        await authority.flusher.flush_all(steal=True)
+        assert ("image.new", reply.price.version, 7) in [
+            (operation, version, units)
+            for operation, version, units, _ in await authority.ledger.catalog_prices()
+        ]
+        assert authority.store.fences.fenced == frozenset()
+    finally:
+        await stop_running(running)
