@@ -244,3 +244,37 @@ async def test_set_price_on_a_wiped_redis_is_refused_until_recovered(
         assert authority.store.fences.fenced == frozenset()
     finally:
         await stop_running(running)
+
+
+async def test_recovery_quarantines_an_entry_conflicting_with_the_ledger(
+    own_redis: RedisProcess,
+) -> None:
+    """Proves recovery sets a stream entry that conflicts with the ledger aside: it is
+    kept in the ledger's quarantined_entries with its content, acknowledged and gone
+    from the stream, the shard heals, and the flusher goes on without an alarm."""
+    running = await start_running(own_redis.url, flush_interval="1h")
+    try:
+        authority = running.authority
+        store, flusher = authority.store, authority.flusher
+        account_id = unique()
+        await running.accounts.CreateAccount(_create(account_id))
+        shard = store.keys.shard_of(account_id)
+        stream = store.keys.events(shard)
+        await flusher.flush_shard(shard, steal=True)
+        first = (await store.redis.xrange(stream, count=1))[0][1]
+        await store.redis.xadd(stream, first | {b"at": b"1"})  # the same id, other content
+        await flusher.flush_shard(shard, steal=True)
+        assert store.fences.fenced == frozenset({shard})
+
+        result = await recover(StateImages.of(store), authority.ledger, T0_MS, lambda _: None,
+                               store.limits.reservation_retention_ms)
+        assert result.quarantined == 1
+        assert await authority.ledger.count_quarantined() == 1
+        assert (await flusher.lag())[shard].pending == 0
+        assert all(f[b"at"] != b"1" for _, f in await store.redis.xrange(stream))
+        # money in: the purchase reaches the ledger before it is acknowledged
+        await running.accounts.PurchaseUnits(_purchase(account_id, "p-1", 700))
+        assert (await flusher.lag())[shard].waiting == 0
+        assert store.fences.fenced == frozenset()
+    finally:
+        await stop_running(running)
