@@ -31,8 +31,8 @@ from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.flusher import Flusher, FlusherSettings
 from tally.ledger.ledger import Ledger
 from tally.store.client import ScriptRunner, connect
-from tally.store.contract import FenceMark
 from tally.store.embedded import EmbeddedRedis
+from tally.store.fence_watch import FenceWatch, raise_floors_from
 from tally.store.keys import KeySpace
 from tally.store.quota_store import QuotaStore, StoreLimits
 from tally.store.reaper import Reaper
@@ -131,10 +131,7 @@ async def ensure_current(
             f"{len(stale)} accounts, e.g. {', '.join(stale[:3]) or '-'}; "
             f"catalog lost: {catalog_lost}; shards behind: {len(fenced)}",
         )
-    floors = await ledger.shard_fences()
-    store.fences.raise_floors(
-        (shard, FenceMark(epoch, count)) for shard, (epoch, count) in floors.items()
-    )
+    await raise_floors_from(ledger, store.fences)
 
 
 async def _recover_on_start(
@@ -166,6 +163,7 @@ class Authority:
     health: health.aio.HealthServicer
     reaper: Reaper
     sweeper: PeriodSweeper
+    fence_watch: FenceWatch
     watch: UsageWatch
     background: Supervisor
     admission: Admission
@@ -249,6 +247,9 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     store.fences.on_fenced = serving.fences
     reaper = Reaper(store, settings.reaper_interval, settings.reaper_batch)
     sweeper = PeriodSweeper(store, settings.period_sweep_interval, settings.period_sweep_batch)
+    fence_watch = FenceWatch(
+        store.fences, ledger, StateImages.of(store), settings.fence_check_interval
+    )
     background = Supervisor(
         RestartPolicy(
             failures_max=settings.background_failures_max,
@@ -257,13 +258,14 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         serving.tasks,
     )
     authority = Authority(
-        settings, store, ledger, flusher, server, port, health_servicer, reaper, sweeper, watch,
-        background, admission, serving, embedded,
+        settings, store, ledger, flusher, server, port, health_servicer, reaper, sweeper,
+        fence_watch, watch, background, admission, serving, embedded,
     )
     if settings.metrics_listen:
         authority.metrics_server = metrics.serve(settings.metrics_listen)
     background.start("reaper", reaper)
     background.start("sweeper", sweeper)
+    background.start("fence_watch", fence_watch)
     background.start("flusher", flusher)
     log.info(
         "serving",

@@ -76,6 +76,9 @@ SETTINGS: tuple[Setting, ...] = (
             parse_duration_s, 60.0),
     Setting("period_sweep_batch", "accounts closed per shard per sweeper batch, at most", int,
             500),
+    Setting("fence_check_interval", "how often each shard's fence floor is refreshed from the "
+            "ledger and compared with its Redis: the most a Redis that lost writes goes "
+            "unnoticed on a shard nobody calls, plus one pass", parse_duration_s, 5.0),
     Setting("quote_validity", "how long a superseded price_version is still honoured",
             parse_duration_s, 600.0),
     Setting("background_failures_max", "failures in a row after which a background task "
@@ -138,6 +141,7 @@ class Settings:
     reaper_batch: int
     period_sweep_interval: float
     period_sweep_batch: int
+    fence_check_interval: float
     quote_validity: float
     background_failures_max: int
     background_stable_after: float
@@ -182,7 +186,7 @@ class Settings:
         if not 1 <= self.shards <= 4096:
             raise ValueError(f"shards must be between 1 and 4096, got {self.shards}")
         for name in ("idempotency_window", "reservation_retention", "reaper_interval",
-                     "period_sweep_interval",
+                     "period_sweep_interval", "fence_check_interval",
                      "redis_timeout", "flush_interval", "flush_claim_idle",
                      "snapshot_interval", "background_stable_after"):
             if getattr(self, name) < 0.001:

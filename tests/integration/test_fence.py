@@ -16,8 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tally import metrics
 from tally.domain.events import decode
 from tally.ledger.backend import EntryConflict, open_ledger
+from tally.ledger.recovery import recover
+from tally.store.contract import FenceMark
 from tally.store.keys import KeySpace
-from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
+from tally.store.state_images import StateImages
+from tally.v1 import account_pb2, account_pb2_grpc, catalog_pb2, quota_pb2, quota_pb2_grpc
 from tests.integration.crash_support import run_tally_async, serving
 from tests.support import T0_MS, RedisProcess, start_running, stop_running, unique
 
@@ -70,7 +73,8 @@ async def test_a_wiped_redis_is_refused_until_recovered(
             assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
             shard = KeySpace(int(env.get("TALLY_SHARDS", "16"))).shard_of(account_id)
             code, out, _ = await run_tally_async(env, "status", "--json")
-            assert code == 1 and json.loads(out)["shards_behind"] == [shard], out
+            # shard 0 too: the catalog's events are fenced there
+            assert code == 1 and json.loads(out)["shards_behind"] == sorted({0, shard}), out
 
             code, _, err = await run_tally_async(env, "recover")
             assert code == 0, err
@@ -173,3 +177,104 @@ def test_the_ledger_refuses_a_batch_with_a_conflicting_entry(ledger_url: str) ->
     assert [e.entry.entry_id for e in conflict.value.entries] == ["a/1"]
     assert [e.entry_id for e in ledger.entries("a")] == ["a/1"]
     ledger.close()
+
+
+async def test_the_fence_watch_finds_a_wiped_redis_nobody_calls(own_redis: RedisProcess) -> None:
+    """Proves a server learns the ledger's fence floors after start and, with no call at
+    all, fences a shard whose Redis was wiped (health NOT_SERVING) at its next fence
+    watch pass, and lifts the fence at the pass after `recover` healed the shard."""
+    ledger_url = f"sqlite:///{own_redis.folder / 'ledger.sqlite3'}"
+    writer = await start_running(own_redis.url, ledger_url=ledger_url, flush_interval="1h")
+    watching = await start_running(own_redis.url, ledger_url=ledger_url, flush_interval="1h",
+                                   fence_check_interval="1h")
+    try:
+        account_id = unique()
+        shard = watching.authority.store.keys.shard_of(account_id)
+        # another server writes the shard and flushes it: the watching one never saw it
+        await writer.accounts.CreateAccount(_create(account_id))
+        await writer.authority.flusher.flush_shard(shard, steal=True)
+        await stop_running(writer)
+        fences = watching.authority.store.fences
+        redis.Redis.from_url(own_redis.url).flushall()
+        behind = frozenset({0, shard})  # shard 0 holds the catalog's events
+        assert await watching.authority.fence_watch.pass_once() == len(behind)
+        assert fences.fenced == behind and fences.floor(shard) > FenceMark()
+        stubs = watching.stubs.channel
+        assert await _health(stubs) == health_pb2.HealthCheckResponse.NOT_SERVING
+        authority = watching.authority
+        await recover(StateImages.of(authority.store), authority.ledger, T0_MS, lambda _: None,
+                      authority.store.limits.reservation_retention_ms)
+        assert await authority.fence_watch.pass_once() == 0
+        assert fences.fenced == frozenset()
+        assert await _health(stubs) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await stop_running(watching)
+
+
+async def test_set_price_on_a_wiped_redis_is_refused_until_recovered(
+    own_redis: RedisProcess,
+) -> None:
+    """Proves the catalog is fenced like accounts: after FLUSHALL, SetPrice is refused
+    UNAVAILABLE with nothing written (no `catalog/<n>` event reusing an id the ledger
+    holds) and health turns NOT_SERVING; after recovery it succeeds under a version above
+    every earlier one, and the ledger records that price."""
+    running = await start_running(own_redis.url, flush_interval="1h")
+    try:
+        authority = running.authority
+        set_price = catalog_pb2.SetPriceRequest(operation="image.new", units_per_quantity=7)
+        client = redis.Redis.from_url(own_redis.url)
+        client.flushall()
+        await _refused(running.catalog.SetPrice(set_price))
+        assert [k for k in client.scan_iter() if b":events" not in k] == []
+        assert sum(client.xlen(k) for k in client.scan_iter(match="*:events")) == 0
+        assert await _health(running.stubs.channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        client.close()
+
+        versions = [version for _, version, _, _ in await authority.ledger.catalog_prices()]
+        await recover(StateImages.of(authority.store), authority.ledger, T0_MS, lambda _: None,
+                      authority.store.limits.reservation_retention_ms)
+        reply = await running.catalog.SetPrice(set_price)
+        assert reply.price.version > max(versions)
+        assert await _health(running.stubs.channel) == health_pb2.HealthCheckResponse.SERVING
+        await authority.flusher.flush_all(steal=True)
+        assert ("image.new", reply.price.version, 7) in [
+            (operation, version, units)
+            for operation, version, units, _ in await authority.ledger.catalog_prices()
+        ]
+        assert authority.store.fences.fenced == frozenset()
+    finally:
+        await stop_running(running)
+
+
+async def test_recovery_quarantines_an_entry_conflicting_with_the_ledger(
+    own_redis: RedisProcess,
+) -> None:
+    """Proves recovery sets a stream entry that conflicts with the ledger aside: it is
+    kept in the ledger's quarantined_entries with its content, acknowledged and gone
+    from the stream, the shard heals, and the flusher goes on without an alarm."""
+    running = await start_running(own_redis.url, flush_interval="1h")
+    try:
+        authority = running.authority
+        store, flusher = authority.store, authority.flusher
+        account_id = unique()
+        await running.accounts.CreateAccount(_create(account_id))
+        shard = store.keys.shard_of(account_id)
+        stream = store.keys.events(shard)
+        await flusher.flush_shard(shard, steal=True)
+        first = (await store.redis.xrange(stream, count=1))[0][1]
+        await store.redis.xadd(stream, first | {b"at": b"1"})  # the same id, other content
+        await flusher.flush_shard(shard, steal=True)
+        assert store.fences.fenced == frozenset({shard})
+
+        result = await recover(StateImages.of(store), authority.ledger, T0_MS, lambda _: None,
+                               store.limits.reservation_retention_ms)
+        assert result.quarantined == 1
+        assert await authority.ledger.count_quarantined() == 1
+        assert (await flusher.lag())[shard].pending == 0
+        assert all(f[b"at"] != b"1" for _, f in await store.redis.xrange(stream))
+        # money in: the purchase reaches the ledger before it is acknowledged
+        await running.accounts.PurchaseUnits(_purchase(account_id, "p-1", 700))
+        assert (await flusher.lag())[shard].waiting == 0
+        assert store.fences.fenced == frozenset()
+    finally:
+        await stop_running(running)

@@ -64,12 +64,16 @@ class World:
     charged_id: str
 
 
-def base(store: QuotaStore, account_id: str) -> dict[str, Any]:
-    shard = store.keys.shard_of(account_id)
+def shard_base(store: QuotaStore, shard: int) -> dict[str, Any]:
     return {
         "now": store.clock.now_ms(),
         "prefix": store.keys.prefix(shard),
         "shard": store.keys.tag(shard),
+    }
+
+
+def base(store: QuotaStore, account_id: str) -> dict[str, Any]:
+    return shard_base(store, store.keys.shard_of(account_id)) | {
         "retention_ms": WINDOW_MS,
         "closed_window_ms": WINDOW_MS,
         "account_id": account_id,
@@ -153,13 +157,13 @@ def valid_request(store: QuotaStore, w: World, script: str) -> Request:
     if script == "set_price":
         keys = [store.keys.prices(0), store.keys.price_history(0), store.keys.catalog_meta(),
                 store.keys.events(0)]
-        return script, keys, {"now": store.clock.now_ms(), "operation": "image.new",
-                              "units_per_quantity": 7}
+        return script, keys, shard_base(store, 0) | {"operation": "image.new",
+                                                    "units_per_quantity": 7}
     if script == "apply_price":
         keys = [store.keys.prices(1), store.keys.price_history(1)]
-        return script, keys, {"now": store.clock.now_ms(), "operation": "image.new",
-                              "units_per_quantity": 7, "version": 99,
-                              "effective_at_ms": store.clock.now_ms(), "superseded_at_ms": 0}
+        return script, keys, shard_base(store, 1) | {
+            "operation": "image.new", "units_per_quantity": 7, "version": 99,
+            "effective_at_ms": store.clock.now_ms(), "superseded_at_ms": 0}
     raise AssertionError(script)
 
 

@@ -139,10 +139,11 @@ def run_status(args: argparse.Namespace) -> int:
         waiting = sum(lag.waiting for lag in lags)
         oldest_ms = max((lag.oldest_unflushed_ms for lag in lags), default=0)
         behind = await recovery.shards_behind(ops.images, ops.ledger)
+        quarantined = await ops.ledger.count_quarantined()
         if args.json:
             print(json.dumps({
                 "ledger": ops.ledger.dialect, "ledger_entries": entries,
-                "shards_behind": behind,
+                "shards_behind": behind, "quarantined_entries": quarantined,
                 "events_waiting": waiting, "oldest_unflushed_ms": oldest_ms,
                 "latest_snapshot": None if snapshot is None else {
                     "snapshot_id": snapshot[0], "taken_at_ms": snapshot[1],
@@ -155,6 +156,9 @@ def run_status(args: argparse.Namespace) -> int:
         if behind:
             listed = ", ".join(ops.store.keys.tag(shard) for shard in behind)
             print(f"shards behind the ledger (Redis lost writes; run tally recover): {listed}")
+        if quarantined:
+            print(f"stream entries quarantined by recovery (see quarantined_entries): "
+                  f"{quarantined}")
         if snapshot is not None:
             taken = datetime.fromtimestamp(snapshot[1] / 1000, UTC).isoformat()
             print(f"latest snapshot: #{snapshot[0]} at {taken}, {snapshot[2]} accounts")

@@ -234,7 +234,7 @@ class SqlLedger:
         with self.transaction() as cur:
             for event in events:
                 entry = event.entry
-                detail = json.dumps(entry.detail, sort_keys=True)
+                detail = detail_text(entry)
                 cur.execute(
                     f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -260,9 +260,37 @@ class SqlLedger:
         return inserted
 
     @staticmethod
-    def _stored_detail(cur: Cursor, entry_id: str) -> str:
+    def _stored_detail(cur: Cursor, entry_id: str) -> str | None:
         cur.execute("SELECT detail FROM ledger_entries WHERE entry_id = ?", (entry_id,))
-        return str(cur.fetchone()[0])
+        row = cur.fetchone()
+        return None if row is None else str(row[0])
+
+    def conflicting(self, events: Sequence[StreamEntry]) -> list[StreamEntry]:
+        """The events whose ids the ledger holds with other content."""
+        with self.reading() as cur:
+            return [
+                event for event in events
+                if self._stored_detail(cur, event.entry.entry_id) not in (
+                    None, detail_text(event.entry))
+            ]
+
+    def quarantine(self, events: Sequence[StreamEntry], now_ms: int) -> None:
+        """Keeps stream entries set aside by recovery, with their content."""
+        with self.transaction() as cur:
+            for event in events:
+                entry = event.entry
+                cur.execute(
+                    "INSERT INTO quarantined_entries (shard, stream_id, entry_id, account_id, "
+                    "content, quarantined_at) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (shard, stream_id) DO NOTHING",
+                    (entry.shard, event.stream_id, entry.entry_id, entry.account_id,
+                     detail_text(entry), now_ms),
+                )
+
+    def count_quarantined(self) -> int:
+        with self.reading() as cur:
+            cur.execute("SELECT COUNT(*) FROM quarantined_entries")
+            return int(cur.fetchone()[0])
 
     def _raise_fence_counts(
         self, cur: Cursor, events: Sequence[StreamEntry], now_ms: int
@@ -601,6 +629,11 @@ def _contiguous_through(cur: Cursor, account_id: str, after_seq: int, last_seq: 
     )
     first_before_gap = cur.fetchone()[0]
     return last_seq if first_before_gap is None else int(first_before_gap)
+
+
+def detail_text(entry: Entry) -> str:
+    """An entry's fields as ledger_entries.detail holds them (compared on conflict)."""
+    return json.dumps(entry.detail, sort_keys=True)
 
 
 class EntryConflict(Exception):

@@ -211,3 +211,14 @@ class Ledger:
 
     async def latest_snapshot(self) -> tuple[int, int, int] | None:
         return await self._read(self.backend.latest_snapshot)
+
+    async def conflicting(self, events: Sequence[StreamEntry]) -> list[StreamEntry]:
+        """The events whose ids the ledger holds with other content."""
+        return await self._read(self.backend.conflicting, events)
+
+    async def quarantine(self, events: Sequence[StreamEntry]) -> None:
+        """Keeps stream entries recovery set aside (quarantined_entries)."""
+        await self._call(self.backend.quarantine, events, self.clock.now_ms())
+
+    async def count_quarantined(self) -> int:
+        return await self._read(self.backend.count_quarantined)

@@ -17,13 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tally.domain.events import EntryType
+from tally.domain.events import EntryType, StreamEntry
 from tally.domain.usage import Usage, from_entries, net
 from tally.ledger.backend import StateRow, hold_closed_at
 from tally.ledger.flusher import Flusher
 from tally.ledger.ledger import Ledger
 from tally.store.contract import FenceMark
 from tally.store.state_images import StateImages, unpack_image
+from tally.store.streams import EventStreams
 
 Progress = Callable[[str], None]
 VERIFY_ROUNDS_MAX = 5
@@ -49,6 +50,7 @@ class RecoveryResult:
     reservations: int = 0
     idempotency_records: int = 0
     prices: int = 0
+    quarantined: int = 0  # stream entries set aside as conflicting with the ledger
 
 
 async def stale_accounts(images: StateImages, ledger: Ledger) -> list[str]:
@@ -64,9 +66,14 @@ async def recover(
 ) -> RecoveryResult:
     """retention_ms: how long closed reservations stay (--reservation-retention)."""
     result = RecoveryResult()
+    # accounts with an entry set aside hold the lost history in Redis: restored too
+    diverged = await _quarantine_conflicts(EventStreams(images.redis, images.keys), ledger)
+    result.quarantined = sum(len(entries) for entries in diverged.values())
+    if result.quarantined:
+        progress(f"{result.quarantined} stream entries conflict with the ledger: quarantined")
     states = await ledger.account_states()
     seqs = await images.account_seqs([s.account_id for s in states])
-    stale = {s.account_id for s in states if seqs[s.account_id] < s.seq}
+    stale = {s.account_id for s in states if seqs[s.account_id] < s.seq or s.account_id in diverged}
     progress(f"{len(states)} accounts in the ledger, {len(stale)} missing or behind in Redis")
     for index, state in enumerate(s for s in states if s.account_id in stale):
         await images.restore_account(state.account_id, state.state)
@@ -94,6 +101,33 @@ async def recover(
         f"{result.idempotency_records} idempotency records, {result.prices} prices"
     )
     return result
+
+
+async def _quarantine_conflicts(
+    streams: EventStreams, ledger: Ledger
+) -> dict[str, list[StreamEntry]]:
+    """Sets aside, per shard, every stream entry whose id the ledger holds with other
+    content (Redis lost writes and reused the id) and every entry of the same account
+    after it in the stream (they follow from it): kept in the ledger's quarantined_entries, then
+    acknowledged and deleted from the stream. Returns them by account."""
+    diverged: dict[str, list[StreamEntry]] = {}
+    for shard in range(streams.keys.shards):
+        entries = await streams.entries(shard)  # in stream order
+        conflicting = {event.stream_id for event in await ledger.conflicting(entries)}
+        from_here: set[str] = set()  # accounts past their first conflicting entry
+        aside = []
+        for event in entries:
+            if event.stream_id in conflicting:
+                from_here.add(event.entry.account_id)
+            if event.entry.account_id in from_here:
+                aside.append(event)
+        if not aside:
+            continue
+        await ledger.quarantine(aside)
+        await streams.set_aside(shard, [event.stream_id for event in aside])
+        for event in aside:
+            diverged.setdefault(event.entry.account_id, []).append(event)
+    return diverged
 
 
 async def shards_behind(images: StateImages, ledger: Ledger) -> list[int]:

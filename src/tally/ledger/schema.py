@@ -111,6 +111,22 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        4,
+        "quarantined entries: stream entries recovery set aside as conflicting with the ledger",
+        (
+            # content: the entry's fields as the stream held them (ledger_entries.detail's form)
+            """CREATE TABLE quarantined_entries (
+                shard INTEGER NOT NULL,
+                stream_id TEXT NOT NULL,
+                entry_id TEXT NOT NULL,
+                account_id TEXT NOT NULL,
+                content TEXT NOT NULL,
+                quarantined_at BIGINT NOT NULL,
+                PRIMARY KEY (shard, stream_id)
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -77,20 +77,27 @@ class FenceMark:
 
 
 @dataclass(frozen=True)
-class ScriptContext(CatalogContext):
-    """What an account script is told besides the request: the account it
-    works on (for reservation scripts, read from the reservation id), its
-    shard's key prefix and tag, how long closed reservations are kept, and the
-    lowest fence the shard may have (below it, Redis lost writes; QuotaStore
-    always sets it, absent reads as FenceMark(), which nothing is below)."""
+class ShardContext(CatalogContext):
+    """What a script that writes to one shard is told besides the request: the
+    shard's key prefix and tag, and the lowest fence the shard may have (below
+    it, Redis lost writes; QuotaStore always sets it, absent reads as
+    FenceMark(), which nothing is below)."""
 
-    account_id: str
     prefix: str
     shard: str
+    fence_floor: FenceMark | None = dataclasses.field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class ScriptContext(ShardContext):
+    """What an account script is told besides the request: the account it
+    works on (for reservation scripts, read from the reservation id), its
+    shard's context, and how long closed reservations are kept."""
+
+    account_id: str
     retention_ms: int
     # how long a closed reservation stays in Redis (None: for scripts that close none)
     closed_window_ms: int | None = dataclasses.field(default=None, kw_only=True)
-    fence_floor: FenceMark | None = dataclasses.field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -620,7 +627,7 @@ class SetPriceReply(PriceView):
 @dataclass(frozen=True)
 class SetPriceRequest(ScriptRequest[SetPriceReply]):
     SCRIPT = "set_price"
-    CONTEXT = CatalogContext
+    CONTEXT = ShardContext
     REPLY = SetPriceReply
 
     operation: str
@@ -635,7 +642,7 @@ class ApplyPriceReply(Reply):
 @dataclass(frozen=True)
 class ApplyPriceRequest(ScriptRequest[ApplyPriceReply]):
     SCRIPT = "apply_price"
-    CONTEXT = CatalogContext
+    CONTEXT = ShardContext
     REPLY = ApplyPriceReply
 
     operation: str

@@ -2,12 +2,14 @@
 
 Per shard, the floor: the highest fence this server has seen, in its own
 scripts' replies and in the ledger (at start, after each batch the flusher
-commits, and on FenceWatch's schedule). Every account script is told it and
-refuses, before any write, on a shard whose fence is below it: that Redis lost
-writes (a wipe, a restart from an older snapshot, a failover to a lagging
-replica). The shard is then fenced in this server (health NOT_SERVING) until a
-script passes again, which happens once `tally recover` has healed the shard:
-recovery starts a new epoch, above every floor of the old one.
+commits, and on the fence watch's schedule: store/fence_watch.py). Every
+script that writes is told it and refuses, before any write, on a shard whose
+fence is below it: that Redis lost writes (a wipe, a restart from an older
+snapshot, a failover to a lagging replica). The fence watch also finds such a
+shard with no call at all. The shard is then fenced in this server (health
+NOT_SERVING) until a script or the watch finds it at its floor again, which
+happens once `tally recover` has healed the shard: recovery starts a new
+epoch, above every floor of the old one.
 """
 
 from __future__ import annotations
@@ -21,9 +23,6 @@ from tally.domain.limits import UNITS_MAX
 from tally.store.contract import FenceMark
 
 log = logging.getLogger("tally.fence")
-
-# A floor count no count of the same epoch reaches (the scripts bound counts by it).
-COUNT_MAX = UNITS_MAX
 
 # A floor count no count of the same epoch reaches (the scripts bound counts by it).
 COUNT_MAX = UNITS_MAX
@@ -73,6 +72,10 @@ class ShardFences:
     async def refused(self, shard: int) -> None:
         """A script found the shard behind its floor."""
         metrics.SHARD_FENCE_REFUSALS.inc()
+        await self._fence(shard, "Redis is behind the ledger")
+
+    async def found_behind(self, shard: int) -> None:
+        """The shard's fence in Redis, read outside any script, is below its floor."""
         await self._fence(shard, "Redis is behind the ledger")
 
     async def conflicted(self, shard: int) -> None:

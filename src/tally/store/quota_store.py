@@ -57,6 +57,7 @@ from tally.store.contract import (
     SetBudgetRequest,
     SetPriceReply,
     SetPriceRequest,
+    ShardContext,
     SpendContext,
     UpdateAccountRequest,
 )
@@ -87,6 +88,7 @@ class QuotaStore:
         self.clock = clock
         self.limits = limits
         self.fences = fences or ShardFences(keys.shards)
+        self._shard_index = {keys.tag(shard): shard for shard in range(keys.shards)}
 
     @property
     def redis(self) -> Any:
@@ -95,16 +97,20 @@ class QuotaStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    def _context(self, account_id: str) -> ScriptContext:
-        shard = self.keys.shard_of(account_id)
-        return ScriptContext(
+    def _shard_context(self, shard: int) -> ShardContext:
+        return ShardContext(
             now=self.clock.now_ms(),
-            account_id=account_id,
             prefix=self.keys.prefix(shard),
             shard=self.keys.tag(shard),
+            fence_floor=self.fences.floor(shard),
+        )
+
+    def _context(self, account_id: str) -> ScriptContext:
+        return ScriptContext(
+            **vars(self._shard_context(self.keys.shard_of(account_id))),
+            account_id=account_id,
             retention_ms=self.limits.reservation_retention_ms,
             closed_window_ms=self.limits.closed_reservation_window_ms,
-            fence_floor=self.fences.floor(shard),
         )
 
     def _idempotent_context(self, account_id: str) -> IdempotentContext:
@@ -126,10 +132,12 @@ class QuotaStore:
         keys: list[str],
         timeout_s: float | None,
     ) -> ReplyT:
-        if not isinstance(context, ScriptContext):
+        """Runs the script; one that writes to a shard (a ShardContext) checks the
+        shard's fence, and this store's view of the fence follows the answer."""
+        if not isinstance(context, ShardContext):
             raw = await self.runner.run(request.SCRIPT, keys, request.encode(context), timeout_s)
             return request.decode_reply(raw)
-        shard = self.keys.shard_of(context.account_id)
+        shard = self._shard_index[context.shard]
         try:
             ran = await self.runner.call(request.SCRIPT, keys, request.encode(context), timeout_s)
         except ShardBehind:
@@ -263,7 +271,7 @@ class QuotaStore:
             self.keys.catalog_meta(),
             self.keys.events(0),
         ]
-        reply = await self._run(request, self._catalog_context(), keys, timeout_s)
+        reply = await self._run(request, self._shard_context(0), keys, timeout_s)
         await self._apply_everywhere(reply, 0, timeout_s)
         return reply
 
@@ -282,7 +290,7 @@ class QuotaStore:
         )
         for shard in range(1, self.keys.shards):
             keys = [self.keys.prices(shard), self.keys.price_history(shard)]
-            await self._run(request, self._catalog_context(), keys, timeout_s)
+            await self._run(request, self._shard_context(shard), keys, timeout_s)
 
     async def list_prices(self) -> tuple[list[PriceView], int]:
         with store_errors():

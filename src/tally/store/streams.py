@@ -132,6 +132,19 @@ class EventStreams:
         with redis_errors():
             await self.redis.xack(self.keys.events(shard), GROUP, *ids)
 
+    async def entries(self, shard: int) -> list[StreamEntry]:
+        """Every entry the shard's stream holds (recovery: bounded by what the
+        flusher has not trimmed yet)."""
+        with redis_errors():
+            raw = await self.redis.xrange(self.keys.events(shard))
+        return [decode(shard, sid, fields) for sid, fields in raw if fields]
+
+    async def set_aside(self, shard: int, ids: Sequence[str]) -> None:
+        """Acknowledges and deletes entries, so no flusher reads them again."""
+        with redis_errors():
+            await self.redis.xack(self.keys.events(shard), GROUP, *ids)
+            await self.redis.xdel(self.keys.events(shard), *ids)
+
     async def trim(self, shard: int, retention_ms: int) -> None:
         """Removes entries before the oldest one not yet acknowledged (MINID, never by
         length), keeping acknowledged ones younger than retention_ms."""

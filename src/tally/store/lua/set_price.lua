@@ -1,14 +1,18 @@
---! include: codec pricing
+--! include: codec pricing fence
 -- set_price: sets an operation's price in the authoritative catalog (shard 0),
 -- under a new catalog version; the version it replaces is superseded now.
--- Setting the current price again is a no-op.
+-- Setting the current price again is a no-op. Like an account script it
+-- checks shard 0's fence before any write and stamps its event (lib/fence.lua):
+-- after a wipe the catalog version restarts and its event id would repeat one
+-- the ledger holds.
 -- KEYS: 1 prices hash, 2 price history hash, 3 catalog meta hash, 4 event stream
--- ARGV[1] (msgpack): now, operation, units_per_quantity
+-- ARGV[1] (msgpack): now, prefix, shard, fence_floor, operation, units_per_quantity
 -- Returns: {operation, units_per_quantity, version, effective_at_ms, changed}.
 -- The prices hash keeps its records as {price, version, at}.
 
 return run(function()
   local req = decode_request()
+  local shard = shard_ctx(req)
   local operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX)
   local price = check_int(req.units_per_quantity, 'units_per_quantity', 1, UNITS_MAX)
   local raw = redis.call('HGET', KEYS[1], operation)
@@ -23,7 +27,8 @@ return run(function()
   if current then supersede(KEYS[2], operation, current.version, current.price, req.now) end
   save_price_record(KEYS[2], operation, version, {price = price, superseded_at = 0})
   redis.call('XADD', KEYS[4], '*', 'type', ENTRY.PRICE_CHANGE, 'event_id', 'catalog/' .. int_text(version),
-    'operation', operation, 'units', price, 'price_version', version, 'at', req.now)
+    'operation', operation, 'units', price, 'price_version', version, 'at', req.now,
+    'fence', next_fence(shard))
   return {operation = operation, units_per_quantity = price, version = version,
     effective_at_ms = req.now, changed = true}
 end)

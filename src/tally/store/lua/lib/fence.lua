@@ -25,10 +25,25 @@ local function check_fence(ctx, floor)
   run_report.fence = {epoch = epoch, count = count}
 end
 
--- In the write phase: the next count, carried by every event of this run.
-local function stamp_fence(ctx)
+-- A script that writes to a shard but to no account (the catalog's): the
+-- shard's part of a ctx, {prefix, shard}, from the request, its fence checked.
+local function shard_ctx(req)
+  local ctx = {prefix = check_str(req.prefix, 'prefix', KEY_PREFIX_BYTES_MAX),
+    shard = check_str(req.shard, 'shard', SHARD_TAG_BYTES_MAX)}
+  check_fence(ctx, req.fence_floor)
+  return ctx
+end
+
+-- In the write phase: the next count, to be carried by every event of this run.
+local function next_fence(ctx)
   local count = redis.call('HINCRBY', ctx.fence_key, 'count', 1)
   run_report.fence.count = count
+  return count
+end
+
+-- In an account script's write phase: the next count on every event of this run.
+local function stamp_fence(ctx)
+  local count = next_fence(ctx)
   for _, event in ipairs(ctx.events) do
     event[#event + 1] = 'fence'
     event[#event + 1] = count
