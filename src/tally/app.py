@@ -8,7 +8,6 @@ gRPC server, the reaper and the flusher.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -19,8 +18,10 @@ import grpc
 from grpc_health.v1 import health
 
 from tally import metrics
+from tally.addresses import is_loopback
 from tally.api.admission import Admission, AdmissionLimits
 from tally.api.server import Serving, build_server
+from tally.api.transport import server_transport
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
 from tally.clock import Clock, SystemClock
@@ -42,16 +43,6 @@ from tally.store.sweeper import PeriodSweeper
 from tally.supervisor import RestartPolicy, Supervisor
 
 log = logging.getLogger("tally.app")
-
-
-def is_loopback(listen: str) -> bool:
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def ttl_limits(settings: Settings) -> HoldTtlLimits:
@@ -231,7 +222,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         admission = build_admission(settings)
         server, port, health_servicer = build_server(
             store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch,
-            admission,
+            admission, server_transport(settings),
         )
         await server.start()
     except BaseException:

@@ -1,4 +1,5 @@
-"""Builds the gRPC server: services, health, reflection, graceful stop."""
+"""Builds the gRPC server: services, health, reflection (unless turned off), TLS and
+limits (api/transport.py), graceful stop."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tally.api.admission import Admission, AdmissionInterceptor
 from tally.api.closed_reservations import ClosedReservations
 from tally.api.interceptors import MetricsInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
+from tally.api.transport import ServerTransport
 from tally.api.usage import UsageServicer
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
@@ -27,7 +29,6 @@ from tally.v1 import (
     usage_pb2_grpc,
 )
 
-MESSAGE_BYTES_MAX = 1024 * 1024
 SERVICE_NAMES = (
     quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
@@ -44,16 +45,13 @@ def build_server(
     ledger: Ledger,
     watch: UsageWatch,
     admission: Admission,
+    transport: ServerTransport,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Returns the server (not started), the bound port and its health servicer."""
     server = grpc.aio.server(
         # Metrics first (outermost): a call shed at admission is counted with its code.
         interceptors=[MetricsInterceptor(), AdmissionInterceptor(admission, SERVICE_NAMES)],
-        options=[
-            ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-            ("grpc.max_send_message_length", 4 * MESSAGE_BYTES_MAX),
-            ("grpc.max_concurrent_streams", 1000),
-        ]
+        options=transport.options,
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
         QuotaServicer(store, ttl_limits, ClosedReservations(store, ledger, barrier)), server
@@ -69,10 +67,15 @@ def build_server(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    if transport.reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    port = (
+        server.add_insecure_port(listen)
+        if transport.credentials is None
+        else server.add_secure_port(listen, transport.credentials)
     )
-    port = server.add_insecure_port(listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {listen}")
     return server, port, health_servicer

@@ -24,6 +24,7 @@ from tally.clock import SystemClock
 from tally.ledger import recovery
 from tally.ledger.flusher import Flusher
 from tally.ledger.ledger import Ledger
+from tally.redaction import redact
 from tally.store.embedded import EmbeddedRedis, running_url
 from tally.store.quota_store import QuotaStore
 from tally.store.state_images import StateImages
@@ -39,7 +40,7 @@ class Ops:
 
 
 def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    print(redact(line), file=sys.stderr, flush=True)
 
 
 @asynccontextmanager

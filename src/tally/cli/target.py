@@ -2,7 +2,8 @@
 channel, and how a refused call is told.
 
 The admin commands take `--target` (default: $TALLY_TARGET, else
-127.0.0.1:50051), `--timeout` (seconds) and `--json`. A refused call prints
+127.0.0.1:50051), the TLS flags `--tls-ca`, `--tls-cert`, `--tls-key`
+(client_tls.py), `--timeout` (seconds) and `--json`. A refused call prints
 `tally: <CODE>: <details>` on stderr and exits 1; a usage error exits 2.
 """
 
@@ -17,6 +18,7 @@ from typing import Required, TypeAlias, TypedDict, Unpack
 
 import grpc
 
+from tally.client_tls import CA_ENV, CERT_ENV, KEY_ENV, ClientTls
 from tally.v1 import account_pb2_grpc, catalog_pb2_grpc, quota_pb2_grpc, usage_pb2_grpc
 
 TARGET_ENV = "TALLY_TARGET"
@@ -57,11 +59,33 @@ def target_of(args: argparse.Namespace) -> str:
 
 
 def add_target_flag(parser: argparse._ActionsContainer) -> None:
+    """--target and the TLS flags: everything needed to reach the authority."""
     parser.add_argument(
         "--target",
         default=None,
         help=f"host:port of the authority (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )
+    parser.add_argument(
+        "--tls-ca", default=None, metavar="PEM",
+        help=f"speak TLS, trusting this CA for the server's certificate (default: ${CA_ENV})",
+    )
+    parser.add_argument(
+        "--tls-cert", default=None, metavar="PEM",
+        help=f"client certificate for mutual TLS (default: ${CERT_ENV})",
+    )
+    parser.add_argument(
+        "--tls-key", default=None, metavar="PEM",
+        help=f"key of --tls-cert (default: ${KEY_ENV})",
+    )
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to the target: TLS when a TLS flag or variable is set, else plaintext."""
+    target = target_of(args)
+    tls = ClientTls.from_sources(args.tls_ca, args.tls_cert, args.tls_key, os.environ)
+    if tls is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, tls.credentials())
 
 
 def _positive_seconds(text: str) -> float:
@@ -104,7 +128,7 @@ def report_rpc_error(error: grpc.RpcError) -> grpc.StatusCode:
 
 @contextmanager
 def _connect(args: argparse.Namespace) -> Iterator[Api]:
-    channel = grpc.insecure_channel(target_of(args))
+    channel = open_channel(args)
     try:
         yield Api(channel, args.timeout)
     finally:

@@ -36,6 +36,7 @@ from tally.domain.events import (
     stream_id_order,
 )
 from tally.ledger.schema import MIGRATIONS
+from tally.redaction import redact
 
 BUSY_TIMEOUT_MS = 10_000
 READ_CONNECTIONS_MAX = 4  # read connections per ledger, beside its one writer
@@ -741,11 +742,11 @@ def open_ledger(url: str) -> SqlLedger:
     if parsed.scheme == "sqlite":
         path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else parsed.path
         if not path:
-            raise ValueError(f"ledger url {url!r} names no file")
+            raise ValueError(f"ledger url {redact(url)!r} names no file")
         return SqliteLedger(Path(path))
     if parsed.scheme in {"postgresql", "postgres"}:
         return PostgresLedger(url)
-    raise ValueError(f"ledger url {url!r}: use sqlite:///path or postgresql://...")
+    raise ValueError(f"ledger url {redact(url)!r}: use sqlite:///path or postgresql://...")
 
 
 def _entry_row(r: Sequence[Any]) -> Entry:
