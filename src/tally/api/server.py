@@ -7,12 +7,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tally.api.admission import Admission, AdmissionInterceptor
+from tally.api.auth import AuthInterceptor
 from tally.api.closed_reservations import ClosedReservations
 from tally.api.interceptors import MetricsInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
 from tally.api.usage import UsageServicer
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
+from tally.auth.authenticator import Authenticator
 from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
@@ -44,11 +46,18 @@ def build_server(
     ledger: Ledger,
     watch: UsageWatch,
     admission: Admission,
+    authenticator: Authenticator | None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Returns the server (not started), the bound port and its health servicer."""
+    """Returns the server (not started), the bound port and its health servicer.
+    Without an authenticator (--auth off) every call runs as ANONYMOUS."""
+    # Metrics first (outermost): a call refused or shed is counted with its code. Auth
+    # before admission: a call without a valid token never waits for a slot.
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
+    if authenticator is not None:
+        interceptors.append(AuthInterceptor(authenticator))
+    interceptors.append(AdmissionInterceptor(admission, SERVICE_NAMES))
     server = grpc.aio.server(
-        # Metrics first (outermost): a call shed at admission is counted with its code.
-        interceptors=[MetricsInterceptor(), AdmissionInterceptor(admission, SERVICE_NAMES)],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", 4 * MESSAGE_BYTES_MAX),
