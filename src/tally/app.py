@@ -239,7 +239,8 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         await store.runner.load()
         await ensure_current(store, ledger, settings.recover_on_start)
         tokens = TokenStore(store.redis)
-        restored = await TokenBook(ledger, tokens, clock).restore()
+        book = TokenBook(ledger, tokens, clock)
+        restored = await book.restore()
         if restored:
             log.warning("restored token records from the ledger", extra={"tokens": restored})
         authenticator = (
@@ -253,7 +254,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         admission = build_admission(settings)
         server, port, health_servicer = build_server(
             store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch,
-            admission, authenticator,
+            admission, authenticator, book,
         )
         await server.start()
     except BaseException:

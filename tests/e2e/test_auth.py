@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,24 +22,17 @@ from tally.v1 import (
     account_pb2,
     catalog_pb2,
     quota_pb2,
+    token_pb2,
+    token_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
 )
+from tests.e2e.test_ops_cli import tally
 from tests.support import RedisProcess, Running, settings, start_running, stop_running, unique
 
-TALLY = str(Path(sys.executable).with_name("tally"))
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 HOUR_MS = 3_600_000
-
-
-async def tally(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        TALLY, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -304,3 +296,27 @@ def test_auth_defaults_to_required_beyond_loopback() -> None:
     assert app.auth_required(settings("redis://unused", auth="required"))
     with pytest.raises(RuntimeError, match="auth off"):
         app.auth_required(settings("redis://unused", listen="0.0.0.0:1", auth="off"))
+
+
+async def test_unscoped_admins_manage_tokens_over_grpc(deployment: Deployment) -> None:
+    """Proves TokenService makes, lists (without secrets) and revokes tokens for an
+    unscoped admin, and refuses workers and scoped admins with PERMISSION_DENIED."""
+    running = deployment.running
+    admin = await deployment.token("--role", "admin")
+    worker = await deployment.token("--role", "worker")
+    scoped = await deployment.token("--role", "admin", "--account", deployment.account_a)
+    tokens = token_pb2_grpc.TokenServiceStub(running.stubs.channel)
+    create = token_pb2.CreateTokenRequest(role="reader", accounts=[deployment.account_a])
+    for token in (worker, scoped):
+        await refused(tokens.CreateToken, create, token, PERMISSION_DENIED)
+        await refused(tokens.ListTokens, token_pb2.ListTokensRequest(), token, PERMISSION_DENIED)
+    made = await tokens.CreateToken(create, metadata=bearer(admin))
+    request = quota_pb2.GetBalanceRequest(account_id=deployment.account_a)
+    await running.quota.GetBalance(request, metadata=bearer(made.token))
+    listed = await tokens.ListTokens(token_pb2.ListTokensRequest(), metadata=bearer(admin))
+    assert made.info.token_id in {t.token_id for t in listed.tokens}
+    assert made.token.rsplit("_", 1)[1] not in str(listed)
+    await tokens.RevokeToken(token_pb2.RevokeTokenRequest(token_id=made.info.token_id),
+                             metadata=bearer(admin))
+    running.clock.advance(2001)
+    await refused(running.quota.GetBalance, request, made.token, UNAUTHENTICATED)

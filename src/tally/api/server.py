@@ -11,10 +11,12 @@ from tally.api.auth import AuthInterceptor
 from tally.api.closed_reservations import ClosedReservations
 from tally.api.interceptors import MetricsInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
+from tally.api.tokens import TokenServicer
 from tally.api.usage import UsageServicer
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
 from tally.auth.authenticator import Authenticator
+from tally.auth.book import TokenBook
 from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
@@ -25,6 +27,8 @@ from tally.v1 import (
     catalog_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
 )
@@ -35,6 +39,7 @@ SERVICE_NAMES = (
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
 )
 
 
@@ -47,6 +52,7 @@ def build_server(
     watch: UsageWatch,
     admission: Admission,
     authenticator: Authenticator | None,
+    tokens: TokenBook,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Returns the server (not started), the bound port and its health servicer.
     Without an authenticator (--auth off) every call runs as ANONYMOUS."""
@@ -76,6 +82,7 @@ def build_server(
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageServicer(store, ledger, watch), server
     )
+    token_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
