@@ -21,8 +21,8 @@ RUN apt-get update \
 COPY --from=build /opt/tally /opt/tally
 USER tally
 WORKDIR /var/lib/tally
-# Listening beyond loopback needs TALLY_ALLOW_REMOTE_WITHOUT_AUTH=true until
-# authentication lands: the server refuses otherwise (see README, Security).
+# Listening beyond loopback, every call needs a bearer token (`tally tokens create`,
+# see README, Authentication).
 ENV PATH=/opt/tally/bin:$PATH \
     TALLY_LISTEN=0.0.0.0:50051 \
     TALLY_DATA_DIR=/var/lib/tally \
