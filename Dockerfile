@@ -21,8 +21,8 @@ RUN apt-get update \
 COPY --from=build /opt/tally /opt/tally
 USER tally
 WORKDIR /var/lib/tally
-# All interfaces, every call authenticated (a bearer token, or a mapped client
-# certificate). The embedded Redis's password is generated under the data volume.
+# All interfaces, every call authenticated (a bearer token from `tally tokens create`,
+# see README, Authentication; or a mapped client certificate). The embedded Redis's password is generated under the data volume.
 # TLS material comes from files mounted read-only, e.g. at /etc/tally/tls:
 #   -e TALLY_TLS_CERT=/etc/tally/tls/server.pem -e TALLY_TLS_KEY=/etc/tally/tls/server.key
 #   [-e TALLY_TLS_CLIENT_CA=/etc/tally/tls/clients-ca.pem]

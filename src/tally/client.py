@@ -193,7 +193,10 @@ class TallyClient:
         metadata: Sequence[tuple[str, str]] | None = None,
         channel: grpc.aio.Channel | None = None,
         tls: ClientTls | None = None,
+        token: str | None = None,
     ) -> None:
+        """token: a bearer token sent with every call (a server with --auth required
+        asks for one)."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if timeout_s <= 0:
@@ -203,7 +206,8 @@ class TallyClient:
         self.max_attempts = max_attempts
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        self._metadata = tuple(metadata) if metadata else None
+        sent = [*(metadata or ()), *([("authorization", f"Bearer {token}")] if token else [])]
+        self._metadata = tuple(sent) if sent else None
         self._own_channel = channel is None
         self._channel = (
             channel

@@ -119,8 +119,11 @@ SETTINGS: tuple[Setting, ...] = (
             "always"),
     Setting("shutdown_grace", "how long SIGTERM waits for in-flight calls", parse_duration_s, 10.0),
     Setting("default_catalog", "load the default prices into an empty catalog", parse_bool, True),
-    Setting("allow_remote_without_auth", "listen beyond loopback although no authentication "
-            "is configured (authentication arrives in a later release)", parse_bool, False),
+    Setting("auth", "required (every call but health and reflection shows a bearer token) "
+            "or off (every call runs as an unscoped admin; loopback only); unset: required "
+            "unless listen is a loopback address", str, ""),
+    Setting("token_cache_ttl", "how long a server keeps a token it looked up: the most a "
+            "revocation (or a new token) takes to reach every server", parse_duration_s, 2.0),
     Setting("tls_cert", "PEM certificate (chain) the server presents; with tls_key: TLS on, "
             "plaintext refused", str, ""),
     Setting("tls_key", "PEM private key of tls_cert", str, ""),
@@ -187,7 +190,8 @@ class Settings:
     redis_appendfsync: str
     shutdown_grace: float
     default_catalog: bool
-    allow_remote_without_auth: bool
+    auth: str
+    token_cache_ttl: float
     tls_cert: str
     tls_key: str
     tls_client_ca: str
@@ -241,6 +245,12 @@ class Settings:
             raise ValueError("hold_ttl_min must be at least 1ms")
         if self.redis_appendfsync not in {"always", "everysec", "no"}:
             raise ValueError("redis_appendfsync must be always, everysec or no")
+        if self.auth not in {"", "required", "off"}:
+            raise ValueError(f"auth must be required or off, got {self.auth!r}")
+        if not 0 <= self.token_cache_ttl <= 60:
+            raise ValueError(
+                f"token_cache_ttl must be between 0 and 60s, got {self.token_cache_ttl}s"
+            )
         if self.log_format not in {"json", "text"}:
             raise ValueError("log_format must be json or text")
         if min(self.reaper_batch, self.period_sweep_batch, self.redis_max_connections,

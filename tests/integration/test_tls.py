@@ -15,10 +15,12 @@ import pytest_asyncio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tally.api.transport import certificate_principals, server_transport
+from tally.auth.book import TokenBook
 from tally.auth.certificates import AuthContext, CertificatePrincipals
 from tally.auth.principal import Principal, Role
 from tally.client import TallyClient, TallyRpcError
 from tally.client_tls import ClientTls
+from tally.store.token_store import TokenStore
 from tally.v1 import account_pb2, account_pb2_grpc
 from tests.support import RedisProcess, Running, settings, start_running, stop_running, unique
 from tests.tls_support import CertificateAuthority, Issued
@@ -193,3 +195,51 @@ async def test_cli_commands_speak_tls(tls_running: Running, pki: Pki) -> None:
 
     assert await health_exit("--tls-ca", str(pki.ca.cert)) == 0
     assert await health_exit() == 1
+
+
+async def test_a_mapped_client_certificate_is_the_principal_of_every_call(
+    redis_server: RedisProcess, pki: Pki, tmp_path: Path
+) -> None:
+    """Proves that with --auth required and mutual TLS, a client certificate mapped in
+    --tls-principals stands for its principal through the real auth interceptor, with no
+    token: a worker scoped to account A reserves on A, is PERMISSION_DENIED on account B
+    and on admin RPCs, and nothing moves on B."""
+    admin_tls = tls_of(pki, pki.ca.issue("ops-1", server=False))  # unmapped: a token is needed
+    scoped_account, other_account = unique("mine"), unique("other")
+    mapping = tmp_path / "principals.json"
+    mapping.write_text(json.dumps({"worker-1": {"role": "worker", "accounts": [scoped_account]}}))
+    running = await start_running(
+        redis_server.url, tls_cert=pki.server.cert, tls_key=pki.server.key,
+        tls_client_ca=pki.ca.cert, tls_principals=str(mapping), auth="required",
+    )
+    try:
+        address = running.authority.address
+        store = running.authority.store
+        admin = await TokenBook(running.authority.ledger, TokenStore(store.redis), store.clock
+                                ).create(Role.ADMIN, (), "test admin", 0)
+        bearer = [("authorization", f"Bearer {admin.text}")]
+        async with grpc.aio.secure_channel(address, admin_tls.credentials()) as channel:
+            for account_id in (scoped_account, other_account):
+                await account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
+                    account_pb2.CreateAccountRequest(account_id=account_id, monthly_allotment=100),
+                    metadata=bearer,
+                )
+        async with TallyClient(
+            address, timeout_s=5.0, max_attempts=1, tls=tls_of(pki, pki.worker)
+        ) as worker:
+            held = await worker.reserve(scoped_account, "image.upscale", 1)
+            assert held.units == 10
+            for refused_call in (
+                worker.reserve(other_account, "image.upscale", 1),
+                worker.purchase(scoped_account, 5),
+            ):
+                with pytest.raises(TallyRpcError) as refused:
+                    await refused_call
+                assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
+        async with TallyClient(address, timeout_s=5.0, max_attempts=1, tls=admin_tls) as anon:
+            with pytest.raises(TallyRpcError) as refused:
+                await anon.balance(other_account)
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert await ledger_rows(running, other_account) == 2  # plan_change, allotment
+    finally:
+        await stop_running(running)

@@ -20,6 +20,7 @@ from typing import Any
 
 from tally.api import convert
 from tally.api import validation as v
+from tally.auth.scope import require_account, visible
 from tally.domain.errors import InvalidArgument
 from tally.domain.limits import PERIOD_YEAR_MAX, PERIOD_YEAR_MIN
 from tally.domain.usage import HOUR_MS, OTHER_LABEL, OTHER_LABELS, Usage, from_entries
@@ -206,6 +207,7 @@ async def usage_report(
     if by_account:
         return await all_accounts_report(store, ledger, request, month, grouping, next_hour)
     account_id = v.account_id(request.account_id)
+    require_account(account_id)
     reply = await store.balance(BalanceRequest(account_id), None)
     balance, account = reply.balance, reply.account
     period_start = balance.period_start
@@ -285,5 +287,6 @@ async def all_accounts_report(
     )
     totals = Totals(grouping, start_ms, end_ms)
     async for page in ledger.usage_pages(start_ms):
-        totals.add(from_entries(page))
+        # a scoped caller's report holds its own accounts' rows alone
+        totals.add(u for u in from_entries(page) if visible(u.account_id))
     return totals.report()

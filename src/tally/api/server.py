@@ -8,13 +8,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tally.api.admission import Admission, AdmissionInterceptor
+from tally.api.auth import AuthInterceptor
 from tally.api.closed_reservations import ClosedReservations
 from tally.api.interceptors import MetricsInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
+from tally.api.tokens import TokenServicer
 from tally.api.transport import ServerTransport
 from tally.api.usage import UsageServicer
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
+from tally.auth.authenticator import Authenticator
+from tally.auth.book import TokenBook
 from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
@@ -25,6 +29,8 @@ from tally.v1 import (
     catalog_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
 )
@@ -34,6 +40,7 @@ SERVICE_NAMES = (
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
 )
 
 
@@ -46,11 +53,19 @@ def build_server(
     watch: UsageWatch,
     admission: Admission,
     transport: ServerTransport,
+    authenticator: Authenticator | None,
+    tokens: TokenBook,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Returns the server (not started), the bound port and its health servicer."""
+    """Returns the server (not started), the bound port and its health servicer.
+    Without an authenticator (--auth off) every call runs as ANONYMOUS."""
+    # Metrics first (outermost): a call refused or shed is counted with its code. Auth
+    # before admission: a call without a valid token never waits for a slot.
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
+    if authenticator is not None:
+        interceptors.append(AuthInterceptor(authenticator, transport.principals))
+    interceptors.append(AdmissionInterceptor(admission, SERVICE_NAMES))
     server = grpc.aio.server(
-        # Metrics first (outermost): a call shed at admission is counted with its code.
-        interceptors=[MetricsInterceptor(), AdmissionInterceptor(admission, SERVICE_NAMES)],
+        interceptors=interceptors,
         options=transport.options,
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
@@ -65,6 +80,7 @@ def build_server(
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageServicer(store, ledger, watch), server
     )
+    token_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if transport.reflection:

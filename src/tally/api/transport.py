@@ -29,6 +29,8 @@ class ServerTransport:
     credentials: grpc.ServerCredentials | None
     options: tuple[tuple[str, int], ...]
     reflection: bool
+    # identities client certificates stand for (the auth interceptor asks them first)
+    principals: CertificatePrincipals | None = None
 
 
 def _read(path: str, setting: str) -> bytes:
@@ -74,7 +76,8 @@ def server_options(settings: Settings) -> tuple[tuple[str, int], ...]:
 
 def server_transport(settings: Settings) -> ServerTransport:
     return ServerTransport(
-        server_credentials(settings), server_options(settings), settings.reflection
+        server_credentials(settings), server_options(settings), settings.reflection,
+        certificate_principals(settings),
     )
 
 

@@ -17,13 +17,13 @@ in the file stands for nobody: the call must then bring a token.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from tally.auth.principal import Principal, Role
 
 # The auth context gRPC gives a servicer: property name -> values.
-AuthContext = Mapping[str, Sequence[bytes]]
+AuthContext = Mapping[str, Iterable[bytes]]  # what grpc's context.auth_context() gives
 
 IDENTITY_PROPERTY = "x509_common_name"
 PRINCIPAL_PREFIX = "cert:"
@@ -49,7 +49,7 @@ class CertificatePrincipals:
     def principal_from_peer(self, auth_context: AuthContext) -> Principal | None:
         """The principal the call's verified client certificate stands for; None when
         the call has no client certificate or its identity is not mapped."""
-        values = auth_context.get(IDENTITY_PROPERTY) or ()
+        values = list(auth_context.get(IDENTITY_PROPERTY) or ())
         if len(values) != 1:
             return None
         return self._principals.get(values[0].decode("utf-8", "replace"))

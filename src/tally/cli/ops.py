@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         parser.set_defaults(handler=handler)
 
 
-def _run(args: argparse.Namespace, work: Callable[[Ops], Awaitable[int]]) -> int:
+def run_ops(args: argparse.Namespace, work: Callable[[Ops], Awaitable[int]]) -> int:
     try:
         settings = config.from_sources(args)
     except ValueError as exc:
@@ -111,7 +111,7 @@ def run_migrate(args: argparse.Namespace) -> int:
               else f"ledger ({ops.ledger.dialect}) at schema version {version}")
         return 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 
 def run_flusher(args: argparse.Namespace) -> int:
@@ -129,7 +129,7 @@ def run_flusher(args: argparse.Namespace) -> int:
         say(f"flusher stopped after a final pass of {flushed} events")
         return 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -168,7 +168,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(table(["shard", "stream", "pending", "waiting", "oldest"], rows))
         return 1 if behind else 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -185,7 +185,7 @@ def run_verify(args: argparse.Namespace) -> int:
             print(f"verified {report.accounts} accounts: Redis and the ledger agree")
         return 1 if report.differences else 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 
 def run_recover(args: argparse.Namespace) -> int:
@@ -199,6 +199,6 @@ def run_recover(args: argparse.Namespace) -> int:
             print(json.dumps(asdict(result)))
         return 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 

@@ -27,6 +27,8 @@ from urllib.parse import urlparse
 
 import msgpack
 
+from tally.auth.principal import Role
+from tally.auth.tokens import TokenRecord
 from tally.domain.events import (
     USAGE_TYPES,
     Entry,
@@ -577,6 +579,33 @@ class SqlLedger:
             )
             return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in cur.fetchall()]
 
+    def put_token(self, record: TokenRecord) -> None:
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO tokens (token_id, secret_sha256, role, accounts, name, "
+                "created_at, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.token_id, record.secret_sha256, record.role.value,
+                 json.dumps(list(record.accounts)), record.name, record.created_at,
+                 record.expires_at, record.revoked_at),
+            )
+
+    def revoke_token(self, token_id: str, revoked_at_ms: int) -> TokenRecord | None:
+        """Revokes a live token (a revoked one keeps its first revocation time);
+        returns its record, None when there is no such token."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at = 0",
+                (revoked_at_ms, token_id),
+            )
+            cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,))
+            row = cur.fetchone()
+        return None if row is None else _token_record(row)
+
+    def tokens(self) -> list[TokenRecord]:
+        with self.reading() as cur:
+            cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, token_id")
+            return [_token_record(row) for row in cur.fetchall()]
+
     def entry_sums(self) -> dict[str, dict[str, int]]:
         """Per account and event type: units moved, and units lost to expiry."""
         sums: dict[str, dict[str, int]] = {}
@@ -630,6 +659,19 @@ def _contiguous_through(cur: Cursor, account_id: str, after_seq: int, last_seq: 
     )
     first_before_gap = cur.fetchone()[0]
     return last_seq if first_before_gap is None else int(first_before_gap)
+
+
+_TOKEN_COLUMNS = (
+    "token_id, secret_sha256, role, accounts, name, created_at, expires_at, revoked_at"
+)
+
+
+def _token_record(row: Sequence[Any]) -> TokenRecord:
+    return TokenRecord(
+        token_id=row[0], secret_sha256=row[1], role=Role(row[2]),
+        accounts=tuple(json.loads(row[3])), name=row[4], created_at=int(row[5]),
+        expires_at=int(row[6]), revoked_at=int(row[7]),
+    )
 
 
 def detail_text(entry: Entry) -> str:

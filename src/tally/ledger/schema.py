@@ -127,6 +127,23 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        5,
+        "bearer tokens: the durable copy of Redis's token records (secrets hashed)",
+        (
+            # accounts: a JSON list (empty: every account); times in ms, 0: never
+            """CREATE TABLE tokens (
+                token_id TEXT PRIMARY KEY,
+                secret_sha256 TEXT NOT NULL,
+                role TEXT NOT NULL,
+                accounts TEXT NOT NULL,
+                name TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                expires_at BIGINT NOT NULL,
+                revoked_at BIGINT NOT NULL
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

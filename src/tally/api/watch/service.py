@@ -18,6 +18,7 @@ from tally.api import validation
 from tally.api.errors import rich_status
 from tally.api.watch.positions import account_position, decode_token, encode_token
 from tally.api.watch.reader import Cursor, ShardRead, Stopped, StreamReader
+from tally.auth.scope import require_account, visible
 from tally.domain.errors import InvalidArgument, NotFound, TallyError
 from tally.domain.events import Entry, stream_id_order
 from tally.ledger.ledger import Ledger, LedgerUnavailable
@@ -147,6 +148,7 @@ class UsageWatch:
 
             if request.account_id:
                 account_id = validation.account_id(request.account_id)
+                require_account(account_id)
                 after = account_position(request.after_position)
                 tail = self.streams.tail()
                 events = self._watch_account(tail, account_id, after, ready)
@@ -160,7 +162,9 @@ class UsageWatch:
                 events = self._watch_all(tail, cursors, ready)
             async with contextlib.aclosing(events):
                 async for event in events:
-                    yield event
+                    # a scoped caller's all-accounts watch shows its own accounts alone
+                    if not event.account_id or visible(event.account_id):
+                        yield event
         except StoreUnreachable as exc:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
