@@ -25,6 +25,8 @@ IDEMPOTENCY_KEY_BYTES_MAX = 128
 RESERVATION_ID_BYTES_MAX = 300
 REASON_BYTES_MAX = 512
 REFERENCE_BYTES_MAX = 256
+# Who did a money-in or admin action, as its events record it (auth/principal.py).
+PRINCIPAL_ID_BYTES_MAX = 256
 FINGERPRINT_BYTES_MAX = 64
 # An idempotency record keeps this many hex characters (64 bits) of the request's
 # fingerprint: one record per call is kept for the whole window, so every byte
