@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -76,7 +76,7 @@ async def _open(running: Running, principal: Principal, account_id: str) -> asyn
     return task
 
 
-async def _close(tasks: list[asyncio.Task[None]]) -> None:
+async def close_watches(tasks: Iterable[asyncio.Task[Any]]) -> None:
     """Cancels each watch as a client's cancel would. A cancel that lands while the
     reader's Redis connection is mid-read can be swallowed there, so it is repeated."""
     for task in tasks:
@@ -107,10 +107,10 @@ async def test_a_principal_runs_at_most_its_share_of_watches(capped: Running) ->
         # every slot is taken now: the server's own limit refuses anyone else
         extra = usage(capped).WatchUsage(usage_pb2.WatchUsageRequest(account_id=account_id))
         assert_status(await error_of(extra), grpc.StatusCode.RESOURCE_EXHAUSTED)
-        await _close(tasks[:1])
+        await close_watches(tasks[:1])
         tasks[:1] = [await _open(capped, greedy, account_id)]
     finally:
-        await _close(tasks)
+        await close_watches(tasks)
     balance = await capped.quota.GetBalance(
         quota_pb2.GetBalanceRequest(account_id=account_id)
     )

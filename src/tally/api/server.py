@@ -9,6 +9,7 @@ from grpc_reflection.v1alpha import reflection
 from tally.api.admission import Admission, AdmissionInterceptor
 from tally.api.closed_reservations import ClosedReservations
 from tally.api.interceptors import MetricsInterceptor
+from tally.api.malformed import MalformedRequestInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
 from tally.api.usage import UsageServicer
 from tally.api.validation import HoldTtlLimits
@@ -48,7 +49,11 @@ def build_server(
     """Returns the server (not started), the bound port and its health servicer."""
     server = grpc.aio.server(
         # Metrics first (outermost): a call shed at admission is counted with its code.
-        interceptors=[MetricsInterceptor(), AdmissionInterceptor(admission, SERVICE_NAMES)],
+        # Undecodable requests are refused next, before they take an admission slot.
+        interceptors=[
+            MetricsInterceptor(), MalformedRequestInterceptor(),
+            AdmissionInterceptor(admission, SERVICE_NAMES),
+        ],
         options=[
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", 4 * MESSAGE_BYTES_MAX),
