@@ -41,6 +41,12 @@ BUDGET_ID_BYTES_MAX = 400
 KEY_PREFIX_BYTES_MAX = 64
 SHARD_TAG_BYTES_MAX = 16
 
+# Reads: rows per ListLedgerEntries page (and entry types it filters on, each once at
+# most), and a GetUsageReport's span and grouping.
+LEDGER_PAGE_SIZE_MAX = 1000
+REPORT_SPAN_DAYS_MAX = 400
+REPORT_GROUP_BY_MAX = 4
+
 # Per account.
 BILLING_ANCHOR_DAY_MAX = 31
 BUDGETS_MAX = 64
