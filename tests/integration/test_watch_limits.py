@@ -1,4 +1,4 @@
-"""Watch slots per principal: one client cannot take every WatchUsage slot."""
+"""WatchUsage limits: one client cannot take every slot; a refusal names no Redis words."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+import redis.asyncio as aioredis
 
 from tally import config
 from tally.auth.principal import Principal, Role, running_as
@@ -123,3 +124,29 @@ def test_the_per_principal_cap_stays_below_the_server_limit() -> None:
     with pytest.raises(ValueError, match=r"max_watchers_per_principal .* below max_watchers"):
         settings("redis://127.0.0.1:1", max_watchers=4, max_watchers_per_principal=4)
     assert config.MAX_WATCHERS_PER_PRINCIPAL < config.MAX_WATCHERS
+
+
+async def test_a_watch_redis_refuses_names_no_redis_words(own_redis: RedisProcess) -> None:
+    """Proves a watch whose stream Redis refuses to read (the key holds another type)
+    ends INTERNAL with a message naming the kind of failure, never Redis's own text."""
+    running = await start_running(own_redis.url, flush_interval="1h")
+    try:
+        account_id = unique("refused")
+        await running.accounts.CreateAccount(
+            account_pb2.CreateAccountRequest(account_id=account_id, monthly_allotment=100)
+        )
+        keys = running.authority.store.keys
+        stream = keys.events(keys.shard_of(account_id))
+        redis = aioredis.from_url(own_redis.url)
+        try:
+            await redis.delete(stream)
+            await redis.set(stream, "not a stream")
+            call = usage(running).WatchUsage(usage_pb2.WatchUsageRequest(account_id=account_id))
+            error = await error_of(call)
+        finally:
+            await redis.delete(stream)
+            await redis.aclose()
+        assert error.code() == grpc.StatusCode.INTERNAL
+        assert error.details() == "the store refused a command (ResponseError); see the server log"
+    finally:
+        await stop_running(running)

@@ -188,10 +188,8 @@ class UsageWatch:
                 f"the store is unreachable ({exc.kind}); resume from the last position",
             )
         except StoreRefused as exc:
-            log.exception("watch failed")
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"the store refused a read: {exc.reason}"
-            )
+            log.exception("watch failed", extra={"error": exc.reason})
+            await context.abort(grpc.StatusCode.INTERNAL, exc.message)
         except TallyError as error:
             await context.abort_with_status(rich_status(error))
         except Stopped:
