@@ -9,6 +9,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tally.api.server import MESSAGE_BYTES_MAX
 from tally.domain.events import EntryType
 from tally.domain.limits import LEDGER_PAGE_SIZE_MAX, REPORT_GROUP_BY_MAX, REPORT_SPAN_DAYS_MAX
 from tally.v1 import account_pb2, quota_pb2, usage_pb2
@@ -86,3 +87,18 @@ async def test_usage_report_span_and_grouping_at_their_bounds(running: Running) 
         account_id=account_id, group_by=[*grouping, "LABEL:model"])))
     assert_status(error, grpc.StatusCode.INVALID_ARGUMENT, "group_by")
     await _unmoved(running, account_id)
+
+
+async def test_a_request_past_the_message_size_is_resource_exhausted(running: Running) -> None:
+    """Proves a request of exactly MESSAGE_BYTES_MAX bytes is read (and refused for its
+    field), and one byte more is RESOURCE_EXHAUSTED before any work."""
+    def create(id_bytes: int) -> account_pb2.CreateAccountRequest:
+        return account_pb2.CreateAccountRequest(account_id="a" * id_bytes)
+
+    # the field's tag and a 3-byte length prefix come before the id
+    at_bound = create(MESSAGE_BYTES_MAX - 4)
+    assert at_bound.ByteSize() == MESSAGE_BYTES_MAX
+    error = await _refused(running.accounts.CreateAccount(at_bound))
+    assert_status(error, grpc.StatusCode.INVALID_ARGUMENT, "account_id")
+    error = await _refused(running.accounts.CreateAccount(create(MESSAGE_BYTES_MAX - 3)))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
