@@ -241,7 +241,10 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         await flusher.ensure_groups()
         await store.sync_catalog(load_defaults=settings.default_catalog)
         await flusher.flush_through(0)  # the default catalog is money-in too
-        watch = UsageWatch(flusher.streams, ledger, max_watchers=settings.max_watchers)
+        watch = UsageWatch(
+            flusher.streams, ledger, max_watchers=settings.max_watchers,
+            max_watchers_per_principal=settings.max_watchers_per_principal,
+        )
         admission = build_admission(settings)
         server, port, health_servicer = build_server(
             store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch,

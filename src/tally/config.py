@@ -21,6 +21,8 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 MAX_WATCHERS = 256  # concurrent watches per server, each with its own Redis connection
+# Concurrent watches per authenticated principal: one client cannot take every slot.
+MAX_WATCHERS_PER_PRINCIPAL = MAX_WATCHERS // 4
 # Calls served at once per server: enough for bursts of hundreds of callers, few
 # enough that each still gets its Redis connection (64 by default) within its deadline.
 MAX_IN_FLIGHT = 512
@@ -103,6 +105,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_retention", "flushed events stay in the Redis streams this long, so "
             "all-accounts watches can resume", parse_duration_s, 30.0),
     Setting("max_watchers", "concurrent WatchUsage streams per server", int, MAX_WATCHERS),
+    Setting("max_watchers_per_principal", "concurrent WatchUsage streams per authenticated "
+            "principal (below max_watchers); RESOURCE_EXHAUSTED beyond", int,
+            MAX_WATCHERS_PER_PRINCIPAL),
     Setting("max_in_flight", "calls served at once per server (health checks, reflection and "
             "watches not counted); more wait for a slot", int, MAX_IN_FLIGHT),
     Setting("admission_queue", "calls waiting for a slot, at most; more are shed at once "
@@ -181,6 +186,7 @@ class Settings:
     ledger_prune_batch: int
     stream_retention: float
     max_watchers: int
+    max_watchers_per_principal: int
     max_in_flight: int
     admission_queue: int
     admission_wait: float
@@ -258,6 +264,11 @@ class Settings:
             raise ValueError(
                 "reaper_batch, period_sweep_batch, flush_batch, redis_max_connections, "
                 "max_watchers and max_in_flight must be positive"
+            )
+        if not 1 <= self.max_watchers_per_principal < self.max_watchers:
+            raise ValueError(
+                "max_watchers_per_principal must be at least 1 and below max_watchers "
+                f"({self.max_watchers}), got {self.max_watchers_per_principal}"
             )
         if self.admission_queue < 0 or self.admission_wait < 0:
             raise ValueError("admission_queue and admission_wait must not be negative")

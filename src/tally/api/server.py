@@ -11,6 +11,7 @@ from tally.api.admission import Admission, AdmissionInterceptor
 from tally.api.auth import AuthInterceptor
 from tally.api.closed_reservations import ClosedReservations
 from tally.api.interceptors import MetricsInterceptor
+from tally.api.malformed import MalformedRequestInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
 from tally.api.tokens import TokenServicer
 from tally.api.transport import ServerTransport
@@ -59,10 +60,11 @@ def build_server(
     """Returns the server (not started), the bound port and its health servicer.
     Without an authenticator (--auth off) every call runs as ANONYMOUS."""
     # Metrics first (outermost): a call refused or shed is counted with its code. Auth
-    # before admission: a call without a valid token never waits for a slot.
+    # next, then undecodable requests refused: neither ever waits for an admission slot.
     interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
     if authenticator is not None:
         interceptors.append(AuthInterceptor(authenticator, transport.principals))
+    interceptors.append(MalformedRequestInterceptor())
     interceptors.append(AdmissionInterceptor(admission, SERVICE_NAMES))
     server = grpc.aio.server(
         interceptors=interceptors,

@@ -256,6 +256,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             ),
             billing_anchor_day=anchor_day,
             alerts=v.alert_settings(request.alerts),
+            by=current().principal_id,
         )
         reply = await self.store.create_account(create, deadline_s(context))
         await self.barrier.settle_account(create.account_id)
@@ -301,7 +302,8 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             ),
         )
         reply = await self.store.update_account(
-            UpdateAccountRequest(account_id=account_id, set=changes), deadline_s(context)
+            UpdateAccountRequest(account_id=account_id, set=changes, by=current().principal_id),
+            deadline_s(context),
         )
         await self.barrier.settle_account(account_id)
         return account_pb2.UpdateAccountResponse(account=convert.account(reply.account))
@@ -321,6 +323,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 else 0
             ),
             reference=v.text(request.reference, "reference", limits.REFERENCE_BYTES_MAX),
+            by=current().principal_id,
         )
         reply = await self.store.purchase(purchase, deadline_s(context))
         await self.barrier.settle_account(account_id)
@@ -349,7 +352,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         if not request.HasField("budget"):
             raise InvalidArgument("budget is required", field_name="budget")
         reply = await self.store.set_budget(
-            v.budget(account_id, request.budget), deadline_s(context)
+            v.budget(account_id, request.budget, by=current().principal_id), deadline_s(context)
         )
         await self.barrier.settle_account(account_id)
         return account_pb2.SetBudgetResponse(budget=convert.budget(reply.budget))
@@ -372,7 +375,10 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         if not budget_id:
             raise InvalidArgument("budget_id is required", field_name="budget_id")
         reply = await self.store.delete_budget(
-            DeleteBudgetRequest(account_id=account_id, budget_id=budget_id), deadline_s(context)
+            DeleteBudgetRequest(
+                account_id=account_id, budget_id=budget_id, by=current().principal_id
+            ),
+            deadline_s(context),
         )
         await self.barrier.settle_account(account_id)
         return account_pb2.DeleteBudgetResponse(budget=convert.budget(reply.budget))
@@ -392,6 +398,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             units_per_quantity=v.units(
                 request.units_per_quantity, "units_per_quantity", minimum=1
             ),
+            by=current().principal_id,
         )
         reply = await self.store.set_price(price, deadline_s(context))
         await self.barrier.settle_shard(0)

@@ -44,7 +44,8 @@ BUSY_TIMEOUT_MS = 10_000
 READ_CONNECTIONS_MAX = 4  # read connections per ledger, beside its one writer
 ENTRY_COLUMNS = (
     "entry_id, account_id, seq, type, reservation_id, operation, quantity, units, "
-    "available_after, occurred_at, labels, idempotency_key, shard, detail, flushed_at, fence"
+    "available_after, occurred_at, labels, idempotency_key, shard, detail, flushed_at, fence, "
+    "principal"
 )
 
 
@@ -240,14 +241,14 @@ class SqlLedger:
                 detail = detail_text(entry)
                 cur.execute(
                     f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (entry_id) DO NOTHING",
                     (
                         entry.entry_id, entry.account_id, entry.seq, entry.type.value,
                         entry.reservation_id, entry.operation, entry.quantity, entry.units,
                         entry.available_after, entry.occurred_at_ms,
                         json.dumps(entry.labels, sort_keys=True), entry.idempotency_key,
-                        entry.shard, detail, flushed_at_ms, entry.fence,
+                        entry.shard, detail, flushed_at_ms, entry.fence, entry.principal,
                     ),
                 )
                 if cur.rowcount > 0:
@@ -797,5 +798,6 @@ def _entry_row(r: Sequence[Any]) -> Entry:
         operation=r[5], quantity=int(r[6]), units=int(r[7]), available_after=int(r[8]),
         occurred_at_ms=int(r[9]), labels=labels_of(r[10]), idempotency_key=r[11],
         shard=int(r[12]), detail=json.loads(r[13]), fence=int(r[15]),
+        principal=r[16],
     )
 

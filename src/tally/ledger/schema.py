@@ -144,6 +144,14 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        6,
+        "audit: the principal that did a money-in or admin action",
+        (
+            # '' for every other entry, and for those written before this migration
+            "ALTER TABLE ledger_entries ADD COLUMN principal TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]
