@@ -21,10 +21,15 @@ RUN apt-get update \
 COPY --from=build /opt/tally /opt/tally
 USER tally
 WORKDIR /var/lib/tally
-# Listening beyond loopback needs TALLY_ALLOW_REMOTE_WITHOUT_AUTH=true until
-# authentication lands: the server refuses otherwise (see README, Security).
+# All interfaces, every call authenticated (a bearer token from `tally tokens create`,
+# see README, Authentication; or a mapped client certificate). The embedded Redis's password is generated under the data volume.
+# TLS material comes from files mounted read-only, e.g. at /etc/tally/tls:
+#   -e TALLY_TLS_CERT=/etc/tally/tls/server.pem -e TALLY_TLS_KEY=/etc/tally/tls/server.key
+#   [-e TALLY_TLS_CLIENT_CA=/etc/tally/tls/clients-ca.pem]
+# and TALLY_TLS_CA=/etc/tally/tls/ca.pem for the health check (see README, Docker).
 ENV PATH=/opt/tally/bin:$PATH \
     TALLY_LISTEN=0.0.0.0:50051 \
+    TALLY_AUTH=required \
     TALLY_DATA_DIR=/var/lib/tally \
     PYTHONUNBUFFERED=1
 VOLUME /var/lib/tally

@@ -8,7 +8,6 @@ gRPC server, the reaper and the flusher.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -19,10 +18,14 @@ import grpc
 from grpc_health.v1 import health
 
 from tally import metrics
+from tally.addresses import is_loopback
 from tally.api.admission import Admission, AdmissionLimits
 from tally.api.server import Serving, build_server
+from tally.api.transport import server_transport
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
+from tally.auth.authenticator import Authenticator
+from tally.auth.book import TokenBook
 from tally.clock import Clock, SystemClock
 from tally.config import Settings
 from tally.ledger import recovery
@@ -39,19 +42,27 @@ from tally.store.reaper import Reaper
 from tally.store.state_images import StateImages
 from tally.store.streams import EventStreams
 from tally.store.sweeper import PeriodSweeper
+from tally.store.token_store import TokenStore
 from tally.supervisor import RestartPolicy, Supervisor
 
 log = logging.getLogger("tally.app")
 
 
-def is_loopback(listen: str) -> bool:
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def auth_required(settings: Settings) -> bool:
+    """--auth, else required beyond loopback; off beyond loopback is refused."""
+    loopback = is_loopback(settings.listen)
+    if settings.auth == "off" and not loopback:
+        raise RuntimeError(
+            f"refusing to listen on {settings.listen} with --auth off: beyond loopback "
+            "every call must show a token. Drop --auth off, or listen on 127.0.0.1."
+        )
+    required = settings.auth == "required" or (not settings.auth and not loopback)
+    if not required:
+        log.warning(
+            "authentication is off: every caller that reaches %s is an admin of every "
+            "account (set --auth required to ask for tokens)", settings.listen,
+        )
+    return required
 
 
 def ttl_limits(settings: Settings) -> HoldTtlLimits:
@@ -203,12 +214,7 @@ class Authority:
 
 
 async def start(settings: Settings, clock: Clock | None = None) -> Authority:
-    if not is_loopback(settings.listen) and not settings.allow_remote_without_auth:
-        raise RuntimeError(
-            f"refusing to listen on {settings.listen}: no authentication is configured. "
-            "Listen on 127.0.0.1, or set TALLY_ALLOW_REMOTE_WITHOUT_AUTH=true behind a "
-            "trusted network boundary."
-        )
+    required = auth_required(settings)
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
@@ -223,15 +229,26 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         await store.check_deployment()
         await store.runner.load()
         await ensure_current(store, ledger, settings.recover_on_start)
+        tokens = TokenStore(store.redis)
+        book = TokenBook(ledger, tokens, clock)
+        restored = await book.restore()
+        if restored:
+            log.warning("restored token records from the ledger", extra={"tokens": restored})
+        authenticator = (
+            Authenticator(tokens, clock, settings.token_cache_ttl) if required else None
+        )
         flusher = build_flusher(settings, store, ledger)
         await flusher.ensure_groups()
         await store.sync_catalog(load_defaults=settings.default_catalog)
         await flusher.flush_through(0)  # the default catalog is money-in too
-        watch = UsageWatch(flusher.streams, ledger, max_watchers=settings.max_watchers)
+        watch = UsageWatch(
+            flusher.streams, ledger, max_watchers=settings.max_watchers,
+            max_watchers_per_principal=settings.max_watchers_per_principal,
+        )
         admission = build_admission(settings)
         server, port, health_servicer = build_server(
             store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch,
-            admission,
+            admission, server_transport(settings), authenticator, book,
         )
         await server.start()
     except BaseException:

@@ -18,6 +18,9 @@ protos (tally/v1/service_config.json), so gRPC itself retries UNAVAILABLE
 first; the loop here retries on top of it what gRPC gives up on (a call the
 server had started to answer, gRPC's attempts or retry budget used up) and
 covers a `channel` passed in without that config.
+
+TLS: `TallyClient(target, tls=ClientTls(ca="ca.pem"))`; for mutual TLS add the
+client's `cert=` and `key=` (client_tls.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
+from tally.client_tls import ClientTls
 from tally.v1 import (
     account_pb2,
     account_pb2_grpc,
@@ -188,7 +192,11 @@ class TallyClient:
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
         channel: grpc.aio.Channel | None = None,
+        tls: ClientTls | None = None,
+        token: str | None = None,
     ) -> None:
+        """token: a bearer token sent with every call (a server with --auth required
+        asks for one)."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if timeout_s <= 0:
@@ -198,19 +206,29 @@ class TallyClient:
         self.max_attempts = max_attempts
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        self._metadata = tuple(metadata) if metadata else None
+        sent = [*(metadata or ()), *([("authorization", f"Bearer {token}")] if token else [])]
+        self._metadata = tuple(sent) if sent else None
         self._own_channel = channel is None
         self._channel = (
             channel
             if channel is not None
-            else grpc.aio.insecure_channel(
-                target,
-                options=[("grpc.service_config", service_config())],
-                interceptors=interceptors,
-            )
+            else self._open_channel(target, tls, interceptors)
         )
         self._quota = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._accounts = account_pb2_grpc.AccountServiceStub(self._channel)
+
+    @staticmethod
+    def _open_channel(
+        target: str,
+        tls: ClientTls | None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None,
+    ) -> grpc.aio.Channel:
+        options = [("grpc.service_config", service_config())]
+        if tls is None:
+            return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        return grpc.aio.secure_channel(
+            target, tls.credentials(), options=options, interceptors=interceptors
+        )
 
     # --- lifecycle -------------------------------------------------------------
 

@@ -15,13 +15,19 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from tally.addresses import is_loopback
+
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 MAX_WATCHERS = 256  # concurrent watches per server, each with its own Redis connection
+# Concurrent watches per authenticated principal: one client cannot take every slot.
+MAX_WATCHERS_PER_PRINCIPAL = MAX_WATCHERS // 4
 # Calls served at once per server: enough for bursts of hundreds of callers, few
 # enough that each still gets its Redis connection (64 by default) within its deadline.
 MAX_IN_FLIGHT = 512
+# The largest request a server reads; replies may be four times larger (ledger pages).
+MAX_RECEIVE_MESSAGE_BYTES = 1024 * 1024
 
 
 def parse_duration_s(text: str) -> float:
@@ -99,6 +105,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("stream_retention", "flushed events stay in the Redis streams this long, so "
             "all-accounts watches can resume", parse_duration_s, 30.0),
     Setting("max_watchers", "concurrent WatchUsage streams per server", int, MAX_WATCHERS),
+    Setting("max_watchers_per_principal", "concurrent WatchUsage streams per authenticated "
+            "principal (below max_watchers); RESOURCE_EXHAUSTED beyond", int,
+            MAX_WATCHERS_PER_PRINCIPAL),
     Setting("max_in_flight", "calls served at once per server (health checks, reflection and "
             "watches not counted); more wait for a slot", int, MAX_IN_FLIGHT),
     Setting("admission_queue", "calls waiting for a slot, at most; more are shed at once "
@@ -115,10 +124,34 @@ SETTINGS: tuple[Setting, ...] = (
             "always"),
     Setting("shutdown_grace", "how long SIGTERM waits for in-flight calls", parse_duration_s, 10.0),
     Setting("default_catalog", "load the default prices into an empty catalog", parse_bool, True),
-    Setting("allow_remote_without_auth", "listen beyond loopback although no authentication "
-            "is configured (authentication arrives in a later release)", parse_bool, False),
+    Setting("auth", "required (every call but health and reflection shows a bearer token) "
+            "or off (every call runs as an unscoped admin; loopback only); unset: required "
+            "unless listen is a loopback address", str, ""),
+    Setting("token_cache_ttl", "how long a server keeps a token it looked up: the most a "
+            "revocation (or a new token) takes to reach every server", parse_duration_s, 2.0),
+    Setting("tls_cert", "PEM certificate (chain) the server presents; with tls_key: TLS on, "
+            "plaintext refused", str, ""),
+    Setting("tls_key", "PEM private key of tls_cert", str, ""),
+    Setting("tls_client_ca", "PEM CA bundle; set: mutual TLS, every client must present a "
+            "certificate it signed", str, ""),
+    Setting("tls_principals", "JSON file mapping a client certificate's subject CN to "
+            '{"role": ..., "accounts": [...]} (see auth/certificates.py); needs tls_client_ca',
+            str, ""),
+    Setting("max_receive_message_bytes", "largest request message accepted "
+            "(RESOURCE_EXHAUSTED beyond)", int, MAX_RECEIVE_MESSAGE_BYTES),
+    Setting("max_concurrent_streams", "calls open at once on one client connection; more "
+            "wait in the client", int, 1000),
+    Setting("keepalive_min_interval", "shortest interval between client keepalive pings "
+            "accepted; a client pinging faster is disconnected", parse_duration_s, 10.0),
+    Setting("max_connection_age", "a connection older than this is asked to reconnect "
+            "(GOAWAY), so clients spread over new servers; 0: never", parse_duration_s, 3600.0),
+    Setting("max_connection_age_grace", "how long calls still open on an aged connection may "
+            "finish before it is closed", parse_duration_s, 300.0),
+    Setting("reflection", "serve gRPC reflection (on|off)", parse_bool, True),
     Setting("metrics_listen", "host:port of the Prometheus /metrics endpoint; empty: off", str,
             "127.0.0.1:9464"),
+    Setting("metrics_allow_remote", "let metrics_listen be a non-loopback address (the "
+            "endpoint has no authentication)", parse_bool, False),
     Setting("log_level", "DEBUG, INFO, WARNING or ERROR", str, "INFO"),
     Setting("log_format", "json or text", str, "json"),
 )
@@ -153,6 +186,7 @@ class Settings:
     ledger_prune_batch: int
     stream_retention: float
     max_watchers: int
+    max_watchers_per_principal: int
     max_in_flight: int
     admission_queue: int
     admission_wait: float
@@ -162,8 +196,20 @@ class Settings:
     redis_appendfsync: str
     shutdown_grace: float
     default_catalog: bool
-    allow_remote_without_auth: bool
+    auth: str
+    token_cache_ttl: float
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
+    tls_principals: str
+    max_receive_message_bytes: int
+    max_concurrent_streams: int
+    keepalive_min_interval: float
+    max_connection_age: float
+    max_connection_age_grace: float
+    reflection: bool
     metrics_listen: str
+    metrics_allow_remote: bool
     log_level: str
     log_format: str
 
@@ -205,6 +251,12 @@ class Settings:
             raise ValueError("hold_ttl_min must be at least 1ms")
         if self.redis_appendfsync not in {"always", "everysec", "no"}:
             raise ValueError("redis_appendfsync must be always, everysec or no")
+        if self.auth not in {"", "required", "off"}:
+            raise ValueError(f"auth must be required or off, got {self.auth!r}")
+        if not 0 <= self.token_cache_ttl <= 60:
+            raise ValueError(
+                f"token_cache_ttl must be between 0 and 60s, got {self.token_cache_ttl}s"
+            )
         if self.log_format not in {"json", "text"}:
             raise ValueError("log_format must be json or text")
         if min(self.reaper_batch, self.period_sweep_batch, self.redis_max_connections,
@@ -212,6 +264,11 @@ class Settings:
             raise ValueError(
                 "reaper_batch, period_sweep_batch, flush_batch, redis_max_connections, "
                 "max_watchers and max_in_flight must be positive"
+            )
+        if not 1 <= self.max_watchers_per_principal < self.max_watchers:
+            raise ValueError(
+                "max_watchers_per_principal must be at least 1 and below max_watchers "
+                f"({self.max_watchers}), got {self.max_watchers_per_principal}"
             )
         if self.admission_queue < 0 or self.admission_wait < 0:
             raise ValueError("admission_queue and admission_wait must not be negative")
@@ -226,6 +283,30 @@ class Settings:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"listen must be host:port, got {self.listen!r}")
+        self._validate_transport()
+
+    def _validate_transport(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)")
+        if self.tls_principals and not self.tls_client_ca:
+            raise ValueError("tls_principals needs tls_client_ca (only verified certificates "
+                             "stand for principals)")
+        if min(self.max_receive_message_bytes, self.max_concurrent_streams) < 1:
+            raise ValueError("max_receive_message_bytes and max_concurrent_streams must be "
+                             "positive")
+        if self.keepalive_min_interval < 0.001:
+            raise ValueError("keepalive_min_interval must be at least 1ms")
+        if self.max_connection_age < 0 or self.max_connection_age_grace < 0:
+            raise ValueError("max_connection_age and max_connection_age_grace must not be "
+                             "negative")
+        if (self.metrics_listen and not is_loopback(self.metrics_listen)
+                and not self.metrics_allow_remote):
+            raise ValueError(
+                f"metrics_listen {self.metrics_listen!r} is not a loopback address and the "
+                "endpoint has no authentication: set metrics_allow_remote to serve it anyway"
+            )
 
 
 def env_name(setting: Setting) -> str:

@@ -144,11 +144,12 @@ def test_sigkill_takes_the_embedded_redis_down_and_restart_recovers(
     assert b.available == 150
 
 
-def test_refuses_to_listen_beyond_loopback_without_auth(tmp_path: Path) -> None:
-    """Proves the server will not listen on 0.0.0.0 while no authentication is set."""
+def test_refuses_to_listen_beyond_loopback_with_auth_off(tmp_path: Path) -> None:
+    """Proves the server will not listen on 0.0.0.0 with authentication turned off."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     result = subprocess.run(
-        [TALLY, "serve", "--listen", f"0.0.0.0:{free_port()}", "--data-dir", str(tmp_path)],
+        [TALLY, "serve", "--listen", f"0.0.0.0:{free_port()}", "--auth", "off",
+         "--data-dir", str(tmp_path)],
         env=env, capture_output=True, timeout=60,
     )
     assert result.returncode == 1

@@ -115,7 +115,7 @@ def test_bad_durations_are_refused(text: str) -> None:
         (["--hold-ttl-max", "1 h"], {}, "--hold-ttl-max"),
         ([], {"TALLY_IDEMPOTENCY_WINDOW": "-5m"}, "TALLY_IDEMPOTENCY_WINDOW"),
         ([], {"TALLY_DEFAULT_CATALOG": "maybe"}, "TALLY_DEFAULT_CATALOG"),
-        (["--allow-remote-without-auth", "2"], {}, "--allow-remote-without-auth"),
+        (["--token-cache-ttl", "soon"], {}, "--token-cache-ttl"),
         ([], {"TALLY_REDIS_MAX_CONNECTIONS": "many"}, "TALLY_REDIS_MAX_CONNECTIONS"),
     ],
 )

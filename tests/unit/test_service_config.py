@@ -42,5 +42,5 @@ def test_every_service_of_the_protos_retries_unavailable() -> None:
             assert set(name) == {"service"}, f"a whole service, not one method: {name}"
             covered.add(name["service"])
     services = proto_services()
-    assert len(services) == 4
+    assert len(services) == 5
     assert covered == services

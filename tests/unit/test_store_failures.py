@@ -80,3 +80,12 @@ def test_a_pool_wait_that_ran_out_is_resource_exhausted() -> None:
         "retry with the same idempotency key"
     )
     assert raised.value.fault in metrics.REDIS_ERROR_KINDS
+
+
+def test_a_refusal_tells_the_caller_its_kind_not_redis_words() -> None:
+    """Proves a StoreRefused's message (what a caller is told) names the kind of
+    failure and never carries Redis's own text, which stays in `reason` for the logs."""
+    with pytest.raises(StoreRefused) as raised, redis_errors():
+        raise parsed("WRONGTYPE Operation against a key holding the wrong kind of value")
+    assert raised.value.message == "the store refused a command (ResponseError); see the server log"
+    assert "WRONGTYPE" in raised.value.reason

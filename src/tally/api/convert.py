@@ -162,4 +162,5 @@ def ledger_entry(row: Entry) -> account_pb2.LedgerEntry:
         occurred_at=timestamp(row.occurred_at_ms),
         labels=row.labels,
         idempotency_key=row.idempotency_key,
+        principal=row.principal,
     )

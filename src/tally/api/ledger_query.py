@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from tally.api import validation as v
 from tally.domain.errors import InvalidArgument
 from tally.domain.events import Entry, EntryType
+from tally.domain.limits import LEDGER_PAGE_SIZE_MAX
 from tally.ledger.ledger import Ledger
 from tally.v1 import account_pb2
 
 ENTRY_TYPES = frozenset(t.value for t in EntryType)
 PAGE_SIZE_DEFAULT = 100
-PAGE_SIZE_MAX = 1000
 TOKEN_PREFIX = "seq:"
 
 
@@ -45,15 +45,20 @@ def _after_seq(token: str) -> int:
 
 
 def parse(request: account_pb2.ListLedgerEntriesRequest) -> Query:
+    if len(request.types) > len(ENTRY_TYPES):
+        raise InvalidArgument(
+            f"types may hold at most {len(ENTRY_TYPES)} entries (each entry type once)",
+            field_name="types",
+        )
     unknown = sorted(set(request.types) - ENTRY_TYPES)
     if unknown:
         raise InvalidArgument(
             f"types has unknown entry types {unknown}; known: {sorted(ENTRY_TYPES)}",
             field_name="types",
         )
-    if not 0 <= request.page_size <= PAGE_SIZE_MAX:
+    if not 0 <= request.page_size <= LEDGER_PAGE_SIZE_MAX:
         raise InvalidArgument(
-            f"page_size must be between 1 and {PAGE_SIZE_MAX} (0: {PAGE_SIZE_DEFAULT})",
+            f"page_size must be between 1 and {LEDGER_PAGE_SIZE_MAX} (0: {PAGE_SIZE_DEFAULT})",
             field_name="page_size",
         )
     start_ms = v.timestamp_ms(request.start, "start") if request.HasField("start") else 0

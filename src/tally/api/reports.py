@@ -20,8 +20,14 @@ from typing import Any
 
 from tally.api import convert
 from tally.api import validation as v
+from tally.auth.scope import require_account, visible
 from tally.domain.errors import InvalidArgument
-from tally.domain.limits import PERIOD_YEAR_MAX, PERIOD_YEAR_MIN
+from tally.domain.limits import (
+    PERIOD_YEAR_MAX,
+    PERIOD_YEAR_MIN,
+    REPORT_GROUP_BY_MAX,
+    REPORT_SPAN_DAYS_MAX,
+)
 from tally.domain.usage import HOUR_MS, OTHER_LABEL, OTHER_LABELS, Usage, from_entries
 from tally.ledger.ledger import Ledger
 from tally.store.contract import BalanceRequest, BalanceView
@@ -29,8 +35,7 @@ from tally.store.quota_store import QuotaStore
 from tally.v1 import usage_pb2
 
 DAY_MS = 24 * HOUR_MS
-RANGE_MS_MAX = 400 * DAY_MS
-GROUP_BY_MAX = 4
+REPORT_SPAN_MS_MAX = REPORT_SPAN_DAYS_MAX * DAY_MS
 FORECAST_WINDOW_DAYS = 7
 PERIOD = re.compile(r"([0-9]{4})-([0-9]{2})")
 # (year, month) of a requested `period`
@@ -70,8 +75,8 @@ def label_value(usage: Usage, key: str) -> str:
 
 def parse_grouping(group_by: Iterable[str], by_account: bool) -> Grouping:
     items = list(group_by)
-    if len(items) > GROUP_BY_MAX:
-        raise InvalidArgument(f"group_by takes at most {GROUP_BY_MAX} entries",
+    if len(items) > REPORT_GROUP_BY_MAX:
+        raise InvalidArgument(f"group_by takes at most {REPORT_GROUP_BY_MAX} entries",
                               field_name="group_by")
     keys: list[str] = []
     flags = {"OPERATION": False, "DAY": False, "HOUR": False}
@@ -206,6 +211,7 @@ async def usage_report(
     if by_account:
         return await all_accounts_report(store, ledger, request, month, grouping, next_hour)
     account_id = v.account_id(request.account_id)
+    require_account(account_id)
     reply = await store.balance(BalanceRequest(account_id), None)
     balance, account = reply.balance, reply.account
     period_start = balance.period_start
@@ -256,7 +262,7 @@ async def requested_range(
 def report_range(
     request: usage_pb2.GetUsageReportRequest, default_start_ms: int, default_end_ms: int
 ) -> tuple[int, int]:
-    """The requested [start, end): whole hours, at most RANGE_MS_MAX long."""
+    """The requested [start, end): whole hours, at most REPORT_SPAN_DAYS_MAX days long."""
     start_ms = (
         whole_hour(v.timestamp_ms(request.start, "start"), "start")
         if request.HasField("start") else default_start_ms
@@ -267,8 +273,12 @@ def report_range(
     )
     if end_ms <= start_ms:
         raise InvalidArgument("end must be after start", field_name="end")
-    if end_ms - start_ms > RANGE_MS_MAX:
-        raise InvalidArgument("a report covers at most 400 days", field_name="end")
+    if end_ms - start_ms > REPORT_SPAN_MS_MAX:
+        raise InvalidArgument(
+            f"end must be at most {REPORT_SPAN_DAYS_MAX} days after start "
+            "(a report covers at most that span)",
+            field_name="end",
+        )
     return start_ms, end_ms
 
 
@@ -285,5 +295,6 @@ async def all_accounts_report(
     )
     totals = Totals(grouping, start_ms, end_ms)
     async for page in ledger.usage_pages(start_ms):
-        totals.add(from_entries(page))
+        # a scoped caller's report holds its own accounts' rows alone
+        totals.add(u for u in from_entries(page) if visible(u.account_id))
     return totals.report()

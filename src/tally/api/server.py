@@ -1,4 +1,5 @@
-"""Builds the gRPC server: services, health, reflection, graceful stop."""
+"""Builds the gRPC server: services, health, reflection (unless turned off), TLS and
+limits (api/transport.py), graceful stop."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tally.api.admission import Admission, AdmissionInterceptor
+from tally.api.auth import AuthInterceptor
 from tally.api.closed_reservations import ClosedReservations
 from tally.api.interceptors import MetricsInterceptor
+from tally.api.malformed import MalformedRequestInterceptor
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
+from tally.api.tokens import TokenServicer
+from tally.api.transport import ServerTransport
 from tally.api.usage import UsageServicer
 from tally.api.validation import HoldTtlLimits
 from tally.api.watch import UsageWatch
+from tally.auth.authenticator import Authenticator
+from tally.auth.book import TokenBook
 from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
@@ -23,16 +30,18 @@ from tally.v1 import (
     catalog_pb2_grpc,
     quota_pb2,
     quota_pb2_grpc,
+    token_pb2,
+    token_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
 )
 
-MESSAGE_BYTES_MAX = 1024 * 1024
 SERVICE_NAMES = (
     quota_pb2.DESCRIPTOR.services_by_name["QuotaService"].full_name,
     account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
     catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    token_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
 )
 
 
@@ -44,16 +53,22 @@ def build_server(
     ledger: Ledger,
     watch: UsageWatch,
     admission: Admission,
+    transport: ServerTransport,
+    authenticator: Authenticator | None,
+    tokens: TokenBook,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Returns the server (not started), the bound port and its health servicer."""
+    """Returns the server (not started), the bound port and its health servicer.
+    Without an authenticator (--auth off) every call runs as ANONYMOUS."""
+    # Metrics first (outermost): a call refused or shed is counted with its code. Auth
+    # next, then undecodable requests refused: neither ever waits for an admission slot.
+    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
+    if authenticator is not None:
+        interceptors.append(AuthInterceptor(authenticator, transport.principals))
+    interceptors.append(MalformedRequestInterceptor())
+    interceptors.append(AdmissionInterceptor(admission, SERVICE_NAMES))
     server = grpc.aio.server(
-        # Metrics first (outermost): a call shed at admission is counted with its code.
-        interceptors=[MetricsInterceptor(), AdmissionInterceptor(admission, SERVICE_NAMES)],
-        options=[
-            ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-            ("grpc.max_send_message_length", 4 * MESSAGE_BYTES_MAX),
-            ("grpc.max_concurrent_streams", 1000),
-        ]
+        interceptors=interceptors,
+        options=transport.options,
     )
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
         QuotaServicer(store, ttl_limits, ClosedReservations(store, ledger, barrier)), server
@@ -67,12 +82,18 @@ def build_server(
     usage_pb2_grpc.add_UsageServiceServicer_to_server(
         UsageServicer(store, ledger, watch), server
     )
+    token_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    if transport.reflection:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    port = (
+        server.add_insecure_port(listen)
+        if transport.credentials is None
+        else server.add_secure_port(listen, transport.credentials)
     )
-    port = server.add_insecure_port(listen)
     if port == 0:
         raise RuntimeError(f"could not listen on {listen}")
     return server, port, health_servicer

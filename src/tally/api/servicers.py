@@ -10,6 +10,8 @@ from tally.api import convert, ledger_query
 from tally.api import validation as v
 from tally.api.closed_reservations import ClosedReservations
 from tally.api.errors import deadline_s, map_errors
+from tally.auth.principal import current
+from tally.auth.scope import require_account
 from tally.domain import limits
 from tally.domain.errors import InvalidArgument
 from tally.ledger.durability import MoneyInBarrier
@@ -68,6 +70,15 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self.ttl_limits = ttl_limits
         self.closed = closed  # reservations no longer in Redis come back through it
 
+    def _reservation_id(self, value: str) -> str:
+        """A reservation id of an account within the caller's scope (the id names it)."""
+        if not value:
+            raise InvalidArgument("reservation_id is required", field_name="reservation_id")
+        reservation_id = v.text(value, "reservation_id", limits.RESERVATION_ID_BYTES_MAX)
+        if current().scoped:  # unscoped callers keep the store's own parsing of the id
+            require_account(self.store.keys.parse_reservation_id(reservation_id).account_id)
+        return reservation_id
+
     @map_errors
     async def Reserve(
         self, request: quota_pb2.ReserveRequest, context: Context
@@ -100,7 +111,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self, request: quota_pb2.CommitRequest, context: Context
     ) -> quota_pb2.CommitResponse:
         commit = CommitRequest(
-            reservation_id=_reservation_id(request.reservation_id),
+            reservation_id=self._reservation_id(request.reservation_id),
             quantity=(
                 v.units(request.quantity, "quantity") if request.HasField("quantity") else None
             ),
@@ -124,7 +135,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self, request: quota_pb2.RefundRequest, context: Context
     ) -> quota_pb2.RefundResponse:
         refund = RefundRequest(
-            reservation_id=_reservation_id(request.reservation_id),
+            reservation_id=self._reservation_id(request.reservation_id),
             units=(
                 v.units(request.units, "units", minimum=1) if request.HasField("units") else None
             ),
@@ -147,7 +158,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def Extend(
         self, request: quota_pb2.ExtendRequest, context: Context
     ) -> quota_pb2.ExtendResponse:
-        reservation_id = _reservation_id(request.reservation_id)
+        reservation_id = self._reservation_id(request.reservation_id)
         if not request.HasField("ttl"):
             raise InvalidArgument("ttl is required", field_name="ttl")
         extend = ExtendRequest(
@@ -165,7 +176,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         self, request: quota_pb2.QuoteRequest, context: Context
     ) -> quota_pb2.QuoteResponse:
         quote = QuoteRequest(
-            account_id=v.account_id(request.account_id),
+            account_id=_account(request.account_id),
             operation=v.operation(request.operation),
             quantity=v.quantity(request.quantity),
         )
@@ -189,7 +200,7 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
 def _spend_fields(request: quota_pb2.ReserveRequest | quota_pb2.ChargeRequest) -> SpendFields:
     """What Reserve and Charge both ask, validated."""
     return SpendFields(
-        account_id=v.account_id(request.account_id),
+        account_id=_account(request.account_id),
         operation=v.operation(request.operation),
         quantity=v.quantity(request.quantity),
         idempotency_key=v.idempotency_key(request.idempotency_key),
@@ -199,13 +210,14 @@ def _spend_fields(request: quota_pb2.ReserveRequest | quota_pb2.ChargeRequest) -
 
 
 def _balance_request(request: AccountNamed) -> BalanceRequest:
-    return BalanceRequest(account_id=v.account_id(request.account_id))
+    return BalanceRequest(account_id=_account(request.account_id))
 
 
-def _reservation_id(value: str) -> str:
-    if not value:
-        raise InvalidArgument("reservation_id is required", field_name="reservation_id")
-    return v.text(value, "reservation_id", limits.RESERVATION_ID_BYTES_MAX)
+def _account(value: str) -> str:
+    """A valid account id within the caller's scope."""
+    account_id = v.account_id(value)
+    require_account(account_id)
+    return account_id
 
 
 def _policy(value: int, field: str = "overage_policy") -> str:
@@ -233,7 +245,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 field_name="billing_anchor_day",
             )
         create = CreateAccountRequest(
-            account_id=v.account_id(request.account_id),
+            account_id=_account(request.account_id),
             monthly_allotment=v.units(request.monthly_allotment, "monthly_allotment"),
             overage_policy=_policy(request.overage_policy),
             overage_limit=v.units(request.overage_limit, "overage_limit"),
@@ -244,6 +256,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             ),
             billing_anchor_day=anchor_day,
             alerts=v.alert_settings(request.alerts),
+            by=current().principal_id,
         )
         reply = await self.store.create_account(create, deadline_s(context))
         await self.barrier.settle_account(create.account_id)
@@ -262,7 +275,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     async def UpdateAccount(
         self, request: account_pb2.UpdateAccountRequest, context: Context
     ) -> account_pb2.UpdateAccountResponse:
-        account_id = v.account_id(request.account_id)
+        account_id = _account(request.account_id)
         has = request.HasField
         changes = AccountChanges(
             monthly_allotment=(
@@ -289,7 +302,8 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
             ),
         )
         reply = await self.store.update_account(
-            UpdateAccountRequest(account_id=account_id, set=changes), deadline_s(context)
+            UpdateAccountRequest(account_id=account_id, set=changes, by=current().principal_id),
+            deadline_s(context),
         )
         await self.barrier.settle_account(account_id)
         return account_pb2.UpdateAccountResponse(account=convert.account(reply.account))
@@ -298,7 +312,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     async def PurchaseUnits(
         self, request: account_pb2.PurchaseUnitsRequest, context: Context
     ) -> account_pb2.PurchaseUnitsResponse:
-        account_id = v.account_id(request.account_id)
+        account_id = _account(request.account_id)
         purchase = PurchaseRequest(
             account_id=account_id,
             units=v.units(request.units, "units", minimum=1),
@@ -309,6 +323,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
                 else 0
             ),
             reference=v.text(request.reference, "reference", limits.REFERENCE_BYTES_MAX),
+            by=current().principal_id,
         )
         reply = await self.store.purchase(purchase, deadline_s(context))
         await self.barrier.settle_account(account_id)
@@ -319,6 +334,7 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
         self, request: account_pb2.ListLedgerEntriesRequest, context: Context
     ) -> account_pb2.ListLedgerEntriesResponse:
         query = ledger_query.parse(request)
+        require_account(query.account_id)
         rows = await ledger_query.read(self.ledger, query)
         more = len(rows) > query.page_size
         rows = rows[: query.page_size]
@@ -332,11 +348,11 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     async def SetBudget(
         self, request: account_pb2.SetBudgetRequest, context: Context
     ) -> account_pb2.SetBudgetResponse:
-        account_id = v.account_id(request.account_id)
+        account_id = _account(request.account_id)
         if not request.HasField("budget"):
             raise InvalidArgument("budget is required", field_name="budget")
         reply = await self.store.set_budget(
-            v.budget(account_id, request.budget), deadline_s(context)
+            v.budget(account_id, request.budget, by=current().principal_id), deadline_s(context)
         )
         await self.barrier.settle_account(account_id)
         return account_pb2.SetBudgetResponse(budget=convert.budget(reply.budget))
@@ -354,12 +370,15 @@ class AccountServicer(account_pb2_grpc.AccountServiceServicer):
     async def DeleteBudget(
         self, request: account_pb2.DeleteBudgetRequest, context: Context
     ) -> account_pb2.DeleteBudgetResponse:
-        account_id = v.account_id(request.account_id)
+        account_id = _account(request.account_id)
         budget_id = v.text(request.budget_id, "budget_id", limits.BUDGET_ID_BYTES_MAX)
         if not budget_id:
             raise InvalidArgument("budget_id is required", field_name="budget_id")
         reply = await self.store.delete_budget(
-            DeleteBudgetRequest(account_id=account_id, budget_id=budget_id), deadline_s(context)
+            DeleteBudgetRequest(
+                account_id=account_id, budget_id=budget_id, by=current().principal_id
+            ),
+            deadline_s(context),
         )
         await self.barrier.settle_account(account_id)
         return account_pb2.DeleteBudgetResponse(budget=convert.budget(reply.budget))
@@ -379,6 +398,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             units_per_quantity=v.units(
                 request.units_per_quantity, "units_per_quantity", minimum=1
             ),
+            by=current().principal_id,
         )
         reply = await self.store.set_price(price, deadline_s(context))
         await self.barrier.settle_shard(0)

@@ -162,8 +162,10 @@ def alert_settings(value: common_pb2.AlertSettings, field: str = "alerts") -> Al
     )
 
 
-def budget(account_id: str, value: common_pb2.Budget, field: str = "budget") -> SetBudgetRequest:
-    """A budget names an operation, or a label key and value."""
+def budget(
+    account_id: str, value: common_pb2.Budget, *, by: str, field: str = "budget"
+) -> SetBudgetRequest:
+    """A budget names an operation, or a label key and value; `by` sets it."""
     has_operation = bool(value.operation)
     has_label = bool(value.label_key)
     if has_operation == has_label:
@@ -189,4 +191,5 @@ def budget(account_id: str, value: common_pb2.Budget, field: str = "budget") -> 
         label_key=value.label_key,
         label_value=value.label_value,
         limit_units=units(value.limit_units, f"{field}.limit_units"),
+        by=by,
     )

@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tally.cli.target import DEFAULT_TARGET, TARGET_ENV
+from tally.cli.target import add_target_flag, open_channel
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "health", help="check that a server is serving (for HEALTHCHECK and probes)"
     )
-    parser.add_argument(
-        "--target",
-        default=os.environ.get(TARGET_ENV, DEFAULT_TARGET),
-        help=f"server address [env {TARGET_ENV}, default {DEFAULT_TARGET}]",
-    )
+    add_target_flag(parser)
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
     parser.add_argument("--service", default="", help="service name; empty: the whole server")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    with open_channel(args) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from tally.api.ledger_query import PAGE_SIZE_MAX
 from tally.cli import arguments, output
 from tally.cli.target import Api, Subparsers, add_account_command
+from tally.domain.limits import LEDGER_PAGE_SIZE_MAX
 from tally.v1 import account_pb2
 
 
@@ -15,7 +15,7 @@ def _ledger(args: argparse.Namespace, api: Api) -> int:
     request = account_pb2.ListLedgerEntriesRequest(
         account_id=args.account_id,
         types=args.type or [],
-        page_size=min(args.limit, PAGE_SIZE_MAX),
+        page_size=min(args.limit, LEDGER_PAGE_SIZE_MAX),
     )
     arguments.copy_time_range(args, request)
     entries: list[account_pb2.LedgerEntry] = []

@@ -18,6 +18,7 @@ from tally.cli import (
     purchases,
     reports,
     serve,
+    tokens,
     watch,
 )
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         noun.register(subparsers)
     health.register(subparsers)
     ops.register(subparsers)
+    tokens.register(subparsers)
     watch.register(subparsers)
     return parser
 

@@ -24,6 +24,7 @@ from tally.clock import SystemClock
 from tally.ledger import recovery
 from tally.ledger.flusher import Flusher
 from tally.ledger.ledger import Ledger
+from tally.redaction import redact
 from tally.store.embedded import EmbeddedRedis, running_url
 from tally.store.quota_store import QuotaStore
 from tally.store.state_images import StateImages
@@ -39,7 +40,7 @@ class Ops:
 
 
 def say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    print(redact(line), file=sys.stderr, flush=True)
 
 
 @asynccontextmanager
@@ -84,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         parser.set_defaults(handler=handler)
 
 
-def _run(args: argparse.Namespace, work: Callable[[Ops], Awaitable[int]]) -> int:
+def run_ops(args: argparse.Namespace, work: Callable[[Ops], Awaitable[int]]) -> int:
     try:
         settings = config.from_sources(args)
     except ValueError as exc:
@@ -110,7 +111,7 @@ def run_migrate(args: argparse.Namespace) -> int:
               else f"ledger ({ops.ledger.dialect}) at schema version {version}")
         return 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 
 def run_flusher(args: argparse.Namespace) -> int:
@@ -128,7 +129,7 @@ def run_flusher(args: argparse.Namespace) -> int:
         say(f"flusher stopped after a final pass of {flushed} events")
         return 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -167,7 +168,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(table(["shard", "stream", "pending", "waiting", "oldest"], rows))
         return 1 if behind else 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -184,7 +185,7 @@ def run_verify(args: argparse.Namespace) -> int:
             print(f"verified {report.accounts} accounts: Redis and the ledger agree")
         return 1 if report.differences else 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 
 def run_recover(args: argparse.Namespace) -> int:
@@ -198,6 +199,6 @@ def run_recover(args: argparse.Namespace) -> int:
             print(json.dumps(asdict(result)))
         return 0
 
-    return _run(args, work)
+    return run_ops(args, work)
 
 

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from tally import app, config, logs
+from tally.redaction import redact
 from tally.store.embedded import RedisNotInstalled
 
 log = logging.getLogger("tally.serve")
@@ -43,15 +44,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = config.from_sources(args)
     except ValueError as exc:
-        print(f"tally serve: {exc}", file=sys.stderr)
+        print(f"tally serve: {redact(str(exc))}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(app.serve_until_signalled(settings, on_ready=_announce))
     except RedisNotInstalled as exc:
-        print(f"tally serve: {exc}", file=sys.stderr)
+        print(f"tally serve: {redact(str(exc))}", file=sys.stderr)
         return 3
     except RuntimeError as exc:
-        print(f"tally serve: {exc}", file=sys.stderr)
+        print(f"tally serve: {redact(str(exc))}", file=sys.stderr)
         return 1
     return 0

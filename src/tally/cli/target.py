@@ -2,7 +2,9 @@
 channel, and how a refused call is told.
 
 The admin commands take `--target` (default: $TALLY_TARGET, else
-127.0.0.1:50051), `--timeout` (seconds) and `--json`. A refused call prints
+127.0.0.1:50051), the TLS flags `--tls-ca`, `--tls-cert`, `--tls-key`
+(client_tls.py), a bearer token (`--token`, $TALLY_TOKEN, `--token-file` or
+$TALLY_TOKEN_FILE, in that order), `--timeout` (seconds) and `--json`. A refused call prints
 `tally: <CODE>: <details>` on stderr and exits 1; a usage error exits 2.
 """
 
@@ -13,13 +15,16 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Required, TypeAlias, TypedDict, Unpack
+from typing import Any, Required, TypeAlias, TypedDict, Unpack
 
 import grpc
 
+from tally.client_tls import CA_ENV, CERT_ENV, KEY_ENV, ClientTls
 from tally.v1 import account_pb2_grpc, catalog_pb2_grpc, quota_pb2_grpc, usage_pb2_grpc
 
 TARGET_ENV = "TALLY_TARGET"
+TOKEN_ENV = "TALLY_TOKEN"
+TOKEN_FILE_ENV = "TALLY_TOKEN_FILE"
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 10.0
 # Calls whose outcome is unknown to the caller: a purchase may have happened.
@@ -56,12 +61,71 @@ def target_of(args: argparse.Namespace) -> str:
     return target
 
 
+def token_of(args: argparse.Namespace) -> str:
+    """The bearer token: --token, $TALLY_TOKEN, --token-file, $TALLY_TOKEN_FILE; "" for none."""
+    token: str = args.token or os.environ.get(TOKEN_ENV, "")
+    path = args.token_file or os.environ.get(TOKEN_FILE_ENV, "")
+    if not token and path:
+        with open(path, encoding="utf-8") as file:
+            token = file.read().strip()
+    return token
+
+
 def add_target_flag(parser: argparse._ActionsContainer) -> None:
+    """--target, the TLS and the token flags: everything needed to reach the authority."""
     parser.add_argument(
         "--target",
         default=None,
         help=f"host:port of the authority (default: ${TARGET_ENV}, else {DEFAULT_TARGET})",
     )
+    parser.add_argument(
+        "--tls-ca", default=None, metavar="PEM",
+        help=f"speak TLS, trusting this CA for the server's certificate (default: ${CA_ENV})",
+    )
+    parser.add_argument(
+        "--tls-cert", default=None, metavar="PEM",
+        help=f"client certificate for mutual TLS (default: ${CERT_ENV})",
+    )
+    parser.add_argument(
+        "--tls-key", default=None, metavar="PEM",
+        help=f"key of --tls-cert (default: ${KEY_ENV})",
+    )
+    parser.add_argument(
+        "--token", default=None, help=f"bearer token (default: ${TOKEN_ENV}); prefer a file"
+    )
+    parser.add_argument(
+        "--token-file", default=None, metavar="PATH",
+        help=f"file holding the bearer token (default: ${TOKEN_FILE_ENV})",
+    )
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self.metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to the target: TLS when a TLS flag or variable is set, else plaintext;
+    carrying the bearer token, if one is given."""
+    target = target_of(args)
+    tls = ClientTls.from_sources(args.tls_ca, args.tls_cert, args.tls_key, os.environ)
+    channel = (
+        grpc.insecure_channel(target) if tls is None
+        else grpc.secure_channel(target, tls.credentials())
+    )
+    token = token_of(args)
+    return grpc.intercept_channel(channel, _Bearer(token)) if token else channel
 
 
 def _positive_seconds(text: str) -> float:
@@ -104,7 +168,7 @@ def report_rpc_error(error: grpc.RpcError) -> grpc.StatusCode:
 
 @contextmanager
 def _connect(args: argparse.Namespace) -> Iterator[Api]:
-    channel = grpc.insecure_channel(target_of(args))
+    channel = open_channel(args)
     try:
         yield Api(channel, args.timeout)
     finally:

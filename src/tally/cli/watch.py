@@ -29,7 +29,7 @@ from typing import Any
 import grpc
 
 from tally.cli import output
-from tally.cli.target import add_target_flag, one_line, report_rpc_error, target_of
+from tally.cli.target import add_target_flag, one_line, open_channel, report_rpc_error
 from tally.v1 import usage_pb2, usage_pb2_grpc
 
 POSITION_METADATA = "tally-position"  # tally.api.watch: where the watch starts
@@ -100,7 +100,7 @@ def _watch(args: argparse.Namespace) -> int:
         account_id="" if args.all else args.account_id, after_position=args.after
     )
     position = args.after
-    channel = grpc.insecure_channel(target_of(args))
+    channel = open_channel(args)
     call: Any = None
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:

@@ -40,6 +40,28 @@ class DeadlineExceeded(TallyError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(TallyError):
+    """No credentials, or ones the server does not accept (missing, malformed, unknown,
+    expired, revoked). `reason` is counted in metrics; the message never says which
+    account exists."""
+
+    code = "UNAUTHENTICATED"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PermissionDenied(TallyError):
+    """A known principal acting outside its role or its accounts."""
+
+    code = "PERMISSION_DENIED"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass
 class Shortfall:
     """What RESOURCE_EXHAUSTED reports: what could be spent and what was asked."""

@@ -9,8 +9,9 @@ A stream entry is flat text fields: `type`, `event_id` (`<account>/<seq>`, or
 `catalog/<version>` for prices), `account_id`, `at` (ms), `reservation_id`,
 `operation`, `quantity`, `units`, `available_after`, `labels` (JSON object),
 `idempotency_key`, `fence` (the shard's fence count the script's write phase
-reached; 0 for prices), plus type-specific ones kept in `detail` (`alert`,
-`charged_at`, `expired`, `price_version`, ...). The last entry of a script also
+reached; 0 for prices), `by` (the principal of a money-in or admin action),
+plus type-specific ones kept in `detail` (`alert`, `charged_at`, `expired`,
+`price_version`, ...). The last entry of a script also
 carries msgpack images of what the script wrote (`_acct`, `_holds`, `_idem`),
 which is what recovery restores from.
 """
@@ -75,6 +76,8 @@ class Entry:
     detail: dict[str, str]  # every text field of the stream entry
     shard: int
     fence: int  # the shard's fence count after the script (store/lua/lib/fence.lua)
+    # who did a money-in or admin action (the event's `by`); empty for the others
+    principal: str = ""
 
     @property
     def price_version(self) -> int:
@@ -136,6 +139,7 @@ def decode(shard: int, stream_id: bytes | str, fields: Fields) -> StreamEntry:
         detail=text,
         shard=shard,
         fence=_int(text.get("fence")),
+        principal=text.get("by", ""),
     )
     return StreamEntry(
         stream_id=stream_id.decode() if isinstance(stream_id, bytes) else stream_id,

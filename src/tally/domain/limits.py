@@ -25,6 +25,8 @@ IDEMPOTENCY_KEY_BYTES_MAX = 128
 RESERVATION_ID_BYTES_MAX = 300
 REASON_BYTES_MAX = 512
 REFERENCE_BYTES_MAX = 256
+# Who did a money-in or admin action, as its events record it (auth/principal.py).
+PRINCIPAL_ID_BYTES_MAX = 256
 FINGERPRINT_BYTES_MAX = 64
 # An idempotency record keeps this many hex characters (64 bits) of the request's
 # fingerprint: one record per call is kept for the whole window, so every byte
@@ -38,6 +40,12 @@ BUDGET_ID_BYTES_MAX = 400
 # What the store passes to every script about the shard (store/keys.py's names fit easily).
 KEY_PREFIX_BYTES_MAX = 64
 SHARD_TAG_BYTES_MAX = 16
+
+# Reads: rows per ListLedgerEntries page (and entry types it filters on, each once at
+# most), and a GetUsageReport's span and grouping.
+LEDGER_PAGE_SIZE_MAX = 1000
+REPORT_SPAN_DAYS_MAX = 400
+REPORT_GROUP_BY_MAX = 4
 
 # Per account.
 BILLING_ANCHOR_DAY_MAX = 31

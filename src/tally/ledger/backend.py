@@ -27,6 +27,8 @@ from urllib.parse import urlparse
 
 import msgpack
 
+from tally.auth.principal import Role
+from tally.auth.tokens import TokenRecord
 from tally.domain.events import (
     USAGE_TYPES,
     Entry,
@@ -36,12 +38,14 @@ from tally.domain.events import (
     stream_id_order,
 )
 from tally.ledger.schema import MIGRATIONS
+from tally.redaction import redact
 
 BUSY_TIMEOUT_MS = 10_000
 READ_CONNECTIONS_MAX = 4  # read connections per ledger, beside its one writer
 ENTRY_COLUMNS = (
     "entry_id, account_id, seq, type, reservation_id, operation, quantity, units, "
-    "available_after, occurred_at, labels, idempotency_key, shard, detail, flushed_at, fence"
+    "available_after, occurred_at, labels, idempotency_key, shard, detail, flushed_at, fence, "
+    "principal"
 )
 
 
@@ -237,14 +241,14 @@ class SqlLedger:
                 detail = detail_text(entry)
                 cur.execute(
                     f"INSERT INTO ledger_entries ({ENTRY_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (entry_id) DO NOTHING",
                     (
                         entry.entry_id, entry.account_id, entry.seq, entry.type.value,
                         entry.reservation_id, entry.operation, entry.quantity, entry.units,
                         entry.available_after, entry.occurred_at_ms,
                         json.dumps(entry.labels, sort_keys=True), entry.idempotency_key,
-                        entry.shard, detail, flushed_at_ms, entry.fence,
+                        entry.shard, detail, flushed_at_ms, entry.fence, entry.principal,
                     ),
                 )
                 if cur.rowcount > 0:
@@ -576,6 +580,33 @@ class SqlLedger:
             )
             return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in cur.fetchall()]
 
+    def put_token(self, record: TokenRecord) -> None:
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT INTO tokens (token_id, secret_sha256, role, accounts, name, "
+                "created_at, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.token_id, record.secret_sha256, record.role.value,
+                 json.dumps(list(record.accounts)), record.name, record.created_at,
+                 record.expires_at, record.revoked_at),
+            )
+
+    def revoke_token(self, token_id: str, revoked_at_ms: int) -> TokenRecord | None:
+        """Revokes a live token (a revoked one keeps its first revocation time);
+        returns its record, None when there is no such token."""
+        with self.transaction() as cur:
+            cur.execute(
+                "UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at = 0",
+                (revoked_at_ms, token_id),
+            )
+            cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,))
+            row = cur.fetchone()
+        return None if row is None else _token_record(row)
+
+    def tokens(self) -> list[TokenRecord]:
+        with self.reading() as cur:
+            cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY created_at, token_id")
+            return [_token_record(row) for row in cur.fetchall()]
+
     def entry_sums(self) -> dict[str, dict[str, int]]:
         """Per account and event type: units moved, and units lost to expiry."""
         sums: dict[str, dict[str, int]] = {}
@@ -629,6 +660,19 @@ def _contiguous_through(cur: Cursor, account_id: str, after_seq: int, last_seq: 
     )
     first_before_gap = cur.fetchone()[0]
     return last_seq if first_before_gap is None else int(first_before_gap)
+
+
+_TOKEN_COLUMNS = (
+    "token_id, secret_sha256, role, accounts, name, created_at, expires_at, revoked_at"
+)
+
+
+def _token_record(row: Sequence[Any]) -> TokenRecord:
+    return TokenRecord(
+        token_id=row[0], secret_sha256=row[1], role=Role(row[2]),
+        accounts=tuple(json.loads(row[3])), name=row[4], created_at=int(row[5]),
+        expires_at=int(row[6]), revoked_at=int(row[7]),
+    )
 
 
 def detail_text(entry: Entry) -> str:
@@ -741,11 +785,11 @@ def open_ledger(url: str) -> SqlLedger:
     if parsed.scheme == "sqlite":
         path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else parsed.path
         if not path:
-            raise ValueError(f"ledger url {url!r} names no file")
+            raise ValueError(f"ledger url {redact(url)!r} names no file")
         return SqliteLedger(Path(path))
     if parsed.scheme in {"postgresql", "postgres"}:
         return PostgresLedger(url)
-    raise ValueError(f"ledger url {url!r}: use sqlite:///path or postgresql://...")
+    raise ValueError(f"ledger url {redact(url)!r}: use sqlite:///path or postgresql://...")
 
 
 def _entry_row(r: Sequence[Any]) -> Entry:
@@ -754,5 +798,6 @@ def _entry_row(r: Sequence[Any]) -> Entry:
         operation=r[5], quantity=int(r[6]), units=int(r[7]), available_after=int(r[8]),
         occurred_at_ms=int(r[9]), labels=labels_of(r[10]), idempotency_key=r[11],
         shard=int(r[12]), detail=json.loads(r[13]), fence=int(r[15]),
+        principal=r[16],
     )
 

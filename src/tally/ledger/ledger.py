@@ -24,6 +24,7 @@ from typing import ParamSpec, TypeVar
 from prometheus_client import Counter, Histogram
 
 from tally import metrics
+from tally.auth.tokens import TokenRecord
 from tally.clock import Clock
 from tally.domain.errors import Unavailable
 from tally.domain.events import Entry, StreamEntry
@@ -219,6 +220,15 @@ class Ledger:
     async def quarantine(self, events: Sequence[StreamEntry]) -> None:
         """Keeps stream entries recovery set aside (quarantined_entries)."""
         await self._call(self.backend.quarantine, events, self.clock.now_ms())
+
+    async def put_token(self, record: TokenRecord) -> None:
+        await self._call(self.backend.put_token, record)
+
+    async def revoke_token(self, token_id: str) -> TokenRecord | None:
+        return await self._call(self.backend.revoke_token, token_id, self.clock.now_ms())
+
+    async def tokens(self) -> list[TokenRecord]:
+        return await self._read(self.backend.tokens)
 
     async def count_quarantined(self) -> int:
         return await self._read(self.backend.count_quarantined)

@@ -127,6 +127,31 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             )""",
         ),
     ),
+    (
+        5,
+        "bearer tokens: the durable copy of Redis's token records (secrets hashed)",
+        (
+            # accounts: a JSON list (empty: every account); times in ms, 0: never
+            """CREATE TABLE tokens (
+                token_id TEXT PRIMARY KEY,
+                secret_sha256 TEXT NOT NULL,
+                role TEXT NOT NULL,
+                accounts TEXT NOT NULL,
+                name TEXT NOT NULL,
+                created_at BIGINT NOT NULL,
+                expires_at BIGINT NOT NULL,
+                revoked_at BIGINT NOT NULL
+            )""",
+        ),
+    ),
+    (
+        6,
+        "audit: the principal that did a money-in or admin action",
+        (
+            # '' for every other entry, and for those written before this migration
+            "ALTER TABLE ledger_entries ADD COLUMN principal TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -234,6 +234,15 @@ class IdempotentRequest(ScriptRequest[ReplyT]):
         return super().argv_fields() | {"fingerprint": self.fingerprint()}
 
 
+def _principal() -> Any:
+    """The `by` field of a money-in or admin request: the principal that asks
+    (auth.principal.current().principal_id), written on the events the script
+    emits so the ledger says who did it. None: the server's own action (the
+    default catalog it loads), written without one. Keyword-only and last, so
+    it never shifts a request's positional fields."""
+    return dataclasses.field(default=None, kw_only=True)
+
+
 # --- views: what replies say about grants, balances, accounts, budgets ------
 # (store/lua/lib/views.lua builds them)
 
@@ -338,6 +347,7 @@ class CreateAccountRequest(ScriptRequest[CreateAccountReply]):
     auto_purchase_threshold: int
     billing_anchor_day: int  # 0: the creation day
     alerts: AlertSettings
+    by: str | None = _principal()
 
 
 @dataclass(frozen=True)
@@ -361,6 +371,7 @@ class UpdateAccountRequest(ScriptRequest[AccountReply]):
 
     account_id: str
     set: AccountChanges
+    by: str | None = _principal()
 
 
 @dataclass(frozen=True)
@@ -388,6 +399,7 @@ class SetBudgetRequest(ScriptRequest[BudgetReply]):
     label_key: str
     label_value: str
     limit_units: int
+    by: str | None = _principal()
 
 
 @dataclass(frozen=True)
@@ -397,6 +409,7 @@ class DeleteBudgetRequest(ScriptRequest[BudgetReply]):
 
     account_id: str
     budget_id: str
+    by: str | None = _principal()
 
 
 @dataclass(frozen=True)
@@ -412,13 +425,15 @@ class PurchaseRequest(IdempotentRequest[PurchaseReply]):
     REPLY = PurchaseReply
     METHOD = "PurchaseUnits"
     # The key is the account's own: its fingerprints have never named the account.
-    UNFINGERPRINTED = frozenset({"idempotency_key", "account_id"})
+    # Who buys is not what is bought: a retry by another principal replays.
+    UNFINGERPRINTED = frozenset({"idempotency_key", "account_id", "by"})
 
     account_id: str
     units: int
     expires_at: int  # 0: never
     reference: str
     idempotency_key: str
+    by: str | None = _principal()
 
 
 @dataclass(frozen=True)
@@ -632,6 +647,7 @@ class SetPriceRequest(ScriptRequest[SetPriceReply]):
 
     operation: str
     units_per_quantity: int
+    by: str | None = _principal()
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ Started when no Redis URL is configured: its own port on 127.0.0.1, its own
 folder, AOF on (`appendfsync always` unless configured otherwise), no
 eviction. It dies with the server process (PR_SET_PDEATHSIG), and a leftover
 one from a killed run is stopped before a new one starts on the same files.
+
+It asks for a password, generated once and kept in the folder (`redis.password`,
+readable by its owner only). redis-server reads it from `redis.conf` (also 0600),
+never from its command line, so `ps` does not show it; `redis.url` (0600) holds
+the full URL for the operator commands that find a running one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +33,8 @@ INSTALL_HINT = (
     "or point Tally at a Redis with --redis-url / TALLY_REDIS_URL."
 )
 START_TIMEOUT_S = 10.0
+PASSWORD_BYTES = 32
+OWNER_ONLY = 0o600
 STOP_TIMEOUT_S = 10.0
 
 
@@ -76,6 +84,23 @@ def _stop_leftover(pidfile: Path) -> None:
         time.sleep(0.05)
 
 
+def write_private(path: Path, text: str) -> None:
+    """Writes `text` to a file only its owner can read, from the first byte on."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, OWNER_ONLY)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    os.chmod(path, OWNER_ONLY)  # an older file keeps its mode through O_TRUNC
+
+
+def folder_password(folder: Path) -> str:
+    """The folder's Redis password, generated on first use (hex: safe in a URL and
+    in redis.conf without quoting)."""
+    path = folder / "redis.password"
+    if not path.exists():
+        write_private(path, secrets.token_hex(PASSWORD_BYTES) + "\n")
+    return path.read_text().strip()
+
+
 def running_url(folder: Path) -> str | None:
     """The URL of an embedded redis-server that is running for this folder, if any."""
     try:
@@ -87,27 +112,42 @@ def running_url(folder: Path) -> str | None:
     return url if b"redis-server" in cmdline else None
 
 
+def _read_replies(sock: socket.socket, lines: int) -> bytes:
+    received = b""
+    while received.count(b"\r\n") < lines:
+        chunk = sock.recv(64)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
 class EmbeddedRedis:
     def __init__(self, folder: Path, appendfsync: str = "always") -> None:
         self.folder = folder.resolve()
         self.appendfsync = appendfsync
         self.port = 0
+        self.password = ""
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisNotInstalled(INSTALL_HINT)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         pidfile = self.folder / "redis.pid"
         _stop_leftover(pidfile)
         self.port = free_port()
+        self.password = folder_password(self.folder)
+        conf = self.folder / "redis.conf"
+        write_private(conf, f"requirepass {self.password}\n")
         args = [
             binary,
+            str(conf),
             "--bind", "127.0.0.1",
             "--port", str(self.port),
             "--dir", str(self.folder),
@@ -125,7 +165,7 @@ class EmbeddedRedis:
             env=_real_time_environment(),
         )
         self._wait_ready()
-        (self.folder / "redis.url").write_text(self.url + "\n")
+        write_private(self.folder / "redis.url", self.url + "\n")
         log.info(
             "embedded redis-server started",
             extra={"port": self.port, "dir": str(self.folder), "appendfsync": self.appendfsync},
@@ -143,8 +183,8 @@ class EmbeddedRedis:
             with contextlib.suppress(OSError), socket.create_connection(
                 ("127.0.0.1", self.port), timeout=0.2
             ) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(64).startswith(b"+PONG"):
+                sock.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                if b"+PONG" in _read_replies(sock, 2):
                     return
             time.sleep(0.05)
         raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT_S}s")
@@ -159,4 +199,6 @@ class EmbeddedRedis:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
         log.info("embedded redis-server stopped")

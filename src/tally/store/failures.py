@@ -71,11 +71,13 @@ class StoreBusy(TallyError):
 
 
 class StoreRefused(TallyError):
-    """Redis refused a command: a bug or a misconfiguration, not worth a retry (INTERNAL)."""
+    """Redis refused a command: a bug or a misconfiguration, not worth a retry (INTERNAL).
+    Its message names the kind only: Redis's own words (`reason`) go to the logs."""
 
     def __init__(self, cause: BaseException) -> None:
+        self.kind = type(cause).__name__
         self.reason = str(cause)
-        super().__init__(self.reason)
+        super().__init__(f"the store refused a command ({self.kind}); see the server log")
 
 
 def _fault(exc: RedisError) -> str | None:

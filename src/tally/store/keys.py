@@ -27,6 +27,8 @@ from tally.domain.ids import ACCOUNT_ID, SEQUENCE
 
 # Deployment facts (shard count); never used by scripts.
 META_KEY = "tally:meta"
+# Bearer tokens: one hash (token id -> record), so one hash slot; never used by scripts.
+TOKENS_KEY = "tally:{auth}:tokens"
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ account) and their metrics. See the package docstring for the semantics."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -18,6 +19,8 @@ from tally.api import validation
 from tally.api.errors import rich_status
 from tally.api.watch.positions import account_position, decode_token, encode_token
 from tally.api.watch.reader import Cursor, ShardRead, Stopped, StreamReader
+from tally.auth.principal import ANONYMOUS, current
+from tally.auth.scope import require_account, visible
 from tally.domain.errors import InvalidArgument, NotFound, TallyError
 from tally.domain.events import Entry, stream_id_order
 from tally.ledger.ledger import Ledger, LedgerUnavailable
@@ -43,7 +46,8 @@ WATCHERS = Gauge(
 )
 WATCHES_REFUSED = Counter(
     "tally_watches_refused_total",
-    "WatchUsage calls refused with RESOURCE_EXHAUSTED (max_watchers reached)",
+    "WatchUsage calls refused with RESOURCE_EXHAUSTED (max_watchers or "
+    "max_watchers_per_principal reached)",
     registry=metrics.REGISTRY,
 )
 WATCH_EVENTS = Counter(
@@ -105,15 +109,20 @@ class UsageWatch:
         ledger: Ledger,
         *,
         max_watchers: int,
+        max_watchers_per_principal: int,
         batch: int = BATCH,
         block_ms: int = BLOCK_MS,
     ) -> None:
-        if max_watchers < 1 or batch < 1 or block_ms < 1:
-            raise ValueError("max_watchers, batch and block_ms must be positive")
+        if min(max_watchers, max_watchers_per_principal, batch, block_ms) < 1:
+            raise ValueError(
+                "max_watchers, max_watchers_per_principal, batch and block_ms must be positive"
+            )
         self.streams = streams
         self.keys = streams.keys
         self.ledger = ledger
         self.max_watchers = max_watchers
+        self.max_watchers_per_principal = max_watchers_per_principal
+        self._watching: collections.Counter[str] = collections.Counter()  # by principal_id
         self.batch = batch
         self.block_ms = block_ms
         self.active = 0
@@ -137,6 +146,19 @@ class UsageWatch:
                 f"this server already runs {self.max_watchers} watches (its limit); "
                 "retry later or on another server",
             )
+        principal = current()
+        # With auth off every caller is ANONYMOUS: one shared principal, bounded by
+        # max_watchers alone; an authenticated one may not take every slot.
+        capped = principal != ANONYMOUS
+        if capped and self._watching[principal.principal_id] >= self.max_watchers_per_principal:
+            WATCHES_REFUSED.inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this principal already runs {self.max_watchers_per_principal} watches "
+                "(max_watchers_per_principal); end one or retry later",
+            )
+        if capped:
+            self._watching[principal.principal_id] += 1
         self.active += 1
         WATCHERS.inc()
         tail: StreamTail | None = None
@@ -147,6 +169,7 @@ class UsageWatch:
 
             if request.account_id:
                 account_id = validation.account_id(request.account_id)
+                require_account(account_id)
                 after = account_position(request.after_position)
                 tail = self.streams.tail()
                 events = self._watch_account(tail, account_id, after, ready)
@@ -160,17 +183,17 @@ class UsageWatch:
                 events = self._watch_all(tail, cursors, ready)
             async with contextlib.aclosing(events):
                 async for event in events:
-                    yield event
+                    # a scoped caller's all-accounts watch shows its own accounts alone
+                    if not event.account_id or visible(event.account_id):
+                        yield event
         except StoreUnreachable as exc:
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the store is unreachable ({exc.kind}); resume from the last position",
             )
         except StoreRefused as exc:
-            log.exception("watch failed")
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"the store refused a read: {exc.reason}"
-            )
+            log.exception("watch failed", extra={"error": exc.reason})
+            await context.abort(grpc.StatusCode.INTERNAL, exc.message)
         except TallyError as error:
             await context.abort_with_status(rich_status(error))
         except Stopped:
@@ -183,6 +206,10 @@ class UsageWatch:
         finally:
             self.active -= 1
             WATCHERS.dec()
+            if capped:
+                self._watching[principal.principal_id] -= 1
+                if not self._watching[principal.principal_id]:
+                    del self._watching[principal.principal_id]
             if tail is not None:
                 await tail.close()
 

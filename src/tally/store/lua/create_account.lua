@@ -4,7 +4,7 @@
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, monthly_allotment,
 --   overage_policy, overage_limit, auto_purchase_units, auto_purchase_threshold,
 --   billing_anchor_day (0: today's day), labels,
---   alerts = {allotment_used_percent, balance_below, overage_started}
+--   alerts = {allotment_used_percent, balance_below, overage_started}, by (optional)
 -- Returns: {account = account view, balance = balance view, replayed = bool}.
 -- Creating an account that exists with the same settings replays it;
 -- different settings are ALREADY_EXISTS.
@@ -39,6 +39,7 @@ return run(function()
   check_labels(req.labels, 'labels')
   check_policy(req.overage_policy, req.auto_purchase_units)
   local alerts = check_alert_settings(req.alerts or {})
+  local by = check_by(req.by)
   local existing = load_blob(ctx.acct_key)
   if existing then
     adopt_account(ctx, existing)
@@ -66,7 +67,7 @@ return run(function()
   ctx.acct = acct
   emit(ctx, ENTRY.PLAN_CHANGE, {created = 1, allotment = acct.allotment, policy = acct.policy,
     overage_limit = acct.overage_limit, ap_units = acct.ap_units, ap_threshold = acct.ap_threshold,
-    anchor_day = anchor_day, labels = acct.labels})
+    anchor_day = anchor_day, labels = acct.labels, by = by})
   if acct.allotment > 0 then
     local g = add_grant(ctx, 'ALLOTMENT', acct.allotment, period_end, '')
     acct.total_granted = acct.allotment

@@ -3,7 +3,7 @@
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
 --       4 shard event stream, 5 idempotency record
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, idempotency_window_ms,
---   units, expires_at (0: never), reference, idempotency_key, fingerprint
+--   units, expires_at (0: never), reference, idempotency_key, fingerprint, by (optional)
 -- Returns: {grant = grant view, balance = balance view, replayed = bool}.
 
 return run(function()
@@ -16,6 +16,7 @@ return run(function()
   local idem_key = check_str(req.idempotency_key, 'idempotency_key', IDEMPOTENCY_KEY_BYTES_MAX)
   local window_ms = check_int(req.idempotency_window_ms, 'idempotency_window_ms', 1, TIMESTAMP_MS_MAX)
   check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX)
+  local by = check_by(req.by)
   local figures, at = idem_lookup(KEYS[5], req.fingerprint, ctx.now, window_ms)
   if figures then
     -- the grant as it was bought (the request's own figures), the balance as of now
@@ -39,7 +40,7 @@ return run(function()
   acct.total_granted = acct.total_granted + units
   acct.period_purchased = acct.period_purchased + units
   emit(ctx, ENTRY.PURCHASE, {grant_id = g.id, units = units, reference = reference,
-    expires_at = expires_at, idempotency_key = idem_key})
+    expires_at = expires_at, idempotency_key = idem_key, by = by})
   remember(ctx, KEYS[5], req.fingerprint, window_ms, {g.id})
   commit_ctx(ctx)
   return {grant = grant_view(g), balance = balance_view(ctx), replayed = false}

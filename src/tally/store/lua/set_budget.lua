@@ -8,7 +8,7 @@
 -- or not.
 -- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, operation, label_key,
---   label_value, limit_units
+--   label_value, limit_units, by (optional)
 -- Returns: {budget = budget view}.
 
 local function charged_so_far(ctx, budget)
@@ -23,6 +23,7 @@ return run(function()
   local label_key = check_str(req.label_key, 'budget.label_key', LABEL_KEY_BYTES_MAX, true)
   local label_value = check_str(req.label_value, 'budget.label_value', LABEL_VALUE_BYTES_MAX, true)
   local limit = check_int(req.limit_units, 'budget.limit_units', 0, UNITS_MAX)
+  local by = check_by(req.by)
   if (operation == '') == (label_key == '') then
     raise('INVALID_ARGUMENT', 'budget', 'a budget names either an operation or a label_key')
   end
@@ -41,7 +42,7 @@ return run(function()
     acct.budgets[id] = budget
   end
   budget.limit = limit
-  emit(ctx, ENTRY.PLAN_CHANGE, {budget_id = id, budget_limit = limit})
+  emit(ctx, ENTRY.PLAN_CHANGE, {budget_id = id, budget_limit = limit, by = by})
   commit_ctx(ctx)
   return {budget = budget_view(id, budget)}
 end)

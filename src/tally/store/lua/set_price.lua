@@ -6,7 +6,7 @@
 -- after a wipe the catalog version restarts and its event id would repeat one
 -- the ledger holds.
 -- KEYS: 1 prices hash, 2 price history hash, 3 catalog meta hash, 4 event stream
--- ARGV[1] (msgpack): now, prefix, shard, fence_floor, operation, units_per_quantity
+-- ARGV[1] (msgpack): now, prefix, shard, fence_floor, operation, units_per_quantity, by (optional)
 -- Returns: {operation, units_per_quantity, version, effective_at_ms, changed}.
 -- The prices hash keeps its records as {price, version, at}.
 
@@ -15,6 +15,7 @@ return run(function()
   local shard = shard_ctx(req)
   local operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX)
   local price = check_int(req.units_per_quantity, 'units_per_quantity', 1, UNITS_MAX)
+  local by = check_by(req.by)
   local raw = redis.call('HGET', KEYS[1], operation)
   local current = raw and cmsgpack.unpack(raw)
   if current and current.price == price then
@@ -26,9 +27,14 @@ return run(function()
   redis.call('HSET', KEYS[1], operation, cmsgpack.pack(record))
   if current then supersede(KEYS[2], operation, current.version, current.price, req.now) end
   save_price_record(KEYS[2], operation, version, {price = price, superseded_at = 0})
-  redis.call('XADD', KEYS[4], '*', 'type', ENTRY.PRICE_CHANGE, 'event_id', 'catalog/' .. int_text(version),
+  local event = {'type', ENTRY.PRICE_CHANGE, 'event_id', 'catalog/' .. int_text(version),
     'operation', operation, 'units', price, 'price_version', version, 'at', req.now,
-    'fence', next_fence(shard))
+    'fence', next_fence(shard)}
+  if by then
+    event[#event + 1] = 'by'
+    event[#event + 1] = by
+  end
+  redis.call('XADD', KEYS[4], '*', unpack(event))
   return {operation = operation, units_per_quantity = price, version = version,
     effective_at_ms = req.now, changed = true}
 end)

@@ -5,7 +5,7 @@
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor,
 --   set = {monthly_allotment, overage_policy, overage_limit, auto_purchase_units,
 --   auto_purchase_threshold, labels, merge_labels, alerts} (each optional; labels and
---   alerts replace, merge_labels adds or changes labels)
+--   alerts replace, merge_labels adds or changes labels), by (optional)
 -- Returns: {account = account view, balance = balance view}.
 
 -- The settings a request may change as {request name, stored name} (the
@@ -24,6 +24,7 @@ return run(function()
                           'auto_purchase_threshold'}) do
     if set[field] ~= nil then check_int(set[field], field, 0, UNITS_MAX) end
   end
+  local by = check_by(req.by)
   local labels = set.labels
   if labels ~= nil then check_labels(labels, 'labels') end
   if set.merge_labels ~= nil then
@@ -47,6 +48,7 @@ return run(function()
     end
   end
   if next(changed) ~= nil then
+    changed.by = by
     emit(ctx, ENTRY.PLAN_CHANGE, changed)
     commit_ctx(ctx)
   end

@@ -30,6 +30,12 @@ local function check_str(value, field, max_len, allow_empty)
   return value
 end
 
+-- The principal a money-in or admin request names (`by`); nil: the server's own action.
+local function check_by(value)
+  if value == nil then return nil end
+  return check_str(value, 'by', PRINCIPAL_ID_BYTES_MAX)
+end
+
 local function check_labels(value, field)
   if type(value) ~= 'table' then raise('INVALID_ARGUMENT', field, field .. ' must be a map') end
   for k, v in pairs(value) do

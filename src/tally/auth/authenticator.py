@@ -1,0 +1,49 @@
+"""From an `authorization` value to a Principal, with a short-lived cache.
+
+Each server keeps what it looked up for `cache_ttl_s` (--token-cache-ttl), unknown
+tokens included, so a revocation (or a new token) reaches every server within
+that time without a restart, and a flood of calls costs one Redis read per token
+per period. Expiry is checked on every call against the clock."""
+
+from __future__ import annotations
+
+from tally.auth.principal import Principal
+from tally.auth.tokens import TokenRecord, matches, parse_bearer
+from tally.clock import Clock
+from tally.domain.errors import Unauthenticated
+from tally.store.token_store import TokenStore
+
+CACHE_ENTRIES_MAX = 10_000  # token ids remembered at once; more empty the cache
+
+
+class Authenticator:
+    def __init__(self, store: TokenStore, clock: Clock, cache_ttl_s: float) -> None:
+        self.store = store
+        self.clock = clock
+        self.cache_ttl_ms = round(cache_ttl_s * 1000)
+        self._cache: dict[str, tuple[int, TokenRecord | None]] = {}  # id -> (until, record)
+
+    async def principal(self, authorization: str | None) -> Principal:
+        """The principal a bearer token stands for; Unauthenticated (reason missing,
+        malformed, unknown, expired or revoked) otherwise. The message never says
+        which of unknown, expired or revoked it was."""
+        token_id, secret = parse_bearer(authorization)
+        now_ms = self.clock.now_ms()
+        record = await self._record(token_id, now_ms)
+        if record is None or not matches(record, secret):
+            raise Unauthenticated("the bearer token is not valid", reason="unknown")
+        if record.revoked_at:
+            raise Unauthenticated("the bearer token is not valid", reason="revoked")
+        if not record.live_at(now_ms):
+            raise Unauthenticated("the bearer token is not valid", reason="expired")
+        return record.principal()
+
+    async def _record(self, token_id: str, now_ms: int) -> TokenRecord | None:
+        cached = self._cache.get(token_id)
+        if cached is not None and now_ms < cached[0]:
+            return cached[1]
+        record = await self.store.get(token_id)
+        if len(self._cache) >= CACHE_ENTRIES_MAX:
+            self._cache.clear()
+        self._cache[token_id] = (now_ms + self.cache_ttl_ms, record)
+        return record
