@@ -22,7 +22,11 @@ COPY --from=build /opt/tally /opt/tally
 USER tally
 WORKDIR /var/lib/tally
 # All interfaces, every call authenticated (a bearer token from `tally tokens create`,
-# see README, Authentication; or a mapped client certificate). The embedded Redis's password is generated under the data volume.
+# see README, Authentication; or a mapped client certificate). The first admin token
+# can come from a file you wrote and mount read-only (README, Docker):
+#   -v "$PWD/bootstrap-token:/run/secrets/tally-bootstrap-token:ro"
+#   -e TALLY_BOOTSTRAP_TOKEN_FILE=/run/secrets/tally-bootstrap-token
+# registered at start as an unscoped admin, once (a revoked one stays revoked). The embedded Redis's password is generated under the data volume.
 # TLS material comes from files mounted read-only, e.g. at /etc/tally/tls:
 #   -e TALLY_TLS_CERT=/etc/tally/tls/server.pem -e TALLY_TLS_KEY=/etc/tally/tls/server.key
 #   [-e TALLY_TLS_CLIENT_CA=/etc/tally/tls/clients-ca.pem]

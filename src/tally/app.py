@@ -12,6 +12,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -231,6 +232,10 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         await ensure_current(store, ledger, settings.recover_on_start)
         tokens = TokenStore(store.redis)
         book = TokenBook(ledger, tokens, clock)
+        if settings.bootstrap_token_file:
+            bootstrap = await book.bootstrap(Path(settings.bootstrap_token_file))
+            log.info("bootstrap token in place", extra={"token_id": bootstrap.token_id,
+                                                       "revoked": bool(bootstrap.revoked_at)})
         restored = await book.restore()
         if restored:
             log.warning("restored token records from the ledger", extra={"tokens": restored})

@@ -129,6 +129,8 @@ SETTINGS: tuple[Setting, ...] = (
             "unless listen is a loopback address", str, ""),
     Setting("token_cache_ttl", "how long a server keeps a token it looked up: the most a "
             "revocation (or a new token) takes to reach every server", parse_duration_s, 2.0),
+    Setting("bootstrap_token_file", "file holding a token (tly_tok_..., see README, Docker) "
+            "registered at start as an unscoped admin token, once; empty: none", str, ""),
     Setting("tls_cert", "PEM certificate (chain) the server presents; with tls_key: TLS on, "
             "plaintext refused", str, ""),
     Setting("tls_key", "PEM private key of tls_cert", str, ""),
@@ -198,6 +200,7 @@ class Settings:
     default_catalog: bool
     auth: str
     token_cache_ttl: float
+    bootstrap_token_file: str
     tls_cert: str
     tls_key: str
     tls_client_ca: str

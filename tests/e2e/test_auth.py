@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ import pytest_asyncio
 from google.protobuf import timestamp_pb2
 
 from tally import app
+from tally.auth.tokens import TOKEN_ID_HEX_DIGITS
 from tally.v1 import (
     account_pb2,
     catalog_pb2,
@@ -323,3 +326,40 @@ async def test_unscoped_admins_manage_tokens_over_grpc(deployment: Deployment) -
                              metadata=bearer(admin))
     running.clock.advance(2001)
     await refused(running.quota.GetBalance, request, made.token, UNAUTHENTICATED)
+
+
+async def test_token_actions_record_who_did_them(deployment: Deployment) -> None:
+    """Proves creating and revoking a token records its principal: the operator for
+    `tally tokens`, the calling token for TokenService; both lists show them."""
+    running = deployment.running
+    operator = f"operator:{getpass.getuser()}@{socket.gethostname()}"
+    admin = await deployment.token("--role", "admin")
+    admin_id = admin[len("tly_"):len("tly_tok_") + TOKEN_ID_HEX_DIGITS]
+    tokens = token_pb2_grpc.TokenServiceStub(running.stubs.channel)
+    by_grpc = await tokens.CreateToken(token_pb2.CreateTokenRequest(role="reader"),
+                                       metadata=bearer(admin))
+    by_cli = json.loads((await tally(deployment.env, "tokens", "create", "--json",
+                                     "--role", "worker"))[1])["token_id"]
+    await tokens.RevokeToken(token_pb2.RevokeTokenRequest(token_id=by_cli),
+                             metadata=bearer(admin))
+    code, _out, err = await tally(deployment.env, "tokens", "revoke", by_grpc.info.token_id)
+    assert code == 0, err
+    # a second revocation keeps the first one's principal
+    code, _out, err = await tally(deployment.env, "tokens", "revoke", by_cli)
+    assert code == 0, err
+
+    listed = await tokens.ListTokens(token_pb2.ListTokensRequest(), metadata=bearer(admin))
+    over_grpc = {t.token_id: (t.created_by, t.revoked_by) for t in listed.tokens}
+    assert over_grpc[admin_id] == (operator, "")
+    assert over_grpc[by_grpc.info.token_id] == (admin_id, operator)
+    assert over_grpc[by_cli] == (operator, admin_id)
+    assert by_grpc.info.created_by == admin_id
+    code, out, err = await tally(deployment.env, "tokens", "list", "--json")
+    assert code == 0, err
+    over_cli = {t["token_id"]: (t["created_by"], t["revoked_by"])
+                for t in json.loads(out)["tokens"]}
+    assert over_cli == over_grpc
+    code, out, err = await tally(deployment.env, "tokens", "list")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if by_cli in line)
+    assert operator in row and admin_id in row

@@ -254,7 +254,7 @@ async def _bearer(running: Running, role: Role, accounts: tuple[str, ...]) -> Me
     """The authorization metadata of a new token (made as `tally tokens create` does)."""
     store = running.authority.store
     book = TokenBook(running.authority.ledger, TokenStore(store.redis), store.clock)
-    token = await book.create(role, accounts, f"fuzz {role}", 0)
+    token = await book.create(role, accounts, f"fuzz {role}", 0, by="fuzz")
     return (("authorization", f"Bearer {token.text}"),)
 
 

@@ -216,7 +216,7 @@ async def test_a_mapped_client_certificate_is_the_principal_of_every_call(
         address = running.authority.address
         store = running.authority.store
         admin = await TokenBook(running.authority.ledger, TokenStore(store.redis), store.clock
-                                ).create(Role.ADMIN, (), "test admin", 0)
+                                ).create(Role.ADMIN, (), "test admin", 0, by="test")
         bearer = [("authorization", f"Bearer {admin.text}")]
         async with grpc.aio.secure_channel(address, admin_tls.credentials()) as channel:
             for account_id in (scoped_account, other_account):

@@ -40,6 +40,10 @@ class TokenRecord:
     created_at: int
     expires_at: int
     revoked_at: int
+    # who made and who revoked it (a principal id, or the operator for `tally tokens`);
+    # defaults for the records Redis held before these were kept
+    created_by: str = ""
+    revoked_by: str = ""
 
     def principal(self) -> Principal:
         return Principal(self.token_id, self.role, frozenset(self.accounts))
@@ -71,7 +75,8 @@ def secret_sha256(secret: str) -> str:
 
 
 def new_token(
-    role: Role, accounts: tuple[str, ...], name: str, now_ms: int, expires_at: int
+    role: Role, accounts: tuple[str, ...], name: str, now_ms: int, expires_at: int,
+    created_by: str,
 ) -> NewToken:
     token_id = "tok_" + secrets.token_hex(TOKEN_ID_HEX_DIGITS // 2)
     secret = secrets.token_urlsafe(SECRET_BYTES)
@@ -84,6 +89,7 @@ def new_token(
         created_at=now_ms,
         expires_at=expires_at,
         revoked_at=0,
+        created_by=created_by,
     )
     return NewToken(f"{TOKEN_PREFIX}{token_id}_{secret}", record)
 
@@ -93,10 +99,16 @@ def parse_bearer(header: str | None) -> tuple[str, str]:
     if header is None:
         raise Unauthenticated("a bearer token is required", reason="missing")
     scheme, _, text = header.strip().partition(" ")
-    match = TOKEN.fullmatch(text.strip()) if scheme.lower() == "bearer" else None
-    if match is None:
+    parts = split_token(text) if scheme.lower() == "bearer" else None
+    if parts is None:
         raise Unauthenticated("the bearer token is malformed", reason="malformed")
-    return match.group(1), match.group(2)
+    return parts
+
+
+def split_token(text: str) -> tuple[str, str] | None:
+    """(token_id, secret) of a token's text, None when it is not one."""
+    match = TOKEN.fullmatch(text.strip())
+    return None if match is None else (match.group(1), match.group(2))
 
 
 def matches(record: TokenRecord, secret: str) -> bool:

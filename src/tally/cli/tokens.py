@@ -1,11 +1,14 @@
 """`tally tokens create | list | revoke`: bearer tokens, managed directly on Redis
 and the ledger like `tally verify` (same flags), so the first admin token needs no
-running server. A token's text is printed once, by `create`; nothing keeps it."""
+running server. A token's text is printed once, by `create`; nothing keeps it.
+The records say the operator made or revoked them (`operator:<user>@<host>`)."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -60,6 +63,15 @@ def _with_book(args: argparse.Namespace, work: Work) -> int:
     return run_ops(args, on_ops)
 
 
+def operator() -> str:
+    """Who runs the command, as a token's created_by / revoked_by records it."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # a uid without a passwd entry, no USER variable
+        user = "unknown"
+    return f"operator:{user}@{socket.gethostname()}"
+
+
 def _time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds") if ms else "-"
 
@@ -69,7 +81,8 @@ def _public(record: TokenRecord) -> dict[str, object]:
     return {"token_id": record.token_id, "role": record.role.value,
             "accounts": list(record.accounts), "name": record.name,
             "created_at": record.created_at, "expires_at": record.expires_at,
-            "revoked_at": record.revoked_at}
+            "revoked_at": record.revoked_at, "created_by": record.created_by,
+            "revoked_by": record.revoked_by}
 
 
 def run_create(args: argparse.Namespace) -> int:
@@ -81,7 +94,9 @@ def run_create(args: argparse.Namespace) -> int:
         return 2
 
     async def work(book: TokenBook) -> int:
-        token = await book.create(Role(args.role), tuple(args.account), args.name, expires_in_ms)
+        token = await book.create(
+            Role(args.role), tuple(args.account), args.name, expires_in_ms, by=operator()
+        )
         if args.json:
             print(json.dumps({"token": token.text, "token_id": token.record.token_id}))
         else:
@@ -99,10 +114,11 @@ def run_list(args: argparse.Namespace) -> int:
             print(json.dumps({"tokens": [_public(r) for r in records]}))
             return 0
         rows = [[r.token_id, r.role.value, ",".join(r.accounts) or "*", r.name,
-                 _time(r.created_at), _time(r.expires_at), _time(r.revoked_at)]
+                 _time(r.created_at), r.created_by or "-", _time(r.expires_at),
+                 _time(r.revoked_at), r.revoked_by or "-"]
                 for r in records]
-        print(table(["token_id", "role", "accounts", "name", "created", "expires", "revoked"],
-                    rows))
+        print(table(["token_id", "role", "accounts", "name", "created", "created_by",
+                     "expires", "revoked", "revoked_by"], rows))
         return 0
 
     return _with_book(args, work)
@@ -110,7 +126,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_revoke(args: argparse.Namespace) -> int:
     async def work(book: TokenBook) -> int:
-        record = await book.revoke(args.token_id)
+        record = await book.revoke(args.token_id, by=operator())
         if args.json:
             print(json.dumps(_public(record)))
         else:

@@ -580,27 +580,31 @@ class SqlLedger:
             )
             return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in cur.fetchall()]
 
-    def put_token(self, record: TokenRecord) -> None:
+    def put_token(self, record: TokenRecord) -> TokenRecord:
+        """Keeps a token unless its id is already held (a bootstrap token at a
+        restart); returns the record held."""
         with self.transaction() as cur:
             cur.execute(
-                "INSERT INTO tokens (token_id, secret_sha256, role, accounts, name, "
-                "created_at, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO tokens ({_TOKEN_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (token_id) DO NOTHING",
                 (record.token_id, record.secret_sha256, record.role.value,
                  json.dumps(list(record.accounts)), record.name, record.created_at,
-                 record.expires_at, record.revoked_at),
+                 record.expires_at, record.revoked_at, record.created_by, record.revoked_by),
             )
+            held = _token(cur, record.token_id)
+        assert held is not None  # inserted or already there, in this transaction
+        return held
 
-    def revoke_token(self, token_id: str, revoked_at_ms: int) -> TokenRecord | None:
-        """Revokes a live token (a revoked one keeps its first revocation time);
-        returns its record, None when there is no such token."""
+    def revoke_token(self, token_id: str, revoked_at_ms: int, by: str) -> TokenRecord | None:
+        """Revokes a live token (a revoked one keeps its first revocation time and
+        revoker); returns its record, None when there is no such token."""
         with self.transaction() as cur:
             cur.execute(
-                "UPDATE tokens SET revoked_at = ? WHERE token_id = ? AND revoked_at = 0",
-                (revoked_at_ms, token_id),
+                "UPDATE tokens SET revoked_at = ?, revoked_by = ? "
+                "WHERE token_id = ? AND revoked_at = 0",
+                (revoked_at_ms, by, token_id),
             )
-            cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,))
-            row = cur.fetchone()
-        return None if row is None else _token_record(row)
+            return _token(cur, token_id)
 
     def tokens(self) -> list[TokenRecord]:
         with self.reading() as cur:
@@ -663,15 +667,22 @@ def _contiguous_through(cur: Cursor, account_id: str, after_seq: int, last_seq: 
 
 
 _TOKEN_COLUMNS = (
-    "token_id, secret_sha256, role, accounts, name, created_at, expires_at, revoked_at"
+    "token_id, secret_sha256, role, accounts, name, created_at, expires_at, revoked_at, "
+    "created_by, revoked_by"
 )
+
+
+def _token(cur: Cursor, token_id: str) -> TokenRecord | None:
+    cur.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE token_id = ?", (token_id,))
+    row = cur.fetchone()
+    return None if row is None else _token_record(row)
 
 
 def _token_record(row: Sequence[Any]) -> TokenRecord:
     return TokenRecord(
         token_id=row[0], secret_sha256=row[1], role=Role(row[2]),
         accounts=tuple(json.loads(row[3])), name=row[4], created_at=int(row[5]),
-        expires_at=int(row[6]), revoked_at=int(row[7]),
+        expires_at=int(row[6]), revoked_at=int(row[7]), created_by=row[8], revoked_by=row[9],
     )
 
 

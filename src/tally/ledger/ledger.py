@@ -221,11 +221,12 @@ class Ledger:
         """Keeps stream entries recovery set aside (quarantined_entries)."""
         await self._call(self.backend.quarantine, events, self.clock.now_ms())
 
-    async def put_token(self, record: TokenRecord) -> None:
-        await self._call(self.backend.put_token, record)
+    async def put_token(self, record: TokenRecord) -> TokenRecord:
+        """Keeps the record unless its token id is held; returns the one held."""
+        return await self._call(self.backend.put_token, record)
 
-    async def revoke_token(self, token_id: str) -> TokenRecord | None:
-        return await self._call(self.backend.revoke_token, token_id, self.clock.now_ms())
+    async def revoke_token(self, token_id: str, by: str) -> TokenRecord | None:
+        return await self._call(self.backend.revoke_token, token_id, self.clock.now_ms(), by)
 
     async def tokens(self) -> list[TokenRecord]:
         return await self._read(self.backend.tokens)

@@ -152,6 +152,15 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "ALTER TABLE ledger_entries ADD COLUMN principal TEXT NOT NULL DEFAULT ''",
         ),
     ),
+    (
+        7,
+        "audit: the principal that created and that revoked each token",
+        (
+            # '' for tokens made before this migration (and revoked_by while live)
+            "ALTER TABLE tokens ADD COLUMN created_by TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE tokens ADD COLUMN revoked_by TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]
