@@ -221,7 +221,7 @@ async def test_verify_is_clean_and_recover_rebuilds_a_wiped_redis(
         before = await running.quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=account_id))
         authority = running.authority
         report = await recovery.verify(
-            StateImages(authority.store.redis, authority.store.keys), authority.ledger,
+            StateImages.of(authority.store), authority.ledger,
             authority.flusher, lambda _: None,
         )
         assert report.differences == []
@@ -251,7 +251,7 @@ async def test_verify_is_clean_and_recover_rebuilds_a_wiped_redis(
         assert commit.units_charged == 20
         authority = running.authority
         report = await recovery.verify(
-            StateImages(authority.store.redis, authority.store.keys), authority.ledger,
+            StateImages.of(authority.store), authority.ledger,
             authority.flusher, lambda _: None,
         )
         assert report.differences == []
@@ -273,7 +273,7 @@ async def test_verify_reports_a_tampered_balance(durable: Running) -> None:
     acct["total_charged"] += 1
     await store.redis.set(key, msgpack.packb(acct))
     report = await recovery.verify(
-        StateImages(store.redis, store.keys), authority.ledger, authority.flusher, lambda _: None
+        StateImages.of(store), authority.ledger, authority.flusher, lambda _: None
     )
     assert any(d.account_id == account_id and d.what == "total_charged" for d in report.differences)
 

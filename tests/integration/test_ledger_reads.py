@@ -308,7 +308,7 @@ async def test_recovery_after_a_prune_is_exact(own_redis: RedisProcess, ledger_u
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
         authority = running.authority
         report = await recovery.verify(
-            StateImages(authority.store.redis, authority.store.keys), authority.ledger,
+            StateImages.of(authority.store), authority.ledger,
             authority.flusher, lambda _: None,
         )
         assert report.differences == []

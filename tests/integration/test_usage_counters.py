@@ -67,7 +67,7 @@ async def test_records_read_and_restored_rebuild_the_very_same_counters(
         (2 * HOUR_MS, "image.upscale", 6, 1, 1, tuple(sorted(AWKWARD_LABELS.items()))),
     ]
     await store.redis.delete(store.keys.usage(account_id, start_ms))
-    images = StateImages(store.redis, store.keys)
+    images = StateImages.of(store)
     await images.restore_usage(account_id, start_ms, end_ms, usages, running.clock.now_ms())
     assert await counters(store, account_id, start_ms) == written
 
@@ -84,7 +84,7 @@ async def test_restore_nets_and_batches_records_and_replaces_what_was_there(
     usages = [Usage(start_ms + h * HOUR_MS, account_id, "image.upscale", {"h": str(h % 3)},
                     10, 1, 1) for h in range(hours)]
     refunds = [Usage(start_ms, account_id, "image.upscale", {"h": "0"}, -4, 0, 0)]
-    images = StateImages(store.redis, store.keys)
+    images = StateImages.of(store)
     await images.restore_usage(account_id, start_ms, end_ms, usages + refunds, T0_MS)
     read = sorted(await store.usage(account_id, start_ms, None), key=lambda u: u.bucket_ms)
     assert len(read) == hours

@@ -29,16 +29,16 @@ PriceVersion = tuple[str, int, int, int]
 
 
 class StateImages:
-    def __init__(self, redis: Any, keys: KeySpace) -> None:
-        self.redis = redis  # the store's pool (an aioredis.Redis)
-        self.keys = keys
+    def __init__(self, scripts: ScriptRunner, keys: KeySpace) -> None:
         # what the scripts own a format of (the usage counters) goes back through them
-        self.scripts = ScriptRunner(redis)
+        self.scripts = scripts
+        self.redis: Any = scripts.redis  # the store's pool (an aioredis.Redis)
+        self.keys = keys
 
     @classmethod
     def of(cls, store: QuotaStore) -> StateImages:
-        """On the store's connection pool and key space."""
-        return cls(store.redis, store.keys)
+        """On the store's scripts, connection pool and key space."""
+        return cls(store.runner, store.keys)
 
     # --- reads ------------------------------------------------------------------
 
