@@ -44,7 +44,7 @@ from tally.store.state_images import StateImages
 from tally.store.streams import EventStreams
 from tally.store.sweeper import PeriodSweeper
 from tally.store.token_store import TokenStore
-from tally.supervisor import RestartPolicy, Supervisor
+from tally.supervisor import HealthCallback, RestartPolicy, Supervisor
 
 log = logging.getLogger("tally.app")
 
@@ -214,14 +214,34 @@ class Authority:
         log.info("stopped")
 
 
-async def start(settings: Settings, clock: Clock | None = None) -> Authority:
-    required = auth_required(settings)
+@dataclass
+class Core:
+    """What every process of an authority holds: the store, the ledger and what reads
+    and writes both (the flusher: the primary's runs; every process's settles money in)."""
+
+    store: QuotaStore
+    ledger: Ledger
+    flusher: Flusher
+    book: TokenBook
+    redis_url: str
+    embedded: EmbeddedRedis | None = None
+
+    async def close(self) -> None:
+        await self.store.close()
+        self.ledger.close()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+async def open_core(settings: Settings, clock: Clock) -> Core:
+    """The start-up work done once per authority (a single server, or the primary of
+    several workers): the embedded Redis, migrations, scripts, recovery, the bootstrap
+    token and token restore, the flusher's groups, the catalog."""
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
         embedded = EmbeddedRedis(settings.data_path / "redis", settings.redis_appendfsync)
         redis_url = embedded.start()
-    clock = clock or SystemClock()
     ledger: Ledger | None = None
     store: QuotaStore | None = None
     try:
@@ -230,8 +250,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         await store.check_deployment()
         await store.runner.load()
         await ensure_current(store, ledger, settings.recover_on_start)
-        tokens = TokenStore(store.redis)
-        book = TokenBook(ledger, tokens, clock)
+        book = TokenBook(ledger, TokenStore(store.redis), clock)
         if settings.bootstrap_token_file:
             bootstrap = await book.bootstrap(Path(settings.bootstrap_token_file))
             log.info("bootstrap token in place", extra={"token_id": bootstrap.token_id,
@@ -239,23 +258,10 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         restored = await book.restore()
         if restored:
             log.warning("restored token records from the ledger", extra={"tokens": restored})
-        authenticator = (
-            Authenticator(tokens, clock, settings.token_cache_ttl) if required else None
-        )
         flusher = build_flusher(settings, store, ledger)
         await flusher.ensure_groups()
         await store.sync_catalog(load_defaults=settings.default_catalog)
         await flusher.flush_through(0)  # the default catalog is money-in too
-        watch = UsageWatch(
-            flusher.streams, ledger, max_watchers=settings.max_watchers,
-            max_watchers_per_principal=settings.max_watchers_per_principal,
-        )
-        admission = build_admission(settings)
-        server, port, health_servicer = build_server(
-            store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch,
-            admission, server_transport(settings), authenticator, book,
-        )
-        await server.start()
     except BaseException:
         if store is not None:
             await store.close()
@@ -264,24 +270,93 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
         if embedded is not None:
             embedded.stop()
         raise
-    serving = Serving(health_servicer)
+    return Core(store, ledger, flusher, book, redis_url, embedded)
+
+
+async def attach_core(settings: Settings, clock: Clock) -> Core:
+    """A worker's core: the store and ledger the primary has prepared (open_core), with
+    none of its once-only work. The ledger's fences are its floors from the start."""
+    ledger = Ledger(open_ledger(settings.ledger_location), clock)
+    store = build_store(settings, settings.redis_url, clock)
+    try:
+        await store.runner.load()  # idempotent; spares the first calls a NOSCRIPT
+        await raise_floors_from(ledger, store.fences)
+    except BaseException:
+        await store.close()
+        ledger.close()
+        raise
+    book = TokenBook(ledger, TokenStore(store.redis), clock)
+    return Core(store, ledger, build_flusher(settings, store, ledger), book, settings.redis_url)
+
+
+@dataclass
+class RequestPath:
+    """The gRPC server and what serves calls beside it, per serving process."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    watch: UsageWatch
+    admission: Admission
+
+
+async def start_request_path(settings: Settings, core: Core, required: bool) -> RequestPath:
+    """Builds and starts the server (a bound port: calls are taken from here on)."""
+    store, ledger, flusher = core.store, core.ledger, core.flusher
+    authenticator = (
+        Authenticator(TokenStore(store.redis), store.clock, settings.token_cache_ttl)
+        if required else None
+    )
+    watch = UsageWatch(
+        flusher.streams, ledger, max_watchers=settings.max_watchers,
+        max_watchers_per_principal=settings.max_watchers_per_principal,
+    )
+    admission = build_admission(settings)
+    server, port, health_servicer = build_server(
+        store, ttl_limits(settings), settings.listen, MoneyInBarrier(flusher), ledger, watch,
+        admission, server_transport(settings), authenticator, core.book,
+    )
+    await server.start()
+    return RequestPath(server, port, health_servicer, watch, admission)
+
+
+def fence_watch_of(settings: Settings, core: Core) -> FenceWatch:
+    return FenceWatch(
+        core.store.fences, core.ledger, StateImages.of(core.store), settings.fence_check_interval
+    )
+
+
+def restart_policy(settings: Settings) -> RestartPolicy:
+    """Background tasks' and worker processes' restarts alike."""
+    return RestartPolicy(
+        failures_max=settings.background_failures_max,
+        stable_after_s=settings.background_stable_after,
+    )
+
+
+def background_supervisor(settings: Settings, set_serving: HealthCallback) -> Supervisor:
+    return Supervisor(restart_policy(settings), set_serving)
+
+
+async def start(settings: Settings, clock: Clock | None = None) -> Authority:
+    required = auth_required(settings)
+    core = await open_core(settings, clock or SystemClock())
+    store, ledger, flusher = core.store, core.ledger, core.flusher
+    try:
+        path = await start_request_path(settings, core, required)
+    except BaseException:
+        await core.close()
+        raise
+    serving = Serving(path.health)
     await serving.fences(bool(store.fences.fenced))
     store.fences.on_fenced = serving.fences
     reaper = Reaper(store, settings.reaper_interval, settings.reaper_batch)
     sweeper = PeriodSweeper(store, settings.period_sweep_interval, settings.period_sweep_batch)
-    fence_watch = FenceWatch(
-        store.fences, ledger, StateImages.of(store), settings.fence_check_interval
-    )
-    background = Supervisor(
-        RestartPolicy(
-            failures_max=settings.background_failures_max,
-            stable_after_s=settings.background_stable_after,
-        ),
-        serving.tasks,
-    )
+    fence_watch = fence_watch_of(settings, core)
+    background = background_supervisor(settings, serving.tasks)
     authority = Authority(
-        settings, store, ledger, flusher, server, port, health_servicer, reaper, sweeper,
-        fence_watch, watch, background, admission, serving, embedded,
+        settings, store, ledger, flusher, path.server, path.port, path.health, reaper, sweeper,
+        fence_watch, path.watch, background, path.admission, serving, core.embedded,
     )
     if settings.metrics_listen:
         authority.metrics_server = metrics.serve(settings.metrics_listen)
@@ -292,7 +367,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     log.info(
         "serving",
         extra={"address": authority.address, "shards": settings.shards,
-               "redis": "embedded" if embedded else "external", "ledger": ledger.dialect},
+               "redis": "embedded" if core.embedded else "external", "ledger": ledger.dialect},
     )
     return authority
 

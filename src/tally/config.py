@@ -28,6 +28,9 @@ MAX_WATCHERS_PER_PRINCIPAL = MAX_WATCHERS // 4
 MAX_IN_FLIGHT = 512
 # The largest request a server reads; replies may be four times larger (ledger pages).
 MAX_RECEIVE_MESSAGE_BYTES = 1024 * 1024
+# Serving processes of one `tally serve`, at most: a fixed bound (not one derived from the
+# host's CPU count) so that a setting valid on one machine is valid on every machine.
+WORKERS_MAX = 64
 
 
 def parse_duration_s(text: str) -> float:
@@ -60,6 +63,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ledger_url", "ledger URL (sqlite:///path or postgresql://...); unset: "
             "sqlite under data_dir", str, ""),
     Setting("data_dir", "folder for the embedded Redis and ledger", str, "./var"),
+    Setting("workers", "serving processes sharing the listen port (SO_REUSEPORT); above 1 a "
+            "primary process runs the background work once and supervises them "
+            f"(1..{WORKERS_MAX})", int, 1),
     Setting("shards", "virtual shards accounts are spread over (fixed once data exists)", int, 16),
     Setting("hold_ttl_default", "hold lifetime when a Reserve sets no ttl", parse_duration_s,
             300.0),
@@ -165,6 +171,7 @@ class Settings:
     redis_url: str
     ledger_url: str
     data_dir: str
+    workers: int
     shards: int
     hold_ttl_default: float
     hold_ttl_min: float
@@ -232,6 +239,11 @@ class Settings:
         return self.ledger_url or f"sqlite:///{self.data_path / 'ledger.sqlite3'}"
 
     def validate(self) -> None:
+        if not 1 <= self.workers <= WORKERS_MAX:
+            raise ValueError(
+                f"--workers (TALLY_WORKERS) must be between 1 and {WORKERS_MAX}, "
+                f"got {self.workers}"
+            )
         if not 1 <= self.shards <= 4096:
             raise ValueError(f"shards must be between 1 and 4096, got {self.shards}")
         for name in ("idempotency_window", "reservation_retention", "reaper_interval",
@@ -304,6 +316,13 @@ class Settings:
         if self.max_connection_age < 0 or self.max_connection_age_grace < 0:
             raise ValueError("max_connection_age and max_connection_age_grace must not be "
                              "negative")
+        metrics_port = self.metrics_listen.rpartition(":")[2]
+        metrics_port_last = int(metrics_port) + self.workers if metrics_port.isdigit() else 0
+        if metrics_port != "0" and metrics_port_last > 65535:
+            raise ValueError(
+                f"metrics_listen {self.metrics_listen!r}: with --workers {self.workers} the "
+                "workers' endpoints (its port + 1 .. + workers) would pass port 65535"
+            )
         if (self.metrics_listen and not is_loopback(self.metrics_listen)
                 and not self.metrics_allow_remote):
             raise ValueError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,8 +43,22 @@ class RedactingFormatter(logging.Formatter):
         return redact(self.inner.format(record))
 
 
-def configure(level: str, fmt: str) -> None:
+class _Fields(logging.Filter):
+    """Adds fixed fields to every record (a worker's index)."""
+
+    def __init__(self, fields: Mapping[str, object]) -> None:
+        super().__init__()
+        self.fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.update(self.fields)
+        return True
+
+
+def configure(level: str, fmt: str, fields: Mapping[str, object] | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    if fields:
+        handler.addFilter(_Fields(fields))
     inner = (
         JsonFormatter()
         if fmt == "json"

@@ -77,6 +77,20 @@ BACKGROUND_TASK_UP = Gauge(
     registry=REGISTRY,
 )
 
+# --- worker processes (--workers above 1; the primary's endpoint) -----------
+
+WORKER_RESTARTS = Counter(
+    "tally_worker_restarts_total",
+    "Worker processes started again after one exited unasked, by worker index",
+    ["worker"],
+    registry=REGISTRY,
+)
+WORKERS_SERVING = Gauge(
+    "tally_workers_serving",
+    "Worker processes that reported serving and have not exited",
+    registry=REGISTRY,
+)
+
 # --- gRPC -------------------------------------------------------------------
 
 # From half a millisecond (a cached hot-path call) to the longest sensible deadline.

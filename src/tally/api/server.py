@@ -110,15 +110,21 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
 
 
 class Serving:
-    """Health from two sources: SERVING while every background task can stay up
-    (the supervisor) and no shard is fenced (store/fence.py); after `close()`
-    (shutdown) always NOT_SERVING."""
+    """Health from its sources: SERVING while every background task can stay up
+    (the supervisor), no shard is fenced (store/fence.py) and, in a worker, the
+    primary says so (it runs the background work and waits for every worker);
+    after `close()` (shutdown) always NOT_SERVING."""
 
-    def __init__(self, health_servicer: health.aio.HealthServicer) -> None:
+    def __init__(self, health_servicer: health.aio.HealthServicer, primary_up: bool = True) -> None:
         self._servicer = health_servicer
         self._tasks_up = True
         self._fenced = False
+        self._primary_up = primary_up
         self._closed = False
+
+    async def primary(self, up: bool) -> None:
+        self._primary_up = up
+        await self._publish()
 
     async def tasks(self, up: bool) -> None:
         self._tasks_up = up
@@ -133,5 +139,5 @@ class Serving:
         await self._publish()
 
     async def _publish(self) -> None:
-        serving = self._tasks_up and not self._fenced and not self._closed
+        serving = self._tasks_up and self._primary_up and not self._fenced and not self._closed
         await set_serving(self._servicer, serving)

@@ -65,6 +65,9 @@ def server_options(settings: Settings) -> tuple[tuple[str, int], ...]:
         ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.keepalive_min_interval)),
         ("grpc.http2.max_ping_strikes", PING_STRIKES_MAX),
+        # Several workers share the port; one server alone refuses to share it, so a
+        # second `tally serve` on the same port fails instead of taking half the calls.
+        ("grpc.so_reuseport", int(settings.workers > 1)),
     ]
     if settings.max_connection_age > 0:
         options += [

@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from tally import app, config, logs
 from tally.redaction import redact
-from tally.store.embedded import RedisNotInstalled
+from tally.store.embedded import EmbeddedRedis, RedisNotInstalled
+from tally.workers import primary
 
 log = logging.getLogger("tally.serve")
 
@@ -25,19 +28,34 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=run)
 
 
-async def _announce(authority: app.Authority) -> None:
-    if authority.embedded is not None:
-        where = f"embedded Redis (AOF) under {authority.embedded.folder}"
+def _tell_ready(address: str, embedded: EmbeddedRedis | None, workers: int) -> None:
+    if embedded is not None:
+        where = f"embedded Redis (AOF) under {embedded.folder}"
     else:
         where = "the Redis at --redis-url"
+    processes = f" ({workers} worker processes)" if workers > 1 else ""
     print(
-        f"tally: serving on {authority.address} with {where}.\n"
+        f"tally: serving on {address}{processes} with {where}.\n"
         f"  Try: .venv/bin/tally accounts create demo --allotment 5000 "
-        f"--target {authority.address}\n"
+        f"--target {address}\n"
         f"  Stop with Ctrl-C (in-flight calls drain first).",
         file=sys.stderr,
         flush=True,
     )
+
+
+async def _announce(authority: app.Authority) -> None:
+    _tell_ready(authority.address, authority.embedded, 1)
+
+
+def _serve(settings: config.Settings) -> Coroutine[Any, Any, None]:
+    if settings.workers == 1:
+        return app.serve_until_signalled(settings, on_ready=_announce)
+
+    async def announce(address: str, core: app.Core) -> None:
+        _tell_ready(address, core.embedded, settings.workers)
+
+    return primary.serve_until_signalled(settings, on_ready=announce)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(app.serve_until_signalled(settings, on_ready=_announce))
+        asyncio.run(_serve(settings))
     except RedisNotInstalled as exc:
         print(f"tally serve: {redact(str(exc))}", file=sys.stderr)
         return 3

@@ -1,0 +1,1 @@
+"""`tally serve --workers N`: a primary process and N serving worker processes."""
