@@ -177,3 +177,26 @@ def test_settings_the_server_cannot_run_with_are_refused_up_front(
     with pytest.raises(ValueError) as refused:
         parse([], environ)
     assert named in str(refused.value).lower().replace("-", "_"), str(refused.value)
+
+
+def test_workers_are_bounded_from_1_to_64() -> None:
+    """Proves --workers takes 1 (the default) to 64 (WORKERS_MAX) and refuses 0 and 65
+    with a message naming the flag; TALLY_WORKERS alike."""
+    assert parse([]).workers == 1
+    assert parse(["--workers", str(config.WORKERS_MAX)]).workers == 64
+    assert parse([], {"TALLY_WORKERS": "64"}).workers == 64
+    for bad in ("0", "65"):
+        with pytest.raises(ValueError, match=r"--workers \(TALLY_WORKERS\) must be between 1 "
+                                             rf"and 64, got {bad}"):
+            parse(["--workers", bad])
+    with pytest.raises(ValueError, match="--workers"):
+        parse([], {"TALLY_WORKERS": "65"})
+
+
+def test_workers_metrics_endpoints_must_fit_below_port_65536() -> None:
+    """Proves worker i's metrics port (metrics_listen's + i) must exist: 65535 - 64 is
+    the highest base for 64 workers; port 0 (any free port) is always accepted."""
+    assert parse(["--workers", "64", "--metrics-listen", "127.0.0.1:65471"]).workers == 64
+    with pytest.raises(ValueError, match="would pass port 65535"):
+        parse(["--workers", "64", "--metrics-listen", "127.0.0.1:65472"])
+    assert parse(["--workers", "64", "--metrics-listen", "127.0.0.1:0"]).workers == 64
