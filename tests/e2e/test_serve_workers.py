@@ -273,6 +273,9 @@ def test_workers_share_the_port_and_the_background_work_runs_once(
                 quota_pb2.RefundRequest(reservation_id=reservation_id, idempotency_key=f"f{i}"),
                 metadata=served.metadata(), timeout=10)
     assert all(count > 0 for count in by_worker(served, "QuotaService/Refund"))
+    for port in served.worker_ports():  # each brought reservations back from the ledger
+        assert metric(port, "tally_redis_script_duration_seconds_count",
+                      script="restore_hold") > 0
     # short holds left to expire: the primary's reaper releases them
     for i in range(3):
         with grpc.insecure_channel(served.address, options=FRESH_CONNECTION) as channel:
