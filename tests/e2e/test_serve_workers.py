@@ -236,6 +236,9 @@ def test_workers_share_the_port_and_the_background_work_runs_once(
         "--closed-reservation-window", "300ms", admin=admin,
     )
     assert len(served.worker_pids()) == WORKERS
+    messages = [line.get("msg") for line in served.log_lines()]
+    ready_at = messages.index("serving")  # the primary's: after every worker started
+    assert messages[:ready_at].count("worker started") == WORKERS
     create_account(served, "spread", 1_000_000)
     # money in through both workers: each purchase is in the ledger once acknowledged
     for i in range(CALLS // 2):
