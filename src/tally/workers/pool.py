@@ -98,13 +98,17 @@ class WorkerPool:
         """Starts the slot's worker; True once it serves. A worker that fails to is
         killed (its exit is then seen by the watcher)."""
         launch = WorkerLaunch(self._settings_of(slot.index), slot.index, os.getpid())
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tally.workers.worker",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
-        slot.process = process
         slot.started_at = asyncio.get_running_loop().time()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tally.workers.worker",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:  # no process (fork failed): the watcher tries again later
+            log.error("could not start a worker", extra={"worker": slot.index, "error": str(exc)})
+            return False
+        slot.process = process
         assert process.stdin is not None and process.stdout is not None
         try:
             process.stdin.write(launch.encode())
