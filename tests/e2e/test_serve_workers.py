@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -383,3 +384,37 @@ def test_sigkill_of_the_primary_leaves_no_worker_serving(
     for pid in [*workers, redis]:
         wait_for(lambda pid=pid: not alive(pid), f"process {pid} to exit", EXIT_TIMEOUT_S)
     assert not serving(served.address)
+
+
+def test_recovery_and_token_restore_at_the_primary_reach_every_worker(
+    tmp_path: Path, launched: list[Served]
+) -> None:
+    """Proves the once-only start-up work done by the primary serves every worker: after
+    the embedded Redis lost everything, a restart with --recover-on-start rebuilds the
+    account and restores a token made through a worker, and both workers honour that
+    token and serve the recovered balance."""
+    token_file, admin = written_token(tmp_path)
+    flags = ("--auth", "required", "--bootstrap-token-file", str(token_file))
+    served = start(launched, tmp_path / "var", *flags, admin=admin)
+    create_account(served, "recovered", 10_000)
+    with grpc.insecure_channel(served.address) as channel:
+        worker_token = token_pb2_grpc.TokenServiceStub(channel).CreateToken(
+            token_pb2.CreateTokenRequest(role="worker", name="w"), metadata=served.metadata(),
+            timeout=10).token
+    served.admin = worker_token
+    charge(served, "recovered", "before")
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(EXIT_TIMEOUT_S) == 0
+    shutil.rmtree(served.data_dir / "redis" / "appendonlydir")  # Redis lost everything
+    again = start(launched, tmp_path / "var", *flags, "--recover-on-start", "true",
+                  admin=worker_token)
+    for i in range(CALLS // 2):
+        with grpc.insecure_channel(again.address, options=FRESH_CONNECTION) as channel:
+            balance = quota_pb2_grpc.QuotaServiceStub(channel).GetBalance(
+                quota_pb2.GetBalanceRequest(account_id="recovered"),
+                metadata=again.metadata(), timeout=10).balance
+        assert balance.available == 10_000 - 10, i
+    assert all(count > 0 for count in by_worker(again, "QuotaService/GetBalance"))
+    messages = [line.get("msg") for line in again.log_lines()]
+    assert "recovered Redis from the ledger" in messages
+    assert "restored token records from the ledger" in messages
