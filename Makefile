@@ -46,8 +46,8 @@ run: setup
 	  exit 1; fi
 	$(VENV)/bin/tally serve
 
-# The Locust load test, headless: against a server of its own (or $$TALLY_TARGET with
-# $$TALLY_TOKEN); summary on stdout, CSV and HTML under loadtests/results/.
+# The Locust load test, headless: against a server of its own (or TALLY_TARGET with
+# TALLY_TOKEN); summary on stdout, CSV and HTML under loadtests/results/.
 LOADTEST_USERS ?= 20
 LOADTEST_SPAWN_RATE ?= 10
 LOADTEST_RUN_TIME ?= 60s

@@ -21,6 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from tally.auth.book import ACCOUNTS_PER_TOKEN_MAX
 from tally.v1 import account_pb2, account_pb2_grpc, token_pb2, token_pb2_grpc
+from tally_calls import Metadata
 
 ACCOUNT_PREFIX = "lt"
 # A safety net for a run whose test_stop never came: its tokens die on their own.
@@ -68,7 +69,7 @@ def account_ids(run_id: str, count: int) -> list[str]:
 
 
 def build(
-    channel: grpc.Channel, admin: list[tuple[str, str]], plan: FleetPlan, timeout_s: float
+    channel: grpc.Channel, admin: Metadata, plan: FleetPlan, timeout_s: float
 ) -> Fleet:
     """Creates the plan's accounts and their worker tokens (grpc.RpcError on refusal)."""
     accounts = account_pb2_grpc.AccountServiceStub(channel)
@@ -108,7 +109,7 @@ def build(
 
 
 def retire(
-    channel: grpc.Channel, admin: list[tuple[str, str]], fleet: Fleet, timeout_s: float
+    channel: grpc.Channel, admin: Metadata, fleet: Fleet, timeout_s: float
 ) -> None:
     """Revokes the fleet's worker tokens."""
     tokens = token_pb2_grpc.TokenServiceStub(channel)

@@ -35,7 +35,7 @@ import logging
 import os
 import random
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
@@ -49,8 +49,8 @@ from locust.runners import MasterRunner
 
 import fleet
 from tally.client_tls import ClientTls
-from tally_calls import Caller
 from tally.v1 import quota_pb2, quota_pb2_grpc
+from tally_calls import Caller, Metadata
 
 # gRPC must wait on gevent's loop, not block the process: before any channel exists.
 grpc_gevent.init_gevent()
@@ -69,7 +69,7 @@ PARTIAL_COMMIT_SHARE = 0.15
 REFUND_AFTER_COMMIT_SHARE = 0.05
 
 
-@events.init_command_line_parser.add_listener
+@events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
 def add_options(parser: Any) -> None:
     parser.add_argument("--tally-target", env_var="TALLY_TARGET", default="127.0.0.1:50051",
                         help="host:port of the Tally server")
@@ -104,8 +104,8 @@ def open_channel(target: str) -> grpc.Channel:
     return grpc.secure_channel(target, tls.credentials(), options=options)
 
 
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")] if token else []
+def bearer(token: str) -> Metadata:
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def admin_token(options: Any) -> str:
@@ -121,7 +121,7 @@ class Fleets:
     """This process's fleet, made at test start; users take its groups in turn."""
 
     current: fleet.Fleet | None = None
-    turns: itertools.count[int] = itertools.count()
+    turns: itertools.count[int] = field(default_factory=itertools.count)
 
     def next_group(self) -> fleet.Group | None:
         if self.current is None:
@@ -140,11 +140,11 @@ def fail_setup(environment: Environment, what: str, error: Exception) -> None:
         gevent.spawn(environment.runner.quit)
 
 
-@events.test_start.add_listener
+@events.test_start.add_listener  # type: ignore[untyped-decorator]
 def make_fleet(environment: Environment, **_: Any) -> None:
     if isinstance(environment.runner, MasterRunner):
         return  # each worker makes its own
-    options = environment.parsed_options
+    options: Any = environment.parsed_options
     try:
         plan = fleet.FleetPlan(options.tally_accounts, options.tally_units,
                                options.tally_dry_accounts, options.tally_dry_units)
@@ -161,12 +161,12 @@ def make_fleet(environment: Environment, **_: Any) -> None:
              made.run_id, made.accounts, len(made.groups))
 
 
-@events.test_stop.add_listener
+@events.test_stop.add_listener  # type: ignore[untyped-decorator]
 def retire_fleet(environment: Environment, **_: Any) -> None:
     made, FLEETS.current = FLEETS.current, None
     if made is None:
         return
-    options = environment.parsed_options
+    options: Any = environment.parsed_options
     channel = open_channel(options.tally_target)
     try:
         fleet.retire(channel, bearer(admin_token(options)), made, options.tally_timeout)

@@ -18,7 +18,7 @@ backoff; each attempt is reported.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,7 +36,7 @@ INSUFFICIENT_UNITS = "INSUFFICIENT_UNITS"
 RETRY_BACKOFF_S = 0.05  # doubled at each retry
 
 Response = TypeVar("Response", bound=Message)
-Metadata = Sequence[tuple[str, str]]
+Metadata = tuple[tuple[str, str], ...]
 
 
 class CallFailed(Exception):
@@ -91,12 +91,12 @@ class Caller:
 
     def _report_error(self, name: str, error: grpc.RpcError, started: float) -> bool:
         """Reports a refused, shed or failed attempt; whether it is worth a retry."""
-        code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+        code: grpc.StatusCode = error.code()
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             refused = is_insufficient_units(error)
             self._report(f"{name} {REFUSED if refused else SHED}", started, 0, code, None)
             return not refused
-        details: str = error.details() or ""  # type: ignore[attr-defined]
+        details: str = error.details() or ""
         self._report(name, started, 0, code, CallFailed(code, details))
         return code == grpc.StatusCode.UNAVAILABLE
 
@@ -109,7 +109,7 @@ class Caller:
         exception: Exception | None,
     ) -> None:
         context: dict[str, Any] = {"status_code": code.name}
-        self.request_event.fire(
+        self.request_event.fire(  # type: ignore[no-untyped-call]
             request_type=REQUEST_TYPE,
             name=name,
             response_time=(time.perf_counter() - started) * 1000,
