@@ -2,9 +2,9 @@
 
 Each Locust process that runs users (the only one, or each worker) makes its own
 fleet at test start with an admin token: `accounts` accounts named
-`lt-<run>-<n>`, the last `dry_accounts` of them with `dry_units` as their monthly
-allotment (they run dry within a few calls and are then refused) and the others
-with `units`; and one worker token per group of at most ACCOUNTS_PER_TOKEN_MAX
+`lt-<run>-<n>`, `dry_accounts` of them (spread evenly) with `dry_units` as their
+monthly allotment (they run dry within a few calls and are then refused) and the
+others with `units`; and one worker token per group of at most ACCOUNTS_PER_TOKEN_MAX
 accounts (the server's bound), scoped to that group. At test stop it revokes the
 tokens. The accounts stay (Tally deletes no account); their names say which run
 made them.
@@ -47,9 +47,10 @@ class FleetPlan:
 
 @dataclass(frozen=True)
 class Group:
-    """Accounts and the worker token scoped to them."""
+    """Accounts and the worker token scoped to them (a group may lack one kind)."""
 
-    accounts: tuple[str, ...]
+    accounts: tuple[str, ...]  # with `units`
+    dry_accounts: tuple[str, ...]  # with `dry_units`
     token: str
     token_id: str
 
@@ -61,7 +62,7 @@ class Fleet:
 
     @property
     def accounts(self) -> int:
-        return sum(len(group.accounts) for group in self.groups)
+        return sum(len(group.accounts) + len(group.dry_accounts) for group in self.groups)
 
 
 def account_ids(run_id: str, count: int) -> list[str]:
@@ -76,21 +77,31 @@ def build(
     tokens = token_pb2_grpc.TokenServiceStub(channel)
     run_id = secrets.token_hex(4)
     ids = account_ids(run_id, plan.accounts)
-    dry = set(ids[plan.accounts - plan.dry_accounts :])
+    dry = {ids[n * plan.accounts // plan.dry_accounts] for n in range(plan.dry_accounts)}
 
-    def create(account_id: str) -> None:
+    def create(account_id: str) -> grpc.RpcError | None:
         allotment = plan.dry_units if account_id in dry else plan.units
-        accounts.CreateAccount(
-            account_pb2.CreateAccountRequest(
-                account_id=account_id,
-                monthly_allotment=allotment,
-                labels={"made_by": "locust", "run": run_id},
-            ),
-            timeout=timeout_s,
-            metadata=admin,
-        )
+        try:
+            accounts.CreateAccount(
+                account_pb2.CreateAccountRequest(
+                    account_id=account_id,
+                    monthly_allotment=allotment,
+                    labels={"made_by": "locust", "run": run_id},
+                ),
+                timeout=timeout_s,
+                metadata=admin,
+            )
+        except grpc.RpcError as error:
+            return error
+        return None
 
-    Pool(SETUP_CALLS_IN_FLIGHT_MAX).map(create, ids)
+    # The first alone: a wrong address or token is told once, not once per account.
+    failed = [create(ids[0])]
+    if failed[0] is None:
+        failed += Pool(SETUP_CALLS_IN_FLIGHT_MAX).imap_unordered(create, ids[1:])
+    for error in failed:
+        if error is not None:
+            raise error
     groups = []
     for start in range(0, len(ids), ACCOUNTS_PER_TOKEN_MAX):
         scope = ids[start : start + ACCOUNTS_PER_TOKEN_MAX]
@@ -104,7 +115,8 @@ def build(
             timeout=timeout_s,
             metadata=admin,
         )
-        groups.append(Group(tuple(scope), made.token, made.info.token_id))
+        groups.append(Group(tuple(a for a in scope if a not in dry),
+                            tuple(a for a in scope if a in dry), made.token, made.info.token_id))
     return Fleet(run_id, tuple(groups))
 
 

@@ -2,26 +2,32 @@
 
 Each user is one worker with its own gRPC channel (its own connection) to
 --tally-target, calling as a worker token scoped to a group of the accounts the
-load test made at start (fleet.py). It runs these tasks, picked by weight, waiting
-uniformly between 0 and --tally-think-max seconds (default 1.0) after each:
+load test made at start (fleet.py). After each task it waits uniformly between 0
+and --tally-think-max seconds (default 1.0).
 
-| task    | weight | what the worker does                                                  |
-|---------|--------|-----------------------------------------------------------------------|
-| job     | 80     | Reserve (with labels), generate for 0..--tally-job-max s (default 0.5),|
-|         |        | then: Commit the whole hold (75%), Commit part of it (15%: quantity   |
-|         |        | below the hold's), or Refund the hold instead (10%: the job failed).  |
-|         |        | 10% of jobs are long and Extend their hold first; 5% of commits are   |
-|         |        | followed by a Refund of part of the charge (a customer complaint).    |
-| quote   | 10     | Quote: the exact cost of a job before accepting it                    |
-| charge  | 5      | Charge: a short job, reserved and committed at once                   |
-| balance | 5      | GetBalance                                                            |
+The mix is dealt from decks, so the shares are exact over every 20 tasks (and 20
+jobs) of each user while the order is random: a short run still does every kind.
+Tasks, per 20:
 
-Operations come from the default catalog, quantities are 1..4. Every call is
-reported to Locust under its RPC's name (tally_calls.py): a RESOURCE_EXHAUSTED for
-want of units as `<Rpc> [refused]` and one shed by a busy server as `<Rpc> [shed]`,
-both counted as successes, so failures are real failures. Dry accounts
-(--tally-dry-accounts, --tally-dry-units) run out within a few calls, so refusals
-always show up.
+| task    | of 20 | what the worker does                                             |
+|---------|-------|------------------------------------------------------------------|
+| job     | 16    | Reserve (with labels), generate for 0..--tally-job-max s         |
+|         |       | (default 0.5), then finish as its card says (below)              |
+| quote   | 2     | Quote: the exact cost of a job before accepting it               |
+| charge  | 1     | Charge: a short job, reserved and committed at once              |
+| balance | 1     | GetBalance                                                       |
+
+Jobs, per 20: 11 Commit the whole hold; 3 Commit part of it (quantity below the
+hold's); 2 Refund the hold instead (the generation failed); 1 Commits, then
+Refunds part of the charge (a customer complaint); 1 is long and Extends its hold
+before it Commits; 2 are for a dry account (--tally-dry-accounts with
+--tally-dry-units each): they Commit while it has units and are refused after.
+Every other job, quote, charge and balance read is for an account with units.
+
+Operations come from the default catalog, quantities are 1..4 (2..4 for a partial
+commit). Every call is reported to Locust under its RPC's name (tally_calls.py): a
+RESOURCE_EXHAUSTED for want of units as `<Rpc> [refused]` and one shed by a busy
+server as `<Rpc> [shed]`, both counted as successes, so failures are real failures.
 
 Every Reserve, Charge and Refund has its own idempotency key; a retry (UNAVAILABLE,
 or shed) sends the same request again. TLS: the client variables of the CLI
@@ -44,13 +50,13 @@ import grpc.experimental.gevent as grpc_gevent
 from google.protobuf.duration_pb2 import Duration
 from locust import User, events, task
 from locust.env import Environment
-from locust.exception import StopUser
-from locust.runners import MasterRunner
+from locust.runners import STATE_INIT, STATE_SPAWNING, MasterRunner, Runner
+from locust.stats import CSV_STATS_INTERVAL_SEC
 
 import fleet
 from tally.client_tls import ClientTls
 from tally.v1 import quota_pb2, quota_pb2_grpc
-from tally_calls import Caller, Metadata
+from tally_calls import Caller, CallFailed, Metadata
 
 # gRPC must wait on gevent's loop, not block the process: before any channel exists.
 grpc_gevent.init_gevent()
@@ -63,10 +69,10 @@ PROJECTS = 8
 QUANTITY_MAX = 4
 HOLD_TTL_S = 60
 EXTENDED_TTL_S = 120
-LONG_JOB_SHARE = 0.10
-REFUND_INSTEAD_SHARE = 0.10
-PARTIAL_COMMIT_SHARE = 0.15
-REFUND_AFTER_COMMIT_SHARE = 0.05
+QUIT_POLL_S = 0.1
+TASKS = {"job": 16, "quote": 2, "charge": 1, "balance": 1}
+JOBS = {"commit": 11, "partial": 3, "refund_instead": 2, "commit_then_refund": 1,
+        "extended": 1, "dry": 2}
 
 
 @events.init_command_line_parser.add_listener  # type: ignore[untyped-decorator]
@@ -134,10 +140,19 @@ FLEETS = Fleets()
 
 
 def fail_setup(environment: Environment, what: str, error: Exception) -> None:
+    if isinstance(error, grpc.RpcError):
+        error = CallFailed(error.code(), error.details() or "")
     log.error("tally load test: %s failed: %s", what, error)
     environment.process_exit_code = 2
     if environment.runner is not None:
-        gevent.spawn(environment.runner.quit)
+        gevent.spawn(quit_once_spawned, environment.runner)
+
+
+def quit_once_spawned(runner: Runner) -> None:
+    """Quits the run; a quit while users are still being spawned leaves them running."""
+    while runner.state in (STATE_INIT, STATE_SPAWNING):
+        gevent.sleep(QUIT_POLL_S)
+    runner.quit()
 
 
 @events.test_start.add_listener  # type: ignore[untyped-decorator]
@@ -176,59 +191,92 @@ def retire_fleet(environment: Environment, **_: Any) -> None:
         channel.close()
 
 
+@events.quit.add_listener  # type: ignore[untyped-decorator]
+def let_the_csv_catch_up(**_: Any) -> None:
+    # Locust writes its CSV report every CSV_STATS_INTERVAL_SEC and not again at the
+    # end: one more interval lets it record the final counts before the files close.
+    gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.1)
+
+
+class Deck:
+    """Cards dealt in a random order; a full deck is dealt before it is reshuffled."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.cards = [card for card, count in counts.items() for _ in range(count)]
+        self.dealt = len(self.cards)
+
+    def deal(self) -> str:
+        if self.dealt == len(self.cards):
+            random.shuffle(self.cards)
+            self.dealt = 0
+        self.dealt += 1
+        return self.cards[self.dealt - 1]
+
+
 class GenerationWorker(User):
     """One generation worker: its own connection, its worker token, its accounts."""
+
+    channel: grpc.Channel | None = None  # None until on_start had a fleet to work for
 
     def wait_time(self) -> float:
         return random.uniform(0, self.environment.parsed_options.tally_think_max)
 
     def on_start(self) -> None:
         group = FLEETS.next_group()
-        if group is None:
-            raise StopUser  # the setup failed and said so
+        while group is None:
+            self.wait()  # type: ignore[no-untyped-call]  # the setup failed; the run is quitting
         options = self.environment.parsed_options
-        self.accounts = group.accounts
+        # a group too small to hold both kinds uses what it has
+        self.accounts = group.accounts or group.dry_accounts
+        self.dry_accounts = group.dry_accounts or group.accounts
         self.worker = f"locust-{os.getpid()}-{id(self):x}"
-        self.channel = open_channel(options.tally_target)
-        self.quota = quota_pb2_grpc.QuotaServiceStub(self.channel)
+        self.tasks_deck, self.jobs_deck = Deck(TASKS), Deck(JOBS)
+        self.channel = channel = open_channel(options.tally_target)
+        self.quota = quota_pb2_grpc.QuotaServiceStub(channel)
         self.caller = Caller(self.environment.events.request, bearer(group.token),
                              options.tally_timeout, options.tally_retries)
 
     def on_stop(self) -> None:
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
 
-    def _work(self) -> tuple[str, str, int]:
-        """An account, an operation and a quantity for the next call."""
-        return (random.choice(self.accounts), random.choice(OPERATIONS),
-                random.randint(1, QUANTITY_MAX))
+    @task
+    def next_task(self) -> None:
+        card = self.tasks_deck.deal()
+        if card == "job":
+            self.job(self.jobs_deck.deal())
+        elif card == "quote":
+            self.quote()
+        elif card == "charge":
+            self.charge()
+        else:
+            self.balance()
 
     def _labels(self) -> dict[str, str]:
         return {"model": random.choice(MODELS),
                 "project": f"project-{random.randrange(PROJECTS)}", "worker": self.worker}
 
-    @task(80)
-    def job(self) -> None:
-        account_id, operation, quantity = self._work()
+    def job(self, card: str) -> None:
+        accounts = self.dry_accounts if card == "dry" else self.accounts
+        quantity = random.randint(2 if card == "partial" else 1, QUANTITY_MAX)
         held = self.caller.call("Reserve", self.quota.Reserve, quota_pb2.ReserveRequest(
-            account_id=account_id, operation=operation, quantity=quantity,
-            idempotency_key=uuid.uuid4().hex, ttl=Duration(seconds=HOLD_TTL_S),
-            labels=self._labels()))
+            account_id=random.choice(accounts), operation=random.choice(OPERATIONS),
+            quantity=quantity, idempotency_key=uuid.uuid4().hex,
+            ttl=Duration(seconds=HOLD_TTL_S), labels=self._labels()))
         if held is None:
             return
         gevent.sleep(random.uniform(0, self.environment.parsed_options.tally_job_max))
-        if random.random() < LONG_JOB_SHARE:
-            self.caller.call("Extend", self.quota.Extend, quota_pb2.ExtendRequest(
-                reservation_id=held.reservation_id, ttl=Duration(seconds=EXTENDED_TTL_S)))
-        outcome = random.random()
-        if outcome < REFUND_INSTEAD_SHARE:
+        if card == "refund_instead":
             self._refund(held.reservation_id, None, "generation failed")
             return
+        if card == "extended":
+            self.caller.call("Extend", self.quota.Extend, quota_pb2.ExtendRequest(
+                reservation_id=held.reservation_id, ttl=Duration(seconds=EXTENDED_TTL_S)))
         commit = quota_pb2.CommitRequest(reservation_id=held.reservation_id)
-        if outcome < REFUND_INSTEAD_SHARE + PARTIAL_COMMIT_SHARE and quantity > 1:
+        if card == "partial":
             commit.quantity = random.randint(1, quantity - 1)
         charged = self.caller.call("Commit", self.quota.Commit, commit)
-        if (charged is not None and charged.units_charged > 0
-                and random.random() < REFUND_AFTER_COMMIT_SHARE):
+        if card == "commit_then_refund" and charged is not None and charged.units_charged:
             self._refund(held.reservation_id, random.randint(1, charged.units_charged),
                          "customer complaint")
 
@@ -239,20 +287,17 @@ class GenerationWorker(User):
             request.units = units
         self.caller.call("Refund", self.quota.Refund, request)
 
-    @task(10)
     def quote(self) -> None:
-        account_id, operation, quantity = self._work()
         self.caller.call("Quote", self.quota.Quote, quota_pb2.QuoteRequest(
-            account_id=account_id, operation=operation, quantity=quantity))
+            account_id=random.choice(self.accounts), operation=random.choice(OPERATIONS),
+            quantity=random.randint(1, QUANTITY_MAX)))
 
-    @task(5)
     def charge(self) -> None:
-        account_id, operation, quantity = self._work()
         self.caller.call("Charge", self.quota.Charge, quota_pb2.ChargeRequest(
-            account_id=account_id, operation=operation, quantity=quantity,
-            idempotency_key=uuid.uuid4().hex, labels=self._labels()))
+            account_id=random.choice(self.accounts), operation=random.choice(OPERATIONS),
+            quantity=random.randint(1, QUANTITY_MAX), idempotency_key=uuid.uuid4().hex,
+            labels=self._labels()))
 
-    @task(5)
     def balance(self) -> None:
         self.caller.call("GetBalance", self.quota.GetBalance,
                          quota_pb2.GetBalanceRequest(account_id=random.choice(self.accounts)))
