@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+from tally.v1 import token_pb2, token_pb2_grpc
+from tests.e2e.test_auth import bearer
 from tests.e2e.test_bootstrap_token import written_token
 from tests.support import RedisProcess, start_running, stop_running
 
@@ -54,9 +56,10 @@ async def test_a_smoke_load_test_calls_every_rpc_and_counts_refusals_apart(
     own_redis: RedisProcess, tmp_path: Path
 ) -> None:
     """Proves a short Locust run against a server with authentication required makes
-    its own accounts and worker tokens with the admin token it is given, calls every
-    RPC of the workload, counts the dry accounts' RESOURCE_EXHAUSTED as refusals, and
-    fails no call: Locust exits 0 (it exits 1 on any failure) and its CSV agrees."""
+    its own accounts and a worker token scoped to them with the admin token it is
+    given (revoked at the end), calls every RPC of the workload, counts the dry
+    accounts' RESOURCE_EXHAUSTED as refusals, and fails no call: Locust exits 0 (it
+    exits 1 on any failure) and its CSV agrees."""
     token_file, token = written_token(tmp_path)
     running = await start_running(own_redis.url, auth="required",
                                   bootstrap_token_file=str(token_file))
@@ -65,9 +68,15 @@ async def test_a_smoke_load_test_calls_every_rpc_and_counts_refusals_apart(
         code, output = await run_loadtest(
             environment(TALLY_TARGET=running.authority.address, TALLY_TOKEN=token), results
         )
+        tokens = token_pb2_grpc.TokenServiceStub(running.stubs.channel)
+        listed = await tokens.ListTokens(token_pb2.ListTokensRequest(), metadata=bearer(token))
     finally:
         await stop_running(running)
     assert code == 0, output
+    made = [t for t in listed.tokens if t.created_by != "bootstrap-token-file"]
+    assert [(t.role, len(t.accounts), t.HasField("revoked_at")) for t in made] == [
+        ("worker", 10, True)
+    ]
     counted = stats(results)
     assert {rpc: counted.get(rpc, (0, 0))[0] > 0 for rpc in RPCS} == dict.fromkeys(RPCS, True)
     assert counted[REFUSED][0] > 0, counted
