@@ -102,3 +102,32 @@ async def test_a_load_test_with_a_wrong_token_fails(own_redis: RedisProcess,
         await stop_running(running)
     assert code != 0, output
     assert "making the accounts and worker tokens failed: UNAUTHENTICATED" in output
+
+
+def processes_under(folder: Path) -> list[str]:
+    """Command lines of the live processes that name `folder` or work in it (a
+    redis-server retitles itself, but works in its --dir)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(entry / "cwd")
+        except (OSError, ValueError):
+            continue  # gone, not a process, or not ours to read
+        if str(folder) in command or cwd.startswith(str(folder)):
+            found.append(command)
+    return found
+
+
+async def test_make_loadtest_starts_and_stops_a_server_of_its_own(tmp_path: Path) -> None:
+    """Proves the launcher without TALLY_TARGET (`make loadtest` on a fresh clone)
+    starts `tally serve` with its embedded Redis, runs Locust against it with the
+    admin token it wrote, and leaves no process and no scratch folder behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code, output = await run_loadtest(environment(TMPDIR=str(scratch)), tmp_path / "results")
+    assert code == 0, output
+    assert "started tally serve on 127.0.0.1:" in output
+    assert stats(tmp_path / "results")["Aggregated"][1] == 0
+    assert processes_under(scratch) == []
+    assert list(scratch.iterdir()) == []
