@@ -10,10 +10,13 @@ import os
 import sys
 from pathlib import Path
 
+import grpc
+
 from tally.v1 import token_pb2, token_pb2_grpc
 from tests.e2e.test_auth import bearer
 from tests.e2e.test_bootstrap_token import written_token
 from tests.support import RedisProcess, start_running, stop_running
+from tests.tls_support import CertificateAuthority
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "loadtests" / "run.py"
@@ -55,21 +58,29 @@ def environment(**variables: str) -> dict[str, str]:
 async def test_a_smoke_load_test_calls_every_rpc_and_counts_refusals_apart(
     own_redis: RedisProcess, tmp_path: Path
 ) -> None:
-    """Proves a short Locust run against a server with authentication required makes
+    """Proves a short Locust run against a server with TLS and authentication required
+    (as a deployment runs) makes
     its own accounts and a worker token scoped to them with the admin token it is
     given (revoked at the end), calls every RPC of the workload, counts the dry
     accounts' RESOURCE_EXHAUSTED as refusals, and fails no call: Locust exits 0 (it
     exits 1 on any failure) and its CSV agrees."""
     token_file, token = written_token(tmp_path)
+    ca = CertificateAuthority(tmp_path / "ca")
+    server = ca.issue("server", server=True)
     running = await start_running(own_redis.url, auth="required",
-                                  bootstrap_token_file=str(token_file))
+                                  bootstrap_token_file=str(token_file),
+                                  tls_cert=server.cert, tls_key=server.key)
     results = tmp_path / "results"
+    credentials = grpc.ssl_channel_credentials(ca.cert.read_bytes())
     try:
         code, output = await run_loadtest(
-            environment(TALLY_TARGET=running.authority.address, TALLY_TOKEN=token), results
+            environment(TALLY_TARGET=running.authority.address, TALLY_TOKEN=token,
+                        TALLY_TLS_CA=str(ca.cert)),
+            results,
         )
-        tokens = token_pb2_grpc.TokenServiceStub(running.stubs.channel)
-        listed = await tokens.ListTokens(token_pb2.ListTokensRequest(), metadata=bearer(token))
+        async with grpc.aio.secure_channel(running.authority.address, credentials) as channel:
+            listed = await token_pb2_grpc.TokenServiceStub(channel).ListTokens(
+                token_pb2.ListTokensRequest(), metadata=bearer(token))
     finally:
         await stop_running(running)
     assert code == 0, output
