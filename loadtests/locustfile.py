@@ -139,13 +139,12 @@ class Fleets:
 FLEETS = Fleets()
 
 
-def fail_setup(environment: Environment, what: str, error: Exception) -> None:
+def report_failure(environment: Environment, what: str, error: Exception) -> None:
+    """Logs a failure of the load test's own work; the run will exit 2."""
     if isinstance(error, grpc.RpcError):
         error = CallFailed(error.code(), error.details() or "")
     log.error("tally load test: %s failed: %s", what, error)
     environment.process_exit_code = 2
-    if environment.runner is not None:
-        gevent.spawn(quit_once_spawned, environment.runner)
 
 
 def quit_once_spawned(runner: Runner) -> None:
@@ -169,7 +168,9 @@ def make_fleet(environment: Environment, **_: Any) -> None:
         finally:
             channel.close()
     except (ValueError, OSError, grpc.RpcError) as error:
-        fail_setup(environment, "making the accounts and worker tokens", error)
+        report_failure(environment, "making the accounts and worker tokens", error)
+        if environment.runner is not None:
+            gevent.spawn(quit_once_spawned, environment.runner)
         return
     FLEETS.current = made
     log.info("tally load test: run %s made %d accounts and %d worker tokens",
@@ -186,7 +187,7 @@ def retire_fleet(environment: Environment, **_: Any) -> None:
     try:
         fleet.retire(channel, bearer(admin_token(options)), made, options.tally_timeout)
     except grpc.RpcError as error:
-        fail_setup(environment, "revoking the worker tokens", error)
+        report_failure(environment, "revoking the worker tokens", error)
     finally:
         channel.close()
 
@@ -224,7 +225,8 @@ class GenerationWorker(User):
     def on_start(self) -> None:
         group = FLEETS.next_group()
         while group is None:
-            self.wait()  # type: ignore[no-untyped-call]  # the setup failed; the run is quitting
+            # the setup failed and the run is quitting (quit_once_spawned)
+            self.wait()  # type: ignore[no-untyped-call]
         options = self.environment.parsed_options
         # a group too small to hold both kinds uses what it has
         self.accounts = group.accounts or group.dry_accounts
