@@ -236,7 +236,7 @@ class GenerationWorker(User):
         self.channel = channel = open_channel(options.tally_target)
         self.quota = quota_pb2_grpc.QuotaServiceStub(channel)
         self.caller = Caller(self.environment.events.request, bearer(group.token),
-                             options.tally_timeout, options.tally_retries)
+                             options.tally_timeout, options.tally_retries, gevent.sleep)
 
     def on_stop(self) -> None:
         if self.channel is not None:

@@ -12,7 +12,9 @@ success, so that the failure count holds real failures only:
 
 UNAVAILABLE (the store is unreachable) and a shed call are retried with the same
 request, so the same idempotency key, at most `retries` times, after a short
-backoff; each attempt is reported.
+backoff; each attempt is reported. Neither Locust nor gevent is imported here (the
+locustfile passes its event and gevent's sleep), so the suite can test this module
+without monkey-patching itself.
 """
 
 from __future__ import annotations
@@ -20,14 +22,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import gevent
 import grpc
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from locust.event import EventHook
 
 REQUEST_TYPE = "grpc"
 REFUSED = "[refused]"
@@ -37,6 +37,12 @@ RETRY_BACKOFF_S = 0.05  # doubled at each retry
 
 Response = TypeVar("Response", bound=Message)
 Metadata = tuple[tuple[str, str], ...]
+
+
+class RequestEvent(Protocol):
+    """Locust's request event (environment.events.request)."""
+
+    def fire(self, **kwargs: Any) -> None: ...
 
 
 class CallFailed(Exception):
@@ -64,10 +70,11 @@ def is_insufficient_units(error: grpc.RpcError) -> bool:
 class Caller:
     """Calls one server as one principal, reporting every attempt to `request_event`."""
 
-    request_event: EventHook
+    request_event: RequestEvent
     metadata: Metadata
     timeout_s: float
     retries: int
+    sleep: Callable[[float], None]  # gevent.sleep under Locust
 
     def call(
         self, name: str, method: Callable[..., Response], request: Message
@@ -80,39 +87,41 @@ class Caller:
                     request, timeout=self.timeout_s, metadata=self.metadata
                 )
             except grpc.RpcError as error:
-                retry = self._report_error(name, error, started)
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                retry = self._report_error(name, error, elapsed_ms)
                 if not retry or attempt == self.retries:
                     return None
-                gevent.sleep(RETRY_BACKOFF_S * 2**attempt)
+                self.sleep(RETRY_BACKOFF_S * 2**attempt)
                 continue
-            self._report(name, started, response.ByteSize(), grpc.StatusCode.OK, None)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            self._report(name, elapsed_ms, response.ByteSize(), grpc.StatusCode.OK, None)
             return response
         raise AssertionError("unreachable: the last attempt returns")
 
-    def _report_error(self, name: str, error: grpc.RpcError, started: float) -> bool:
+    def _report_error(self, name: str, error: grpc.RpcError, elapsed_ms: float) -> bool:
         """Reports a refused, shed or failed attempt; whether it is worth a retry."""
         code: grpc.StatusCode = error.code()
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             refused = is_insufficient_units(error)
-            self._report(f"{name} {REFUSED if refused else SHED}", started, 0, code, None)
+            self._report(f"{name} {REFUSED if refused else SHED}", elapsed_ms, 0, code, None)
             return not refused
         details: str = error.details() or ""
-        self._report(name, started, 0, code, CallFailed(code, details))
+        self._report(name, elapsed_ms, 0, code, CallFailed(code, details))
         return code == grpc.StatusCode.UNAVAILABLE
 
     def _report(
         self,
         name: str,
-        started: float,
+        elapsed_ms: float,
         response_length: int,
         code: grpc.StatusCode,
         exception: Exception | None,
     ) -> None:
         context: dict[str, Any] = {"status_code": code.name}
-        self.request_event.fire(  # type: ignore[no-untyped-call]
+        self.request_event.fire(
             request_type=REQUEST_TYPE,
             name=name,
-            response_time=(time.perf_counter() - started) * 1000,
+            response_time=elapsed_ms,
             response_length=response_length,
             exception=exception,
             context=context,
