@@ -131,7 +131,8 @@ def locust_command(args: argparse.Namespace, passed: list[str]) -> list[str]:
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
         "--users", str(args.users), "--spawn-rate", str(args.spawn_rate),
         "--run-time", args.run_time, "--stop-timeout", "10",
-        "--csv", str(args.results / RESULTS_PREFIX), "--html", str(args.results / "tally.html"),
+        "--csv", str(args.results / RESULTS_PREFIX),
+        "--html", str(args.results / f"{RESULTS_PREFIX}.html"),
         "--exit-code-on-error", "1",
     ]
     if args.processes != 1:
@@ -143,9 +144,13 @@ def main(argv: list[str]) -> int:
     args, passed = parse(argv)
     command = locust_command(args, passed)
     if os.environ.get("TALLY_TARGET"):
-        return subprocess.call(command)
-    with own_server() as variables:
-        return subprocess.call(command, env={**os.environ, **variables})
+        code = subprocess.call(command)
+    else:
+        with own_server() as variables:
+            code = subprocess.call(command, env={**os.environ, **variables})
+    print(f"loadtest: reports in {args.results}/ ({RESULTS_PREFIX}_stats.csv, "
+          f"{RESULTS_PREFIX}.html); exit code {code}", flush=True)
+    return code
 
 
 if __name__ == "__main__":
