@@ -13,7 +13,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_INSTALLED := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup proto protolint run test lint typecheck unit clean
+.PHONY: setup proto protolint run test lint typecheck unit clean loadtest
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -45,6 +45,16 @@ run: setup
 	  echo "or set TALLY_REDIS_URL=redis://host:port/0 to use an existing Redis."; \
 	  exit 1; fi
 	$(VENV)/bin/tally serve
+
+# The Locust load test, headless: against a server of its own (or TALLY_TARGET with
+# TALLY_TOKEN); summary on stdout, CSV and HTML under loadtests/results/.
+LOADTEST_USERS ?= 20
+LOADTEST_SPAWN_RATE ?= 10
+LOADTEST_RUN_TIME ?= 60s
+LOADTEST_PROCESSES ?= 1
+loadtest: setup
+	$(PY) loadtests/run.py --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
+	  --run-time $(LOADTEST_RUN_TIME) --processes $(LOADTEST_PROCESSES) $(if $(LOCUST_ARGS),-- $(LOCUST_ARGS))
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench loadtests
