@@ -136,37 +136,38 @@ def per_hold_us(delta_s: float, holds: int) -> float:
     return round(delta_s * 1e6 / holds, 2)
 
 
-async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+def start(
+    args: argparse.Namespace, scratch: Path
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """A private redis-server and `tally serve` on it (their ports go on args)."""
     redis_port, grpc_port = free_port(), free_port()
     redis_proc = subprocess.Popen(
         ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no",
          "--maxmemory-policy", "noeviction", "--dir", str(scratch)],
         stdout=subprocess.DEVNULL)
-    address = f"127.0.0.1:{grpc_port}"
     env = dict(os.environ, TALLY_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
                TALLY_LEDGER_URL=f"sqlite:///{scratch / 'ledger.sqlite3'}",
-               TALLY_LISTEN=address, TALLY_METRICS_LISTEN="", TALLY_LOG_LEVEL="WARNING",
-               TALLY_FLUSH_INTERVAL=args.flush_interval)
+               TALLY_LISTEN=f"127.0.0.1:{grpc_port}", TALLY_METRICS_LISTEN="",
+               TALLY_LOG_LEVEL="WARNING", TALLY_FLUSH_INTERVAL=args.flush_interval)
+    time.sleep(0.3)
     server = subprocess.Popen([sys.executable, "-m", "tally.cli.main", "serve"], env=env)
-    try:
-        time.sleep(0.3)
-        await wait_ready(address, 30)
-        accounts = await create_accounts(address, args.accounts)
-        r = redis.Redis(port=redis_port)
-        await run_rounds(address, accounts, args.batch, 2, 1, 0)  # warm-up
-        redis_before, server_before = redis_cpu(r), process_cpu_s(server.pid)
-        client_before, wall_before = client_cpu_s(), time.perf_counter()
-        holds = await run_rounds(address, accounts, args.batch, args.rounds, args.in_flight, 2)
-        wall_s = time.perf_counter() - wall_before
-        redis_after, server_after = redis_cpu(r), process_cpu_s(server.pid)
-        client_s = client_cpu_s() - client_before
-        stream_len = sum(r.xlen(k) for k in r.scan_iter("tally:*:events"))
-        r.close()
-    finally:
-        server.terminate()
-        server.wait(30)
-        redis_proc.terminate()
-        redis_proc.wait(30)
+    args.redis_port, args.address = redis_port, f"127.0.0.1:{grpc_port}"
+    return redis_proc, server
+
+
+async def measure(args: argparse.Namespace, server_pid: int) -> dict[str, Any]:
+    address = args.address
+    await wait_ready(address, 30)
+    accounts = await create_accounts(address, args.accounts)
+    r = redis.Redis(port=args.redis_port)
+    await run_rounds(address, accounts, args.batch, 2, 1, 0)  # warm-up
+    redis_before, server_before = redis_cpu(r), process_cpu_s(server_pid)
+    client_before, wall_before = client_cpu_s(), time.perf_counter()
+    holds = await run_rounds(address, accounts, args.batch, args.rounds, args.in_flight, 2)
+    wall_s = time.perf_counter() - wall_before
+    redis_after, server_after = redis_cpu(r), process_cpu_s(server_pid)
+    client_s = client_cpu_s() - client_before
+    r.close()
     evalsha_calls = redis_after["evalsha_calls"] - redis_before["evalsha_calls"]
     return {
         "accounts": args.accounts, "batch": args.batch, "rounds": args.rounds,
@@ -178,8 +179,8 @@ async def measure(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "evalsha_calls_per_round": round(evalsha_calls / args.rounds, 1),
         "server_cpu_us_per_hold": per_hold_us(server_after - server_before, holds),
         "client_cpu_us_per_hold": per_hold_us(client_s, holds),
-        "stream_events_left": stream_len,
         "cpus": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0],
     }
 
 
@@ -193,7 +194,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tally-batch-cost-") as scratch:
-        result = asyncio.run(measure(args, Path(scratch)))
+        redis_proc, server = start(args, Path(scratch))
+        try:
+            result = asyncio.run(measure(args, server.pid))
+        finally:
+            for process in (server, redis_proc):
+                process.terminate()
+                process.wait(30)
     print(json.dumps(result, indent=2))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
