@@ -14,6 +14,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tally import metrics
 from tally.domain.limits import BATCH_ITEMS_MAX
 from tally.ledger import recovery
 from tally.store.state_images import StateImages
@@ -306,3 +307,32 @@ async def test_the_flusher_writes_batch_events_and_verify_is_clean(durable: Runn
         StateImages.of(authority.store), authority.ledger, authority.flusher, lambda _: None
     )
     assert report.differences == []
+
+
+def units_counted(name: str, operation: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(name, {"operation": operation})
+    return value or 0.0
+
+
+async def test_units_are_counted_per_item_as_for_single_calls(durable: Running) -> None:
+    """Proves the batch RPCs count units reserved, charged and refunded per item that
+    succeeded and was not a replay, as the single RPCs do: failed items and a whole
+    batch sent again add nothing."""
+    operation = "image.upscale"  # 10 units per quantity
+    names = ("tally_units_reserved_total", "tally_units_charged_total",
+             "tally_units_refunded_total")
+    before = [units_counted(name, operation) for name in names]
+    account_id, poor = await create(durable, 1000), await create(durable, 5)
+    items = [reserve_item(account_id, "a", 2), reserve_item(poor, "b", 1),
+             reserve_item(account_id, "c", 3)]
+    for _ in range(2):
+        reserved = (await durable.quota.ReserveBatch(
+            quota_pb2.ReserveBatchRequest(items=items))).results
+    rids = [reserved[0].response.reservation_id, reserved[2].response.reservation_id]
+    for _ in range(2):
+        await durable.quota.CommitBatch(quota_pb2.CommitBatchRequest(
+            items=[quota_pb2.CommitRequest(reservation_id=rid, quantity=1) for rid in rids]))
+        await durable.quota.RefundBatch(quota_pb2.RefundBatchRequest(
+            items=[quota_pb2.RefundRequest(reservation_id=rids[0], idempotency_key="r")]))
+    after = [units_counted(name, operation) for name in names]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [50, 20, 10]
