@@ -336,3 +336,24 @@ async def test_units_are_counted_per_item_as_for_single_calls(durable: Running) 
             items=[quota_pb2.RefundRequest(reservation_id=rids[0], idempotency_key="r")]))
     after = [units_counted(name, operation) for name in names]
     assert [a - b for a, b in zip(after, before, strict=True)] == [50, 20, 10]
+
+
+async def test_redis_at_maxmemory_makes_every_item_unavailable(durable: Running) -> None:
+    """Proves that with Redis at maxmemory (write scripts refused before they run) a
+    batch is answered item by item UNAVAILABLE, as each single call would be, and
+    nothing moves; the same batch succeeds once Redis has room again."""
+    accounts = [await create(durable) for _ in range(5)]
+    items = [reserve_item(a, f"k{i}", 2) for i, a in enumerate(accounts)]
+    redis = durable.authority.store.redis
+    await redis.config_set("maxmemory", 1)
+    try:
+        refused = (await durable.quota.ReserveBatch(
+            quota_pb2.ReserveBatchRequest(items=items))).results
+    finally:
+        await redis.config_set("maxmemory", 0)
+    unavailable = grpc.StatusCode.UNAVAILABLE.value[0]
+    assert [r.status.code for r in refused] == [unavailable] * 5
+    for account_id in accounts:
+        assert (await balance(durable, account_id)).held == 0
+    served = (await durable.quota.ReserveBatch(quota_pb2.ReserveBatchRequest(items=items))).results
+    assert [(r.status.code, r.response.replayed) for r in served] == [(OK, False)] * 5

@@ -20,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     NoScriptError,
+    RedisError,
 )
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -32,7 +33,13 @@ from tally.domain.errors import (
     TallyError,
 )
 from tally.store.contract import FenceMark
-from tally.store.failures import HoldNotInStore, StoreBusy, StoreUnreachable, store_errors
+from tally.store.failures import (
+    HoldNotInStore,
+    StoreBusy,
+    StoreUnreachable,
+    redis_errors,
+    store_errors,
+)
 from tally.store.fence import ShardBehind
 from tally.store.pool import WaitingConnectionPool
 from tally.store.scripts import LuaScript, load_all
@@ -261,11 +268,15 @@ class ScriptRunner:
 
 
 def _script_result(name: str, raw: Any) -> ScriptResult | Exception:
-    """One pipelined call's result, or its typed error (a Redis error: a bug)."""
+    """One pipelined call's result, or its typed error: the script's own, or what
+    Redis answered instead (out of memory, read-only, busy...: UNAVAILABLE, as
+    for a single call; a refused command: StoreRefused)."""
+    if isinstance(raw, NoScriptError):
+        raise RuntimeError(f"{name}.lua was not loaded even after SCRIPT LOAD")
+    if isinstance(raw, RedisError):
+        return _redis_failure(raw)
     if isinstance(raw, Exception):
-        if isinstance(raw, NoScriptError):
-            raise RuntimeError(f"{name}.lua was not loaded even after SCRIPT LOAD")
-        return RuntimeError(f"{name}.lua failed: {raw}")
+        return raw
     reply = _decode(raw)
     if not isinstance(reply, dict):
         raise RuntimeError(f"{name}.lua returned {reply!r}")
@@ -277,6 +288,20 @@ def _script_result(name: str, raw: Any) -> ScriptResult | Exception:
         result if isinstance(result, dict) else {},
         FenceMark.decode(fence) if isinstance(fence, dict) else None,
     )
+
+
+def _redis_failure(error: RedisError) -> TallyError:
+    """A Redis error one pipelined call got, as store/failures.py types it (counted)."""
+    try:
+        with redis_errors():
+            raise error
+    except StoreUnreachable as failure:
+        metrics.redis_error(failure.fault)
+        return failure
+    except TallyError as failure:
+        metrics.redis_error("other")
+        return failure
+    raise AssertionError("redis_errors() let a Redis error through")  # pragma: no cover
 
 
 __all__ = ["ScriptRunner", "TallyError", "connect", "store_errors"]
