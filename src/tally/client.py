@@ -339,6 +339,42 @@ class TallyClient:
         )
         return await self._call(self._quota.Charge, request)
 
+    # --- batches: many calls in one, each item with its own status ------------------
+
+    async def reserve_batch(
+        self, items: Sequence[quota_pb2.ReserveRequest]
+    ) -> list[quota_pb2.ReserveBatchResult]:
+        """Many Reserves in one call (at most 1,000; see _reserve_request to build
+        one). An item without an idempotency key gets one, kept across retries.
+        Per item, in order: its status and, when the status code is 0, its answer."""
+        request = quota_pb2.ReserveBatchRequest(items=items)
+        for item in request.items:
+            item.idempotency_key = _key(item.idempotency_key)
+        return list((await self._call(self._quota.ReserveBatch, request)).results)
+
+    async def commit_batch(
+        self, items: Sequence[tuple[str, int | None]]
+    ) -> list[quota_pb2.CommitBatchResult]:
+        """Many Commits in one call: (reservation id, quantity or None for all).
+        Per item, in order: its status and, when the status code is 0, its answer."""
+        request = quota_pb2.CommitBatchRequest()
+        for reservation_id, quantity in items:
+            item = request.items.add(reservation_id=reservation_id)
+            if quantity is not None:
+                item.quantity = quantity
+        return list((await self._call(self._quota.CommitBatch, request)).results)
+
+    async def refund_batch(
+        self, items: Sequence[quota_pb2.RefundRequest]
+    ) -> list[quota_pb2.RefundBatchResult]:
+        """Many Refunds in one call. An item without an idempotency key gets one,
+        kept across retries. Per item, in order: its status and, when the status
+        code is 0, its answer."""
+        request = quota_pb2.RefundBatchRequest(items=items)
+        for item in request.items:
+            item.idempotency_key = _key(item.idempotency_key)
+        return list((await self._call(self._quota.RefundBatch, request)).results)
+
     async def extend(self, reservation_id: str, ttl_s: float) -> quota_pb2.ExtendResponse:
         """Keeps a hold alive: its new lifetime is `ttl_s` from now."""
         request = quota_pb2.ExtendRequest(reservation_id=reservation_id, ttl=_duration(ttl_s))

@@ -186,6 +186,46 @@ async def test_roles_are_held_to_their_table(deployment: Deployment) -> None:
     assert await deployment.state(admin) == before
 
 
+async def test_a_scoped_token_batch_touches_its_own_account_alone(
+    deployment: Deployment,
+) -> None:
+    """Proves a worker token scoped to A, sending batches that also name B (and B's
+    reservation), gets PERMISSION_DENIED for those items alone: A's items are served,
+    nothing of B moves; a reader token may not call the batch RPCs at all."""
+    running = deployment.running
+    a, b = deployment.account_a, deployment.account_b
+    admin = await deployment.token("--role", "admin")
+    scoped_worker = await deployment.token("--role", "worker", "--account", a)
+    reader = await deployment.token("--role", "reader")
+    before_b = await running.quota.GetBalance(
+        quota_pb2.GetBalanceRequest(account_id=b), metadata=bearer(admin))
+    items = [quota_pb2.ReserveRequest(account_id=target, operation="image.upscale",
+                                      quantity=1, idempotency_key=f"batch-{i}")
+             for i, target in enumerate((a, b, a))]
+    reserved = (await running.quota.ReserveBatch(
+        quota_pb2.ReserveBatchRequest(items=items), metadata=bearer(scoped_worker))).results
+    assert [r.status.code for r in reserved] == [0, PERMISSION_DENIED.value[0], 0]
+    assert reserved[1].status.field.startswith("items[1]")
+    commits = quota_pb2.CommitBatchRequest(items=[
+        quota_pb2.CommitRequest(reservation_id=reserved[0].response.reservation_id),
+        quota_pb2.CommitRequest(reservation_id=deployment.reservation_b),
+    ])
+    committed = (await running.quota.CommitBatch(
+        commits, metadata=bearer(scoped_worker))).results
+    assert [r.status.code for r in committed] == [0, PERMISSION_DENIED.value[0]]
+    refunds = quota_pb2.RefundBatchRequest(items=[
+        quota_pb2.RefundRequest(reservation_id=deployment.reservation_b, idempotency_key="f")])
+    refunded = (await running.quota.RefundBatch(
+        refunds, metadata=bearer(scoped_worker))).results
+    assert [r.status.code for r in refunded] == [PERMISSION_DENIED.value[0]]
+    after_b = await running.quota.GetBalance(
+        quota_pb2.GetBalanceRequest(account_id=b), metadata=bearer(admin))
+    assert after_b.balance.held == before_b.balance.held
+    assert after_b.balance.available == before_b.balance.available
+    await refused(running.quota.ReserveBatch, quota_pb2.ReserveBatchRequest(items=items[:1]),
+                  reader, PERMISSION_DENIED)
+
+
 async def test_a_scoped_token_cannot_touch_another_account(deployment: Deployment) -> None:
     """Proves a token scoped to A gets PERMISSION_DENIED on B (and on an account that
     does not exist, alike) on every RPC, Commit/Refund/Extend of B's reservation

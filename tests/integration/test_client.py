@@ -285,3 +285,28 @@ async def test_the_channel_retries_unavailable_by_the_service_config() -> None:
         assert (raised.value.code, servicer.calls) == (grpc.StatusCode.UNAVAILABLE, 1)
     finally:
         await server.stop(None)
+
+
+async def test_batches_retry_a_lost_reply_with_the_same_keys(running: Running) -> None:
+    """Proves reserve_batch gives each keyless item a key, a batch whose reply was lost is
+    sent again with the same keys (every item replays, nothing is held twice), and
+    commit_batch and refund_batch answer one status per item."""
+    accounts = [await _account(running) for _ in range(3)]
+    network = FlakyNetwork(lose_replies=1)
+    async with TallyClient(
+        running.authority.address, interceptors=[network], backoff_initial_s=0.01
+    ) as tally:
+        items = [quota_pb2.ReserveRequest(account_id=a, operation=UPSCALE, quantity=2)
+                 for a in accounts]
+        reserved = await tally.reserve_batch(items)
+        assert [(r.status.code, r.response.replayed) for r in reserved] == [(0, True)] * 3
+        rids = [r.response.reservation_id for r in reserved]
+        committed = await tally.commit_batch([(rids[0], 1), (rids[1], None), ("bad", None)])
+        assert [r.status.code for r in committed] == [
+            0, 0, grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+        refunded = await tally.refund_batch([quota_pb2.RefundRequest(reservation_id=rids[2])])
+        assert [r.response.units_refunded for r in refunded] == [20]
+        balances = [await tally.balance(a) for a in accounts]
+    attempts = [request for method, request in network.attempts if method == "ReserveBatch"]
+    assert len(attempts) == 2
+    assert [(b.available, b.held) for b in balances] == [(4990, 0), (4980, 0), (5000, 0)]

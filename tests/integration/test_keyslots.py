@@ -173,7 +173,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 async def monitor(port: int, lines: list[str], ready: asyncio.Event) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # a batch's lines (its EVALSHA, its XADDs with state images) run past 64 KiB
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**24)
     try:
         writer.write(b"MONITOR\r\n")
         await writer.drain()
@@ -218,6 +219,17 @@ async def workload(running: Running) -> list[str]:
         await quota.Reserve(quota_pb2.ReserveRequest(
             account_id=account_id, operation="image.upscale", idempotency_key="short",
             ttl=Duration(seconds=1)))
+    # Batches: one script call per shard group, pipelined.
+    reserved = await quota.ReserveBatch(quota_pb2.ReserveBatchRequest(items=[
+        quota_pb2.ReserveRequest(account_id=account_id, operation="image.upscale",
+                                 idempotency_key=f"batch-{i}", labels={"model": "x"})
+        for i, account_id in enumerate(ids * 2)]))
+    rids = [result.response.reservation_id for result in reserved.results]
+    await quota.CommitBatch(quota_pb2.CommitBatchRequest(
+        items=[quota_pb2.CommitRequest(reservation_id=rid) for rid in rids[:6]]))
+    await quota.RefundBatch(quota_pb2.RefundBatchRequest(
+        items=[quota_pb2.RefundRequest(reservation_id=rid, idempotency_key="batch-f")
+               for rid in rids]))
     await aio(running).catalog.SetPrice(catalog_pb2.SetPriceRequest(operation="image.new",
                                                                units_per_quantity=3))
     # Holds expire: by the reaper for the idle accounts, lazily for one touched account.
@@ -275,7 +287,8 @@ async def test_every_key_a_script_touches_is_in_one_slot(
             if args and args[0].upper() in (b"EVALSHA", b"EVALSHA_RO"):
                 seen_scripts.add(scripts.get(args[1].decode(), "?"))
     expected = {"create_account", "reserve", "extend", "commit", "refund", "charge", "purchase",
-                "quote", "balance", "update_account", "set_price", "apply_price", "expire_hold"}
+                "quote", "balance", "update_account", "set_price", "apply_price", "expire_hold",
+                "reserve_batch", "commit_batch", "refund_batch"}
     assert expected <= seen_scripts, f"the workload never ran {expected - seen_scripts}"
     assert len(slots) >= 4, "the workload should spread over several shards"
 

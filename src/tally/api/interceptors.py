@@ -109,11 +109,25 @@ def _charged(request: quota_pb2.ChargeRequest, response: quota_pb2.ChargeRespons
         _count_charge(request.operation, response.units, response.overage_units)
 
 
+def _per_item(recorder: UnitsRecorder) -> UnitsRecorder:
+    """A batch counts the units of each item that succeeded, as its single call would."""
+
+    def record(request: Any, response: Any) -> None:
+        for item, result in zip(request.items, response.results, strict=True):
+            if result.status.code == 0:
+                recorder(item, result.response)
+
+    return record
+
+
 UNITS_RECORDERS: dict[str, UnitsRecorder] = {
     f"/{_QUOTA}/Reserve": _reserved,
     f"/{_QUOTA}/Commit": _committed,
     f"/{_QUOTA}/Refund": _refunded,
     f"/{_QUOTA}/Charge": _charged,
+    f"/{_QUOTA}/ReserveBatch": _per_item(_reserved),
+    f"/{_QUOTA}/CommitBatch": _per_item(_committed),
+    f"/{_QUOTA}/RefundBatch": _per_item(_refunded),
 }
 
 

@@ -6,31 +6,34 @@ from typing import Any, Protocol, TypedDict
 
 import grpc
 
-from tally.api import convert, ledger_query
+from tally.api import batches, convert, ledger_query
 from tally.api import validation as v
 from tally.api.closed_reservations import ClosedReservations
 from tally.api.errors import deadline_s, map_errors
 from tally.auth.principal import current
 from tally.auth.scope import require_account
 from tally.domain import limits
-from tally.domain.errors import InvalidArgument
+from tally.domain.errors import InvalidArgument, TallyError
 from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.ledger import Ledger
 from tally.store.contract import (
     AccountChanges,
     BalanceRequest,
     ChargeRequest,
+    CommitReply,
     CommitRequest,
     CreateAccountRequest,
     DeleteBudgetRequest,
     ExtendRequest,
     PurchaseRequest,
     QuoteRequest,
+    RefundReply,
     RefundRequest,
     ReserveRequest,
     SetPriceRequest,
     UpdateAccountRequest,
 )
+from tally.store.failures import HoldNotInStore
 from tally.store.quota_store import QuotaStore
 from tally.v1 import (
     account_pb2,
@@ -83,12 +86,14 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def Reserve(
         self, request: quota_pb2.ReserveRequest, context: Context
     ) -> quota_pb2.ReserveResponse:
+        reply = await self.store.reserve(self._reserve(request), deadline_s(context))
+        return convert.reserve_response(reply)
+
+    def _reserve(self, request: quota_pb2.ReserveRequest) -> ReserveRequest:
         ttl = request.ttl if request.HasField("ttl") else None
-        reserve = ReserveRequest(
+        return ReserveRequest(
             **_spend_fields(request), ttl_ms=v.hold_ttl_ms(ttl, "ttl", self.ttl_limits)
         )
-        reply = await self.store.reserve(reserve, deadline_s(context))
-        return convert.reserve_response(reply)
 
     @map_errors
     async def Charge(
@@ -110,48 +115,40 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     async def Commit(
         self, request: quota_pb2.CommitRequest, context: Context
     ) -> quota_pb2.CommitResponse:
-        commit = CommitRequest(
-            reservation_id=self._reservation_id(request.reservation_id),
-            quantity=(
-                v.units(request.quantity, "quantity") if request.HasField("quantity") else None
-            ),
-        )
+        commit = self._commit(request)
         reply = await self.closed.call(
             commit.reservation_id, lambda: self.store.commit(commit, deadline_s(context)),
             lambda: deadline_s(context),
         )
-        return quota_pb2.CommitResponse(
-            units_charged=reply.units_charged,
-            units_released=reply.units_released,
-            balance=convert.balance(reply.balance),
-            replayed=reply.replayed,
-            late=reply.late,
-            overage_units=reply.overage_units,
-            operation=reply.operation,
+        return _commit_response(reply)
+
+    def _commit(self, request: quota_pb2.CommitRequest) -> CommitRequest:
+        return CommitRequest(
+            reservation_id=self._reservation_id(request.reservation_id),
+            quantity=(
+                v.units(request.quantity, "quantity") if request.HasField("quantity") else None
+            ),
         )
 
     @map_errors
     async def Refund(
         self, request: quota_pb2.RefundRequest, context: Context
     ) -> quota_pb2.RefundResponse:
-        refund = RefundRequest(
+        refund = self._refund(request)
+        reply = await self.closed.call(
+            refund.reservation_id, lambda: self.store.refund(refund, deadline_s(context)),
+            lambda: deadline_s(context),
+        )
+        return _refund_response(reply)
+
+    def _refund(self, request: quota_pb2.RefundRequest) -> RefundRequest:
+        return RefundRequest(
             reservation_id=self._reservation_id(request.reservation_id),
             units=(
                 v.units(request.units, "units", minimum=1) if request.HasField("units") else None
             ),
             reason=v.text(request.reason, "reason", limits.REASON_BYTES_MAX),
             idempotency_key=v.idempotency_key(request.idempotency_key),
-        )
-        reply = await self.closed.call(
-            refund.reservation_id, lambda: self.store.refund(refund, deadline_s(context)),
-            lambda: deadline_s(context),
-        )
-        return quota_pb2.RefundResponse(
-            units_refunded=reply.units_refunded,
-            balance=convert.balance(reply.balance),
-            replayed=reply.replayed,
-            units_refundable=reply.units_refundable,
-            operation=reply.operation,
         )
 
     @map_errors
@@ -195,6 +192,113 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
     ) -> quota_pb2.GetBalanceResponse:
         reply = await self.store.balance(_balance_request(request), deadline_s(context))
         return quota_pb2.GetBalanceResponse(balance=convert.balance(reply.balance))
+
+    # --- batches: each item exactly its single RPC (api/batches.py) ------------
+
+    @map_errors
+    async def ReserveBatch(
+        self, request: quota_pb2.ReserveBatchRequest, context: Context
+    ) -> quota_pb2.ReserveBatchResponse:
+        checked = batches.validated(batches.check_count(request.items), self._reserve)
+        outcomes = await batches.run_valid(
+            checked, lambda items: self.store.reserve_batch(items, deadline_s(context))
+        )
+        results = []
+        for index, outcome in enumerate(outcomes):
+            if isinstance(outcome, Exception):
+                results.append(quota_pb2.ReserveBatchResult(status=batches.status(index, outcome)))
+            else:
+                results.append(quota_pb2.ReserveBatchResult(
+                    status=batches.status(index, None), response=convert.reserve_response(outcome)
+                ))
+        return quota_pb2.ReserveBatchResponse(results=results)
+
+    @map_errors
+    async def CommitBatch(
+        self, request: quota_pb2.CommitBatchRequest, context: Context
+    ) -> quota_pb2.CommitBatchResponse:
+        checked = batches.validated(batches.check_count(request.items), self._commit)
+        outcomes = await batches.run_valid(
+            checked, lambda items: self.store.commit_batch(items, deadline_s(context))
+        )
+        results = []
+        for index, (item, outcome) in enumerate(zip(checked, outcomes, strict=True)):
+            if isinstance(outcome, HoldNotInStore) and isinstance(item, CommitRequest):
+                outcome = await self._closed_commit(item, context)
+            if isinstance(outcome, Exception):
+                results.append(quota_pb2.CommitBatchResult(status=batches.status(index, outcome)))
+            else:
+                results.append(quota_pb2.CommitBatchResult(
+                    status=batches.status(index, None), response=_commit_response(outcome)
+                ))
+        return quota_pb2.CommitBatchResponse(results=results)
+
+    @map_errors
+    async def RefundBatch(
+        self, request: quota_pb2.RefundBatchRequest, context: Context
+    ) -> quota_pb2.RefundBatchResponse:
+        checked = batches.validated(batches.check_count(request.items), self._refund)
+        outcomes = await batches.run_valid(
+            checked, lambda items: self.store.refund_batch(items, deadline_s(context))
+        )
+        results = []
+        for index, (item, outcome) in enumerate(zip(checked, outcomes, strict=True)):
+            if isinstance(outcome, HoldNotInStore) and isinstance(item, RefundRequest):
+                outcome = await self._closed_refund(item, context)
+            if isinstance(outcome, Exception):
+                results.append(quota_pb2.RefundBatchResult(status=batches.status(index, outcome)))
+            else:
+                results.append(quota_pb2.RefundBatchResult(
+                    status=batches.status(index, None), response=_refund_response(outcome)
+                ))
+        return quota_pb2.RefundBatchResponse(results=results)
+
+    # An item whose reservation left Redis is brought back from the ledger and run
+    # alone (api/closed_reservations.py), as its single RPC would be.
+
+    async def _closed_commit(
+        self, commit: CommitRequest, context: Context
+    ) -> CommitReply | TallyError:
+        try:
+            return await self.closed.call(
+                commit.reservation_id, lambda: self.store.commit(commit, deadline_s(context)),
+                lambda: deadline_s(context),
+            )
+        except TallyError as error:
+            return error
+
+    async def _closed_refund(
+        self, refund: RefundRequest, context: Context
+    ) -> RefundReply | TallyError:
+        try:
+            return await self.closed.call(
+                refund.reservation_id, lambda: self.store.refund(refund, deadline_s(context)),
+                lambda: deadline_s(context),
+            )
+        except TallyError as error:
+            return error
+
+
+def _commit_response(reply: CommitReply) -> quota_pb2.CommitResponse:
+    return quota_pb2.CommitResponse(
+        units_charged=reply.units_charged,
+        units_released=reply.units_released,
+        balance=convert.balance(reply.balance),
+        replayed=reply.replayed,
+        late=reply.late,
+        overage_units=reply.overage_units,
+        operation=reply.operation,
+    )
+
+
+def _refund_response(reply: RefundReply) -> quota_pb2.RefundResponse:
+    return quota_pb2.RefundResponse(
+        units_refunded=reply.units_refunded,
+        balance=convert.balance(reply.balance),
+        replayed=reply.replayed,
+        units_refundable=reply.units_refundable,
+        operation=reply.operation,
+    )
 
 
 def _spend_fields(request: quota_pb2.ReserveRequest | quota_pb2.ChargeRequest) -> SpendFields:

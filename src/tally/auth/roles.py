@@ -20,7 +20,10 @@ _READER = frozenset({Role.READER, Role.ADMIN})
 _WORKER_OR_READER = frozenset({Role.WORKER, Role.READER, Role.ADMIN})
 
 ROLES_BY_METHOD: dict[str, frozenset[Role]] = {
-    **{_QUOTA + m: _WORKER for m in ("Reserve", "Charge", "Commit", "Refund", "Extend", "Quote")},
+    **{_QUOTA + m: _WORKER for m in (
+        "Reserve", "Charge", "Commit", "Refund", "Extend", "Quote",
+        "ReserveBatch", "CommitBatch", "RefundBatch",
+    )},
     _QUOTA + "GetBalance": _WORKER_OR_READER,
     _ACCOUNT + "GetAccount": _READER,
     _ACCOUNT + "ListLedgerEntries": _READER,

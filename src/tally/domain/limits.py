@@ -57,6 +57,9 @@ ALERT_PERCENT_MAX = 1000
 # Packs one AUTO_PURCHASE top-up may buy at once.
 AUTO_PURCHASE_PACKS_MAX = 1000
 
+# Items of one ReserveBatch, CommitBatch or RefundBatch call.
+BATCH_ITEMS_MAX = 1000
+
 # Work per script call: due holds one touch of an account expires (the reaper does the rest).
 LAZY_EXPIRIES_MAX = 100
 # Usage records recovery writes back per call of restore_usage.lua.

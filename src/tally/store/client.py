@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     NoScriptError,
+    RedisError,
 )
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -31,7 +33,13 @@ from tally.domain.errors import (
     TallyError,
 )
 from tally.store.contract import FenceMark
-from tally.store.failures import HoldNotInStore, StoreBusy, StoreUnreachable, store_errors
+from tally.store.failures import (
+    HoldNotInStore,
+    StoreBusy,
+    StoreUnreachable,
+    redis_errors,
+    store_errors,
+)
 from tally.store.fence import ShardBehind
 from tally.store.pool import WaitingConnectionPool
 from tally.store.scripts import LuaScript, load_all
@@ -68,12 +76,18 @@ def _decode(value: Any) -> Any:
 
 
 def _raise_script_error(reply: dict[str, Any]) -> None:
+    raise script_error(reply)
+
+
+def script_error(reply: Mapping[str, Any]) -> Exception:
+    """The typed error a script's failure reply ({code, field, message, extra}) stands
+    for; an unknown code (a bug in a script) is a RuntimeError."""
     code = reply.get("code", "INTERNAL")
     message = reply.get("message", "")
     field_name = reply.get("field", "")
     if code == "RESOURCE_EXHAUSTED":
         extra = reply.get("extra") or {}
-        raise ResourceExhausted(
+        return ResourceExhausted(
             message,
             field_name=field_name,
             shortfall=Shortfall(
@@ -86,13 +100,13 @@ def _raise_script_error(reply: dict[str, Any]) -> None:
         )
     if code == "NOT_IN_STORE":
         extra = reply.get("extra") or {}
-        raise HoldNotInStore(message, field_name=field_name, event_seq=int(extra["event_seq"]))
+        return HoldNotInStore(message, field_name=field_name, event_seq=int(extra["event_seq"]))
     if code == ShardBehind.script_code:
-        raise ShardBehind(message, field_name=field_name)
+        return ShardBehind(message, field_name=field_name)
     error_cls = ERRORS_BY_CODE.get(code)
     if error_cls is None:
-        raise RuntimeError(f"script returned unknown error code {code!r}: {message}")
-    raise error_cls(message, field_name=field_name)
+        return RuntimeError(f"script returned unknown error code {code!r}: {message}")
+    return error_cls(message, field_name=field_name)
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,15 @@ class ScriptResult:
 
     result: dict[str, Any]
     fence: FenceMark | None
+
+
+@dataclass(frozen=True)
+class ScriptCall:
+    """One script call of a pipelined round trip (ScriptRunner.run_many)."""
+
+    name: str
+    keys: list[str]
+    request: dict[str, Any]
 
 
 class ScriptRunner:
@@ -168,6 +191,72 @@ class ScriptRunner:
             FenceMark.decode(fence) if isinstance(fence, dict) else None,
         )
 
+    async def run_many(
+        self, calls: Sequence[ScriptCall], timeout_s: float | None
+    ) -> list[ScriptResult | Exception]:
+        """The calls' EVALSHAs in one pipelined round trip (no transaction: each
+        script is atomic alone), never retried. Per call, in order: its result or
+        the script's typed error. A connection failure or the deadline raises
+        for the whole round trip: some calls may have run, so the caller retries
+        with the same idempotency keys."""
+        if timeout_s is not None and timeout_s < DEADLINE_SLACK_S:
+            raise DeadlineExceeded(
+                "the call's deadline passed (or is too close) before the store was asked"
+            )
+        scripts = [self.scripts[call.name] for call in calls]
+        payloads = [msgpack.packb(call.request, use_bin_type=True) for call in calls]
+        started = time.perf_counter()
+        try:
+            with store_errors():
+                async with asyncio.timeout(timeout_s):
+                    raws = await self._pipelined(scripts, [c.keys for c in calls], payloads)
+        except TimeoutError as exc:
+            metrics.redis_error("deadline")
+            raise DeadlineExceeded(
+                "the store did not answer before the call's deadline; "
+                "retry with the same idempotency keys"
+            ) from exc
+        except (StoreUnreachable, StoreBusy) as exc:
+            metrics.redis_error(exc.fault)
+            raise
+        except Exception:
+            metrics.redis_error("other")
+            raise
+        finally:
+            elapsed_s = time.perf_counter() - started
+            for name in {script.name for script in scripts}:
+                metrics.REDIS_SCRIPT_DURATION.labels(script=name).observe(elapsed_s)
+        return [_script_result(script.name, raw) for script, raw in zip(scripts, raws, strict=True)]
+
+    async def _pipelined(
+        self, scripts: list[LuaScript], keys: list[list[str]], payloads: list[bytes]
+    ) -> list[Any]:
+        """The raw replies (a Redis error as its exception); the calls that met
+        NOSCRIPT did not run, so they are sent again once the scripts are loaded."""
+        raws = await self._pipeline(scripts, keys, payloads, range(len(scripts)))
+        missing = [i for i, raw in enumerate(raws) if isinstance(raw, NoScriptError)]
+        if missing:
+            for script in {scripts[i].name: scripts[i] for i in missing}.values():
+                await self.redis.script_load(script.source)
+            again = await self._pipeline(scripts, keys, payloads, missing)
+            for i, raw in zip(missing, again, strict=True):
+                raws[i] = raw
+        return raws
+
+    async def _pipeline(
+        self,
+        scripts: list[LuaScript],
+        keys: list[list[str]],
+        payloads: list[bytes],
+        indexes: Sequence[int],
+    ) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i in indexes:
+                script = scripts[i]
+                command = pipe.evalsha_ro if script.read_only else pipe.evalsha
+                command(script.sha, len(keys[i]), *keys[i], payloads[i])
+            return list(await pipe.execute(raise_on_error=False))
+
     async def _evalsha(self, script: LuaScript, keys: list[str], payload: bytes) -> Any:
         command = self.redis.evalsha_ro if script.read_only else self.redis.evalsha
         try:
@@ -176,6 +265,43 @@ class ScriptRunner:
             # NOSCRIPT means the script did not run: loading and calling again is safe.
             await self.redis.script_load(script.source)
             return await command(script.sha, len(keys), *keys, payload)
+
+
+def _script_result(name: str, raw: Any) -> ScriptResult | Exception:
+    """One pipelined call's result, or its typed error: the script's own, or what
+    Redis answered instead (out of memory, read-only, busy...: UNAVAILABLE, as
+    for a single call; a refused command: StoreRefused)."""
+    if isinstance(raw, NoScriptError):
+        raise RuntimeError(f"{name}.lua was not loaded even after SCRIPT LOAD")
+    if isinstance(raw, RedisError):
+        return _redis_failure(raw)
+    if isinstance(raw, Exception):
+        return raw
+    reply = _decode(raw)
+    if not isinstance(reply, dict):
+        raise RuntimeError(f"{name}.lua returned {reply!r}")
+    if not reply.get("ok"):
+        return script_error(reply)
+    result = reply.get("r")
+    fence = reply.get("fence")
+    return ScriptResult(
+        result if isinstance(result, dict) else {},
+        FenceMark.decode(fence) if isinstance(fence, dict) else None,
+    )
+
+
+def _redis_failure(error: RedisError) -> TallyError:
+    """A Redis error one pipelined call got, as store/failures.py types it (counted)."""
+    try:
+        with redis_errors():
+            raise error
+    except StoreUnreachable as failure:
+        metrics.redis_error(failure.fault)
+        return failure
+    except TallyError as failure:
+        metrics.redis_error("other")
+        return failure
+    raise AssertionError("redis_errors() let a Redis error through")  # pragma: no cover
 
 
 __all__ = ["ScriptRunner", "TallyError", "connect", "store_errors"]

@@ -729,6 +729,110 @@ class BillingPeriodRequest(ScriptRequest[BillingPeriodReply]):
     anchor_day: int
 
 
+# --- batch scripts ---------------------------------------------------------------
+# One call per shard group of a batch: each item is exactly its single script's
+# request (lib/batch.lua runs the single script's work per item) and gets its
+# single script's reply or its own error.
+
+
+@dataclass(frozen=True)
+class BatchContext(ShardContext):
+    """What a batch script is told besides its items: a ScriptContext without the
+    account (each item names its own)."""
+
+    retention_ms: int
+    closed_window_ms: int | None = dataclasses.field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class IdempotentBatchContext(BatchContext):
+    idempotency_window_ms: int
+
+
+@dataclass(frozen=True)
+class SpendBatchContext(IdempotentBatchContext):
+    quote_validity_ms: int
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """An item's failure as its script answered it: {code, field, message, extra}
+    (store/client.py makes it the typed error the single script would raise)."""
+
+    reply: RawMap
+
+
+ItemT = TypeVar("ItemT", bound=ScriptRequest[Any])
+
+
+@dataclass(frozen=True)
+class BatchItem(Generic[ItemT]):
+    """One item of a batch call: the single script's request and its account."""
+
+    account_id: str
+    request: ItemT
+
+
+@dataclass(frozen=True)
+class BatchReply(Reply):
+    """Per item, in order: the single script's reply, or its error."""
+
+    results: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class BatchRequest(ScriptRequest[BatchReply], Generic[ItemT]):
+    """A batch script's request: its items, all of one shard. ITEM: the single
+    script's request type, whose reply each item answers."""
+
+    REPLY = BatchReply
+    ITEM: ClassVar[type[ScriptRequest[Any]]]
+
+    items: tuple[BatchItem[ItemT], ...]
+
+    def argv_fields(self) -> dict[str, object]:
+        return {
+            "items": [
+                item.request.argv_fields() | {"account_id": item.account_id}
+                for item in self.items
+            ]
+        }
+
+    def decode_reply(self, raw: RawMap) -> BatchReply:
+        outcomes = _list(raw.get("results"))
+        if len(outcomes) != len(self.items):
+            raise RuntimeError(
+                f"{self.SCRIPT}.lua answered {len(outcomes)} results for {len(self.items)} items"
+            )
+        return BatchReply(results=tuple(self._outcome(_map(outcome)) for outcome in outcomes))
+
+    def _outcome(self, outcome: RawMap) -> Reply | ItemError:
+        if outcome.get("ok"):
+            return self.ITEM.REPLY.decode(_map(outcome.get("r")))
+        return ItemError(outcome)
+
+
+@dataclass(frozen=True)
+class ReserveBatchRequest(BatchRequest[ReserveRequest]):
+    SCRIPT = "reserve_batch"
+    CONTEXT = SpendBatchContext
+    ITEM = ReserveRequest
+
+
+@dataclass(frozen=True)
+class CommitBatchRequest(BatchRequest[CommitRequest]):
+    SCRIPT = "commit_batch"
+    CONTEXT = BatchContext
+    ITEM = CommitRequest
+
+
+@dataclass(frozen=True)
+class RefundBatchRequest(BatchRequest[RefundRequest]):
+    SCRIPT = "refund_batch"
+    CONTEXT = IdempotentBatchContext
+    ITEM = RefundRequest
+
+
 # --- every script ----------------------------------------------------------------
 
 REQUESTS: tuple[type[ScriptRequest[Any]], ...] = (
@@ -752,4 +856,7 @@ REQUESTS: tuple[type[ScriptRequest[Any]], ...] = (
     ReadUsageRequest,
     RestoreUsageRequest,
     BillingPeriodRequest,
+    ReserveBatchRequest,
+    CommitBatchRequest,
+    RefundBatchRequest,
 )

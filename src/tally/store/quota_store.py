@@ -9,19 +9,24 @@ these.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
 from tally.clock import Clock
 from tally.domain.catalog import DEFAULT_CATALOG
+from tally.domain.errors import TallyError
 from tally.domain.usage import Usage
-from tally.store.client import ScriptRunner, store_errors
+from tally.store.client import ScriptCall, ScriptRunner, script_error, store_errors
 from tally.store.contract import (
     AccountReply,
     ApplyPriceRequest,
     BalanceRequest,
+    BatchContext,
+    BatchItem,
+    BatchRequest,
     BillingPeriodRequest,
     BudgetReply,
     CatalogContext,
@@ -29,6 +34,7 @@ from tally.store.contract import (
     ChargeRequest,
     ClosePeriodReply,
     ClosePeriodRequest,
+    CommitBatchRequest,
     CommitReply,
     CommitRequest,
     CreateAccountReply,
@@ -38,7 +44,9 @@ from tally.store.contract import (
     ExpireHoldRequest,
     ExtendRequest,
     HoldReply,
+    IdempotentBatchContext,
     IdempotentContext,
+    ItemError,
     PriceVersionRecord,
     PriceView,
     PurchaseReply,
@@ -46,9 +54,11 @@ from tally.store.contract import (
     QuoteReply,
     QuoteRequest,
     ReadUsageRequest,
+    RefundBatchRequest,
     RefundReply,
     RefundRequest,
     ReplyT,
+    ReserveBatchRequest,
     ReserveRequest,
     RestoreHoldReply,
     RestoreHoldRequest,
@@ -58,12 +68,15 @@ from tally.store.contract import (
     SetPriceReply,
     SetPriceRequest,
     ShardContext,
+    SpendBatchContext,
     SpendContext,
     UpdateAccountRequest,
 )
 from tally.store.fence import ShardBehind, ShardFences
 from tally.store.keys import META_KEY, KeySpace
 from tally.store.usage_counters import usage_of
+
+ItemT = TypeVar("ItemT", bound=ScriptRequest[Any])
 
 
 @dataclass(frozen=True)
@@ -238,6 +251,136 @@ class QuotaStore:
             self.keys.price_history(shard),
         ]
         return await self._run(request, self._context(account_id), keys, timeout_s)
+
+    # --- batches: one script call per shard group, all in one round trip -------
+
+    def _batch_context(self, shard: int) -> BatchContext:
+        return BatchContext(
+            **vars(self._shard_context(shard)),
+            retention_ms=self.limits.reservation_retention_ms,
+            closed_window_ms=self.limits.closed_reservation_window_ms,
+        )
+
+    def _idempotent_batch_context(self, shard: int) -> IdempotentBatchContext:
+        return IdempotentBatchContext(
+            **vars(self._batch_context(shard)),
+            idempotency_window_ms=self.limits.idempotency_window_ms,
+        )
+
+    def _spend_batch_context(self, shard: int) -> SpendBatchContext:
+        return SpendBatchContext(
+            **vars(self._idempotent_batch_context(shard)),
+            quote_validity_ms=self.limits.quote_validity_ms,
+        )
+
+    def _holder_keys(self, account_id: str) -> list[str]:
+        """An item's account blob and holds zset (KEYS 1-2 of account_keys)."""
+        return self.keys.account_keys(account_id)[:2]
+
+    async def reserve_batch(
+        self, items: Sequence[ReserveRequest], timeout_s: float | None
+    ) -> list[HoldReply | Exception]:
+        """Each item exactly a reserve; per item, in order, its reply or its error."""
+        return await self._batch(
+            ReserveBatchRequest,
+            [(item.account_id, item) for item in items],
+            self._spend_batch_context,
+            lambda shard: [
+                self.keys.expiries(shard), self.keys.events(shard),
+                self.keys.prices(shard), self.keys.price_history(shard),
+            ],
+            lambda account_id, item: [
+                *self._holder_keys(account_id),
+                self.keys.idempotency(account_id, item.idempotency_key),
+            ],
+            timeout_s,
+        )
+
+    async def commit_batch(
+        self, items: Sequence[CommitRequest], timeout_s: float | None
+    ) -> list[CommitReply | Exception]:
+        """Each item exactly a commit; per item, in order, its reply or its error."""
+        return await self._batch(
+            CommitBatchRequest,
+            [(self._item_account(item.reservation_id), item) for item in items],
+            self._batch_context,
+            lambda shard: [self.keys.expiries(shard), self.keys.events(shard)],
+            lambda account_id, item: self._holder_keys(account_id),
+            timeout_s,
+        )
+
+    async def refund_batch(
+        self, items: Sequence[RefundRequest], timeout_s: float | None
+    ) -> list[RefundReply | Exception]:
+        """Each item exactly a refund; per item, in order, its reply or its error."""
+        return await self._batch(
+            RefundBatchRequest,
+            [(self._item_account(item.reservation_id), item) for item in items],
+            self._idempotent_batch_context,
+            lambda shard: [self.keys.expiries(shard), self.keys.events(shard)],
+            lambda account_id, item: [
+                *self._holder_keys(account_id),
+                self.keys.idempotency(account_id, item.idempotency_key),
+            ],
+            timeout_s,
+        )
+
+    def _item_account(self, reservation_id: str) -> str | TallyError:
+        try:
+            return self._reservation_account(reservation_id)
+        except TallyError as error:
+            return error
+
+    async def _batch(
+        self,
+        batch_type: type[BatchRequest[ItemT]],
+        items: list[tuple[str | TallyError, ItemT]],
+        context_of: Callable[[int], BatchContext],
+        shard_keys: Callable[[int], list[str]],
+        item_keys: Callable[[str, ItemT], list[str]],
+        timeout_s: float | None,
+    ) -> list[Any]:
+        """Groups the items (account, request) by shard, runs one script call per
+        group, every group in one pipelined round trip, and keeps the fences as
+        _run does. An item whose account is an error answers that error."""
+        outcomes: list[Any] = [account for account, _ in items]
+        groups: dict[int, list[int]] = {}
+        for index, (account, _) in enumerate(items):
+            if isinstance(account, str):
+                groups.setdefault(self.keys.shard_of(account), []).append(index)
+        batches: list[BatchRequest[ItemT]] = []
+        calls: list[ScriptCall] = []
+        for shard, indexes in groups.items():
+            members = [(str(items[i][0]), items[i][1]) for i in indexes]
+            batch = batch_type(items=tuple(BatchItem(a, request) for a, request in members))
+            keys = shard_keys(shard)
+            for account_id, request in members:
+                keys.extend(item_keys(account_id, request))
+            batches.append(batch)
+            calls.append(ScriptCall(batch.SCRIPT, keys, batch.encode(context_of(shard))))
+        ran = await self.runner.run_many(calls, timeout_s)
+        for (shard, indexes), batch, result in zip(groups.items(), batches, ran, strict=True):
+            outcomes_of_group = await self._group_outcomes(shard, batch, result)
+            for index, outcome in zip(indexes, outcomes_of_group, strict=True):
+                outcomes[index] = outcome
+        return outcomes
+
+    async def _group_outcomes(
+        self, shard: int, batch: BatchRequest[ItemT], result: Any
+    ) -> list[Any]:
+        """A shard group's outcomes; a group refused as a whole (its shard behind
+        its fence) gives every item that error."""
+        if isinstance(result, ShardBehind):
+            await self.fences.refused(shard)
+        if isinstance(result, Exception):
+            return [result] * len(batch.items)
+        if result.fence is None:
+            raise RuntimeError(f"{batch.SCRIPT}.lua checked no fence")
+        await self.fences.passed(shard, result.fence)
+        return [
+            script_error(outcome.reply) if isinstance(outcome, ItemError) else outcome
+            for outcome in batch.decode_reply(result.result).results
+        ]
 
     async def expire_hold(self, request: ExpireHoldRequest) -> ExpireHoldReply:
         account_id = self._reservation_account(request.reservation_id)

@@ -52,6 +52,9 @@ SCRIPT_NAMES = (
     "read_usage",
     "restore_usage",
     "billing_period",
+    "reserve_batch",
+    "commit_batch",
+    "refund_batch",
 )
 
 KEYS_HELPER = "keys"

@@ -14,7 +14,7 @@ return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
   local spend = check_spend_request(req)
-  local replay, hold, moves, short = open_spend(ctx, spend, KEYS)
+  local replay, hold, moves, short = open_spend(ctx, spend, KEYS[5], KEYS[6], KEYS[7])
   if replay then return replay end
   local acct, units, version = ctx.acct, hold.units, hold.price_version
   charge_budgets(ctx, spend.operation, spend.labels, units)

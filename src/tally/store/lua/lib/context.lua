@@ -7,21 +7,39 @@
 --        acct_key, holds_key, expiries_key, events_key, events = {},
 --        holds = {rid -> hold loaded}, dirty = {rid -> true for holds to write},
 --        usage = {counter changes}, idem = the idempotency record to write,
---        retention_ms, closed_window_ms, quote_validity_ms}
+--        retention_ms, closed_window_ms, quote_validity_ms,
+--        accounts = {acct_key -> account} and prices = {} when a batch shares its
+--        decoded accounts and price records between items (lib/batch.lua)}
 
-local function new_ctx(req, keys)
-  local ctx = {
-    now = req.now, prefix = check_str(req.prefix, 'prefix', KEY_PREFIX_BYTES_MAX),
+-- The shard's part of a ctx, from the request: checked once per script run
+-- (a batch runs many items on it), the shard's fence checked with it.
+local function shard_state(req)
+  local shard = {
+    prefix = check_str(req.prefix, 'prefix', KEY_PREFIX_BYTES_MAX),
     shard = check_str(req.shard, 'shard', SHARD_TAG_BYTES_MAX),
-    acct_key = keys[1], holds_key = keys[2], expiries_key = keys[3], events_key = keys[4],
-    events = {}, holds = {}, dirty = {}, usage = {},
     retention_ms = check_int(req.retention_ms or 0, 'retention_ms', 0, TIMESTAMP_MS_MAX),
     closed_window_ms = check_int(req.closed_window_ms or 0, 'closed_window_ms', 0, TIMESTAMP_MS_MAX),
     -- spend scripts only; pricing checks it when a superseded version is quoted
     quote_validity_ms = req.quote_validity_ms,
   }
-  check_fence(ctx, req.fence_floor)
-  return ctx
+  check_fence(shard, req.fence_floor)
+  return shard
+end
+
+-- A ctx on one account of the shard: keys 1 account blob, 2 account holds zset,
+-- 3 shard expiries zset, 4 shard event stream.
+local function account_ctx(shard, now, keys)
+  return {
+    now = now, prefix = shard.prefix, shard = shard.shard, fence_key = shard.fence_key,
+    acct_key = keys[1], holds_key = keys[2], expiries_key = keys[3], events_key = keys[4],
+    events = {}, holds = {}, dirty = {}, usage = {},
+    retention_ms = shard.retention_ms, closed_window_ms = shard.closed_window_ms,
+    quote_validity_ms = shard.quote_validity_ms,
+  }
+end
+
+local function new_ctx(req, keys)
+  return account_ctx(shard_state(req), req.now, keys)
 end
 
 -- Fields added after an account was first written get their neutral value.
@@ -46,9 +64,14 @@ local function adopt_account(ctx, acct)
   ctx.acct = acct
 end
 
+-- A batch decodes each account once: its items share the account as the
+-- last item left it (written by that item's commit_ctx; lib/batch.lua drops
+-- it when an item fails, since a failed item may have changed it in memory).
 local function load_account(ctx, account_id)
-  local acct = load_blob(ctx.acct_key)
+  local accounts = ctx.accounts
+  local acct = accounts and accounts[ctx.acct_key] or load_blob(ctx.acct_key)
   if not acct then raise('NOT_FOUND', 'account_id', 'account ' .. account_id .. ' not found') end
+  if accounts then accounts[ctx.acct_key] = acct end
   adopt_account(ctx, acct)
   return acct
 end

@@ -24,14 +24,37 @@ local function supersede(history_key, operation, version, price, at)
   end
 end
 
+-- The price records a run reads are read once: a batch's items share
+-- ctx.prices (absent: each call reads them); false caches "no such record".
+local function current_price(ctx, prices_key, operation)
+  local cache = ctx.prices
+  local record = cache and cache[operation]
+  if record == nil then
+    local raw = redis.call('HGET', prices_key, operation)
+    record = raw and cmsgpack.unpack(raw) or false
+    if cache then cache[operation] = record end
+  end
+  return record or nil
+end
+
+local function quoted_price(ctx, history_key, operation, version)
+  local cache = ctx.prices
+  local field = price_version_field(operation, version)
+  local record = cache and cache[field]
+  if record == nil then
+    record = price_record(history_key, operation, version) or false
+    if cache then cache[field] = record end
+  end
+  return record or nil
+end
+
 -- The price of `operation` at catalog `version` (0: the current one) and
 -- the version it is.
 local function price_of(ctx, prices_key, history_key, operation, version)
-  local raw = redis.call('HGET', prices_key, operation)
-  if not raw then raise('NOT_FOUND', 'operation', 'operation ' .. operation .. ' is not in the price catalog') end
-  local current = cmsgpack.unpack(raw)
+  local current = current_price(ctx, prices_key, operation)
+  if not current then raise('NOT_FOUND', 'operation', 'operation ' .. operation .. ' is not in the price catalog') end
   if version == 0 or version == current.version then return current.price, current.version end
-  local old = price_record(history_key, operation, version)
+  local old = quoted_price(ctx, history_key, operation, version)
   if not old then
     raise('FAILED_PRECONDITION', 'price_version',
       string.format('price version %d of %s is unknown', version, operation))

@@ -2,12 +2,18 @@
 -- reservation: the opening commit, refund and extend share: the account and
 -- the hold a reservation id names.
 
+-- Loads the request's account on ctx (ctx.acct) and checks the reservation id;
+-- returns the id.
+local function open_reservation_on(ctx, req)
+  load_account(ctx, check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX))
+  return check_str(req.reservation_id, 'reservation_id', RESERVATION_ID_BYTES_MAX)
+end
+
 -- A new ctx with the account loaded (ctx.acct) and the reservation id checked;
 -- returns ctx and the id.
 local function open_reservation(req, keys)
   local ctx = new_ctx(req, keys)
-  load_account(ctx, check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX))
-  return ctx, check_str(req.reservation_id, 'reservation_id', RESERVATION_ID_BYTES_MAX)
+  return ctx, open_reservation_on(ctx, req)
 end
 
 local function not_found(rid)

@@ -51,14 +51,15 @@ end
 -- After the script's own checks of `spend` (check_spend_request): loads the
 -- account, replays an earlier answer under the idempotency key, prices the
 -- operation, brings the account up to now, checks budgets and sets the units
--- aside. keys: 5 idempotency record, 6 shard prices hash, 7 shard price history.
+-- aside, reading the idempotency record and the shard's prices and price history.
 -- Returns the answer to replay, or nil, the new hold, its grant moves and the
 -- units not covered by grants (overage).
-local function open_spend(ctx, spend, keys)
+local function open_spend(ctx, spend, record_key, prices_key, history_key)
   load_account(ctx, spend.account_id)
-  local figures, at = idem_lookup(keys[5], spend.fingerprint, ctx.now, spend.window_ms)
+  local figures, at = idem_lookup(record_key, spend.fingerprint, ctx.now, spend.window_ms)
   if figures then return spend_replay(ctx, spend, figures, at) end
-  local unit_price, version = price_of(ctx, keys[6], keys[7], spend.operation, spend.price_version)
+  local unit_price, version = price_of(ctx, prices_key, history_key, spend.operation,
+    spend.price_version)
   local units = units_for(unit_price, spend.quantity)
   touch(ctx)
   check_budgets(ctx, spend.operation, spend.labels, units)

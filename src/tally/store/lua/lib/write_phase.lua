@@ -20,7 +20,10 @@ local function commit_ctx(ctx)
     if ctx.idem then save_blob(ctx.idem.key, ctx.idem.record, ctx.idem.window_ms) end
     return {}
   end
-  save_blob(ctx.acct_key, acct)
+  -- packed once: the blob written is the image the last event carries (nothing
+  -- below changes the account before the image is taken)
+  local acct_image = cmsgpack.pack(acct)
+  redis.call('SET', ctx.acct_key, acct_image)
   index_closing(ctx)
   local hold_images = write_holds(ctx)
   local last = ctx.events[#ctx.events]
@@ -30,7 +33,7 @@ local function commit_ctx(ctx)
       available_units), 0)
   end
   last[#last + 1] = '_acct'
-  last[#last + 1] = cmsgpack.pack(acct)
+  last[#last + 1] = acct_image
   if next(hold_images) ~= nil then
     last[#last + 1] = '_holds'
     last[#last + 1] = cmsgpack.pack(hold_images)
