@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+import msgpack
 import pytest
 import redis.asyncio as aioredis
 from google.protobuf.duration_pb2 import Duration
@@ -16,7 +17,7 @@ from tally.ledger import recovery
 from tally.store.contract import CommitRequest
 from tally.store.failures import HoldNotInStore
 from tally.store.keys import idempotency_digest
-from tally.store.state_images import StateImages
+from tally.store.state_images import StateImages, unpack_image
 from tally.v1 import account_pb2, common_pb2, quota_pb2
 from tests.integration.test_semantics import balance, charge, create, reserve
 from tests.support import RedisProcess, Running, start_running, stop_running
@@ -208,3 +209,47 @@ async def test_a_pair_rate_of_1000_per_second_needs_at_most_16_gib_of_redis(
     assert figures.per_pair("idempotency") <= 160
     assert figures.per_pair("closed reservation") <= 700
     assert figures.steady_state_bytes(1000, strict=True) <= memory.TARGET_BYTES
+
+
+async def last_event_images(running: Running, account_id: str) -> dict[bytes, bytes]:
+    """The fields of the newest event of the account's shard stream."""
+    store = running.authority.store
+    events_key = store.keys.events(store.keys.shard_of(account_id))
+    [(_, fields)] = await store.redis.xrevrange(events_key, count=1)
+    return dict(fields)
+
+
+async def test_images_of_the_last_event_are_the_records_redis_holds(
+    own_redis: RedisProcess,
+) -> None:
+    """Proves the `_holds` and `_idem` images a script's last event carries (built from
+    the bytes it wrote, each record packed once) decode to exactly the records in Redis:
+    for one hold and its idempotency record, and for a map of more than 15 holds (a
+    16-bit msgpack map header), when one Reserve expires the account's due holds."""
+    running = await start_running(own_redis.url, reaper_interval="1h")
+    try:
+        store = running.authority.store
+        redis = store.redis
+        account_id = await create(running, allotment=1000)
+        held = await reserve(running, account_id, 1, "one", ttl_s=60)
+        fields = await last_event_images(running, account_id)
+        [(rid, hold)] = unpack_image(fields[b"_holds"]).items()
+        assert rid == held.reservation_id
+        assert hold == unpack_image(await redis.get(store.keys.reservation(rid)))
+        idem = unpack_image(fields[b"_idem"])
+        assert set(idem) == {"key", "record", "expires_at"}
+        assert idem["key"] == store.keys.idempotency(account_id, "one")
+        assert idem["record"] == msgpack.unpackb(await redis.get(idem["key"]))
+        assert isinstance(idem["expires_at"], int)
+
+        due = [(await reserve(running, account_id, 1, f"due-{i}", ttl_s=1)).reservation_id
+               for i in range(20)]
+        running.clock.advance(2_000)
+        fresh = await reserve(running, account_id, 1, "fresh", ttl_s=60)
+        holds = unpack_image((await last_event_images(running, account_id))[b"_holds"])
+        assert sorted(holds) == sorted([*due, fresh.reservation_id])
+        for rid, hold in holds.items():
+            assert hold == unpack_image(await redis.get(store.keys.reservation(rid)))
+        assert {hold["state"] for rid, hold in holds.items() if rid in due} == {"EXPIRED"}
+    finally:
+        await stop_running(running)

@@ -59,12 +59,32 @@ local function load_blob(key)
   return cmsgpack.unpack(raw)
 end
 
+-- Returns the bytes written, so that an image of the value reuses them.
 local function save_blob(key, value, ttl_ms)
+  local packed = cmsgpack.pack(value)
   if ttl_ms and ttl_ms > 0 then
-    redis.call('SET', key, cmsgpack.pack(value), 'PX', ttl_ms)
+    redis.call('SET', key, packed, 'PX', ttl_ms)
   else
-    redis.call('SET', key, cmsgpack.pack(value))
+    redis.call('SET', key, packed)
   end
+  return packed
+end
+
+-- A msgpack map from entries already packed, {packed key, packed value, ...}:
+-- the bytes cmsgpack.pack would write for the map (up to the order of its
+-- entries, which no decoder reads), without packing the values again.
+local function packed_map(entries)
+  local n = #entries / 2
+  local header
+  if n < 16 then
+    header = string.char(0x80 + n)
+  elseif n < 65536 then
+    header = string.char(0xde, math.floor(n / 256), n % 256)
+  else
+    header = string.char(0xdf, math.floor(n / 16777216), math.floor(n / 65536) % 256,
+      math.floor(n / 256) % 256, n % 256)
+  end
+  return header .. table.concat(entries)
 end
 
 -- Integer to decimal text without the 14-digit rounding of tostring().

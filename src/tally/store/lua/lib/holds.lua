@@ -49,30 +49,35 @@ local function settle_if_due(ctx, hold)
   end
 end
 
--- A closed hold's record, kept for the closed window from now.
+-- A closed hold's record, kept for the closed window from now; returns the
+-- record's bytes.
 local function keep_closed(ctx, rid, hold)
   if ctx.closed_window_ms < 1 then error('closed_window_ms is required to close a hold', 0) end
   hold.kept_until = ctx.now + ctx.closed_window_ms
-  save_blob(reservation_key(ctx.prefix, rid), hold, ctx.closed_window_ms)
+  return save_blob(reservation_key(ctx.prefix, rid), hold, ctx.closed_window_ms)
 end
 
 -- Part of the write phase: writes the marked holds and their index entries
 -- (open holds by expiry; closed ones for the closed window). Returns their
--- images {rid -> hold}.
+-- images, the msgpack map {rid -> hold} made of the bytes written (each hold
+-- packed once), or nil when no hold changed.
 local function write_holds(ctx)
-  local images = {}
+  local entries = {}
   for rid in pairs(ctx.dirty) do
     local hold = ctx.holds[rid]
-    images[rid] = hold
+    local packed
     if hold.state == 'HELD' then
-      save_blob(reservation_key(ctx.prefix, rid), hold)
+      packed = save_blob(reservation_key(ctx.prefix, rid), hold)
       redis.call('ZADD', ctx.holds_key, hold.expires_at, rid)
       redis.call('ZADD', ctx.expiries_key, hold.expires_at, rid)
     else
-      keep_closed(ctx, rid, hold)
+      packed = keep_closed(ctx, rid, hold)
       redis.call('ZREM', ctx.holds_key, rid)
       redis.call('ZREM', ctx.expiries_key, rid)
     end
+    entries[#entries + 1] = cmsgpack.pack(rid)
+    entries[#entries + 1] = packed
   end
-  return images
+  if #entries == 0 then return nil end
+  return packed_map(entries)
 end

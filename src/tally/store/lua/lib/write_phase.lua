@@ -34,15 +34,16 @@ local function commit_ctx(ctx)
   end
   last[#last + 1] = '_acct'
   last[#last + 1] = acct_image
-  if next(hold_images) ~= nil then
+  if hold_images then
     last[#last + 1] = '_holds'
-    last[#last + 1] = cmsgpack.pack(hold_images)
+    last[#last + 1] = hold_images
   end
-  if ctx.idem then
-    save_blob(ctx.idem.key, ctx.idem.record, ctx.idem.window_ms)
+  local idem = ctx.idem
+  if idem then
+    local record = save_blob(idem.key, idem.record, idem.window_ms)
     last[#last + 1] = '_idem'
-    last[#last + 1] = cmsgpack.pack({key = ctx.idem.key, record = ctx.idem.record,
-      expires_at = ctx.idem.expires_at})
+    last[#last + 1] = packed_map({cmsgpack.pack('key'), cmsgpack.pack(idem.key),
+      cmsgpack.pack('record'), record, cmsgpack.pack('expires_at'), cmsgpack.pack(idem.expires_at)})
   end
   write_usage(ctx)
   stamp_fence(ctx)
