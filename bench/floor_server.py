@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from bench import event_loops
+from bench.unmeasured import Unmeasured
 from tally import config
 from tally.api.transport import server_options
 from tally.v1 import common_pb2, quota_pb2, quota_pb2_grpc
@@ -37,7 +38,7 @@ def _balance() -> common_pb2.Balance:
     return balance
 
 
-class FloorServicer(quota_pb2_grpc.QuotaServiceServicer):
+class FloorServicer(Unmeasured, quota_pb2_grpc.QuotaServiceServicer):
     def __init__(self) -> None:
         balance = _balance()
         self.reserve = quota_pb2.ReserveResponse(
@@ -64,19 +65,6 @@ class FloorServicer(quota_pb2_grpc.QuotaServiceServicer):
 
     async def CommitBatch(self, request: Any, context: Any) -> Any:
         return _batch_reply("Commit", self.commit, len(request.items))
-
-    # Not measured: refused like an unknown method.
-    async def Refund(self, request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor serves no Refund")
-
-    async def Extend(self, request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor serves no Extend")
-
-    async def Quote(self, request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor serves no Quote")
-
-    async def GetBalance(self, request: Any, context: Any) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor serves no GetBalance")
 
 
 def _batch_reply(method: str, response: Any, items: int) -> Any:

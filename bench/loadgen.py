@@ -37,6 +37,7 @@ import enum
 import json
 import multiprocessing
 import os
+import queue
 import resource
 import time
 from collections import Counter
@@ -57,6 +58,9 @@ DEFAULT_OPERATION = "bench.op"
 OPEN_LOOP_MAX_IN_FLIGHT = 2048
 # Time for the client processes to start and connect before the first op.
 START_DELAY_S = 1.5
+# How long after the window the processes may take to hand in their figures
+# (calls still in flight end first).
+RESULT_TIMEOUT_S = 120.0
 REFUSED = "RESOURCE_EXHAUSTED"
 # Protobuf wire tags (field number << 3 | wire type 2: length-delimited).
 _TAG_1 = 0x0A
@@ -94,6 +98,9 @@ class ProcessTally:
     errors: Counter[str] = field(default_factory=Counter)
     latencies_s: list[float] = field(default_factory=list)
     cpu_s: float = 0.0  # this process's user+system CPU over the window
+    # every call that returned OK, by method, in or out of the window (to check the
+    # client's count against the server's own counter)
+    calls_ok: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ class LoadResult:
     concurrency: int
     # calls per op at the gRPC level: 2 for pairs (Reserve + Commit), 1 for Charge
     rpcs: int
+    calls_ok: dict[str, int]  # every OK call of the run by method, window or not
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,6 +243,7 @@ class _Caller:
         self.charge = _raw_method(channel, "Charge")
         self.reserve_batch = _raw_method(channel, "ReserveBatch")
         self.commit_batch = _raw_method(channel, "CommitBatch")
+        self.calls_ok: Counter[str] = Counter()
 
     def _next_request(self) -> bytes:
         n = self.sequence
@@ -246,10 +255,13 @@ class _Caller:
         Raises grpc.aio.AioRpcError when a whole call fails."""
         if self.spec.scenario is Scenario.PAIRS:
             reply = await self.reserve(self._next_request(), metadata=self.metadata)
+            self.calls_ok["Reserve"] += 1
             await self.commit(_field(_TAG_1, first_string(reply)), metadata=self.metadata)
+            self.calls_ok["Commit"] += 1
             return 1, Counter()
         if self.spec.scenario is Scenario.CHARGE:
             await self.charge(self._next_request(), metadata=self.metadata)
+            self.calls_ok["Charge"] += 1
             return 1, Counter()
         return await self._batch()
 
@@ -258,8 +270,9 @@ class _Caller:
                          for _ in range(self.spec.batch_size))
         failed: Counter[str] = Counter()
         commits = []
-        for code, response in batch_outcomes(
-                await self.reserve_batch(items, metadata=self.metadata)):
+        reserved = await self.reserve_batch(items, metadata=self.metadata)
+        self.calls_ok["ReserveBatch"] += 1
+        for code, response in batch_outcomes(reserved):
             if code:
                 failed[status_name(code)] += 1
             else:
@@ -267,8 +280,9 @@ class _Caller:
         if not commits:
             return 0, failed
         committed = 0
-        for code, _ in batch_outcomes(
-                await self.commit_batch(b"".join(commits), metadata=self.metadata)):
+        settled = await self.commit_batch(b"".join(commits), metadata=self.metadata)
+        self.calls_ok["CommitBatch"] += 1
+        for code, _ in batch_outcomes(settled):
             if code:
                 failed[status_name(code)] += 1
             else:
@@ -311,6 +325,7 @@ async def _run_process(spec: LoadSpec, process: int, start_at: float) -> Process
             await _open_loop(caller, window, spec.rate / spec.processes)
     # the end mark fires when the window closes; the loops ran at least that long
     window.tally.cpu_s = cpu_marks[1] - cpu_marks[0] if len(cpu_marks) == 2 else 0.0
+    window.tally.calls_ok = caller.calls_ok
     return window.tally
 
 
@@ -394,17 +409,32 @@ def run_load(spec: LoadSpec, on_window_start: Callable[[], None] | None = None,
         time.sleep(max(0.0, at - time.monotonic()))
         if callback is not None:
             callback()
-    tallies = [results.get(timeout=spec.duration_s + 60)[1] for _ in processes]
+    tallies = [_next_tally(results, processes) for _ in processes]
     for process in processes:
         process.join(10)
     return _merge(spec, tallies)
 
 
+def _next_tally(results: multiprocessing.Queue[tuple[int, ProcessTally]],
+                processes: Sequence[multiprocessing.process.BaseProcess]) -> ProcessTally:
+    """The next process's figures; a process that died without them is an error."""
+    deadline = time.monotonic() + RESULT_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            return results.get(timeout=0.5)[1]
+        dead = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"a load generator process failed (exit code {dead[0]})")
+    raise RuntimeError(f"no figures from the load generator within {RESULT_TIMEOUT_S}s")
+
+
 def _merge(spec: LoadSpec, tallies: list[ProcessTally]) -> LoadResult:
     latencies = sorted(x for t in tallies for x in t.latencies_s)
     errors: Counter[str] = Counter()
+    calls_ok: Counter[str] = Counter()
     for t in tallies:
         errors.update(t.errors)
+        calls_ok.update(t.calls_ok)
     refusals = errors.pop(REFUSED, 0)
     ok = sum(t.ok for t in tallies)
     return LoadResult(
@@ -423,6 +453,7 @@ def _merge(spec: LoadSpec, tallies: list[ProcessTally]) -> LoadResult:
         client_processes=spec.processes,
         concurrency=spec.concurrency,
         rpcs=2 if spec.scenario is not Scenario.CHARGE else 1,
+        calls_ok=dict(calls_ok),
     )
 
 
