@@ -13,7 +13,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_INSTALLED := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup proto protolint run test lint typecheck unit clean
+.PHONY: setup proto protolint run test lint typecheck unit clean bench
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -45,6 +45,16 @@ run: setup
 	  echo "or set TALLY_REDIS_URL=redis://host:port/0 to use an existing Redis."; \
 	  exit 1; fi
 	$(VENV)/bin/tally serve
+
+# The side-by-side benchmark (bench/README.md): about 6 minutes; BENCH_ARGS=--quick
+# for a short run. Writes bench/results/latest.json, latency.png and the profile.
+BENCH_INSTALLED := $(VENV)/.bench-installed
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	touch $@
+
+bench: setup $(BENCH_INSTALLED)
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench loadtests

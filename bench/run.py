@@ -1,7 +1,6 @@
 """`make bench`: Tally side by side with the floor and the PostgreSQL baseline.
 
-    python -m bench.run [--quick] [--only CELL,...] [--no-curve] [--no-profile]
-                        [--workers N] [--out bench/results]
+    python -m bench.run [--quick] [--only CELL ...] [--workers N] [--out bench/results]
 
 Runs every cell (see bench/README.md), prints one table with the ratios
 Tally/floor and Tally/PostgreSQL and the issue's targets marked met or missed,
@@ -377,14 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Tally side by side with the floor and "
                                      "PostgreSQL (see bench/README.md)")
     parser.add_argument("--quick", action="store_true", help="short runs, 1,000 accounts")
-    parser.add_argument("--only", default="", help="comma-separated cell names (and "
-                        "'curve', 'profile'); default: all")
+    parser.add_argument("--only", action="append", default=[], metavar="CELL",
+                        help="run this cell (a name of the table, or 'curve', 'profile'); "
+                        "repeat for more; default: all")
     parser.add_argument("--workers", type=int, default=0, help="tally serve --workers")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--json-name", default="latest.json")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    only = {name.strip() for name in args.only.split(",") if name.strip()}
+    only = set(args.only)
     bench = Bench(QUICK if args.quick else FULL, only, args.workers, args.out)
     started = time.monotonic()
     steps: list[Callable[[], None]] = [bench.floor, bench.postgres]
