@@ -39,6 +39,10 @@ OPERATION = "bench.op"
 CURVE_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.1)
 HALF_LOAD = 0.5
 PROFILE_RATE_HZ = 200
+# The batch cell: the largest batch the server takes (1,000 items), a few in
+# flight per client process (each holds 1,000 operations).
+BATCH_SIZE = 1_000
+BATCH_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,10 @@ class Bench:
                         rate=rate, duration_s=self.timing.duration_s,
                         warmup_s=self.timing.warmup_s)
 
+    def batch_spec(self) -> LoadSpec:
+        return replace(self.spec(Scenario.BATCH, self.spread), batch_size=BATCH_SIZE,
+                       concurrency=BATCH_CONCURRENCY)
+
     def run_cell(self, name: str, served: Served, spec: LoadSpec) -> None:
         if not self.wanted(name):
             return
@@ -120,7 +128,7 @@ class Bench:
             self.run_cell("floor pairs", served, self.spec(Scenario.PAIRS, self.spread))
             self.run_cell("floor charge", served, self.spec(Scenario.CHARGE, self.spread))
             if batch_available():
-                self.run_cell("floor batch", served, self.spec(Scenario.BATCH, self.spread))
+                self.run_cell("floor batch", served, self.batch_spec())
 
     def postgres(self) -> None:
         names = [f"postgres {s} {a}" for s in ("pairs", "charge") for a in ("10k", "hot")]
@@ -142,8 +150,7 @@ class Bench:
             with tally.serving(base) as served:
                 self.spreads(served, "tally")
                 if batch_available():
-                    self.run_cell("tally batch 10k", served,
-                                  self.spec(Scenario.BATCH, self.spread))
+                    self.run_cell("tally batch 10k", served, self.batch_spec())
                 else:
                     self.notes.append("batch: this checkout has no ReserveBatch RPC")
                 self.curve(served)
