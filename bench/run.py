@@ -39,10 +39,11 @@ OPERATION = "bench.op"
 CURVE_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.1)
 HALF_LOAD = 0.5
 PROFILE_RATE_HZ = 200
-# The batch cell: the largest batch the server takes (1,000 items), a few in
-# flight per client process (each holds 1,000 operations).
+# The batch cell: the largest batch the server takes (1,000 items), two in
+# flight per client process: each carries 1,000 operations, so more in flight
+# only queue (latency) without adding throughput.
 BATCH_SIZE = 1_000
-BATCH_CONCURRENCY = 4
+BATCH_CONCURRENCY = 2
 
 
 @dataclass(frozen=True)
