@@ -122,6 +122,7 @@ class Bench:
         if not self.wanted(name):
             return
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        servers.wait_idle(served)  # the last run's background work (flusher) done
         self.cells[name] = measure(served, spec) | {"accounts": len(spec.accounts)}
 
     def floor(self) -> None:
@@ -184,6 +185,7 @@ class Bench:
         for fraction in CURVE_FRACTIONS:
             rate = round(fraction * saturation)
             print(f"bench: curve, {rate} pairs/s offered ...", file=sys.stderr, flush=True)
+            servers.wait_idle(served)
             spec = replace(self.spec(Scenario.PAIRS, self.spread, rate=rate),
                            duration_s=self.timing.curve_duration_s)
             points.append(measure(served, spec) | {"fraction_of_saturation": fraction})

@@ -92,7 +92,7 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 
 def wait_idle(served: Served) -> None:
     """Until the server (and its store) is idle: the flusher has written what the
-    setup left (10,000 account creations), so no run pays for the one before."""
+    setup or the last run left, so no run pays for the one before."""
     deadline = time.monotonic() + IDLE_TIMEOUT_S
     before = served.server_cpu_s() + served.store_cpu_s()
     while time.monotonic() < deadline:
