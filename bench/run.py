@@ -17,6 +17,7 @@ import contextlib
 import json
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,8 +120,10 @@ class Bench:
                        concurrency=BATCH_CONCURRENCY)
 
     def run_cell(self, name: str, served: Served, spec: LoadSpec) -> None:
-        if not self.wanted(name):
-            return
+        if self.wanted(name):
+            self.record(name, served, spec)
+
+    def record(self, name: str, served: Served, spec: LoadSpec) -> None:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         servers.wait_idle(served)  # the last run's background work (flusher) done
         self.cells[name] = measure(served, spec) | {"accounts": len(spec.accounts)}
@@ -198,33 +201,32 @@ class Bench:
             return
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         raw = self.out / "profile-pairs.txt"
+        options = ["--format", "raw", "--function", "--rate", str(PROFILE_RATE_HZ),
+                   "--subprocesses", "--output", str(raw)]
         spec = self.spec(Scenario.PAIRS, self.spread)
-        window = spec.warmup_s + spec.duration_s
         with tally.serving(base) as served:
             recorder = subprocess.Popen(
-                [py_spy, "record", "--pid", str(served.process.pid), "--format", "raw",
-                 "--rate", str(PROFILE_RATE_HZ), "--duration", str(round(window + 2)),
-                 "--output", str(raw), "--subprocesses", "--nonblocking"],
+                [py_spy, "record", *options, "--nonblocking", "--pid", str(served.process.pid)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)
             attached = recorder.poll() is None
             if attached:
-                self.run_cell("tally pairs 10k, profiled", served, spec)
-            _, errors = recorder.communicate(timeout=window + 60)
+                self.record("tally pairs 10k, profiled", served, spec)
+                recorder.send_signal(signal.SIGINT)  # py-spy writes its output and stops
+            _, errors = recorder.communicate(timeout=60)
         if not attached:
             self.notes.append(f"py-spy could not attach ({errors.decode()[-200:].strip()}); "
                               "profiled as the server's parent")
-            with tally.serving(base, wrapper=[py_spy, "record", "--format", "raw",
-                                              "--rate", str(PROFILE_RATE_HZ), "--output",
-                                              str(raw), "--subprocesses", "--"]) as served:
-                self.run_cell("tally pairs 10k, profiled", served, spec)
+            with tally.serving(base, wrapper=[py_spy, "record", *options, "--"]) as served:
+                self.record("tally pairs 10k, profiled", served, spec)
         if raw.exists():
             self.cells["profile"] = {"collapsed_stacks": raw.name,
                                      "top": write_top(raw, self.out / "profile-top.txt")}
 
 
 def write_top(raw: Path, out: Path, rows: int = 40) -> list[dict[str, Any]]:
-    """Functions by samples on top of the stack (self) and anywhere (total)."""
+    """Functions by samples on top of the stack (self) and anywhere (total); then
+    Tally's own functions by total (where its time goes, callees included)."""
     own: dict[str, int] = {}
     total: dict[str, int] = {}
     samples = 0
@@ -238,13 +240,20 @@ def write_top(raw: Path, out: Path, rows: int = 40) -> list[dict[str, Any]]:
         own[frames[-1]] = own.get(frames[-1], 0) + count
         for frame in set(frames):
             total[frame] = total.get(frame, 0) + count
-    top = sorted(own.items(), key=lambda item: -item[1])[:rows]
-    table = [{"function": f, "self_pct": 100 * n / max(samples, 1),
-              "total_pct": 100 * total[f] / max(samples, 1)} for f, n in top]
-    lines = [f"{samples} samples; self% total% function"] + [
-        f"{row['self_pct']:6.1f} {row['total_pct']:6.1f}  {row['function']}" for row in table]
+
+    def row(function: str) -> dict[str, Any]:
+        return {"function": function, "self_pct": 100 * own.get(function, 0) / max(samples, 1),
+                "total_pct": 100 * total[function] / max(samples, 1)}
+
+    by_self = [row(f) for f, _ in sorted(own.items(), key=lambda item: -item[1])[:rows]]
+    by_total = [row(f) for f, _ in sorted(total.items(), key=lambda item: -item[1])
+                if "(tally/" in f][:rows]
+    lines = [f"{samples} samples", "", "by self: self% total% function"]
+    lines += [f"{r['self_pct']:6.1f} {r['total_pct']:6.1f}  {r['function']}" for r in by_self]
+    lines += ["", "Tally's functions by total: self% total% function"]
+    lines += [f"{r['self_pct']:6.1f} {r['total_pct']:6.1f}  {r['function']}" for r in by_total]
     out.write_text("\n".join(lines) + "\n")
-    return table
+    return by_self + by_total
 
 
 def machine() -> dict[str, Any]:

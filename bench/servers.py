@@ -39,7 +39,10 @@ POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL",
                               "postgresql://postgres@127.0.0.1:5432/postgres")
 # Shared objects whose presence in a server's memory map says which native
 # backend it really runs (a toggle that silently did nothing would show here).
-NATIVE_MARKERS = {"uvloop": "/uvloop/", "hiredis": "/hiredis/", "upb": "/_upb/"}
+# Not protobuf's: upb's library is loaded even when the python backend is chosen.
+NATIVE_MARKERS = {"uvloop": "/uvloop/", "hiredis": "/hiredis/"}
+PROTOBUF_PROBE = ("from google.protobuf.internal import api_implementation; "
+                  "print(api_implementation.Type())")
 
 
 def free_port() -> int:
@@ -112,6 +115,12 @@ def native_backends(pid: int) -> dict[str, bool]:
     return {name: marker in maps for name, marker in NATIVE_MARKERS.items()}
 
 
+def protobuf_backend(env: dict[str, str]) -> str:
+    """The protobuf backend ("upb" or "python") a server started with env runs."""
+    return subprocess.run([python(), "-c", PROTOBUF_PROBE], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
 def python() -> str:
     return sys.executable
 
@@ -136,12 +145,13 @@ class Served:
     # PostgreSQL's backends); none for the floor
     store_cpu_s: Callable[[], float] = lambda: 0.0
     metrics_port: int = 0
+    protobuf: str = ""  # the protobuf backend of its environment
 
     def server_cpu_s(self) -> float:
         return cpu_seconds(descendants(self.process.pid))
 
-    def backends(self) -> dict[str, bool]:
-        return native_backends(self.process.pid)
+    def backends(self) -> dict[str, bool | str]:
+        return {**native_backends(self.process.pid), "protobuf": self.protobuf}
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -159,7 +169,8 @@ def floor(event_loop: str = "auto") -> Iterator[Served]:
     process = subprocess.Popen(
         [python(), "-m", "bench.floor_server", "--port", str(port), "--event-loop", event_loop],
         env=python_env())
-    served = Served("floor", f"127.0.0.1:{port}", process)
+    served = Served("floor", f"127.0.0.1:{port}", process,
+                    protobuf=protobuf_backend(python_env()))
     try:
         wait_for_port(port, process, "the floor server")
         yield served
@@ -196,7 +207,8 @@ def postgres(accounts: Sequence[str], event_loop: str = "auto") -> Iterator[Serv
         process = subprocess.Popen(
             [python(), "-m", "bench.pg_server", "--port", str(port), "--dsn", dsn,
              "--event-loop", event_loop], env=python_env())
-        served = Served("postgres", f"127.0.0.1:{port}", process)
+        served = Served("postgres", f"127.0.0.1:{port}", process,
+                        protobuf=protobuf_backend(python_env()))
         try:
             wait_for_port(port, process, "the PostgreSQL server")
             # the pool's connections: their backends do the SQL work
@@ -307,7 +319,7 @@ class Tally:
             [*wrapper, python(), "-m", "tally.cli.main", "serve", *flags], env=env,
             stderr=subprocess.DEVNULL)
         served = Served("tally", f"127.0.0.1:{port}", process, self.token,
-                        self.redis.cpu_s, metrics_port)
+                        self.redis.cpu_s, metrics_port, protobuf_backend(env))
         try:
             wait_for_port(port, process, "tally serve")
             if not self.funded:

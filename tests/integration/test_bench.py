@@ -87,3 +87,4 @@ def test_the_hiredis_toggle_takes_hiredis_out_of_the_server(report: dict[str, An
     cells = report["cells"]
     assert cells["tally pairs 10k"]["backends"]["hiredis"] is True
     assert cells["tally pairs 10k, hiredis off"]["backends"]["hiredis"] is False
+    assert cells["tally pairs 10k"]["backends"]["protobuf"] == "upb"
