@@ -40,6 +40,7 @@ OPERATION = "bench.op"
 CURVE_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.1)
 HALF_LOAD = 0.5
 PROFILE_RATE_HZ = 200
+IDLE_WINDOW_S = 3.0
 # The batch cell: the largest batch the server takes (1,000 items), two in
 # flight per client process: each carries 1,000 operations, so more in flight
 # only queue (latency) without adding throughput.
@@ -153,6 +154,7 @@ class Bench:
         base = TallyOptions(workers=self.workers)
         try:
             with tally.serving(base) as served:
+                self.idle(served)
                 self.spreads(served, "tally")
                 if batch_available():
                     self.run_cell("tally batch 10k", served, self.batch_spec())
@@ -163,6 +165,22 @@ class Bench:
             self.profile(tally, base)
         finally:
             tally.close()
+
+    def idle(self, served: Served) -> None:
+        """What the server and Redis burn with no call at all (background tasks),
+        which every op's CPU figure carries its share of."""
+        if not self.wanted("tally idle"):
+            return
+        before = (served.server_cpu_s(), served.store_cpu_s())
+        time.sleep(IDLE_WINDOW_S)
+        after = (served.server_cpu_s(), served.store_cpu_s())
+        self.cells["tally idle"] = {
+            "window_s": IDLE_WINDOW_S,
+            "server_cpu_pct": 100 * (after[0] - before[0]) / IDLE_WINDOW_S,
+            "store_cpu_pct": 100 * (after[1] - before[1]) / IDLE_WINDOW_S}
+        self.notes.append(
+            f"idle tally serve: {self.cells['tally idle']['server_cpu_pct']:.1f}% of a core, "
+            f"its Redis {self.cells['tally idle']['store_cpu_pct']:.1f}%")
 
     def toggles(self, tally: Tally, base: TallyOptions) -> None:
         toggles: list[tuple[str, TallyOptions]] = [

@@ -221,9 +221,9 @@ def postgres(accounts: Sequence[str], event_loop: str = "auto") -> Iterator[Serv
 
 class RedisServer:
     """A private redis-server on a free port, configured like `make run`'s embedded
-    one (AOF, fsync always, noeviction)."""
+    one (AOF, noeviction, fsync `always` unless told otherwise)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, appendfsync: str = "always") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
@@ -231,7 +231,7 @@ class RedisServer:
         folder.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(folder),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", "--appendonly", "yes", "--appendfsync", appendfsync,
              "--maxmemory-policy", "noeviction", "--logfile", str(folder / "redis.log")],
             stdout=subprocess.DEVNULL)
         wait_for_port(self.port, self.process, "redis-server")
@@ -281,11 +281,12 @@ class Tally:
     accounts created and funded through the admin API. The Redis and ledger
     outlive a server restart, so toggles restart the server, not the data."""
 
-    def __init__(self, folder: Path, accounts: Sequence[str], operation: str) -> None:
+    def __init__(self, folder: Path, accounts: Sequence[str], operation: str,
+                 appendfsync: str = "always") -> None:
         self.folder = folder
         self.accounts = accounts
         self.operation = operation
-        self.redis = RedisServer(folder / "redis")
+        self.redis = RedisServer(folder / "redis", appendfsync)
         self.token = new_token(Role.ADMIN, (), "bench", int(time.time() * 1000), 0,
                                "bench").text
         self.token_file = folder / "bootstrap-token"
