@@ -106,6 +106,9 @@ class Bench:
         self.hot = account_ids(1)
         self.cells: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
+        # the floor and the baseline run on the event loop Tally runs on by default
+        self.has_event_loop_flag = "--event-loop" in servers.serve_flags()
+        self.loop = "auto" if self.has_event_loop_flag else "asyncio"
 
     def wanted(self, name: str) -> bool:
         return not self.only or name in self.only
@@ -130,7 +133,7 @@ class Bench:
         self.cells[name] = measure(served, spec) | {"accounts": len(spec.accounts)}
 
     def floor(self) -> None:
-        with servers.floor() as served:
+        with servers.floor(self.loop) as served:
             self.run_cell("floor pairs", served, self.spec(Scenario.PAIRS, self.spread))
             self.run_cell("floor charge", served, self.spec(Scenario.CHARGE, self.spread))
             if batch_available():
@@ -140,7 +143,7 @@ class Bench:
         names = [f"postgres {s} {a}" for s in ("pairs", "charge") for a in ("10k", "hot")]
         if not any(map(self.wanted, names)):
             return
-        with servers.postgres(self.spread) as served:
+        with servers.postgres(self.spread, self.loop) as served:
             self.spreads(served, "postgres")
 
     def spreads(self, served: Served, server: str) -> None:
@@ -187,12 +190,13 @@ class Bench:
             ("tally pairs 10k, hiredis off", replace(base, hiredis=False)),
             ("tally pairs 10k, protobuf python", replace(base, upb=False)),
         ]
-        if "--event-loop" in servers.serve_flags():
+        if self.has_event_loop_flag:
             toggles += [("tally pairs 10k, asyncio loop", replace(base, event_loop="asyncio")),
                         ("tally pairs 10k, uvloop", replace(base, event_loop="uvloop"))]
         else:
             self.notes.append("uvloop on/off: this checkout's `tally serve` has no "
-                              "--event-loop flag (it runs asyncio's loop)")
+                              "--event-loop flag (it runs asyncio's loop, so do the floor "
+                              "and the PostgreSQL server)")
         for name, options in toggles:
             if self.wanted(name):
                 with tally.serving(options) as served:
