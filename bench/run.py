@@ -91,8 +91,8 @@ def measure(served: Served, spec: LoadSpec) -> dict[str, Any]:
         "client_cpu_us_per_op": 1e6 * result.client_cpu_s / ops,
         "backends": served.backends(),
     }
-    if served.metrics_port:
-        figures["server_calls_ok"] = servers.server_rpc_counts(served.metrics_port)
+    if served.metrics_ports:
+        figures["server_calls_ok"] = servers.server_rpc_counts(served.metrics_ports)
     return figures
 
 

@@ -144,7 +144,8 @@ class Served:
     # CPU seconds so far of what does the server's storage work beside it (Redis,
     # PostgreSQL's backends); none for the floor
     store_cpu_s: Callable[[], float] = lambda: 0.0
-    metrics_port: int = 0
+    # /metrics of the server: its own, then each worker's (`--workers`: port + i)
+    metrics_ports: tuple[int, ...] = ()
     protobuf: str = ""  # the protobuf backend of its environment
 
     def server_cpu_s(self) -> float:
@@ -319,8 +320,9 @@ class Tally:
         process = subprocess.Popen(
             [*wrapper, python(), "-m", "tally.cli.main", "serve", *flags], env=env,
             stderr=subprocess.DEVNULL)
+        metrics_ports = tuple(metrics_port + i for i in range(options.workers + 1))
         served = Served("tally", f"127.0.0.1:{port}", process, self.token,
-                        self.redis.cpu_s, metrics_port, protobuf_backend(env))
+                        self.redis.cpu_s, metrics_ports, protobuf_backend(env))
         try:
             wait_for_port(port, process, "tally serve")
             if not self.funded:
@@ -352,15 +354,17 @@ class Tally:
         self.redis.stop()
 
 
-def server_rpc_counts(metrics_port: int) -> dict[str, int]:
-    """tally_rpc_requests_total with code OK, by method name, from /metrics."""
+def server_rpc_counts(metrics_ports: Sequence[int]) -> dict[str, int]:
+    """tally_rpc_requests_total with code OK, by method name, summed over the
+    server's /metrics endpoints."""
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
     counts: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("tally_rpc_requests_total{") and 'code="OK"' in line:
-            method = line.split('method="', 1)[1].split('"', 1)[0].rsplit("/", 1)[-1]
-            counts[method] = counts.get(method, 0) + int(float(line.rsplit(" ", 1)[1]))
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        for line in text.splitlines():
+            if line.startswith("tally_rpc_requests_total{") and 'code="OK"' in line:
+                method = line.split('method="', 1)[1].split('"', 1)[0].rsplit("/", 1)[-1]
+                counts[method] = counts.get(method, 0) + int(float(line.rsplit(" ", 1)[1]))
     return counts
