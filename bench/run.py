@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import shutil
 import signal
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -288,7 +289,7 @@ def machine() -> dict[str, Any]:
             versions[package] = metadata.version(package)
     redis_server = subprocess.run(["redis-server", "--version"], capture_output=True,
                                   text=True, check=False).stdout.strip()
-    return {"cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "platform": platform.platform(),
             "packages": versions, "redis_server": redis_server}
 
@@ -428,9 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only)
     bench = Bench(QUICK if args.quick else FULL, only, args.workers, args.out)
     started = time.monotonic()
-    steps: list[Callable[[], None]] = [bench.floor, bench.postgres]
-    for step in steps:
-        step()
+    bench.floor()
+    bench.postgres()
     with scratch(keep=False) as folder:
         bench.tally(folder)
     report = {
