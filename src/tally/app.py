@@ -8,6 +8,7 @@ gRPC server, the reaper and the flusher.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from tally import metrics
+from tally import metrics, runtime
 from tally.addresses import is_loopback
 from tally.api.admission import Admission, AdmissionLimits
 from tally.api.server import Serving, build_server
@@ -182,6 +183,7 @@ class Authority:
     serving: Serving
     embedded: EmbeddedRedis | None = None
     metrics_server: Any = None
+    backends: dict[str, str] = dataclasses.field(default_factory=dict)  # tally.runtime
 
     @property
     def address(self) -> str:
@@ -289,10 +291,13 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     background.start("sweeper", sweeper)
     background.start("fence_watch", fence_watch)
     background.start("flusher", flusher)
+    authority.backends = runtime.backends()
+    metrics.RUNTIME_INFO.labels(**authority.backends).set(1)
     log.info(
         "serving",
         extra={"address": authority.address, "shards": settings.shards,
-               "redis": "embedded" if embedded else "external", "ledger": ledger.dialect},
+               "redis": "embedded" if embedded else "external", "ledger": ledger.dialect,
+               **authority.backends},
     )
     return authority
 

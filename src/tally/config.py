@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tally.addresses import is_loopback
+from tally.runtime import parse_event_loop
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -154,6 +155,8 @@ SETTINGS: tuple[Setting, ...] = (
             "127.0.0.1:9464"),
     Setting("metrics_allow_remote", "let metrics_listen be a non-loopback address (the "
             "endpoint has no authentication)", parse_bool, False),
+    Setting("event_loop", "event loop to serve on: auto (uvloop when installed), uvloop or "
+            "asyncio", parse_event_loop, "auto"),
     Setting("log_level", "DEBUG, INFO, WARNING or ERROR", str, "INFO"),
     Setting("log_format", "json or text", str, "json"),
 )
@@ -213,6 +216,7 @@ class Settings:
     reflection: bool
     metrics_listen: str
     metrics_allow_remote: bool
+    event_loop: str
     log_level: str
     log_format: str
 

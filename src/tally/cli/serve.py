@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from tally import app, config, logs
+from tally import app, config, logs, runtime
 from tally.redaction import redact
 from tally.store.embedded import RedisNotInstalled
 
@@ -32,6 +32,7 @@ async def _announce(authority: app.Authority) -> None:
         where = "the Redis at --redis-url"
     print(
         f"tally: serving on {authority.address} with {where}.\n"
+        f"  Runtime: {runtime.describe(authority.backends)}.\n"
         f"  Try: .venv/bin/tally accounts create demo --allotment 5000 "
         f"--target {authority.address}\n"
         f"  Stop with Ctrl-C (in-flight calls drain first).",
@@ -48,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(app.serve_until_signalled(settings, on_ready=_announce))
+        with asyncio.Runner(loop_factory=runtime.loop_factory(settings.event_loop)) as runner:
+            runner.run(app.serve_until_signalled(settings, on_ready=_announce))
     except RedisNotInstalled as exc:
         print(f"tally serve: {redact(str(exc))}", file=sys.stderr)
         return 3
