@@ -97,7 +97,8 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
         quote_validity_ms=round(settings.quote_validity * 1000),
         closed_reservation_window_ms=round(settings.closed_window_s * 1000),
     )
-    return QuotaStore(ScriptRunner(redis), KeySpace(settings.shards), clock, limits)
+    runner = ScriptRunner(redis, pipelined=settings.redis_pipeline)
+    return QuotaStore(runner, KeySpace(settings.shards), clock, limits)
 
 
 def build_flusher(settings: Settings, store: QuotaStore, ledger: Ledger) -> Flusher:

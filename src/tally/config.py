@@ -121,6 +121,8 @@ SETTINGS: tuple[Setting, ...] = (
             "longest wait for a free pooled connection", parse_duration_s, 5.0),
     Setting("redis_max_connections", "Redis connection pool size (callers wait in turn for "
             "a free connection)", int, 64),
+    Setting("redis_pipeline", "script calls issued together share one pipelined write on one "
+            "connection (on|off); off: one round trip each", parse_bool, True),
     Setting("redis_appendfsync", "embedded Redis AOF fsync policy: always|everysec|no", str,
             "always"),
     Setting("shutdown_grace", "how long SIGTERM waits for in-flight calls", parse_duration_s, 10.0),
@@ -198,6 +200,7 @@ class Settings:
     recover_on_start: bool
     redis_timeout: float
     redis_max_connections: int
+    redis_pipeline: bool
     redis_appendfsync: str
     shutdown_grace: float
     default_catalog: bool

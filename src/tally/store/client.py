@@ -34,6 +34,7 @@ from tally.store.contract import FenceMark
 from tally.store.failures import HoldNotInStore, StoreBusy, StoreUnreachable, store_errors
 from tally.store.fence import ShardBehind
 from tally.store.pool import WaitingConnectionPool
+from tally.store.script_pipeline import ScriptPipeline
 from tally.store.scripts import LuaScript, load_all
 
 # A call with less time left than this is refused before it reaches Redis: it
@@ -107,9 +108,13 @@ class ScriptResult:
 class ScriptRunner:
     """Runs the composed Lua scripts against one Redis connection pool."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, *, pipelined: bool = True) -> None:
+        """pipelined: script calls of one event-loop pass share one write
+        (store/script_pipeline.py); off: each call is its own round trip."""
         self.redis = redis
         self.scripts: dict[str, LuaScript] = load_all()
+        self._execute = ScriptPipeline(redis).execute if pipelined else redis.execute_command
+        self._durations: dict[str, Any] = {}  # script name -> histogram child
 
     async def load(self) -> None:
         for script in self.scripts.values():
@@ -153,9 +158,12 @@ class ScriptRunner:
             metrics.redis_error("other")
             raise
         finally:
-            metrics.REDIS_SCRIPT_DURATION.labels(script=name).observe(
-                time.perf_counter() - started
-            )
+            duration = self._durations.get(name)
+            if duration is None:
+                duration = self._durations[name] = metrics.REDIS_SCRIPT_DURATION.labels(
+                    script=name
+                )
+            duration.observe(time.perf_counter() - started)
         reply = _decode(raw)
         if not isinstance(reply, dict):
             raise RuntimeError(f"{name}.lua returned {reply!r}")
@@ -169,13 +177,13 @@ class ScriptRunner:
         )
 
     async def _evalsha(self, script: LuaScript, keys: list[str], payload: bytes) -> Any:
-        command = self.redis.evalsha_ro if script.read_only else self.redis.evalsha
+        command = "EVALSHA_RO" if script.read_only else "EVALSHA"
         try:
-            return await command(script.sha, len(keys), *keys, payload)
+            return await self._execute(command, script.sha, len(keys), *keys, payload)
         except NoScriptError:
             # NOSCRIPT means the script did not run: loading and calling again is safe.
             await self.redis.script_load(script.source)
-            return await command(script.sha, len(keys), *keys, payload)
+            return await self._execute(command, script.sha, len(keys), *keys, payload)
 
 
 __all__ = ["ScriptRunner", "TallyError", "connect", "store_errors"]
