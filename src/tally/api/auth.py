@@ -19,7 +19,7 @@ from tally.api.rpc_metrics import Context
 from tally.auth.authenticator import Authenticator
 from tally.auth.certificates import CertificatePrincipals
 from tally.auth.principal import Principal, running_as
-from tally.auth.roles import authorize
+from tally.auth.roles import authorize, may_call
 from tally.auth.scope import count_refusal
 from tally.domain.errors import TallyError
 
@@ -41,6 +41,16 @@ class CallAuth:
     ) -> None:
         self.authenticator = authenticator
         self.certificates = certificates
+
+    def known(self, full_method: str, context: Context) -> Principal | None:
+        """The call's principal when its bearer token was verified moments ago and
+        its role may call the method; None: ask principal() (it aborts the call)."""
+        if self.certificates is not None:
+            return None
+        principal = self.authenticator.verified(_authorization(context))
+        if principal is None or not may_call(principal, full_method):
+            return None
+        return principal
 
     async def principal(self, full_method: str, context: Context) -> Principal:
         """The call's principal, or the call aborted."""

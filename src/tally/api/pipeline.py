@@ -103,7 +103,10 @@ def _unary_unary(
         admitted = False
         try:
             if auth is not None:
-                bound = bind_principal(await auth.principal(full_method, context))
+                principal = auth.known(full_method, context)
+                if principal is None:
+                    principal = await auth.principal(full_method, context)
+                bound = bind_principal(principal)
             if request is malformed.MALFORMED:
                 await context.abort_with_status(refusal)
             if admission is not None:

@@ -78,17 +78,28 @@ def cancelled_code(context: Context) -> str:
 # --- units by operation ----------------------------------------------------------
 
 
+# (counter, operation label) -> the counter's child: bound once per operation (the
+# labels are bounded by metrics.OPERATION_LABELS_MAX), not looked up per call.
+_BY_OPERATION: dict[tuple[Any, str], Any] = {}
+
+
+def _by_operation(counter: Any, operation: str) -> Any:
+    label = metrics.operation_label(operation)
+    child = _BY_OPERATION.get((counter, label))
+    if child is None:
+        child = _BY_OPERATION[(counter, label)] = counter.labels(operation=label)
+    return child
+
+
 def _reserved(request: quota_pb2.ReserveRequest, response: quota_pb2.ReserveResponse) -> None:
     if not response.replayed:
-        operation = metrics.operation_label(request.operation)
-        metrics.UNITS_RESERVED.labels(operation=operation).inc(max(0, response.units))
+        _by_operation(metrics.UNITS_RESERVED, request.operation).inc(max(0, response.units))
 
 
 def _count_charge(operation: str, units_charged: int, overage_units: int) -> None:
     """A Commit and a Charge count their units alike."""
-    label = metrics.operation_label(operation)
-    metrics.UNITS_CHARGED.labels(operation=label).inc(max(0, units_charged))
-    metrics.OVERAGE_UNITS.labels(operation=label).inc(max(0, overage_units))
+    _by_operation(metrics.UNITS_CHARGED, operation).inc(max(0, units_charged))
+    _by_operation(metrics.OVERAGE_UNITS, operation).inc(max(0, overage_units))
 
 
 def _committed(_request: quota_pb2.CommitRequest, response: quota_pb2.CommitResponse) -> None:
@@ -98,8 +109,9 @@ def _committed(_request: quota_pb2.CommitRequest, response: quota_pb2.CommitResp
 
 def _refunded(_request: quota_pb2.RefundRequest, response: quota_pb2.RefundResponse) -> None:
     if not response.replayed:
-        operation = metrics.operation_label(response.operation)
-        metrics.UNITS_REFUNDED.labels(operation=operation).inc(max(0, response.units_refunded))
+        _by_operation(metrics.UNITS_REFUNDED, response.operation).inc(
+            max(0, response.units_refunded)
+        )
 
 
 def _charged(request: quota_pb2.ChargeRequest, response: quota_pb2.ChargeResponse) -> None:
