@@ -17,9 +17,7 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import (
-    NoScriptError,
-)
+from redis.exceptions import NoScriptError, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from tally import metrics
@@ -31,7 +29,13 @@ from tally.domain.errors import (
     TallyError,
 )
 from tally.store.contract import FenceMark
-from tally.store.failures import HoldNotInStore, StoreBusy, StoreUnreachable, store_errors
+from tally.store.failures import (
+    HoldNotInStore,
+    StoreBusy,
+    StoreUnreachable,
+    store_error,
+    store_errors,
+)
 from tally.store.fence import ShardBehind
 from tally.store.pool import WaitingConnectionPool
 from tally.store.script_pipeline import ScriptPipeline
@@ -142,9 +146,14 @@ class ScriptRunner:
         payload = msgpack.packb(request, use_bin_type=True)
         started = time.perf_counter()
         try:
-            with store_errors():
+            try:
                 async with asyncio.timeout(timeout_s):
                     raw = await self._evalsha(script, keys, payload)
+            except RedisError as exc:  # store_errors(), without a generator per call
+                translated = store_error(exc)
+                if translated is None:
+                    raise
+                raise translated from exc
         except TimeoutError as exc:
             metrics.redis_error("deadline")
             raise DeadlineExceeded(

@@ -117,6 +117,10 @@ class KeySpace:
         # Formatted once: every call names its shard's tag and prefix.
         self._tags = tuple(f"s{shard:0{width}d}" for shard in range(shards))
         self._prefixes = tuple(SHARD_PREFIX.format(tag=tag) for tag in self._tags)
+        self._prices = tuple(PRICES_KEY.format(prefix=p) for p in self._prefixes)
+        self._price_history = tuple(PRICE_HISTORY_KEY.format(prefix=p) for p in self._prefixes)
+        self._events = tuple(EVENTS_KEY.format(prefix=p) for p in self._prefixes)
+        self._expiries = tuple(EXPIRIES_KEY.format(prefix=p) for p in self._prefixes)
         self._accounts: dict[str, tuple[int, tuple[str, str, str, str]]] = {}
 
     def shard_of(self, account_id: str) -> int:
@@ -141,8 +145,8 @@ class KeySpace:
             cached = shard, (
                 ACCOUNT_KEY.format(prefix=p, account_id=account_id),
                 HOLDS_KEY.format(prefix=p, account_id=account_id),
-                EXPIRIES_KEY.format(prefix=p),
-                EVENTS_KEY.format(prefix=p),
+                self._expiries[shard],
+                self._events[shard],
             )
             if len(self._accounts) >= ACCOUNTS_CACHED:
                 self._accounts.clear()
@@ -168,10 +172,10 @@ class KeySpace:
         return RESERVATION_KEY.format(prefix=self.prefix(ref.shard), reservation_id=reservation_id)
 
     def prices(self, shard: int) -> str:
-        return PRICES_KEY.format(prefix=self.prefix(shard))
+        return self._prices[shard]
 
     def price_history(self, shard: int) -> str:
-        return PRICE_HISTORY_KEY.format(prefix=self.prefix(shard))
+        return self._price_history[shard]
 
     @staticmethod
     def price_version_field(operation: str, version: int) -> str:
@@ -188,13 +192,13 @@ class KeySpace:
         return CATALOG_KEY.format(prefix=self.prefix(0))
 
     def events(self, shard: int) -> str:
-        return EVENTS_KEY.format(prefix=self.prefix(shard))
+        return self._events[shard]
 
     def fence(self, shard: int) -> str:
         return FENCE_KEY.format(prefix=self.prefix(shard))
 
     def expiries(self, shard: int) -> str:
-        return EXPIRIES_KEY.format(prefix=self.prefix(shard))
+        return self._expiries[shard]
 
     def closings(self, shard: int) -> str:
         return CLOSINGS_KEY.format(prefix=self.prefix(shard))
