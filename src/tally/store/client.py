@@ -147,8 +147,11 @@ class ScriptRunner:
         started = time.perf_counter()
         try:
             try:
-                async with asyncio.timeout(timeout_s):
+                if timeout_s is None:  # no deadline: no timer either (the socket's applies)
                     raw = await self._evalsha(script, keys, payload)
+                else:
+                    async with asyncio.timeout(timeout_s):
+                        raw = await self._evalsha(script, keys, payload)
             except RedisError as exc:  # store_errors(), without a generator per call
                 translated = store_error(exc)
                 if translated is None:

@@ -224,6 +224,10 @@ def _encoded(item: object) -> object:
     return item
 
 
+# Per idempotent request class, the names of the fields its fingerprint covers.
+_FINGERPRINTED: dict[type, tuple[str, ...]] = {}
+
+
 @dataclass(frozen=True)
 class IdempotentRequest(ScriptRequest[ReplyT]):
     """A request under an idempotency key. Its fingerprint tells a retry (the
@@ -237,11 +241,12 @@ class IdempotentRequest(ScriptRequest[ReplyT]):
     def fingerprint(self) -> str:
         """The same bytes for the same request across releases: stored
         idempotency records are matched against it."""
-        fields = {
-            field.name: getattr(self, field.name)
-            for field in dataclasses.fields(self)
-            if field.name not in self.UNFINGERPRINTED
-        }
+        names = _FINGERPRINTED.get(type(self))
+        if names is None:
+            names = _FINGERPRINTED[type(self)] = tuple(
+                f.name for f in dataclasses.fields(self) if f.name not in self.UNFINGERPRINTED
+            )
+        fields = {name: getattr(self, name) for name in names}
         canonical = json.dumps(
             {"method": self.METHOD, **fields}, sort_keys=True, separators=(",", ":")
         )
