@@ -19,10 +19,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 # Commands in one pipelined write, at most; more wait for the next write.
 PIPELINE_COMMANDS_MAX = 256
+# Connections the pipeline keeps between its writes, at most: taken again without
+# the pool's lock, condition and wait timer (every write needs one); the others go
+# back to the pool.
+CONNECTIONS_KEPT = 8
 
 Command = tuple[Any, ...]
 
@@ -43,6 +49,7 @@ class ScriptPipeline:
         self.redis = redis
         self._waiting: list[_Call] = []
         self._writers: set[asyncio.Task[None]] = set()
+        self._kept: list[AbstractConnection] = []
 
     async def execute(self, *command: Any) -> Any:
         """The reply to one command, sent with the others of this loop pass.
@@ -63,15 +70,31 @@ class ScriptPipeline:
             self._writers.add(writer)
             writer.add_done_callback(self._writers.discard)
 
+    async def _connection(self) -> AbstractConnection:
+        """A kept connection still open with nothing unread, or one from the pool
+        (which checks it and reconnects it as it does for every command)."""
+        pool = self.redis.connection_pool
+        while self._kept:
+            connection = self._kept.pop()
+            try:
+                if connection.is_connected and not await connection.can_read():
+                    return connection
+            except RedisConnectionError:  # closed meanwhile (a Redis restart)
+                pass
+            await pool.release(connection)
+        fresh: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        return fresh
+
     async def _send(self, calls: Sequence[_Call]) -> None:
         pool = self.redis.connection_pool
         try:
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = await self._connection()
         except BaseException as exc:
             _fail(calls, exc)
             if not isinstance(exc, Exception):
                 raise
             return
+        clean = False  # every reply read: the connection may be kept for the next write
         try:
             calls = [call for call in calls if not call.reply.done()]  # callers gone: unsent
             if calls:
@@ -94,13 +117,17 @@ class ScriptPipeline:
                     return
                 if not call.reply.done():
                     call.reply.set_result(value)
+            clean = True
         except BaseException as exc:  # the write failed: none of these calls has a reply
             await connection.disconnect()
             _fail(calls, exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
-            await pool.release(connection)
+            if clean and len(self._kept) < CONNECTIONS_KEPT:
+                self._kept.append(connection)
+            else:
+                await pool.release(connection)
 
 
 def _fail(calls: Sequence[_Call], error: BaseException) -> None:
