@@ -173,3 +173,31 @@ async def test_pipelining_off_answers_the_same(own_redis: RedisProcess) -> None:
         assert (await balance(running, account)).held == 20 * UNITS_PER_CALL
     finally:
         await stop_running(running)
+
+
+@pytest.mark.parametrize(("pool", "kept"), [(16, 2), (64, 8), (200, 8)])
+async def test_the_connections_kept_between_writes_are_bounded(
+    own_redis: RedisProcess, pool: int, kept: int
+) -> None:
+    """Proves at most CONNECTIONS_KEPT (8), and never more than an eighth of the pool,
+    stay with the pipeline after 12 writes were in flight at once."""
+    assert script_pipeline.CONNECTIONS_KEPT == 8
+    running = await start_running(own_redis.url, redis_max_connections=pool)
+    redis = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        account = unique()
+        await create_account(running, account)
+        store = running.authority.store
+        await redis.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        calls = []
+        for write in range(12):
+            calls.append(asyncio.ensure_future(store.reserve(reserve(account, f"w{write}"), None)))
+            await _blocked_script_clients(redis, write + 1)
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        assert all(isinstance(a, HoldReply) for a in await asyncio.gather(*calls))
+        assert store.runner.pipeline is not None
+        assert store.runner.pipeline.kept == kept
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+        await redis.aclose()
+        await stop_running(running)

@@ -117,7 +117,8 @@ class ScriptRunner:
         (store/script_pipeline.py); off: each call is its own round trip."""
         self.redis = redis
         self.scripts: dict[str, LuaScript] = load_all()
-        self._execute = ScriptPipeline(redis).execute if pipelined else redis.execute_command
+        self.pipeline = ScriptPipeline(redis) if pipelined else None
+        self._execute = redis.execute_command if self.pipeline is None else self.pipeline.execute
         self._durations: dict[str, Any] = {}  # script name -> histogram child
 
     async def load(self) -> None:

@@ -25,9 +25,10 @@ from redis.exceptions import ResponseError
 
 # Commands in one pipelined write, at most; more wait for the next write.
 PIPELINE_COMMANDS_MAX = 256
-# Connections the pipeline keeps between its writes, at most: taken again without
-# the pool's lock, condition and wait timer (every write needs one); the others go
-# back to the pool.
+# Connections the pipeline keeps between its writes, at most (and never more than
+# an eighth of the pool, so that the pool's other users are not starved): taken
+# again without the pool's lock, condition and wait timer (every write needs one);
+# the others go back to the pool.
 CONNECTIONS_KEPT = 8
 
 Command = tuple[Any, ...]
@@ -50,6 +51,12 @@ class ScriptPipeline:
         self._waiting: list[_Call] = []
         self._writers: set[asyncio.Task[None]] = set()
         self._kept: list[AbstractConnection] = []
+        self._kept_max = min(CONNECTIONS_KEPT, redis.connection_pool.max_connections // 8)
+
+    @property
+    def kept(self) -> int:
+        """Connections kept between writes now."""
+        return len(self._kept)
 
     async def execute(self, *command: Any) -> Any:
         """The reply to one command, sent with the others of this loop pass.
@@ -124,7 +131,7 @@ class ScriptPipeline:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            if clean and len(self._kept) < CONNECTIONS_KEPT:
+            if clean and len(self._kept) < self._kept_max:
                 self._kept.append(connection)
             else:
                 await pool.release(connection)
