@@ -97,7 +97,9 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
         quote_validity_ms=round(settings.quote_validity * 1000),
         closed_reservation_window_ms=round(settings.closed_window_s * 1000),
     )
-    runner = ScriptRunner(redis, pipelined=settings.redis_pipeline)
+    runner = ScriptRunner(
+        redis, pipelined=settings.redis_pipeline, window_s=settings.redis_pipeline_window
+    )
     return QuotaStore(runner, KeySpace(settings.shards), clock, limits)
 
 

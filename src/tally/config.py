@@ -27,6 +27,8 @@ MAX_WATCHERS_PER_PRINCIPAL = MAX_WATCHERS // 4
 # Calls served at once per server: enough for bursts of hundreds of callers, few
 # enough that each still gets its Redis connection (64 by default) within its deadline.
 MAX_IN_FLIGHT = 512
+# The longest a pipelined script call waits for others to share its write.
+REDIS_PIPELINE_WINDOW_MAX_S = 0.010
 # The largest request a server reads; replies may be four times larger (ledger pages).
 MAX_RECEIVE_MESSAGE_BYTES = 1024 * 1024
 
@@ -123,6 +125,9 @@ SETTINGS: tuple[Setting, ...] = (
             "a free connection)", int, 64),
     Setting("redis_pipeline", "script calls issued together share one pipelined write on one "
             "connection (on|off); off: one round trip each", parse_bool, True),
+    Setting("redis_pipeline_window", "how long the first script call of a pipelined write "
+            "waits for others (0: only those of the same event-loop pass); at most 10ms",
+            parse_duration_s, 0.0),
     Setting("redis_appendfsync", "embedded Redis AOF fsync policy: always|everysec|no", str,
             "always"),
     Setting("shutdown_grace", "how long SIGTERM waits for in-flight calls", parse_duration_s, 10.0),
@@ -201,6 +206,7 @@ class Settings:
     redis_timeout: float
     redis_max_connections: int
     redis_pipeline: bool
+    redis_pipeline_window: float
     redis_appendfsync: str
     shutdown_grace: float
     default_catalog: bool
@@ -279,6 +285,11 @@ class Settings:
             raise ValueError(
                 "max_watchers_per_principal must be at least 1 and below max_watchers "
                 f"({self.max_watchers}), got {self.max_watchers_per_principal}"
+            )
+        if not 0 <= self.redis_pipeline_window <= REDIS_PIPELINE_WINDOW_MAX_S:
+            raise ValueError(
+                "redis_pipeline_window must be between 0 and 10ms, got "
+                f"{self.redis_pipeline_window}s"
             )
         if self.admission_queue < 0 or self.admission_wait < 0:
             raise ValueError("admission_queue and admission_wait must not be negative")

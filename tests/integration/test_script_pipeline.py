@@ -201,3 +201,31 @@ async def test_the_connections_kept_between_writes_are_bounded(
         await redis.execute_command("CLIENT", "UNPAUSE")
         await redis.aclose()
         await stop_running(running)
+
+
+async def test_calls_within_the_window_share_one_write(
+    own_redis: RedisProcess, writes: list[int]
+) -> None:
+    """Proves with a window, commands issued in different loop passes within it go
+    out in one write, each answered with its own reply."""
+    redis = aioredis.Redis.from_url(own_redis.url)
+    try:
+        pipeline = script_pipeline.ScriptPipeline(redis, window_s=0.5)
+        writes.clear()
+        calls = []
+        for i in range(5):  # five loop passes apart, all within the window
+            calls.append(asyncio.ensure_future(pipeline.execute("ECHO", f"m{i}")))
+            await asyncio.sleep(0)
+        assert await asyncio.gather(*calls) == [f"m{i}".encode() for i in range(5)]
+        assert writes == [5]
+    finally:
+        await redis.aclose()
+
+
+async def test_the_window_is_a_setting(own_redis: RedisProcess) -> None:
+    running = await start_running(own_redis.url, redis_pipeline_window="2ms")
+    try:
+        assert running.authority.store.runner.pipeline is not None
+        assert running.authority.store.runner.pipeline.window_s == 0.002
+    finally:
+        await stop_running(running)

@@ -137,6 +137,7 @@ def test_unparsable_values_name_their_source(
         ([], {"TALLY_PERIOD_SWEEP_BATCH": "0"}, "period_sweep_batch"),
         (["--redis-max-connections", "-1"], {}, "redis_max_connections"),
         (["--max-in-flight", "0"], {}, "max_in_flight"),
+        (["--redis-pipeline-window", "11ms"], {}, "redis_pipeline_window"),
         ([], {"TALLY_ADMISSION_QUEUE": "-1"}, "admission_queue"),
         (["--listen", "50051"], {}, "listen"),
         ([], {"TALLY_LISTEN": "127.0.0.1:http"}, "listen"),
@@ -177,3 +178,10 @@ def test_settings_the_server_cannot_run_with_are_refused_up_front(
     with pytest.raises(ValueError) as refused:
         parse([], environ)
     assert named in str(refused.value).lower().replace("-", "_"), str(refused.value)
+
+
+def test_the_pipeline_window_is_accepted_up_to_its_bound() -> None:
+    assert parse([]).redis_pipeline_window == 0.0
+    assert parse(["--redis-pipeline-window", "10ms"]).redis_pipeline_window == 0.010
+    assert parse([], {"TALLY_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    assert parse([]).event_loop == "auto"

@@ -112,12 +112,14 @@ class ScriptResult:
 class ScriptRunner:
     """Runs the composed Lua scripts against one Redis connection pool."""
 
-    def __init__(self, redis: aioredis.Redis, *, pipelined: bool = True) -> None:
-        """pipelined: script calls of one event-loop pass share one write
-        (store/script_pipeline.py); off: each call is its own round trip."""
+    def __init__(
+        self, redis: aioredis.Redis, *, pipelined: bool = True, window_s: float = 0.0
+    ) -> None:
+        """pipelined: script calls of one event-loop pass (or of window_s) share one
+        write (store/script_pipeline.py); off: each call is its own round trip."""
         self.redis = redis
         self.scripts: dict[str, LuaScript] = load_all()
-        self.pipeline = ScriptPipeline(redis) if pipelined else None
+        self.pipeline = ScriptPipeline(redis, window_s) if pipelined else None
         self._execute = redis.execute_command if self.pipeline is None else self.pipeline.execute
         self._durations: dict[str, Any] = {}  # script name -> histogram child
 

@@ -44,10 +44,12 @@ class _Call:
 
 class ScriptPipeline:
     """Sends the commands submitted during one loop pass together (after the
-    pass: call_soon), on one connection of the client's pool."""
+    pass: call_soon), on one connection of the client's pool. With a window
+    (seconds), the first command of a write waits that long for others."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, window_s: float = 0.0) -> None:
         self.redis = redis
+        self.window_s = window_s
         self._waiting: list[_Call] = []
         self._writers: set[asyncio.Task[None]] = set()
         self._kept: list[AbstractConnection] = []
@@ -64,7 +66,10 @@ class ScriptPipeline:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[Any] = loop.create_future()
         if not self._waiting:
-            loop.call_soon(self._write)
+            if self.window_s > 0:
+                loop.call_later(self.window_s, self._write)
+            else:
+                loop.call_soon(self._write)
         self._waiting.append(_Call(command, reply))
         return await reply
 
