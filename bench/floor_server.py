@@ -59,18 +59,18 @@ class FloorServicer(Unmeasured, quota_pb2_grpc.QuotaServiceServicer):
     async def Charge(self, request: Any, context: Any) -> quota_pb2.ChargeResponse:
         return self.charge
 
-    # The batch RPCs (served when the protos have them): one fixed result per item.
-    async def ReserveBatch(self, request: Any, context: Any) -> Any:
-        return _batch_reply("Reserve", self.reserve, len(request.items))
+    # The batch RPCs: one fixed result per item.
+    async def ReserveBatch(self, request: Any, context: Any) -> quota_pb2.ReserveBatchResponse:
+        result = quota_pb2.ReserveBatchResult(response=self.reserve)
+        return quota_pb2.ReserveBatchResponse(results=[result] * len(request.items))
 
-    async def CommitBatch(self, request: Any, context: Any) -> Any:
-        return _batch_reply("Commit", self.commit, len(request.items))
+    async def CommitBatch(self, request: Any, context: Any) -> quota_pb2.CommitBatchResponse:
+        result = quota_pb2.CommitBatchResult(response=self.commit)
+        return quota_pb2.CommitBatchResponse(results=[result] * len(request.items))
 
-
-def _batch_reply(method: str, response: Any, items: int) -> Any:
-    # looked up by name: the batch messages exist once the batch protos are merged
-    result = getattr(quota_pb2, f"{method}BatchResult")(response=response)
-    return getattr(quota_pb2, f"{method}BatchResponse")(results=[result] * items)
+    async def RefundBatch(self, request: Any, context: Any) -> quota_pb2.RefundBatchResponse:
+        result = quota_pb2.RefundBatchResult(response=quota_pb2.RefundResponse())
+        return quota_pb2.RefundBatchResponse(results=[result] * len(request.items))
 
 
 async def serve(port: int) -> None:

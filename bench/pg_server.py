@@ -30,7 +30,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from bench import event_loops
-from bench.unmeasured import Unmeasured
+from bench.unmeasured import NoBatches, Unmeasured
 from tally import config
 from tally.api.transport import server_options
 from tally.v1 import common_pb2, quota_pb2, quota_pb2_grpc
@@ -56,7 +56,7 @@ SETTLE = ("UPDATE holds SET state = 'committed' WHERE reservation_id = %(id)s "
 DEFAULT_POOL = 16
 
 
-class PostgresQuota(Unmeasured, quota_pb2_grpc.QuotaServiceServicer):
+class PostgresQuota(Unmeasured, NoBatches, quota_pb2_grpc.QuotaServiceServicer):
     def __init__(self, pool: AsyncConnectionPool[Any], units_per_quantity: int) -> None:
         self.pool = pool
         self.units_per_quantity = units_per_quantity

@@ -23,3 +23,16 @@ class Unmeasured:
 
     async def GetBalance(self, request: Any, context: Any) -> Any:
         return await _unimplemented(context, "GetBalance")
+
+
+class NoBatches:
+    """For a baseline without a batch path (the PostgreSQL one: a team's first build)."""
+
+    async def ReserveBatch(self, request: Any, context: Any) -> Any:
+        return await _unimplemented(context, "ReserveBatch")
+
+    async def CommitBatch(self, request: Any, context: Any) -> Any:
+        return await _unimplemented(context, "CommitBatch")
+
+    async def RefundBatch(self, request: Any, context: Any) -> Any:
+        return await _unimplemented(context, "RefundBatch")
