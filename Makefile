@@ -13,7 +13,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_INSTALLED := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup proto protolint run test lint typecheck unit clean loadtest
+.PHONY: setup proto protolint run test lint typecheck unit clean loadtest bench
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -55,6 +55,15 @@ LOADTEST_PROCESSES ?= 1
 loadtest: setup
 	$(PY) loadtests/run.py --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
 	  --run-time $(LOADTEST_RUN_TIME) --processes $(LOADTEST_PROCESSES) $(if $(LOCUST_ARGS),-- $(LOCUST_ARGS))
+# The side-by-side benchmark (bench/README.md): about 6 minutes; BENCH_ARGS=--quick
+# for a short run. Writes bench/results/latest.json, latency.png and the profile.
+BENCH_INSTALLED := $(VENV)/.bench-installed
+$(BENCH_INSTALLED): $(INSTALLED)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	touch $@
+
+bench: setup $(BENCH_INSTALLED)
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench loadtests

@@ -100,7 +100,7 @@ async def create_accounts(address: str, count: int) -> list[str]:
     return ids
 
 
-async def one_round(stub: quota_pb2_grpc.QuotaServiceStub, accounts: list[str], batch: int,
+async def one_round(stub: Any, accounts: list[str], batch: int,
                     round_no: int) -> int:
     """One ReserveBatch and its CommitBatch; returns the holds both served."""
     items = [quota_pb2.ReserveRequest(

@@ -144,7 +144,7 @@ async def strict_sizes(redis: Any, keys: dict[str, list[bytes]]) -> dict[str, in
             for start in range(0, len(names), COPY_BATCH):
                 async with source.pipeline(transaction=False) as pipe:
                     for key in names[start:start + COPY_BATCH]:
-                        pipe.copy(key, key, destination_db=SCRATCH_DB)
+                        pipe.copy(key.decode(), key.decode(), destination_db=str(SCRATCH_DB))
                     await pipe.execute()
             for start in range(0, len(names), COPY_BATCH):
                 async with copier.pipeline(transaction=False) as pipe:

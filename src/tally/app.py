@@ -8,6 +8,7 @@ gRPC server, the reaper and the flusher.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from tally import metrics
+from tally import metrics, runtime
 from tally.addresses import is_loopback
 from tally.api.admission import Admission, AdmissionLimits
 from tally.api.server import Serving, build_server
@@ -96,7 +97,10 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
         quote_validity_ms=round(settings.quote_validity * 1000),
         closed_reservation_window_ms=round(settings.closed_window_s * 1000),
     )
-    return QuotaStore(ScriptRunner(redis), KeySpace(settings.shards), clock, limits)
+    runner = ScriptRunner(
+        redis, pipelined=settings.redis_pipeline, window_s=settings.redis_pipeline_window
+    )
+    return QuotaStore(runner, KeySpace(settings.shards), clock, limits)
 
 
 def build_flusher(settings: Settings, store: QuotaStore, ledger: Ledger) -> Flusher:
@@ -182,6 +186,7 @@ class Authority:
     serving: Serving
     embedded: EmbeddedRedis | None = None
     metrics_server: Any = None
+    backends: dict[str, str] = dataclasses.field(default_factory=dict)  # tally.runtime
 
     @property
     def address(self) -> str:
@@ -364,10 +369,13 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     background.start("sweeper", sweeper)
     background.start("fence_watch", fence_watch)
     background.start("flusher", flusher)
+    authority.backends = runtime.backends()
+    metrics.RUNTIME_INFO.labels(**authority.backends).set(1)
     log.info(
         "serving",
         extra={"address": authority.address, "shards": settings.shards,
-               "redis": "embedded" if core.embedded else "external", "ledger": ledger.dialect},
+               "redis": "embedded" if core.embedded else "external", "ledger": ledger.dialect,
+               **authority.backends},
     )
     return authority
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tally.addresses import is_loopback
+from tally.runtime import parse_event_loop
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -26,6 +27,8 @@ MAX_WATCHERS_PER_PRINCIPAL = MAX_WATCHERS // 4
 # Calls served at once per server: enough for bursts of hundreds of callers, few
 # enough that each still gets its Redis connection (64 by default) within its deadline.
 MAX_IN_FLIGHT = 512
+# The longest a pipelined script call waits for others to share its write.
+REDIS_PIPELINE_WINDOW_MAX_S = 0.010
 # The largest request a server reads; replies may be four times larger (ledger pages).
 MAX_RECEIVE_MESSAGE_BYTES = 1024 * 1024
 # Serving processes of one `tally serve`, at most: a fixed bound (not one derived from the
@@ -126,6 +129,11 @@ SETTINGS: tuple[Setting, ...] = (
             "longest wait for a free pooled connection", parse_duration_s, 5.0),
     Setting("redis_max_connections", "Redis connection pool size (callers wait in turn for "
             "a free connection)", int, 64),
+    Setting("redis_pipeline", "script calls issued together share one pipelined write on one "
+            "connection (on|off); off: one round trip each", parse_bool, True),
+    Setting("redis_pipeline_window", "how long the first script call of a pipelined write "
+            "waits for others (0: only those of the same event-loop pass); at most 10ms",
+            parse_duration_s, 0.0),
     Setting("redis_appendfsync", "embedded Redis AOF fsync policy: always|everysec|no", str,
             "always"),
     Setting("shutdown_grace", "how long SIGTERM waits for in-flight calls", parse_duration_s, 10.0),
@@ -160,6 +168,8 @@ SETTINGS: tuple[Setting, ...] = (
             "127.0.0.1:9464"),
     Setting("metrics_allow_remote", "let metrics_listen be a non-loopback address (the "
             "endpoint has no authentication)", parse_bool, False),
+    Setting("event_loop", "event loop to serve on: auto (uvloop when installed), uvloop or "
+            "asyncio", parse_event_loop, "auto"),
     Setting("log_level", "DEBUG, INFO, WARNING or ERROR", str, "INFO"),
     Setting("log_format", "json or text", str, "json"),
 )
@@ -202,6 +212,8 @@ class Settings:
     recover_on_start: bool
     redis_timeout: float
     redis_max_connections: int
+    redis_pipeline: bool
+    redis_pipeline_window: float
     redis_appendfsync: str
     shutdown_grace: float
     default_catalog: bool
@@ -220,6 +232,7 @@ class Settings:
     reflection: bool
     metrics_listen: str
     metrics_allow_remote: bool
+    event_loop: str
     log_level: str
     log_format: str
 
@@ -284,6 +297,11 @@ class Settings:
             raise ValueError(
                 "max_watchers_per_principal must be at least 1 and below max_watchers "
                 f"({self.max_watchers}), got {self.max_watchers_per_principal}"
+            )
+        if not 0 <= self.redis_pipeline_window <= REDIS_PIPELINE_WINDOW_MAX_S:
+            raise ValueError(
+                "redis_pipeline_window must be between 0 and 10ms, got "
+                f"{self.redis_pipeline_window}s"
             )
         if self.admission_queue < 0 or self.admission_wait < 0:
             raise ValueError("admission_queue and admission_wait must not be negative")

@@ -209,6 +209,13 @@ REDIS_ERRORS = Counter(
 for _kind in REDIS_ERROR_KINDS:
     REDIS_ERRORS.labels(kind=_kind)
 
+RUNTIME_INFO = Gauge(
+    "tally_runtime_info",
+    "What this server runs on (always 1): event loop, Redis reply parser, protobuf backend",
+    ["event_loop", "redis_parser", "protobuf"],
+    registry=REGISTRY,
+)
+
 # --- bounded operation labels -------------------------------------------------
 
 OPERATION_LABELS_MAX = 200

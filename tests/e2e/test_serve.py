@@ -192,3 +192,46 @@ def test_a_server_under_faketime_reads_its_clock_in_one_place(
         ).account
     shift_s = account.created_at.seconds - time.time()
     assert 39 * 86400 < shift_s < 41 * 86400
+
+
+@pytest.mark.parametrize("choice", ["asyncio", "uvloop"])
+def test_the_event_loop_and_native_backends_are_reported_once_at_start(
+    serve: tuple[str, Path, list[subprocess.Popen[bytes]]], choice: str
+) -> None:
+    """Proves --event-loop picks the loop the server runs on, and that the start
+    says it in one line (with the Redis reply parser and the protobuf backend), in
+    the announcement and the `serving` log line, and on /metrics."""
+    address, data_dir, started = serve
+    metrics = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
+    env["TALLY_METRICS_LISTEN"] = metrics
+    env["TALLY_EVENT_LOOP"] = choice
+    process = subprocess.Popen(
+        [TALLY, "serve", "--listen", address, "--data-dir", str(data_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    started.append(process)
+    wait_serving(address, process)
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as reply:
+        exposed = reply.read().decode()
+    assert (f'tally_runtime_info{{event_loop="{choice}",protobuf="upb",'
+            f'redis_parser="hiredis"}} 1.0') in exposed
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    runtime_lines = [line for line in stderr.splitlines() if "Runtime:" in line]
+    assert runtime_lines == [
+        f"  Runtime: event loop {choice}, Redis replies hiredis, protobuf upb."
+    ]
+    assert f'"event_loop": "{choice}"' in stderr
+
+
+def test_an_unknown_event_loop_is_refused_naming_the_flag(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [TALLY, "serve", "--event-loop", "trio", "--data-dir", str(tmp_path)],
+        capture_output=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert b"--event-loop: 'trio' is not an event loop (one of auto, uvloop, asyncio)" in (
+        result.stderr
+    )

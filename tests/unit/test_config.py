@@ -137,6 +137,7 @@ def test_unparsable_values_name_their_source(
         ([], {"TALLY_PERIOD_SWEEP_BATCH": "0"}, "period_sweep_batch"),
         (["--redis-max-connections", "-1"], {}, "redis_max_connections"),
         (["--max-in-flight", "0"], {}, "max_in_flight"),
+        (["--redis-pipeline-window", "11ms"], {}, "redis_pipeline_window"),
         ([], {"TALLY_ADMISSION_QUEUE": "-1"}, "admission_queue"),
         (["--listen", "50051"], {}, "listen"),
         ([], {"TALLY_LISTEN": "127.0.0.1:http"}, "listen"),
@@ -200,3 +201,10 @@ def test_workers_metrics_endpoints_must_fit_below_port_65536() -> None:
     with pytest.raises(ValueError, match="would pass port 65535"):
         parse(["--workers", "64", "--metrics-listen", "127.0.0.1:65472"])
     assert parse(["--workers", "64", "--metrics-listen", "127.0.0.1:0"]).workers == 64
+
+
+def test_the_pipeline_window_is_accepted_up_to_its_bound() -> None:
+    assert parse([]).redis_pipeline_window == 0.0
+    assert parse(["--redis-pipeline-window", "10ms"]).redis_pipeline_window == 0.010
+    assert parse([], {"TALLY_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
+    assert parse([]).event_loop == "auto"

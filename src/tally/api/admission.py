@@ -16,15 +16,11 @@ call in flight).
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
 from tally import metrics
-from tally.api.interceptors import Context, Handler, WrappingInterceptor, method_label
 
 
 @dataclass(frozen=True)
@@ -97,43 +93,3 @@ class Admission:
         self.in_flight -= 1
         metrics.RPC_IN_FLIGHT.dec()
         self._slots.release()
-
-
-class AdmissionInterceptor(WrappingInterceptor):
-    """Runs each unary call of the admitted services inside one admission slot."""
-
-    def __init__(self, admission: Admission, services: Collection[str]) -> None:
-        super().__init__()
-        self.admission = admission
-        self.services = frozenset(services)
-
-    def wrap(self, full_method: str, handler: Handler) -> Handler:
-        service = full_method.lstrip("/").rpartition("/")[0]
-        if service not in self.services or handler.unary_unary is None:
-            return handler  # health, reflection, and server streams (WatchUsage)
-        return grpc.unary_unary_rpc_method_handler(
-            self._admitted(method_label(full_method), handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _admitted(
-        self, method: str, behavior: Callable[..., Any]
-    ) -> Callable[[Any, Context], Awaitable[Any]]:
-        admission = self.admission
-
-        async def handle(request: Any, context: Context) -> Any:
-            try:
-                await admission.enter(context.time_remaining())
-            except Shed as shed:
-                metrics.RPC_SHED.labels(method=method, reason=shed.reason).inc()
-                await context.abort(shed.code, shed.message)
-            try:
-                response = behavior(request, context)
-                if inspect.isawaitable(response):
-                    response = await response
-                return response
-            finally:
-                admission.leave()
-
-        return handle

@@ -42,9 +42,17 @@ def policy_name(value: int) -> str | None:
 
 
 def timestamp(ms: int) -> Timestamp:
-    ts = Timestamp()
-    ts.FromMilliseconds(int(ms))
-    return ts
+    # What Timestamp.FromMilliseconds sets, in one constructor call (no Python-level
+    # setters): every balance in a reply carries several.
+    ms = int(ms)
+    if not _TIMESTAMP_MS_MIN <= ms <= _TIMESTAMP_MS_MAX:
+        Timestamp().FromMilliseconds(ms)  # out of Timestamp's range: raises as it did
+    return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+# Timestamp's range (0001-01-01 to 9999-12-31T23:59:59.999Z), in milliseconds.
+_TIMESTAMP_MS_MIN = -62_135_596_800_000
+_TIMESTAMP_MS_MAX = 253_402_300_799_999
 
 
 def grant(view: GrantView) -> common_pb2.Grant:

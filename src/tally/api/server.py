@@ -3,15 +3,16 @@ limits (api/transport.py), graceful stop."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tally.api.admission import Admission, AdmissionInterceptor
-from tally.api.auth import AuthInterceptor
+from tally.api.admission import Admission
+from tally.api.auth import CallAuth
 from tally.api.closed_reservations import ClosedReservations
-from tally.api.interceptors import MetricsInterceptor
-from tally.api.malformed import MalformedRequestInterceptor
+from tally.api.pipeline import CallPipeline, WrappingServer
 from tally.api.servicers import AccountServicer, CatalogServicer, QuotaServicer
 from tally.api.tokens import TokenServicer
 from tally.api.transport import ServerTransport
@@ -59,17 +60,11 @@ def build_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Returns the server (not started), the bound port and its health servicer.
     Without an authenticator (--auth off) every call runs as ANONYMOUS."""
-    # Metrics first (outermost): a call refused or shed is counted with its code. Auth
-    # next, then undecodable requests refused: neither ever waits for an admission slot.
-    interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor()]
-    if authenticator is not None:
-        interceptors.append(AuthInterceptor(authenticator, transport.principals))
-    interceptors.append(MalformedRequestInterceptor())
-    interceptors.append(AdmissionInterceptor(admission, SERVICE_NAMES))
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=transport.options,
-    )
+    auth = None if authenticator is None else CallAuth(authenticator, transport.principals)
+    grpc_server = grpc.aio.server(options=transport.options)
+    # Every service registers through this stand-in: its handlers come back wrapped
+    # with the per-call steps (api/pipeline.py), built once per method.
+    server: Any = WrappingServer(grpc_server, CallPipeline(auth, admission, SERVICE_NAMES))
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(
         QuotaServicer(store, ttl_limits, ClosedReservations(store, ledger, barrier)), server
     )
@@ -85,18 +80,18 @@ def build_server(
     token_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if transport.reflection:
+    if transport.reflection:  # a bidirectional stream: nothing of the pipeline applies
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
         )
     port = (
-        server.add_insecure_port(listen)
+        grpc_server.add_insecure_port(listen)
         if transport.credentials is None
-        else server.add_secure_port(listen, transport.credentials)
+        else grpc_server.add_secure_port(listen, transport.credentials)
     )
     if port == 0:
         raise RuntimeError(f"could not listen on {listen}")
-    return server, port, health_servicer
+    return grpc_server, port, health_servicer
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:

@@ -22,6 +22,21 @@ class Authenticator:
         self.clock = clock
         self.cache_ttl_ms = round(cache_ttl_s * 1000)
         self._cache: dict[str, tuple[int, TokenRecord | None]] = {}  # id -> (until, record)
+        # authorization value -> (until, record, principal): values that matched their
+        # record, so that a caller's next calls skip parsing and hashing the token.
+        self._verified: dict[str, tuple[int, TokenRecord, Principal]] = {}
+
+    def verified(self, authorization: str | None) -> Principal | None:
+        """The principal of an authorization value that matched its record within
+        the cache period and is still live now; None: ask principal()."""
+        entry = self._verified.get(authorization) if authorization is not None else None
+        if entry is None:
+            return None
+        until, record, principal = entry
+        now_ms = self.clock.now_ms()
+        if now_ms >= until or not record.live_at(now_ms):
+            return None
+        return principal
 
     async def principal(self, authorization: str | None) -> Principal:
         """The principal a bearer token stands for; Unauthenticated (reason missing,
@@ -36,7 +51,12 @@ class Authenticator:
             raise Unauthenticated("the bearer token is not valid", reason="revoked")
         if not record.live_at(now_ms):
             raise Unauthenticated("the bearer token is not valid", reason="expired")
-        return record.principal()
+        principal = record.principal()
+        if authorization is not None:
+            if len(self._verified) >= CACHE_ENTRIES_MAX:
+                self._verified.clear()
+            self._verified[authorization] = (self._cache[token_id][0], record, principal)
+        return principal
 
     async def _record(self, token_id: str, now_ms: int) -> TokenRecord | None:
         cached = self._cache.get(token_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -57,11 +57,20 @@ def current() -> Principal:
     return _CURRENT.get()
 
 
+def bind_principal(principal: Principal) -> Token[Principal]:
+    """Serves what follows as `principal` until unbind_principal(the token returned)."""
+    return _CURRENT.set(principal)
+
+
+def unbind_principal(token: Token[Principal]) -> None:
+    _CURRENT.reset(token)
+
+
 @contextlib.contextmanager
 def running_as(principal: Principal) -> Iterator[None]:
-    """Serves the enclosed work as `principal` (set by the auth interceptor per call)."""
-    token = _CURRENT.set(principal)
+    """Serves the enclosed work as `principal` (api/pipeline.py binds it per call)."""
+    token = bind_principal(principal)
     try:
         yield
     finally:
-        _CURRENT.reset(token)
+        unbind_principal(token)

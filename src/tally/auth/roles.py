@@ -51,3 +51,10 @@ def authorize(principal: Principal, full_method: str) -> None:
         raise PermissionDenied(
             "this method needs a principal of every account", reason="account_scope"
         )
+
+
+def may_call(principal: Principal, full_method: str) -> bool:
+    """Whether authorize() lets the principal call the method."""
+    return principal.role in ROLES_BY_METHOD.get(full_method, ADMIN_ONLY) and not (
+        principal.scoped and full_method in UNSCOPED_ONLY
+    )

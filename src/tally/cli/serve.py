@@ -9,7 +9,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from tally import app, config, logs
+from tally import app, config, logs, runtime
 from tally.redaction import redact
 from tally.store.embedded import EmbeddedRedis, RedisNotInstalled
 from tally.workers import primary
@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=run)
 
 
-def _tell_ready(address: str, embedded: EmbeddedRedis | None, workers: int) -> None:
+def _tell_ready(
+    address: str, embedded: EmbeddedRedis | None, workers: int, backends: dict[str, str]
+) -> None:
     if embedded is not None:
         where = f"embedded Redis (AOF) under {embedded.folder}"
     else:
@@ -36,6 +38,7 @@ def _tell_ready(address: str, embedded: EmbeddedRedis | None, workers: int) -> N
     processes = f" ({workers} worker processes)" if workers > 1 else ""
     print(
         f"tally: serving on {address}{processes} with {where}.\n"
+        f"  Runtime: {runtime.describe(backends)}.\n"
         f"  Try: .venv/bin/tally accounts create demo --allotment 5000 "
         f"--target {address}\n"
         f"  Stop with Ctrl-C (in-flight calls drain first).",
@@ -45,7 +48,7 @@ def _tell_ready(address: str, embedded: EmbeddedRedis | None, workers: int) -> N
 
 
 async def _announce(authority: app.Authority) -> None:
-    _tell_ready(authority.address, authority.embedded, 1)
+    _tell_ready(authority.address, authority.embedded, 1, authority.backends)
 
 
 def _serve(settings: config.Settings) -> Coroutine[Any, Any, None]:
@@ -53,7 +56,7 @@ def _serve(settings: config.Settings) -> Coroutine[Any, Any, None]:
         return app.serve_until_signalled(settings, on_ready=_announce)
 
     async def announce(address: str, core: app.Core) -> None:
-        _tell_ready(address, core.embedded, settings.workers)
+        _tell_ready(address, core.embedded, settings.workers, runtime.backends())
 
     return primary.serve_until_signalled(settings, on_ready=announce)
 
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logs.configure(settings.log_level, settings.log_format)
     try:
-        asyncio.run(_serve(settings))
+        with asyncio.Runner(loop_factory=runtime.loop_factory(settings.event_loop)) as runner:
+            runner.run(_serve(settings))
     except RedisNotInstalled as exc:
         print(f"tally serve: {redact(str(exc))}", file=sys.stderr)
         return 3

@@ -18,10 +18,7 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import (
-    NoScriptError,
-    RedisError,
-)
+from redis.exceptions import NoScriptError, RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from tally import metrics
@@ -38,10 +35,12 @@ from tally.store.failures import (
     StoreBusy,
     StoreUnreachable,
     redis_errors,
+    store_error,
     store_errors,
 )
 from tally.store.fence import ShardBehind
 from tally.store.pool import WaitingConnectionPool
+from tally.store.script_pipeline import ScriptPipeline
 from tally.store.scripts import LuaScript, load_all
 
 # A call with less time left than this is refused before it reaches Redis: it
@@ -73,10 +72,6 @@ def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aiore
 def _decode(value: Any) -> Any:
     """msgpack maps from Lua turn empty tables into empty arrays; keep both usable."""
     return msgpack.unpackb(value, raw=False, strict_map_key=False)
-
-
-def _raise_script_error(reply: dict[str, Any]) -> None:
-    raise script_error(reply)
 
 
 def script_error(reply: Mapping[str, Any]) -> Exception:
@@ -130,9 +125,16 @@ class ScriptCall:
 class ScriptRunner:
     """Runs the composed Lua scripts against one Redis connection pool."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, pipelined: bool = True, window_s: float = 0.0
+    ) -> None:
+        """pipelined: script calls of one event-loop pass (or of window_s) share one
+        write (store/script_pipeline.py); off: each call is its own round trip."""
         self.redis = redis
         self.scripts: dict[str, LuaScript] = load_all()
+        self.pipeline = ScriptPipeline(redis, window_s) if pipelined else None
+        self._execute = redis.execute_command if self.pipeline is None else self.pipeline.execute
+        self._durations: dict[str, Any] = {}  # script name -> histogram child
 
     async def load(self) -> None:
         for script in self.scripts.values():
@@ -160,9 +162,17 @@ class ScriptRunner:
         payload = msgpack.packb(request, use_bin_type=True)
         started = time.perf_counter()
         try:
-            with store_errors():
-                async with asyncio.timeout(timeout_s):
+            try:
+                if timeout_s is None:  # no deadline: no timer either (the socket's applies)
                     raw = await self._evalsha(script, keys, payload)
+                else:
+                    async with asyncio.timeout(timeout_s):
+                        raw = await self._evalsha(script, keys, payload)
+            except RedisError as exc:  # store_errors(), without a generator per call
+                translated = store_error(exc)
+                if translated is None:
+                    raise
+                raise translated from exc
         except TimeoutError as exc:
             metrics.redis_error("deadline")
             raise DeadlineExceeded(
@@ -176,20 +186,16 @@ class ScriptRunner:
             metrics.redis_error("other")
             raise
         finally:
-            metrics.REDIS_SCRIPT_DURATION.labels(script=name).observe(
-                time.perf_counter() - started
-            )
-        reply = _decode(raw)
-        if not isinstance(reply, dict):
-            raise RuntimeError(f"{name}.lua returned {reply!r}")
-        if not reply.get("ok"):
-            _raise_script_error(reply)
-        result = reply.get("r")
-        fence = reply.get("fence")
-        return ScriptResult(
-            result if isinstance(result, dict) else {},
-            FenceMark.decode(fence) if isinstance(fence, dict) else None,
-        )
+            duration = self._durations.get(name)
+            if duration is None:
+                duration = self._durations[name] = metrics.REDIS_SCRIPT_DURATION.labels(
+                    script=name
+                )
+            duration.observe(time.perf_counter() - started)
+        outcome = _script_result(name, raw)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     async def run_many(
         self, calls: Sequence[ScriptCall], timeout_s: float | None
@@ -258,13 +264,13 @@ class ScriptRunner:
             return list(await pipe.execute(raise_on_error=False))
 
     async def _evalsha(self, script: LuaScript, keys: list[str], payload: bytes) -> Any:
-        command = self.redis.evalsha_ro if script.read_only else self.redis.evalsha
+        command = "EVALSHA_RO" if script.read_only else "EVALSHA"
         try:
-            return await command(script.sha, len(keys), *keys, payload)
+            return await self._execute(command, script.sha, len(keys), *keys, payload)
         except NoScriptError:
             # NOSCRIPT means the script did not run: loading and calling again is safe.
             await self.redis.script_load(script.source)
-            return await command(script.sha, len(keys), *keys, payload)
+            return await self._execute(command, script.sha, len(keys), *keys, payload)
 
 
 def _script_result(name: str, raw: Any) -> ScriptResult | Exception:

@@ -28,7 +28,7 @@ import dataclasses
 import hashlib
 import json
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Self, TypeVar, cast
 
@@ -125,11 +125,10 @@ class Reply:
 
     @classmethod
     def decode(cls, raw: RawMap) -> Self:
-        hints = _field_types(cls)
         values = {
-            field.name: _decoded(hints[field.name], raw[field.name])
-            for field in dataclasses.fields(cls)
-            if field.name in raw or _required(field)
+            name: decode(raw[name])
+            for name, decode, required in _decoders(cls)
+            if required or name in raw
         }
         return cls(**values)
 
@@ -138,27 +137,36 @@ def _required(field: dataclasses.Field[Any]) -> bool:
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
-_FIELD_TYPES: dict[type[Reply], dict[str, Any]] = {}
+Decoder = Callable[[Any], Any]
+# Per reply class, each field's name, decoder and whether it is required: built on
+# first use from the field types (written as text), then reused on every reply.
+_DECODERS: dict[type[Reply], tuple[tuple[str, Decoder, bool], ...]] = {}
 
 
-def _field_types(cls: type[Reply]) -> dict[str, Any]:
-    """The fields' types, resolved once per class (they are written as text)."""
-    if cls not in _FIELD_TYPES:
-        _FIELD_TYPES[cls] = typing.get_type_hints(cls)
-    return _FIELD_TYPES[cls]
+def _decoders(cls: type[Reply]) -> tuple[tuple[str, Decoder, bool], ...]:
+    decoders = _DECODERS.get(cls)
+    if decoders is None:
+        hints = typing.get_type_hints(cls)
+        decoders = _DECODERS[cls] = tuple(
+            (field.name, _decoder(hints[field.name]), _required(field))
+            for field in dataclasses.fields(cls)
+        )
+    return decoders
 
 
-def _decoded(hint: Any, value: Any) -> Any:
-    """A reply's value as the field's type says."""
+def _decoder(hint: Any) -> Decoder:
+    """How a reply's value becomes what the field's type says."""
     if hint in (int, str, bool):
-        return hint(value)
+        return cast(Decoder, hint)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is dict and args == (str, str):
-        return _labels(value)
+        return _labels
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return tuple(_decoded(args[0], item) for item in _list(value))
+        item = _decoder(args[0])
+        return lambda value: tuple(item(element) for element in _list(value))
     if isinstance(hint, type) and issubclass(hint, Reply):
-        return hint.decode(_map(value))
+        reply: type[Reply] = hint
+        return lambda value: reply.decode(_map(value))
     raise TypeError(f"a reply field of type {hint!r} has no decoding")
 
 
@@ -189,12 +197,21 @@ class ScriptRequest(Generic[ReplyT]):
         return cast(ReplyT, self.REPLY.decode(raw))
 
 
+# Per dataclass, its fields' names (dataclasses.fields() builds a tuple per call).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+# Values sent to the script as they are (anything else may hold dataclasses).
+_PLAIN = (str, int, bool, float, bytes, dict)
+
+
 def _fields_of(value: Any) -> dict[str, object]:
+    names = _FIELD_NAMES.get(type(value))
+    if names is None:
+        names = _FIELD_NAMES[type(value)] = tuple(f.name for f in dataclasses.fields(value))
     fields: dict[str, object] = {}
-    for field in dataclasses.fields(value):
-        item = getattr(value, field.name)
+    for name in names:
+        item = getattr(value, name)
         if item is not None:
-            fields[field.name] = _encoded(item)
+            fields[name] = item if isinstance(item, _PLAIN) else _encoded(item)
     return fields
 
 
@@ -205,6 +222,10 @@ def _encoded(item: object) -> object:
     if isinstance(item, tuple):
         return tuple(_encoded(element) for element in item)
     return item
+
+
+# Per idempotent request class, the names of the fields its fingerprint covers.
+_FINGERPRINTED: dict[type, tuple[str, ...]] = {}
 
 
 @dataclass(frozen=True)
@@ -220,11 +241,12 @@ class IdempotentRequest(ScriptRequest[ReplyT]):
     def fingerprint(self) -> str:
         """The same bytes for the same request across releases: stored
         idempotency records are matched against it."""
-        fields = {
-            field.name: getattr(self, field.name)
-            for field in dataclasses.fields(self)
-            if field.name not in self.UNFINGERPRINTED
-        }
+        names = _FINGERPRINTED.get(type(self))
+        if names is None:
+            names = _FINGERPRINTED[type(self)] = tuple(
+                f.name for f in dataclasses.fields(self) if f.name not in self.UNFINGERPRINTED
+            )
+        fields = {name: getattr(self, name) for name in names}
         canonical = json.dumps(
             {"method": self.METHOD, **fields}, sort_keys=True, separators=(",", ":")
         )

@@ -105,19 +105,25 @@ class HoldNotInStore(Unavailable):
         self.event_seq = event_seq
 
 
+def store_error(exc: RedisError) -> TallyError | None:
+    """What store_errors() turns a Redis error into; None: it stays as it is."""
+    if isinstance(exc, ConnectionWaitExpired):
+        return StoreBusy(exc.wait_s)
+    fault = _fault(exc)
+    return None if fault is None else StoreUnreachable(exc, fault)
+
+
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
     """Redis failures that a retry can cure become StoreUnreachable (UNAVAILABLE),
     a connection wait that ran out StoreBusy (RESOURCE_EXHAUSTED)."""
     try:
         yield
-    except ConnectionWaitExpired as exc:
-        raise StoreBusy(exc.wait_s) from exc
     except RedisError as exc:
-        fault = _fault(exc)
-        if fault is None:
+        translated = store_error(exc)
+        if translated is None:
             raise
-        raise StoreUnreachable(exc, fault) from exc
+        raise translated from exc
 
 
 @contextlib.contextmanager

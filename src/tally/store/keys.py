@@ -96,6 +96,11 @@ LUA_BUILT = (
 )
 
 
+# Accounts whose shard and keys KeySpace keeps formatted (about 300 bytes each);
+# past that the cache starts over.
+ACCOUNTS_CACHED = 100_000
+
+
 @dataclass(frozen=True)
 class ReservationRef:
     shard: int
@@ -108,26 +113,45 @@ class KeySpace:
         if not 1 <= shards <= 4096:
             raise ValueError(f"shards must be between 1 and 4096, got {shards}")
         self.shards = shards
-        self._width = max(2, len(str(shards - 1)))
+        width = max(2, len(str(shards - 1)))
+        # Formatted once: every call names its shard's tag and prefix.
+        self._tags = tuple(f"s{shard:0{width}d}" for shard in range(shards))
+        self._prefixes = tuple(SHARD_PREFIX.format(tag=tag) for tag in self._tags)
+        self._prices = tuple(PRICES_KEY.format(prefix=p) for p in self._prefixes)
+        self._price_history = tuple(PRICE_HISTORY_KEY.format(prefix=p) for p in self._prefixes)
+        self._events = tuple(EVENTS_KEY.format(prefix=p) for p in self._prefixes)
+        self._expiries = tuple(EXPIRIES_KEY.format(prefix=p) for p in self._prefixes)
+        self._accounts: dict[str, tuple[int, tuple[str, str, str, str]]] = {}
 
     def shard_of(self, account_id: str) -> int:
+        cached = self._accounts.get(account_id)
+        if cached is not None:
+            return cached[0]
         return zlib.crc32(account_id.encode()) % self.shards
 
     def tag(self, shard: int) -> str:
-        return f"s{shard:0{self._width}d}"
+        return self._tags[shard]
 
     def prefix(self, shard: int) -> str:
-        return SHARD_PREFIX.format(tag=self.tag(shard))
+        return self._prefixes[shard]
 
     def account_keys(self, account_id: str) -> list[str]:
-        """KEYS 1-4 shared by every account script."""
-        p = self.prefix(self.shard_of(account_id))
-        return [
-            ACCOUNT_KEY.format(prefix=p, account_id=account_id),
-            HOLDS_KEY.format(prefix=p, account_id=account_id),
-            EXPIRIES_KEY.format(prefix=p),
-            EVENTS_KEY.format(prefix=p),
-        ]
+        """KEYS 1-4 shared by every account script (kept for the ACCOUNTS_CACHED
+        accounts last asked: most calls are for an account called before)."""
+        cached = self._accounts.get(account_id)
+        if cached is None:
+            shard = zlib.crc32(account_id.encode()) % self.shards
+            p = self._prefixes[shard]
+            cached = shard, (
+                ACCOUNT_KEY.format(prefix=p, account_id=account_id),
+                HOLDS_KEY.format(prefix=p, account_id=account_id),
+                self._expiries[shard],
+                self._events[shard],
+            )
+            if len(self._accounts) >= ACCOUNTS_CACHED:
+                self._accounts.clear()
+            self._accounts[account_id] = cached
+        return list(cached[1])
 
     def idempotency(self, account_id: str, key: str) -> str:
         return IDEMPOTENCY_KEY.format(
@@ -148,10 +172,10 @@ class KeySpace:
         return RESERVATION_KEY.format(prefix=self.prefix(ref.shard), reservation_id=reservation_id)
 
     def prices(self, shard: int) -> str:
-        return PRICES_KEY.format(prefix=self.prefix(shard))
+        return self._prices[shard]
 
     def price_history(self, shard: int) -> str:
-        return PRICE_HISTORY_KEY.format(prefix=self.prefix(shard))
+        return self._price_history[shard]
 
     @staticmethod
     def price_version_field(operation: str, version: int) -> str:
@@ -168,13 +192,13 @@ class KeySpace:
         return CATALOG_KEY.format(prefix=self.prefix(0))
 
     def events(self, shard: int) -> str:
-        return EVENTS_KEY.format(prefix=self.prefix(shard))
+        return self._events[shard]
 
     def fence(self, shard: int) -> str:
         return FENCE_KEY.format(prefix=self.prefix(shard))
 
     def expiries(self, shard: int) -> str:
-        return EXPIRIES_KEY.format(prefix=self.prefix(shard))
+        return self._expiries[shard]
 
     def closings(self, shard: int) -> str:
         return CLOSINGS_KEY.format(prefix=self.prefix(shard))

@@ -77,6 +77,7 @@ from tally.store.keys import META_KEY, KeySpace
 from tally.store.usage_counters import usage_of
 
 ItemT = TypeVar("ItemT", bound=ScriptRequest[Any])
+ContextT = TypeVar("ContextT", bound=ScriptContext)
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,17 @@ class QuotaStore:
         self.limits = limits
         self.fences = fences or ShardFences(keys.shards)
         self._shard_index = {keys.tag(shard): shard for shard in range(keys.shards)}
+        # What each kind of account context says of this store's settings.
+        account = {
+            "retention_ms": limits.reservation_retention_ms,
+            "closed_window_ms": limits.closed_reservation_window_ms,
+        }
+        idempotent = account | {"idempotency_window_ms": limits.idempotency_window_ms}
+        self._settings_of: dict[type[ScriptContext], dict[str, int]] = {
+            ScriptContext: account,
+            IdempotentContext: idempotent,
+            SpendContext: idempotent | {"quote_validity_ms": limits.quote_validity_ms},
+        }
 
     @property
     def redis(self) -> Any:
@@ -119,23 +131,24 @@ class QuotaStore:
         )
 
     def _context(self, account_id: str) -> ScriptContext:
-        return ScriptContext(
-            **vars(self._shard_context(self.keys.shard_of(account_id))),
-            account_id=account_id,
-            retention_ms=self.limits.reservation_retention_ms,
-            closed_window_ms=self.limits.closed_reservation_window_ms,
-        )
+        return self._account_context(ScriptContext, account_id)
 
     def _idempotent_context(self, account_id: str) -> IdempotentContext:
-        return IdempotentContext(
-            **vars(self._context(account_id)),
-            idempotency_window_ms=self.limits.idempotency_window_ms,
-        )
+        return self._account_context(IdempotentContext, account_id)
 
     def _spend_context(self, account_id: str) -> SpendContext:
-        return SpendContext(
-            **vars(self._idempotent_context(account_id)),
-            quote_validity_ms=self.limits.quote_validity_ms,
+        return self._account_context(SpendContext, account_id)
+
+    def _account_context(self, kind: type[ContextT], account_id: str) -> ContextT:
+        """An account script's context, built in one step (no chain of contexts)."""
+        shard = self.keys.shard_of(account_id)
+        return kind(
+            now=self.clock.now_ms(),
+            prefix=self.keys.prefix(shard),
+            shard=self.keys.tag(shard),
+            fence_floor=self.fences.floor(shard),
+            account_id=account_id,
+            **self._settings_of[kind],
         )
 
     async def _run(

@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 
-from tally import logs, metrics
+from tally import logs, metrics, runtime
 from tally.api.server import Serving
 from tally.app import (
     attach_core,
@@ -82,7 +82,9 @@ async def serve(launch: WorkerLaunch) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     primary = asyncio.create_task(follow_primary(serving, stop))
-    log.info("worker serving", extra={"port": path.port})
+    backends = runtime.backends()
+    metrics.RUNTIME_INFO.labels(**backends).set(1)
+    log.info("worker serving", extra={"port": path.port, **backends})
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
     await stop.wait()
@@ -111,7 +113,8 @@ def main() -> int:
         log.error("the primary is gone before this worker started")
         return 1
     try:
-        asyncio.run(serve(launch))
+        with asyncio.Runner(loop_factory=runtime.loop_factory(settings.event_loop)) as runner:
+            runner.run(serve(launch))
     except RuntimeError as exc:
         print(f"tally worker {launch.index}: {redact(str(exc))}", file=sys.stderr)
         return 1

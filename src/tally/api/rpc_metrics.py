@@ -1,8 +1,7 @@
-"""Server interceptors: the base that wraps each method's handler once, and
-RPC metrics (rate, status code, latency) and units by operation, recorded from
-the request and response messages (admission lives in api/admission.py).
-
-Every unary-request handler (unary-unary and unary-stream) is wrapped. A call
+"""RPC metrics (rate, status code, latency) and units by operation, recorded from
+the request and response messages; api/pipeline.py applies them to every
+unary-request handler (unary-unary and unary-stream) with the other per-call
+steps. A call
 ends with OK, with the code its handler aborted with (or set), INTERNAL when
 the handler raised something unexpected, and CANCELLED or DEADLINE_EXCEEDED
 when it was cancelled. Unary calls are timed; streams are counted when they
@@ -14,12 +13,11 @@ Units are counted only for successful calls that moved something: a replay
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias
 
 import grpc
@@ -56,7 +54,7 @@ def _code_name(code: Any) -> str | None:
     return "UNKNOWN"
 
 
-def _final_code(context: Context, aborted: bool) -> str:
+def final_code(context: Context, aborted: bool) -> str:
     try:
         name = _code_name(context.code())
     except Exception:  # a context without code(): only the outcome is known
@@ -66,13 +64,13 @@ def _final_code(context: Context, aborted: bool) -> str:
     return name
 
 
-def _deadline_passed(context: Context) -> bool:
+def deadline_passed(context: Context) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= 0
 
 
-def _cancelled_code(context: Context) -> str:
-    if _deadline_passed(context):
+def cancelled_code(context: Context) -> str:
+    if deadline_passed(context):
         return grpc.StatusCode.DEADLINE_EXCEEDED.name
     return grpc.StatusCode.CANCELLED.name
 
@@ -80,17 +78,28 @@ def _cancelled_code(context: Context) -> str:
 # --- units by operation ----------------------------------------------------------
 
 
+# (counter, operation label) -> the counter's child: bound once per operation (the
+# labels are bounded by metrics.OPERATION_LABELS_MAX), not looked up per call.
+_BY_OPERATION: dict[tuple[Any, str], Any] = {}
+
+
+def _by_operation(counter: Any, operation: str) -> Any:
+    label = metrics.operation_label(operation)
+    child = _BY_OPERATION.get((counter, label))
+    if child is None:
+        child = _BY_OPERATION[(counter, label)] = counter.labels(operation=label)
+    return child
+
+
 def _reserved(request: quota_pb2.ReserveRequest, response: quota_pb2.ReserveResponse) -> None:
     if not response.replayed:
-        operation = metrics.operation_label(request.operation)
-        metrics.UNITS_RESERVED.labels(operation=operation).inc(max(0, response.units))
+        _by_operation(metrics.UNITS_RESERVED, request.operation).inc(max(0, response.units))
 
 
 def _count_charge(operation: str, units_charged: int, overage_units: int) -> None:
     """A Commit and a Charge count their units alike."""
-    label = metrics.operation_label(operation)
-    metrics.UNITS_CHARGED.labels(operation=label).inc(max(0, units_charged))
-    metrics.OVERAGE_UNITS.labels(operation=label).inc(max(0, overage_units))
+    _by_operation(metrics.UNITS_CHARGED, operation).inc(max(0, units_charged))
+    _by_operation(metrics.OVERAGE_UNITS, operation).inc(max(0, overage_units))
 
 
 def _committed(_request: quota_pb2.CommitRequest, response: quota_pb2.CommitResponse) -> None:
@@ -100,8 +109,9 @@ def _committed(_request: quota_pb2.CommitRequest, response: quota_pb2.CommitResp
 
 def _refunded(_request: quota_pb2.RefundRequest, response: quota_pb2.RefundResponse) -> None:
     if not response.replayed:
-        operation = metrics.operation_label(response.operation)
-        metrics.UNITS_REFUNDED.labels(operation=operation).inc(max(0, response.units_refunded))
+        _by_operation(metrics.UNITS_REFUNDED, response.operation).inc(
+            max(0, response.units_refunded)
+        )
 
 
 def _charged(request: quota_pb2.ChargeRequest, response: quota_pb2.ChargeResponse) -> None:
@@ -140,103 +150,34 @@ def _record_units(recorder: UnitsRecorder | None, request: Any, response: Any) -
         log.exception("recording units failed")
 
 
-# --- the interceptor ------------------------------------------------------------
+# --- the wrappers (api/pipeline.py applies them) -----------------------------------
 
 
-class WrappingInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the handler of each method with a unary request; `wrap` says how.
+class MethodMetrics:
+    """One unary method's metric children, bound once: calls by code (filled on first
+    use of each code), latency, and the units its successful calls moved."""
 
-    grpc.aio asks the interceptor on every call: the wrapped handler of each method
-    is built once and reused while the service returns the same handler."""
+    def __init__(self, full_method: str) -> None:
+        self.method = method_label(full_method)
+        self.duration = metrics.RPC_DURATION.labels(method=self.method)
+        self.recorder = UNITS_RECORDERS.get(full_method)
+        self._requests: dict[str, Any] = {}
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-
-    @abc.abstractmethod
-    def wrap(self, full_method: str, handler: Handler) -> Handler:
-        """The handler to serve full_method with (handler itself: left as it is)."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
-            return handler
-        full_method = handler_call_details.method
-        cached = self._wrapped.get(full_method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self.wrap(full_method, handler)
-        self._wrapped[full_method] = (handler, wrapped)
-        return wrapped
-
-
-class MetricsInterceptor(WrappingInterceptor):
-    """Counts and times every call with a unary request; counts units moved."""
-
-    def wrap(self, full_method: str, handler: Handler) -> Handler:
-        method = method_label(full_method)
-        if not handler.response_streaming and handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary_unary(method, handler.unary_unary, UNITS_RECORDERS.get(full_method)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.response_streaming and handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _unary_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
-
-
-def _unary_unary(
-    method: str, behavior: Callable[..., Any], recorder: UnitsRecorder | None
-) -> Callable[[Any, Context], Awaitable[Any]]:
-    requests: dict[str, Any] = {}  # code name -> counter child, filled on first use
-
-    def count(code: str) -> None:
-        child = requests.get(code)
+    def ended(self, code: str, started: float) -> None:
+        """Counts a call that ended with `code`, timed from `started` (perf_counter)."""
+        self.duration.observe(time.perf_counter() - started)
+        child = self._requests.get(code)
         if child is None:
-            child = requests[code] = metrics.RPC_REQUESTS.labels(method=method, code=code)
+            child = self._requests[code] = metrics.RPC_REQUESTS.labels(
+                method=self.method, code=code
+            )
         child.inc()
 
-    duration = metrics.RPC_DURATION.labels(method=method)
-
-    async def handle(request: Any, context: Context) -> Any:
-        started = time.perf_counter()
-        code = "INTERNAL"
-        try:
-            response = behavior(request, context)
-            if inspect.isawaitable(response):
-                response = await response
-            code = _final_code(context, aborted=False)
-            if code == "OK":
-                _record_units(recorder, request, response)
-            return response
-        except grpc.aio.AbortError:
-            code = _final_code(context, aborted=True)
-            raise
-        except asyncio.CancelledError:
-            code = _cancelled_code(context)
-            raise
-        except Exception:
-            # An answer that could not be sent because the deadline passed meanwhile
-            # (gRPC ended the call DEADLINE_EXCEEDED already) is not an internal error.
-            if _deadline_passed(context):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED.name
-            raise
-        finally:
-            duration.observe(time.perf_counter() - started)
-            count(code)
-
-    return handle
+    def succeeded(self, request: Any, response: Any) -> None:
+        _record_units(self.recorder, request, response)
 
 
-def _unary_stream(
+def unary_stream(
     method: str, behavior: Callable[..., Any]
 ) -> Callable[[Any, Context], AsyncIterator[Any]]:
     async def handle(request: Any, context: Context) -> AsyncIterator[Any]:
@@ -256,12 +197,12 @@ def _unary_stream(
             elif responses is not None:
                 for response in responses:
                     yield response
-            code = _final_code(context, aborted=False)
+            code = final_code(context, aborted=False)
         except grpc.aio.AbortError:
-            code = _final_code(context, aborted=True)
+            code = final_code(context, aborted=True)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            code = _cancelled_code(context)
+            code = cancelled_code(context)
             raise
         finally:
             metrics.RPC_REQUESTS.labels(method=method, code=code).inc()

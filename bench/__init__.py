@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench` (bench/run.py) and Redis memory sizing (bench/memory.py)."""
