@@ -10,7 +10,7 @@ flusher running as in production), creates the accounts, then runs `rounds` of
 holds), `in-flight` rounds at once. A hold is one item reserved and committed.
 
 Figures come from process accounting, not from wall time (the machine is shared):
-Redis CPU from INFO (used_cpu_user + used_cpu_sys, and INFO commandstats' EVALSHA
+Redis CPU from INFO (used_cpu_user + used_cpu_sys, and INFO commandstats' FCALL
 µs, which is the scripts' own time), the server's from /proc/<pid>/stat (utime +
 stime), the client's from getrusage. Holds/s is printed too, with the warning
 that it depends on what else the machine runs.
@@ -57,11 +57,11 @@ def process_cpu_s(pid: int) -> float:
 def redis_cpu(client: redis.Redis) -> dict[str, float]:
     info = client.info("cpu")
     stats = client.info("commandstats")
-    evalsha = stats.get("cmdstat_evalsha", {})
+    fcall = stats.get("cmdstat_fcall", {})
     return {
         "cpu_s": float(info["used_cpu_user"]) + float(info["used_cpu_sys"]),
-        "evalsha_calls": float(evalsha.get("calls", 0)),
-        "evalsha_usec": float(evalsha.get("usec", 0)),
+        "fcall_calls": float(fcall.get("calls", 0)),
+        "fcall_usec": float(fcall.get("usec", 0)),
     }
 
 
@@ -168,15 +168,15 @@ async def measure(args: argparse.Namespace, server_pid: int) -> dict[str, Any]:
     redis_after, server_after = redis_cpu(r), process_cpu_s(server_pid)
     client_s = client_cpu_s() - client_before
     r.close()
-    evalsha_calls = redis_after["evalsha_calls"] - redis_before["evalsha_calls"]
+    fcall_calls = redis_after["fcall_calls"] - redis_before["fcall_calls"]
     return {
         "accounts": args.accounts, "batch": args.batch, "rounds": args.rounds,
         "in_flight": args.in_flight, "flush_interval": args.flush_interval, "holds": holds,
         "wall_s": round(wall_s, 3), "holds_per_s_wall": round(holds / wall_s),
         "redis_cpu_us_per_hold": per_hold_us(redis_after["cpu_s"] - redis_before["cpu_s"], holds),
-        "redis_evalsha_us_per_hold": round(
-            (redis_after["evalsha_usec"] - redis_before["evalsha_usec"]) / holds, 2),
-        "evalsha_calls_per_round": round(evalsha_calls / args.rounds, 1),
+        "redis_fcall_us_per_hold": round(
+            (redis_after["fcall_usec"] - redis_before["fcall_usec"]) / holds, 2),
+        "fcall_calls_per_round": round(fcall_calls / args.rounds, 1),
         "server_cpu_us_per_hold": per_hold_us(server_after - server_before, holds),
         "client_cpu_us_per_hold": per_hold_us(client_s, holds),
         "cpus": os.cpu_count(),

@@ -284,7 +284,7 @@ async def attach_core(settings: Settings, clock: Clock) -> Core:
     ledger = Ledger(open_ledger(settings.ledger_location), clock)
     store = build_store(settings, settings.redis_url, clock)
     try:
-        await store.runner.load()  # idempotent; spares the first calls a NOSCRIPT
+        await store.runner.load()  # idempotent; spares the first calls a "function not found"
         await raise_floors_from(ledger, store.fences)
     except BaseException:
         await store.close()

@@ -193,7 +193,7 @@ REDIS_ERROR_KINDS = (
 
 REDIS_SCRIPT_DURATION = Histogram(
     "tally_redis_script_duration_seconds",
-    "Round trip of one Lua script call (EVALSHA), by script",
+    "Round trip of one Lua script call (FCALL), by script",
     ["script"],
     buckets=REDIS_SCRIPT_BUCKETS,
     registry=REGISTRY,

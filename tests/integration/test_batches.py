@@ -359,13 +359,13 @@ async def test_redis_at_maxmemory_makes_every_item_unavailable(durable: Running)
     assert [(r.status.code, r.response.replayed) for r in served] == [(OK, False)] * 5
 
 
-async def test_a_batch_after_script_flush_loads_its_script_and_runs_once(
+async def test_a_batch_after_function_flush_loads_its_script_and_runs_once(
     durable: Running,
 ) -> None:
-    """Proves a batch whose scripts Redis no longer has (SCRIPT FLUSH: every group
-    meets NOSCRIPT, so none ran) loads them and runs each item exactly once."""
+    """Proves a batch whose scripts Redis no longer has (FUNCTION FLUSH: every group
+    meets "function not found", so none ran) loads them and runs each item exactly once."""
     accounts = [await create(durable) for _ in range(8)]
-    await durable.authority.store.redis.script_flush()
+    await durable.authority.store.redis.function_flush()
     results = (await durable.quota.ReserveBatch(quota_pb2.ReserveBatchRequest(
         items=[reserve_item(a, f"k{i}", 1) for i, a in enumerate(accounts)]))).results
     assert [(r.status.code, r.response.replayed) for r in results] == [(OK, False)] * 8

@@ -114,7 +114,7 @@ class ScriptCall:
 
 
 def group_script_calls(lines: list[str]) -> list[ScriptCall]:
-    """Each EVALSHA/EVALSHA_RO line with the `[n lua]` lines that follow it (a script runs
+    """Each FCALL/FCALL_RO line with the `[n lua]` lines that follow it (a script runs
     atomically, so nothing else can come between)."""
     calls: list[ScriptCall] = []
     current: ScriptCall | None = None
@@ -127,7 +127,7 @@ def group_script_calls(lines: list[str]) -> list[ScriptCall]:
             continue
         command = args[0].decode().upper()
         if origin == "lua":
-            assert current is not None, f"a script command without its EVALSHA: {line}"
+            assert current is not None, f"a script command without its FCALL: {line}"
             if command in NO_KEYS:
                 continue
             if command in ALL_ARGS_KEYS:
@@ -138,7 +138,7 @@ def group_script_calls(lines: list[str]) -> list[ScriptCall]:
                 raise AssertionError(f"classify the keys of {command} for this test: {line}")
             continue
         current = None
-        if command in ("EVALSHA", "EVALSHA_RO", "EVAL", "EVAL_RO"):
+        if command in ("FCALL", "FCALL_RO", "EVALSHA", "EVALSHA_RO", "EVAL", "EVAL_RO"):
             numkeys = int(args[2])
             current = ScriptCall(command, list(args[3 : 3 + numkeys]))
             calls.append(current)
@@ -146,10 +146,10 @@ def group_script_calls(lines: list[str]) -> list[ScriptCall]:
 
 
 def test_monitor_parsing_groups_script_commands() -> None:
-    """Proves the MONITOR parser ties [lua] lines to their EVALSHA, unescapes binary
+    """Proves the MONITOR parser ties [lua] lines to their FCALL, unescapes binary
     arguments, and that a key in another slot would be visible to the check."""
     lines = [
-        '+1.000001 [0 127.0.0.1:5000] "EVALSHA" "abc" "2" "tally:{s01}:acct:a" '
+        '+1.000001 [0 127.0.0.1:5000] "FCALL" "abc" "2" "tally:{s01}:acct:a" '
         '"tally:{s01}:events" "\\x81\\xa3now\\x01"',
         '+1.000002 [0 lua] "GET" "tally:{s01}:acct:a"',
         '+1.000003 [0 lua] "XADD" "tally:{s01}:events" "*" "type" "say \\"hi\\""',
@@ -173,7 +173,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 async def monitor(port: int, lines: list[str], ready: asyncio.Event) -> None:
-    # a batch's lines (its EVALSHA, its XADDs with state images) run past 64 KiB
+    # a batch's lines (its FCALL, its XADDs with state images) run past 64 KiB
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**24)
     try:
         writer.write(b"MONITOR\r\n")
@@ -249,7 +249,7 @@ async def test_every_key_a_script_touches_is_in_one_slot(
     own_redis: RedisProcess, tmp_path: Path
 ) -> None:
     """Proves, from MONITOR, that every key each script declares or touches (the [lua]
-    lines after its EVALSHA) hashes to the slot of its first KEYS argument, for every
+    lines after its FCALL) hashes to the slot of its first KEYS argument, for every
     script the workload ran, over several shards."""
     lines: list[str] = []
     ready = asyncio.Event()
@@ -258,7 +258,7 @@ async def test_every_key_a_script_touches_is_in_one_slot(
     running = await start_running(own_redis.url, data_dir=str(tmp_path / "data"))
     try:
         await workload(running)
-        scripts = {s.sha: s.name for s in running.authority.store.runner.scripts.values()}
+        scripts = {s.function: s.name for s in running.authority.store.runner.scripts.values()}
     finally:
         await stop_running(running)
         await asyncio.sleep(0.1)
@@ -284,7 +284,7 @@ async def test_every_key_a_script_touches_is_in_one_slot(
         match = MONITOR_LINE.match(line)
         if match and match.group(3) != "lua":
             args = parse_monitor_args(match.group(4))
-            if args and args[0].upper() in (b"EVALSHA", b"EVALSHA_RO"):
+            if args and args[0].upper() in (b"FCALL", b"FCALL_RO"):
                 seen_scripts.add(scripts.get(args[1].decode(), "?"))
     expected = {"create_account", "reserve", "extend", "commit", "refund", "charge", "purchase",
                 "quote", "balance", "update_account", "set_price", "apply_price", "expire_hold",

@@ -1,5 +1,5 @@
 """The known pitfalls of design notes section 7, each checked against a real redis-server:
-SCRIPT FLUSH, a connection dropped mid-script (no client retry), eviction policies,
+FUNCTION FLUSH, a connection dropped mid-script (no client retry), eviction policies,
 deadlines, Redis going down and coming back, and hold expiry by the reaper."""
 
 from __future__ import annotations
@@ -70,26 +70,33 @@ def reserve_request(account_id: str, key: str, quantity: int = 1, **kw: Any) -> 
     )
 
 
-# --- a. SCRIPT FLUSH ----------------------------------------------------------------
+# --- a. FUNCTION FLUSH --------------------------------------------------------------
 
 
-async def test_script_flush_is_survived(own_redis: RedisProcess, tmp_path: Path) -> None:
-    """Proves that after SCRIPT FLUSH under a live server, scripts are re-loaded on NOSCRIPT:
-    the next Reserve, GetBalance (EVALSHA_RO) and Commit succeed and move units once."""
+async def library_names(redis: Any) -> set[str]:
+    """The Functions libraries Redis holds (FUNCTION LIST: a list of name/value pairs each)."""
+    libraries = [dict(zip(lib[::2], lib[1::2], strict=True)) for lib in await redis.function_list()]
+    return {lib[b"library_name"].decode() for lib in libraries}
+
+
+async def test_function_flush_is_survived(own_redis: RedisProcess, tmp_path: Path) -> None:
+    """Proves that after FUNCTION FLUSH under a live server (as after a restart without
+    persistence), scripts are re-loaded on "function not found": the next Reserve,
+    GetBalance (FCALL_RO) and Commit succeed and move units once."""
     async with serving(own_redis.url, tmp_path / "data") as running:
         account_id = unique()
         await create_account(running, account_id)
         first = await aio(running).quota.Reserve(reserve_request(account_id, "before-flush"))
         redis = running.authority.store.redis
         scripts = running.authority.store.runner.scripts
-        await redis.script_flush()
-        assert not any(await redis.script_exists(*(s.sha for s in scripts.values())))
+        await redis.function_flush()
+        assert await library_names(redis) == set()
 
         second = await aio(running).quota.Reserve(reserve_request(account_id, "after-flush", 2))
         assert not second.replayed
-        b = await balance(running, account_id)  # balance.lua runs as EVALSHA_RO
+        b = await balance(running, account_id)  # balance.lua runs as FCALL_RO
         assert (b.held, b.available) == (30, 970)
-        await redis.script_flush()
+        await redis.function_flush()
         committed = await aio(running).quota.Commit(
             quota_pb2.CommitRequest(reservation_id=first.reservation_id)
         )
@@ -97,7 +104,8 @@ async def test_script_flush_is_survived(own_redis: RedisProcess, tmp_path: Path)
         b = await balance(running, account_id)
         assert (b.held, b.available, b.units_charged_total) == (20, 970, 10)
         assert_books(b)
-        assert all(await redis.script_exists(scripts["commit"].sha, scripts["balance"].sha))
+        assert {scripts["commit"].function, scripts["balance"].function} <= await library_names(
+            redis)
 
 
 # --- b. a connection dropped while the script runs ------------------------------------
@@ -132,14 +140,14 @@ def parse_commands(buffer: bytearray) -> list[list[bytes]]:
 
 @dataclass
 class DroppingProxy:
-    """A TCP proxy in front of Redis. Armed with a script's SHA, it forwards the next
-    EVALSHA of that script to Redis, lets Redis run it, then closes the client's
+    """A TCP proxy in front of Redis. Armed with a script's function, it forwards the
+    next FCALL of that function to Redis, lets Redis run it, then closes the client's
     connection instead of relaying the reply."""
 
     redis_port: int
     port: int = 0
-    evalsha_seen: Counter[str] = field(default_factory=Counter)
-    armed_sha: str | None = None
+    fcall_seen: Counter[str] = field(default_factory=Counter)
+    armed_function: str | None = None
     dropped: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -160,9 +168,9 @@ class DroppingProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
-    def arm(self, sha: str) -> None:
+    def arm(self, function: str) -> None:
         self.dropped.clear()
-        self.armed_sha = sha
+        self.armed_function = function
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -176,11 +184,11 @@ class DroppingProxy:
             while data := await client_r.read(65536):
                 pending.extend(data)
                 for command in parse_commands(pending):
-                    if command[0].upper() in (b"EVALSHA", b"EVALSHA_RO"):
-                        sha = command[1].decode()
-                        self.evalsha_seen[sha] += 1
-                        if sha == self.armed_sha:
-                            self.armed_sha = None
+                    if command[0].upper() in (b"FCALL", b"FCALL_RO"):
+                        function = command[1].decode()
+                        self.fcall_seen[function] += 1
+                        if function == self.armed_function:
+                            self.armed_function = None
                             drop_next_reply.set()
                 redis_w.write(data)
                 await redis_w.drain()
@@ -263,7 +271,7 @@ async def test_dropped_connection_never_moves_units_twice(
     module_redis: RedisProcess, tmp_path: Path, case: DropCase
 ) -> None:
     """Proves a connection lost after Redis ran the script but before the reply arrived is
-    UNAVAILABLE with exactly one EVALSHA sent (no client-side retry), and the caller's
+    UNAVAILABLE with exactly one FCALL sent (no client-side retry), and the caller's
     retry with the same idempotency key replays: the units moved exactly once."""
     proxy = DroppingProxy(module_redis.port)
     await proxy.start()
@@ -272,18 +280,18 @@ async def test_dropped_connection_never_moves_units_twice(
             account_id = unique()
             await create_account(running, account_id)
             prepared = await case.prepare(running, account_id)
-            sha = running.authority.store.runner.scripts[case.script].sha
+            function = running.authority.store.runner.scripts[case.script].function
             stream = running.authority.store.keys.events(
                 running.authority.store.keys.shard_of(account_id))
             added = await events_added(running.authority.store.redis, stream)
-            seen = proxy.evalsha_seen[sha]
-            proxy.arm(sha)
+            seen = proxy.fcall_seen[function]
+            proxy.arm(function)
 
             error = await rpc_error(case.call(running, account_id, prepared))
             assert_status(error, UNAVAILABLE)
             assert proxy.dropped.is_set(), "the proxy never dropped a reply"
             await asyncio.sleep(0.2)  # a late client-side retry would show up here
-            assert proxy.evalsha_seen[sha] == seen + 1, "EVALSHA was sent more than once"
+            assert proxy.fcall_seen[function] == seen + 1, "FCALL was sent more than once"
             assert await events_added(running.authority.store.redis, stream) > added, (
                 "the script did not run before the connection dropped")
 
@@ -370,10 +378,10 @@ async def test_tiny_deadlines_are_safe_to_retry(own_redis: RedisProcess, tmp_pat
         assert_books(b)
 
 
-def _evalsha_calls(info: dict[str, Any]) -> int:
+def _fcalls(info: dict[str, Any]) -> int:
     return sum(
         int(stats["calls"]) for name, stats in info.items()
-        if name in ("cmdstat_evalsha", "cmdstat_evalsha_ro")
+        if name in ("cmdstat_fcall", "cmdstat_fcall_ro")
     )
 
 
@@ -381,7 +389,7 @@ async def test_server_never_starts_a_mutation_after_the_deadline(
     own_redis: RedisProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Proves a Reserve that reaches the server only after its deadline passed (the
-    server's event loop was busy) runs no script: DEADLINE_EXCEEDED, no EVALSHA sent,
+    server's event loop was busy) runs no script: DEADLINE_EXCEEDED, no FCALL sent,
     balance and stream unchanged."""
     caplog.set_level(logging.INFO, logger="tally.api")
     async with serving(own_redis.url, tmp_path / "data") as running:
@@ -389,7 +397,7 @@ async def test_server_never_starts_a_mutation_after_the_deadline(
         await create_account(running, account_id)
         redis = running.authority.store.redis
         before = await snapshot(running, account_id)
-        calls_before = _evalsha_calls(await redis.info("commandstats"))
+        calls_before = _fcalls(await redis.info("commandstats"))
         outcome: dict[str, Any] = {}
 
         def call_from_another_thread() -> None:
@@ -408,7 +416,7 @@ async def test_server_never_starts_a_mutation_after_the_deadline(
         caller.join(5)
         await asyncio.sleep(0.3)  # let the server see the expired call, if it ever does
         assert outcome.get("code") == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert _evalsha_calls(await redis.info("commandstats")) == calls_before
+        assert _fcalls(await redis.info("commandstats")) == calls_before
         assert await snapshot(running, account_id) == before
 
 

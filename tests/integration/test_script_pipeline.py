@@ -121,7 +121,7 @@ async def _blocked_script_clients(redis: aioredis.Redis, count: int) -> list[str
         while True:
             clients = await redis.client_list()
             blocked = [
-                str(c["id"]) for c in clients if "b" in c["flags"] and c["cmd"] == "evalsha"
+                str(c["id"]) for c in clients if "b" in c["flags"] and c["cmd"] == "fcall"
             ]
             if len(blocked) >= count:
                 return blocked

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from importlib import resources
+from typing import Any
 
 import pytest
 import redis
@@ -118,13 +119,24 @@ def test_lua_key_builders_write_keyspace_names(client: redis.Redis, shards: int)
 @pytest.mark.parametrize("name", scripts.SCRIPT_NAMES)
 def test_every_script_composes_with_each_helper_once(client: redis.Redis, name: str) -> None:
     """Proves each composed script opens with the limits, defines no function twice
-    (so no helper came in twice), and compiles in Redis (SCRIPT LOAD, which also
-    enforces Lua's limit of 200 locals per function)."""
+    (so no helper came in twice), and loads in Redis as a library of one function named
+    after the script and its version (FUNCTION LOAD, which also enforces Lua's limit of
+    200 locals per function)."""
     script = scripts.compose(name)
     assert script.source.split("\n")[1:2] == ["-- limits: generated from tally/domain/limits.py"]
     defined = functions_defined(script.source)
     assert len(defined) == len(set(defined)), sorted({f for f in defined if defined.count(f) > 1})
-    assert client.script_load(script.source) == script.sha
+    assert script.function == f"tally_{name}_{script.version[:scripts.VERSION_CHARS]}"
+    assert client.function_load(script.source, replace=True) == script.function.encode()
+    [library] = client.function_list(library=script.function)
+    [function] = as_map(library)[b"functions"]
+    assert as_map(function)[b"name"] == script.function.encode()
+    assert (b"no-writes" in as_map(function)[b"flags"]) == script.read_only
+
+
+def as_map(pairs: list[Any]) -> dict[Any, Any]:
+    """A RESP2 reply of alternating names and values (FUNCTION LIST's) as a dict."""
+    return dict(zip(pairs[::2], pairs[1::2], strict=True))
 
 
 def test_include_lines_name_exactly_what_each_file_calls() -> None:

@@ -358,7 +358,7 @@ async def test_garbage_payload_is_refused(store: QuotaStore) -> None:
     before = await database(store)
     script = store.runner.scripts["reserve"]
     for payload in (b"", b"\xc1", b"\x93\x01\x02\x03", b"plain text"):
-        raw = await store.redis.evalsha(script.sha, len(keys), *keys, payload)
+        raw = await store.redis.fcall(script.function, len(keys), *keys, payload)
         reply = msgpack.unpackb(raw, raw=False)
         assert reply["ok"] is False
         assert reply["code"] == "INVALID_ARGUMENT"

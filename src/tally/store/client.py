@@ -1,9 +1,12 @@
-"""The Redis connection and script calls: one EVALSHA per call, never retried.
+"""The Redis connection and script calls: one FCALL per call, never retried.
 
+Each script is a Functions library (store/scripts.py), loaded at start and
+again whenever Redis answers that its function is not found (a restart without
+persistence, FUNCTION FLUSH): that answer means the script did not run.
 redis-py retries a command after a connection error by default; a retried
-EVALSHA that had already run would move units twice. Retries are off; the
-only repeat is after NOSCRIPT, which means the script did not run. Callers
-retry with their idempotency key instead.
+FCALL that had already run would move units twice. Retries are off; the
+only repeat is after "function not found". Callers retry with their
+idempotency key instead.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from tally import metrics
@@ -46,6 +49,9 @@ from tally.store.scripts import LuaScript, load_all
 # A call with less time left than this is refused before it reaches Redis: it
 # could not get its answer back in time anyway, and refusing moves nothing.
 DEADLINE_SLACK_S = 0.005
+# What Redis answers (its "ERR " code stripped by redis-py) to a FCALL of a
+# function it does not have.
+FUNCTION_NOT_FOUND = "Function not found"
 
 
 def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aioredis.Redis:
@@ -138,22 +144,25 @@ class ScriptRunner:
 
     async def load(self) -> None:
         for script in self.scripts.values():
-            sha = await self.redis.script_load(script.source)
-            if sha != script.sha:
-                raise RuntimeError(
-                    f"Redis hashed {script.name}.lua as {sha}, expected {script.sha}"
-                )
+            await self._load(script)
+
+    async def _load(self, script: LuaScript) -> None:
+        # REPLACE: a library of this name is this very code (the name carries its
+        # version), so replacing it, e.g. after another server loaded it, is a no-op.
+        library = await self.redis.function_load(script.source, replace=True)
+        if _text(library) != script.function:
+            raise RuntimeError(f"Redis loaded {script.name}.lua as {library!r}")
 
     async def run(
         self, name: str, keys: list[str], request: dict[str, Any], timeout_s: float | None
     ) -> dict[str, Any]:
-        """One EVALSHA (or EVALSHA_RO); its result map, or the script's typed error."""
+        """One FCALL (or FCALL_RO); its result map, or the script's typed error."""
         return (await self.call(name, keys, request, timeout_s)).result
 
     async def call(
         self, name: str, keys: list[str], request: dict[str, Any], timeout_s: float | None
     ) -> ScriptResult:
-        """One EVALSHA (or EVALSHA_RO); raises the script's typed error, if any."""
+        """One FCALL (or FCALL_RO); raises the script's typed error, if any."""
         if timeout_s is not None and timeout_s < DEADLINE_SLACK_S:
             raise DeadlineExceeded(
                 "the call's deadline passed (or is too close) before the store was asked"
@@ -164,10 +173,10 @@ class ScriptRunner:
         try:
             try:
                 if timeout_s is None:  # no deadline: no timer either (the socket's applies)
-                    raw = await self._evalsha(script, keys, payload)
+                    raw = await self._fcall(script, keys, payload)
                 else:
                     async with asyncio.timeout(timeout_s):
-                        raw = await self._evalsha(script, keys, payload)
+                        raw = await self._fcall(script, keys, payload)
             except RedisError as exc:  # store_errors(), without a generator per call
                 translated = store_error(exc)
                 if translated is None:
@@ -200,7 +209,7 @@ class ScriptRunner:
     async def run_many(
         self, calls: Sequence[ScriptCall], timeout_s: float | None
     ) -> list[ScriptResult | Exception]:
-        """The calls' EVALSHAs in one pipelined round trip (no transaction: each
+        """The calls' FCALLs in one pipelined round trip (no transaction: each
         script is atomic alone), never retried. Per call, in order: its result or
         the script's typed error. A connection failure or the deadline raises
         for the whole round trip: some calls may have run, so the caller retries
@@ -237,13 +246,14 @@ class ScriptRunner:
     async def _pipelined(
         self, scripts: list[LuaScript], keys: list[list[str]], payloads: list[bytes]
     ) -> list[Any]:
-        """The raw replies (a Redis error as its exception); the calls that met
-        NOSCRIPT did not run, so they are sent again once the scripts are loaded."""
+        """The raw replies (a Redis error as its exception); the calls whose
+        function was not found did not run, so they are sent again once their
+        scripts are loaded."""
         raws = await self._pipeline(scripts, keys, payloads, range(len(scripts)))
-        missing = [i for i, raw in enumerate(raws) if isinstance(raw, NoScriptError)]
+        missing = [i for i, raw in enumerate(raws) if function_not_found(raw)]
         if missing:
             for script in {scripts[i].name: scripts[i] for i in missing}.values():
-                await self.redis.script_load(script.source)
+                await self._load(script)
             again = await self._pipeline(scripts, keys, payloads, missing)
             for i, raw in zip(missing, again, strict=True):
                 raws[i] = raw
@@ -259,26 +269,37 @@ class ScriptRunner:
         async with self.redis.pipeline(transaction=False) as pipe:
             for i in indexes:
                 script = scripts[i]
-                command = pipe.evalsha_ro if script.read_only else pipe.evalsha
-                command(script.sha, len(keys[i]), *keys[i], payloads[i])
+                command = pipe.fcall_ro if script.read_only else pipe.fcall
+                command(script.function, len(keys[i]), *keys[i], payloads[i])
             return list(await pipe.execute(raise_on_error=False))
 
-    async def _evalsha(self, script: LuaScript, keys: list[str], payload: bytes) -> Any:
-        command = "EVALSHA_RO" if script.read_only else "EVALSHA"
+    async def _fcall(self, script: LuaScript, keys: list[str], payload: bytes) -> Any:
+        command = "FCALL_RO" if script.read_only else "FCALL"
         try:
-            return await self._execute(command, script.sha, len(keys), *keys, payload)
-        except NoScriptError:
-            # NOSCRIPT means the script did not run: loading and calling again is safe.
-            await self.redis.script_load(script.source)
-            return await self._execute(command, script.sha, len(keys), *keys, payload)
+            return await self._execute(command, script.function, len(keys), *keys, payload)
+        except ResponseError as exc:
+            if not function_not_found(exc):
+                raise
+            # the script did not run: loading it and calling again is safe
+            await self._load(script)
+            return await self._execute(command, script.function, len(keys), *keys, payload)
+
+
+def function_not_found(raw: Any) -> bool:
+    """Whether Redis answered a FCALL that it has no such function (nothing ran)."""
+    return isinstance(raw, ResponseError) and str(raw).startswith(FUNCTION_NOT_FOUND)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _script_result(name: str, raw: Any) -> ScriptResult | Exception:
     """One pipelined call's result, or its typed error: the script's own, or what
     Redis answered instead (out of memory, read-only, busy...: UNAVAILABLE, as
     for a single call; a refused command: StoreRefused)."""
-    if isinstance(raw, NoScriptError):
-        raise RuntimeError(f"{name}.lua was not loaded even after SCRIPT LOAD")
+    if function_not_found(raw):
+        raise RuntimeError(f"{name}.lua was not loaded even after FUNCTION LOAD")
     if isinstance(raw, RedisError):
         return _redis_failure(raw)
     if isinstance(raw, Exception):

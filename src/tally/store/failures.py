@@ -2,9 +2,9 @@
 
 Three outcomes. Redis cannot serve now (connection lost, timeout, out of
 memory, a script running too long, loading, a read-only replica): UNAVAILABLE,
-worth a retry, and nothing was applied (every script carries a `#!lua`
-shebang, so Redis refuses a write script under OOM or on a replica before it
-runs, and a BUSY server runs nothing else). No pooled connection came free in
+worth a retry, and nothing was applied (every script is a function that
+declares its flags, so Redis refuses a write script under OOM or on a replica
+before it runs, and a BUSY server runs nothing else). No pooled connection came free in
 time: the server is overloaded, not Redis, so RESOURCE_EXHAUSTED. Anything else
 Redis refused is a bug or a misconfiguration (INTERNAL).
 """

@@ -3,9 +3,9 @@ write on one pooled connection, then their replies read in order.
 
 Under load many calls reach the store in the same pass of the loop (grpc.aio
 hands over the requests one socket read brought); sending each as its own
-EVALSHA costs a pool round trip, a write and a read per call. Sent together,
-they share them. Nothing else changes: each call is still one EVALSHA (or
-EVALSHA_RO) that Redis runs alone, never retried; an error reply goes to its
+FCALL costs a pool round trip, a write and a read per call. Sent together,
+they share them. Nothing else changes: each call is still one FCALL (or
+FCALL_RO) that Redis runs alone, never retried; an error reply goes to its
 own call only; a connection that breaks fails the calls it carried that have
 no reply yet (their scripts may or may not have run, as with a single call),
 and no other. A call whose caller gave up (its deadline passed) before the

@@ -94,9 +94,11 @@ end
 
 -- What a run reports beside its result: `fence`, the shard's fence as the run
 -- left it (set by lib/fence.lua; absent from scripts that do not check one).
+-- The library outlives a call: run() clears what the last call reported.
 local run_report = {}
 
 local function run(main)
+  run_report.fence = nil
   local ok, result = pcall(main)
   if ok then return cmsgpack.pack({ok = true, r = result, fence = run_report.fence}) end
   if type(result) == 'table' and result.tally_err then
