@@ -17,7 +17,7 @@ Python owns is never copied into Lua:
               from store/keys.py's templates (keys.LUA_BUILT)
 The composed text is a Redis Functions library holding one function, the
 script: FUNCTION LOAD defines the prelude and the helpers once per load, where
-EVAL would define them again on every call (most of a short script's cost).
+EVAL would define them again on every call (a sixth of a Reserve's instructions).
 The script runs as it would under EVAL: KEYS and ARGV are the call's keys and
 arguments. Library and function are named after the script and the SHA1 of
 what they run (its version), so servers of two versions run side by side
