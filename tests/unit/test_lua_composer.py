@@ -1,6 +1,6 @@
 """The script composer: helpers resolved by their include lines, limits and key
 names generated from Python. Generated text is checked by running it in a real
-redis-server (EVAL), not by reading it back."""
+redis-server (EVAL, FUNCTION LOAD), not by reading it back."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 
@@ -132,6 +133,25 @@ def test_every_script_composes_with_each_helper_once(client: redis.Redis, name: 
     [function] = as_map(library)[b"functions"]
     assert as_map(function)[b"name"] == script.function.encode()
     assert (b"no-writes" in as_map(function)[b"flags"]) == script.read_only
+
+
+def test_two_versions_of_a_script_run_side_by_side(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves a changed script is another library and function (its name carries the
+    version), so the servers of a rolling upgrade each load and call their own."""
+    current = scripts.compose("billing_period")
+    read = scripts.read_source
+    monkeypatch.setattr(scripts, "read_source", lambda relative: read(relative) + (
+        "\n-- the next version" if relative == "billing_period.lua" else ""))
+    upgraded = scripts.compose("billing_period")
+    assert upgraded.version != current.version and upgraded.function != current.function
+    for script in (current, upgraded):
+        client.function_load(script.source, replace=True)
+    request = msgpack.packb({"now": 0, "year": 2026, "month": 2, "anchor_day": 31})
+    replies = [client.fcall_ro(s.function, 0, request) for s in (current, upgraded)]
+    assert replies[0] == replies[1]
+    assert msgpack.unpackb(replies[0])["ok"] is True
 
 
 def as_map(pairs: list[Any]) -> dict[Any, Any]:
