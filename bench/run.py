@@ -32,7 +32,6 @@ from typing import Any
 from bench import servers
 from bench.loadgen import LoadSpec, Scenario, account_ids, run_load
 from bench.servers import Served, Tally, TallyOptions
-from tally.v1 import quota_pb2
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPREAD_ACCOUNTS = 10_000
@@ -66,10 +65,6 @@ CPU_VS_FLOOR_MAX = 1.6  # server CPU per pair, Tally / floor
 HOT_VS_POSTGRES_MIN = 5.0  # hot-account throughput, Tally / PostgreSQL
 P99_AT_HALF_LOAD_MAX_MS = 5.0
 BATCH_HOLDS_PER_S_MIN = 100_000
-
-
-def batch_available() -> bool:
-    return hasattr(quota_pb2, "ReserveBatchRequest")
 
 
 def measure(served: Served, spec: LoadSpec) -> dict[str, Any]:
@@ -108,8 +103,7 @@ class Bench:
         self.cells: dict[str, dict[str, Any]] = {}
         self.notes: list[str] = []
         # the floor and the baseline run on the event loop Tally runs on by default
-        self.has_event_loop_flag = "--event-loop" in servers.serve_flags()
-        self.loop = "auto" if self.has_event_loop_flag else "asyncio"
+        self.loop = "auto"
 
     def wanted(self, name: str) -> bool:
         return not self.only or name in self.only
@@ -137,8 +131,7 @@ class Bench:
         with servers.floor(self.loop) as served:
             self.run_cell("floor pairs", served, self.spec(Scenario.PAIRS, self.spread))
             self.run_cell("floor charge", served, self.spec(Scenario.CHARGE, self.spread))
-            if batch_available():
-                self.run_cell("floor batch", served, self.batch_spec())
+            self.run_cell("floor batch", served, self.batch_spec())
 
     def postgres(self) -> None:
         names = [f"postgres {s} {a}" for s in ("pairs", "charge") for a in ("10k", "hot")]
@@ -160,10 +153,7 @@ class Bench:
             with tally.serving(base) as served:
                 self.idle(served)
                 self.spreads(served, "tally")
-                if batch_available():
-                    self.run_cell("tally batch 10k", served, self.batch_spec())
-                else:
-                    self.notes.append("batch: this checkout has no ReserveBatch RPC")
+                self.run_cell("tally batch 10k", served, self.batch_spec())
                 self.curve(served)
             self.toggles(tally, base)
             self.profile(tally, base)
@@ -190,14 +180,11 @@ class Bench:
         toggles: list[tuple[str, TallyOptions]] = [
             ("tally pairs 10k, hiredis off", replace(base, hiredis=False)),
             ("tally pairs 10k, protobuf python", replace(base, upb=False)),
+            ("tally pairs 10k, asyncio loop", replace(base, event_loop="asyncio")),
+            ("tally pairs 10k, uvloop", replace(base, event_loop="uvloop")),
+            ("tally pairs 10k, redis pipeline off", replace(base, redis_pipeline=False)),
+            ("tally pairs 10k, 2 workers", replace(base, workers=2)),
         ]
-        if self.has_event_loop_flag:
-            toggles += [("tally pairs 10k, asyncio loop", replace(base, event_loop="asyncio")),
-                        ("tally pairs 10k, uvloop", replace(base, event_loop="uvloop"))]
-        else:
-            self.notes.append("uvloop on/off: this checkout's `tally serve` has no "
-                              "--event-loop flag (it runs asyncio's loop, so do the floor "
-                              "and the PostgreSQL server)")
         for name, options in toggles:
             if self.wanted(name):
                 with tally.serving(options) as served:

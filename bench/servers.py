@@ -259,6 +259,7 @@ class TallyOptions:
     hiredis: bool = True
     upb: bool = True
     workers: int = 0  # 0: the server's default (no flag passed)
+    redis_pipeline: bool = True  # False: --redis-pipeline off
 
 
 def hiredis_shadow(folder: Path) -> Path:
@@ -268,13 +269,6 @@ def hiredis_shadow(folder: Path) -> Path:
     (folder / "hiredis.py").write_text(
         'raise ImportError("hiredis turned off by the bench (bench/servers.py)")\n')
     return folder
-
-
-def serve_flags() -> str:
-    """The help of `tally serve` on this checkout (which flags this build has)."""
-    return subprocess.run([python(), "-m", "tally.cli.main", "serve", "--help"],
-                          env=python_env(), capture_output=True, text=True,
-                          check=True).stdout
 
 
 class Tally:
@@ -317,6 +311,8 @@ class Tally:
             flags += ["--event-loop", options.event_loop]
         if options.workers:
             flags += ["--workers", str(options.workers)]
+        if not options.redis_pipeline:
+            flags += ["--redis-pipeline", "off"]
         process = subprocess.Popen(
             [*wrapper, python(), "-m", "tally.cli.main", "serve", *flags], env=env,
             stderr=subprocess.DEVNULL)
