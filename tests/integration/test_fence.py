@@ -133,10 +133,7 @@ async def test_an_entry_conflicting_with_the_ledger_is_an_alarm(own_redis: Redis
     other content as an alarm, not a duplicate: nothing of its batch is written or
     acknowledged, the conflict is counted, the shard is fenced (health NOT_SERVING,
     its next call UNAVAILABLE); the same entry delivered again stays a quiet duplicate."""
-    # No fence watch pass meanwhile: this proves what the flusher alone does with the
-    # entries the test writes behind the store's back (one failure seen under heavy
-    # parallel load, with the watch running, was a shard fenced before the conflict).
-    running = await start_running(own_redis.url, flush_interval="1h", fence_check_interval="1h")
+    running = await start_running(own_redis.url, flush_interval="1h")
     try:
         store, flusher = running.authority.store, running.authority.flusher
         account_id = unique()

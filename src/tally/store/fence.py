@@ -50,6 +50,10 @@ class ShardFences:
         self._fenced: set[int] = set()
         self.on_fenced = on_fenced
 
+    @property
+    def shards(self) -> int:
+        return len(self._floors)
+
     def floor(self, shard: int) -> FenceMark:
         return self._floors[shard]
 

@@ -17,7 +17,6 @@ from typing import Protocol
 from tally.store.contract import FenceMark
 from tally.store.fence import ShardFences
 from tally.store.periodic import PeriodicPass
-from tally.store.state_images import StateImages
 
 log = logging.getLogger("tally.fence")
 
@@ -25,6 +24,12 @@ log = logging.getLogger("tally.fence")
 class FenceLedger(Protocol):
     async def shard_fences(self) -> dict[int, tuple[int, int]]:
         """Per shard, (epoch, count): the lowest fence its Redis may have."""
+        ...
+
+
+class FenceReader(Protocol):
+    async def fences(self) -> list[FenceMark]:
+        """Every shard's fence as Redis holds it ({0, 0} when missing)."""
         ...
 
 
@@ -41,7 +46,7 @@ class FenceWatch(PeriodicPass):
     DONE = "shards_fenced"
 
     def __init__(
-        self, fences: ShardFences, ledger: FenceLedger, images: StateImages, interval_s: float
+        self, fences: ShardFences, ledger: FenceLedger, images: FenceReader, interval_s: float
     ) -> None:
         super().__init__(interval_s, log)
         self.fences = fences
@@ -54,9 +59,13 @@ class FenceWatch(PeriodicPass):
         epoch the ledger records first: a shard found behind in between heals at the
         next pass or call)."""
         await raise_floors_from(self.ledger, self.fences)
+        # Compared with the floors known before Redis is read: a floor raised while
+        # the read is under way (a reply, a flusher batch) may be above what the
+        # read saw without Redis having lost anything.
+        floors = [self.fences.floor(shard) for shard in range(self.fences.shards)]
         newly_fenced = 0
         for shard, mark in enumerate(await self.images.fences()):
-            if mark < self.fences.floor(shard):
+            if mark < floors[shard]:
                 newly_fenced += shard not in self.fences.fenced
                 await self.fences.found_behind(shard)
             elif shard in self.fences.fenced:
