@@ -24,6 +24,7 @@ log = logging.getLogger("tally.api")
 Item = TypeVar("Item")
 Request = TypeVar("Request")
 Reply = TypeVar("Reply")
+Result = TypeVar("Result")
 
 
 def check_count(items: Sequence[Item]) -> Sequence[Item]:
@@ -94,3 +95,17 @@ def status(index: int, outcome: Exception | None) -> common_pb2.BatchItemStatus:
             )
         )
     return result
+
+
+def results(
+    outcomes: Sequence[Reply | Exception],
+    result_type: Callable[..., Result],
+    respond: Callable[[Reply], object],
+) -> list[Result]:
+    """Each item's result message: its status, and its response when it succeeded."""
+    return [
+        result_type(status=status(index, outcome))
+        if isinstance(outcome, Exception)
+        else result_type(status=status(index, None), response=respond(outcome))
+        for index, outcome in enumerate(outcomes)
+    ]

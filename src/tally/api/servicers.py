@@ -203,15 +203,9 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         outcomes = await batches.run_valid(
             checked, lambda items: self.store.reserve_batch(items, deadline_s(context))
         )
-        results = []
-        for index, outcome in enumerate(outcomes):
-            if isinstance(outcome, Exception):
-                results.append(quota_pb2.ReserveBatchResult(status=batches.status(index, outcome)))
-            else:
-                results.append(quota_pb2.ReserveBatchResult(
-                    status=batches.status(index, None), response=convert.reserve_response(outcome)
-                ))
-        return quota_pb2.ReserveBatchResponse(results=results)
+        return quota_pb2.ReserveBatchResponse(results=batches.results(
+            outcomes, quota_pb2.ReserveBatchResult, convert.reserve_response
+        ))
 
     @map_errors
     async def CommitBatch(
@@ -221,17 +215,12 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         outcomes = await batches.run_valid(
             checked, lambda items: self.store.commit_batch(items, deadline_s(context))
         )
-        results = []
         for index, (item, outcome) in enumerate(zip(checked, outcomes, strict=True)):
             if isinstance(outcome, HoldNotInStore) and isinstance(item, CommitRequest):
-                outcome = await self._closed_commit(item, context)
-            if isinstance(outcome, Exception):
-                results.append(quota_pb2.CommitBatchResult(status=batches.status(index, outcome)))
-            else:
-                results.append(quota_pb2.CommitBatchResult(
-                    status=batches.status(index, None), response=_commit_response(outcome)
-                ))
-        return quota_pb2.CommitBatchResponse(results=results)
+                outcomes[index] = await self._closed_commit(item, context)
+        return quota_pb2.CommitBatchResponse(results=batches.results(
+            outcomes, quota_pb2.CommitBatchResult, _commit_response
+        ))
 
     @map_errors
     async def RefundBatch(
@@ -241,17 +230,12 @@ class QuotaServicer(quota_pb2_grpc.QuotaServiceServicer):
         outcomes = await batches.run_valid(
             checked, lambda items: self.store.refund_batch(items, deadline_s(context))
         )
-        results = []
         for index, (item, outcome) in enumerate(zip(checked, outcomes, strict=True)):
             if isinstance(outcome, HoldNotInStore) and isinstance(item, RefundRequest):
-                outcome = await self._closed_refund(item, context)
-            if isinstance(outcome, Exception):
-                results.append(quota_pb2.RefundBatchResult(status=batches.status(index, outcome)))
-            else:
-                results.append(quota_pb2.RefundBatchResult(
-                    status=batches.status(index, None), response=_refund_response(outcome)
-                ))
-        return quota_pb2.RefundBatchResponse(results=results)
+                outcomes[index] = await self._closed_refund(item, context)
+        return quota_pb2.RefundBatchResponse(results=batches.results(
+            outcomes, quota_pb2.RefundBatchResult, _refund_response
+        ))
 
     # An item whose reservation left Redis is brought back from the ledger and run
     # alone (api/closed_reservations.py), as its single RPC would be.
