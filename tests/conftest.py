@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.cluster_support import RedisClusterProcesses
 from tests.support import PostgresServer, RedisProcess, Running, start_running, stop_running
 
 
@@ -66,3 +67,12 @@ def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A real 3-master Redis Cluster shared by one test module."""
+    cluster = RedisClusterProcesses(Path(tmp_path_factory.mktemp("redis-cluster")))
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -41,6 +41,7 @@ from tally.store.fence_watch import FenceWatch, raise_floors_from
 from tally.store.keys import KeySpace
 from tally.store.quota_store import QuotaStore, StoreLimits
 from tally.store.reaper import Reaper
+from tally.store.script_pipeline import ReplicaWait
 from tally.store.state_images import StateImages
 from tally.store.streams import EventStreams
 from tally.store.sweeper import PeriodSweeper
@@ -97,8 +98,13 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
         quote_validity_ms=round(settings.quote_validity * 1000),
         closed_reservation_window_ms=round(settings.closed_window_s * 1000),
     )
+    wait = (
+        ReplicaWait(settings.redis_wait_replicas, round(settings.redis_wait_timeout * 1000))
+        if settings.redis_wait_replicas else None
+    )
     runner = ScriptRunner(
-        redis, pipelined=settings.redis_pipeline, window_s=settings.redis_pipeline_window
+        redis, pipelined=settings.redis_pipeline, window_s=settings.redis_pipeline_window,
+        wait=wait,
     )
     return QuotaStore(runner, KeySpace(settings.shards), clock, limits)
 

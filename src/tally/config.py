@@ -29,6 +29,10 @@ MAX_WATCHERS_PER_PRINCIPAL = MAX_WATCHERS // 4
 MAX_IN_FLIGHT = 512
 # The longest a pipelined script call waits for others to share its write.
 REDIS_PIPELINE_WINDOW_MAX_S = 0.010
+# Replicas a write may wait for (a master with more replicas still counts only these).
+REDIS_WAIT_REPLICAS_MAX = 5
+# The longest replica wait: a write is held this long at most, under the call's deadline.
+REDIS_WAIT_TIMEOUT_MAX_S = 10.0
 # The largest request a server reads; replies may be four times larger (ledger pages).
 MAX_RECEIVE_MESSAGE_BYTES = 1024 * 1024
 # Serving processes of one `tally serve`, at most: a fixed bound (not one derived from the
@@ -134,6 +138,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_pipeline_window", "how long the first script call of a pipelined write "
             "waits for others (0: only those of the same event-loop pass); at most 10ms",
             parse_duration_s, 0.0),
+    Setting("redis_wait_replicas", "acknowledge a write only once this many replicas have it "
+            "(WAIT after each pipelined write; needs redis_pipeline on); 0: once the master "
+            f"has it. At most {REDIS_WAIT_REPLICAS_MAX}", int, 0),
+    Setting("redis_wait_timeout", "longest wait for the replicas of redis_wait_replicas; "
+            "then the write's calls are UNAVAILABLE (they ran on the master: retry with the "
+            "same idempotency key)", parse_duration_s, 0.5),
     Setting("redis_appendfsync", "embedded Redis AOF fsync policy: always|everysec|no", str,
             "always"),
     Setting("shutdown_grace", "how long SIGTERM waits for in-flight calls", parse_duration_s, 10.0),
@@ -214,6 +224,8 @@ class Settings:
     redis_max_connections: int
     redis_pipeline: bool
     redis_pipeline_window: float
+    redis_wait_replicas: int
+    redis_wait_timeout: float
     redis_appendfsync: str
     shutdown_grace: float
     default_catalog: bool
@@ -302,6 +314,18 @@ class Settings:
             raise ValueError(
                 "redis_pipeline_window must be between 0 and 10ms, got "
                 f"{self.redis_pipeline_window}s"
+            )
+        if not 0 <= self.redis_wait_replicas <= REDIS_WAIT_REPLICAS_MAX:
+            raise ValueError(
+                f"redis_wait_replicas must be between 0 and {REDIS_WAIT_REPLICAS_MAX}, "
+                f"got {self.redis_wait_replicas}"
+            )
+        if self.redis_wait_replicas and not self.redis_pipeline:
+            raise ValueError("redis_wait_replicas needs redis_pipeline on")
+        if not 0 < self.redis_wait_timeout <= REDIS_WAIT_TIMEOUT_MAX_S:
+            raise ValueError(
+                f"redis_wait_timeout must be above 0 and at most {REDIS_WAIT_TIMEOUT_MAX_S:g}s, "
+                f"got {self.redis_wait_timeout}s"
             )
         if self.admission_queue < 0 or self.admission_wait < 0:
             raise ValueError("admission_queue and admission_wait must not be negative")

@@ -19,9 +19,12 @@ from typing import Any
 
 import msgpack
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from tally import metrics
@@ -32,8 +35,10 @@ from tally.domain.errors import (
     Shortfall,
     TallyError,
 )
+from tally.store.cluster import ClusterScripts, connect_cluster, is_cluster_url
 from tally.store.contract import FenceMark
 from tally.store.failures import (
+    REDIS_FAILURES,
     HoldNotInStore,
     StoreBusy,
     StoreUnreachable,
@@ -43,7 +48,7 @@ from tally.store.failures import (
 )
 from tally.store.fence import ShardBehind
 from tally.store.pool import WaitingConnectionPool
-from tally.store.script_pipeline import ScriptPipeline
+from tally.store.script_pipeline import PoolSource, ReplicaWait, ScriptPipeline
 from tally.store.scripts import LuaScript, load_all
 
 # A call with less time left than this is refused before it reaches Redis: it
@@ -54,9 +59,20 @@ DEADLINE_SLACK_S = 0.005
 FUNCTION_NOT_FOUND = "Function not found"
 
 
-def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> aioredis.Redis:
-    """A client whose callers wait in turn for one of max_connections connections,
-    up to their deadline and at most socket_timeout_s (then StoreBusy)."""
+# A single Redis, or a Redis Cluster (store/cluster.py): most of the store uses
+# commands both serve alike.
+RedisClient = aioredis.Redis | RedisCluster
+
+
+def connect(url: str, *, socket_timeout_s: float, max_connections: int) -> RedisClient:
+    """A client for a single Redis (`redis://`, `rediss://`, `unix://`) whose
+    callers wait in turn for one of max_connections connections, up to their
+    deadline and at most socket_timeout_s (then StoreBusy); or for a Redis
+    Cluster (`redis+cluster://`), max_connections per node."""
+    if is_cluster_url(url):
+        return connect_cluster(
+            url, socket_timeout_s=socket_timeout_s, max_connections=max_connections
+        )
     pool = WaitingConnectionPool.from_url(
         url,
         timeout=socket_timeout_s,
@@ -132,14 +148,31 @@ class ScriptRunner:
     """Runs the composed Lua scripts against one Redis connection pool."""
 
     def __init__(
-        self, redis: aioredis.Redis, *, pipelined: bool = True, window_s: float = 0.0
+        self,
+        redis: RedisClient,
+        *,
+        pipelined: bool = True,
+        window_s: float = 0.0,
+        wait: ReplicaWait | None = None,
     ) -> None:
         """pipelined: script calls of one event-loop pass (or of window_s) share one
-        write (store/script_pipeline.py); off: each call is its own round trip."""
+        write (store/script_pipeline.py), per master on a cluster; off: each call
+        is its own round trip. wait: every write is acknowledged only once that many
+        replicas have it (needs pipelined)."""
+        if wait is not None and not pipelined:
+            raise ValueError("waiting for replicas needs the pipelined script path")
         self.redis = redis
         self.scripts: dict[str, LuaScript] = load_all()
-        self.pipeline = ScriptPipeline(redis, window_s) if pipelined else None
-        self._execute = redis.execute_command if self.pipeline is None else self.pipeline.execute
+        self.pipeline: ScriptPipeline | None = None
+        self.cluster: ClusterScripts | None = None
+        if not pipelined:
+            self._execute = redis.execute_command
+        elif isinstance(redis, RedisCluster):
+            self.cluster = ClusterScripts(redis, window_s, wait)
+            self._execute = self.cluster.execute
+        else:
+            self.pipeline = ScriptPipeline(PoolSource(redis.connection_pool), window_s, wait)
+            self._execute = self.pipeline.execute
         self._durations: dict[str, Any] = {}  # script name -> histogram child
 
     async def load(self) -> None:
@@ -149,9 +182,11 @@ class ScriptRunner:
     async def _load(self, script: LuaScript) -> None:
         # REPLACE: a library of this name is this very code (the name carries its
         # version), so replacing it, e.g. after another server loaded it, is a no-op.
-        library = await self.redis.function_load(script.source, replace=True)
-        if _text(library) != script.function:
-            raise RuntimeError(f"Redis loaded {script.name}.lua as {library!r}")
+        # A cluster loads it on every master (replicas copy it) and answers per node.
+        loaded = await self.redis.function_load(script.source, replace=True)
+        names = loaded.values() if isinstance(loaded, dict) else [loaded]
+        if any(_text(name) != script.function for name in names):
+            raise RuntimeError(f"Redis loaded {script.name}.lua as {loaded!r}")
 
     async def run(
         self, name: str, keys: list[str], request: dict[str, Any], timeout_s: float | None
@@ -177,7 +212,7 @@ class ScriptRunner:
                 else:
                     async with asyncio.timeout(timeout_s):
                         raw = await self._fcall(script, keys, payload)
-            except RedisError as exc:  # store_errors(), without a generator per call
+            except REDIS_FAILURES as exc:  # store_errors(), without a generator per call
                 translated = store_error(exc)
                 if translated is None:
                     raise
@@ -224,7 +259,16 @@ class ScriptRunner:
         try:
             with store_errors():
                 async with asyncio.timeout(timeout_s):
-                    raws = await self._pipelined(scripts, [c.keys for c in calls], payloads)
+                    raws = await asyncio.gather(
+                        *(
+                            self._fcall(script, call.keys, payload)
+                            for script, call, payload in zip(scripts, calls, payloads, strict=True)
+                        ),
+                        return_exceptions=True,
+                    )
+                lost = next((raw for raw in raws if _connection_lost(raw)), None)
+                if lost is not None:
+                    raise lost
         except TimeoutError as exc:
             metrics.redis_error("deadline")
             raise DeadlineExceeded(
@@ -243,36 +287,6 @@ class ScriptRunner:
                 metrics.REDIS_SCRIPT_DURATION.labels(script=name).observe(elapsed_s)
         return [_script_result(script.name, raw) for script, raw in zip(scripts, raws, strict=True)]
 
-    async def _pipelined(
-        self, scripts: list[LuaScript], keys: list[list[str]], payloads: list[bytes]
-    ) -> list[Any]:
-        """The raw replies (a Redis error as its exception); the calls whose
-        function was not found did not run, so they are sent again once their
-        scripts are loaded."""
-        raws = await self._pipeline(scripts, keys, payloads, range(len(scripts)))
-        missing = [i for i, raw in enumerate(raws) if function_not_found(raw)]
-        if missing:
-            for script in {scripts[i].name: scripts[i] for i in missing}.values():
-                await self._load(script)
-            again = await self._pipeline(scripts, keys, payloads, missing)
-            for i, raw in zip(missing, again, strict=True):
-                raws[i] = raw
-        return raws
-
-    async def _pipeline(
-        self,
-        scripts: list[LuaScript],
-        keys: list[list[str]],
-        payloads: list[bytes],
-        indexes: Sequence[int],
-    ) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for i in indexes:
-                script = scripts[i]
-                command = pipe.fcall_ro if script.read_only else pipe.fcall
-                command(script.function, len(keys[i]), *keys[i], payloads[i])
-            return list(await pipe.execute(raise_on_error=False))
-
     async def _fcall(self, script: LuaScript, keys: list[str], payload: bytes) -> Any:
         command = "FCALL_RO" if script.read_only else "FCALL"
         try:
@@ -283,6 +297,16 @@ class ScriptRunner:
             # the script did not run: loading it and calling again is safe
             await self._load(script)
             return await self._execute(command, script.function, len(keys), *keys, payload)
+
+
+def _connection_lost(raw: Any) -> bool:
+    """A failure that leaves it open whether the call ran (the connection broke, the
+    deadline passed, the call was cancelled): the whole round trip fails with it."""
+    if not isinstance(raw, BaseException):
+        return False
+    if not isinstance(raw, Exception):
+        return True
+    return isinstance(raw, (RedisConnectionError, RedisTimeoutError, TimeoutError))
 
 
 def function_not_found(raw: Any) -> bool:

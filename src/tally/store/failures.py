@@ -15,17 +15,24 @@ import contextlib
 from collections.abc import Iterator
 
 from redis.exceptions import (
+    AskError,
     BusyLoadingError,
+    ClusterDownError,
+    MaxConnectionsError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tally.domain.errors import TallyError, Unavailable
 from tally.store.pool import ConnectionWaitExpired
+from tally.store.script_pipeline import ReplicaWaitShortfall
 
 # Why Redis cannot serve now, by fault kind (the tally_redis_errors_total label).
 CANNOT_SERVE: dict[str, str] = {
@@ -34,6 +41,8 @@ CANNOT_SERVE: dict[str, str] = {
     "busy": "the store is busy running a script",
     "loading": "the store is loading its data",
     "readonly": "the store is a read-only replica",
+    "replicas": "the store's replicas did not confirm the write in time",
+    "cluster": "the store's cluster is failing over or moving slots",
 }
 NO_CONNECTION = "no_connection"
 
@@ -80,10 +89,20 @@ class StoreRefused(TallyError):
         super().__init__(f"the store refused a command ({self.kind}); see the server log")
 
 
-def _fault(exc: RedisError) -> str | None:
+# What redis-py raises: its cluster client's own failures are not RedisErrors.
+REDIS_FAILURES = (RedisError, RedisClusterException)
+
+
+def _fault(exc: Exception) -> str | None:
     """The CANNOT_SERVE kind of a Redis error; None when Redis refused the command."""
     if isinstance(exc, BusyLoadingError):
         return "loading"
+    if isinstance(exc, ReplicaWaitShortfall):
+        return "replicas"
+    # A cluster that lost a master and has not promoted its replica yet, or a slot
+    # that kept moving: nothing ran.
+    if isinstance(exc, (ClusterDownError, TryAgainError, AskError, SlotNotCoveredError)):
+        return "cluster"
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         return "unavailable"
     if isinstance(exc, OutOfMemoryError):
@@ -105,10 +124,12 @@ class HoldNotInStore(Unavailable):
         self.event_seq = event_seq
 
 
-def store_error(exc: RedisError) -> TallyError | None:
+def store_error(exc: Exception) -> TallyError | None:
     """What store_errors() turns a Redis error into; None: it stays as it is."""
     if isinstance(exc, ConnectionWaitExpired):
         return StoreBusy(exc.wait_s)
+    if isinstance(exc, MaxConnectionsError):  # a cluster node's connections, all in use
+        return StoreBusy(0)
     fault = _fault(exc)
     return None if fault is None else StoreUnreachable(exc, fault)
 
@@ -119,7 +140,7 @@ def store_errors() -> Iterator[None]:
     a connection wait that ran out StoreBusy (RESOURCE_EXHAUSTED)."""
     try:
         yield
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         translated = store_error(exc)
         if translated is None:
             raise
@@ -133,5 +154,5 @@ def redis_errors() -> Iterator[None]:
     try:
         with store_errors():
             yield
-    except RedisError as exc:
+    except REDIS_FAILURES as exc:
         raise StoreRefused(exc) from exc

@@ -10,18 +10,28 @@ own call only; a connection that breaks fails the calls it carried that have
 no reply yet (their scripts may or may not have run, as with a single call),
 and no other. A call whose caller gave up (its deadline passed) before the
 batch had a connection is not sent at all.
+
+With a replica wait (`--redis-wait-replicas`), a write that carries a FCALL
+ends with `WAIT n timeout`: Redis answers it once n replicas have every write
+this connection made, so no script call of the write is acknowledged before
+its replicas hold it. Fewer replicas in time fail the write's FCALLs with
+ReplicaWaitShortfall (UNAVAILABLE: they ran on the master; a retry with the same
+idempotency key replays them).
+
+A pipeline sends on one Redis: a single server's pool (PoolSource), or one
+cluster master (store/cluster.py gives each master its own pipeline).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 # Commands in one pipelined write, at most; more wait for the next write.
 PIPELINE_COMMANDS_MAX = 256
@@ -32,6 +42,52 @@ PIPELINE_COMMANDS_MAX = 256
 CONNECTIONS_KEPT = 8
 
 Command = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class ReplicaWait:
+    """Acknowledge a write only once `replicas` replicas have it, waiting at most
+    timeout_ms for them."""
+
+    replicas: int
+    timeout_ms: int
+
+
+class ReplicaWaitShortfall(RedisError):
+    """Fewer replicas than asked confirmed a write in time: the scripts ran on
+    the master, and a failover now could lose them."""
+
+    def __init__(self, confirmed: int, wait: ReplicaWait) -> None:
+        super().__init__(
+            f"{confirmed} of {wait.replicas} replicas confirmed the write within "
+            f"{wait.timeout_ms} ms"
+        )
+        self.confirmed = confirmed
+
+
+class ConnectionSource(Protocol):
+    """Where a pipeline takes its connections from, and gives them back."""
+
+    max_connections: int
+
+    async def acquire(self) -> AbstractConnection: ...
+
+    async def release(self, connection: AbstractConnection) -> None: ...
+
+
+class PoolSource:
+    """A single Redis server's connection pool."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.max_connections = pool.max_connections
+
+    async def acquire(self) -> AbstractConnection:
+        connection: AbstractConnection = await self.pool.get_connection()  # type: ignore[no-untyped-call]
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        await self.pool.release(connection)
 
 
 class _Call:
@@ -47,13 +103,16 @@ class ScriptPipeline:
     pass: call_soon), on one connection of the client's pool. With a window
     (seconds), the first command of a write waits that long for others."""
 
-    def __init__(self, redis: aioredis.Redis, window_s: float = 0.0) -> None:
-        self.redis = redis
+    def __init__(
+        self, source: ConnectionSource, window_s: float = 0.0, wait: ReplicaWait | None = None
+    ) -> None:
+        self.source = source
         self.window_s = window_s
+        self.wait = wait
         self._waiting: list[_Call] = []
         self._writers: set[asyncio.Task[None]] = set()
         self._kept: list[AbstractConnection] = []
-        self._kept_max = min(CONNECTIONS_KEPT, redis.connection_pool.max_connections // 8)
+        self._kept_max = min(CONNECTIONS_KEPT, source.max_connections // 8)
 
     @property
     def kept(self) -> int:
@@ -83,9 +142,8 @@ class ScriptPipeline:
             writer.add_done_callback(self._writers.discard)
 
     async def _connection(self) -> AbstractConnection:
-        """A kept connection still open with nothing unread, or one from the pool
+        """A kept connection still open with nothing unread, or one from the source
         (which checks it and reconnects it as it does for every command)."""
-        pool = self.redis.connection_pool
         while self._kept:
             connection = self._kept.pop()
             try:
@@ -93,12 +151,17 @@ class ScriptPipeline:
                     return connection
             except RedisConnectionError:  # closed meanwhile (a Redis restart)
                 pass
-            await pool.release(connection)
-        fresh: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
-        return fresh
+            await self.source.release(connection)
+        return await self.source.acquire()
+
+    async def close(self) -> None:
+        """Gives the kept connections back (their Redis left the topology)."""
+        kept, self._kept = self._kept, []
+        for connection in kept:
+            await connection.disconnect()
+            await self.source.release(connection)
 
     async def _send(self, calls: Sequence[_Call]) -> None:
-        pool = self.redis.connection_pool
         try:
             connection = await self._connection()
         except BaseException as exc:
@@ -109,26 +172,37 @@ class ScriptPipeline:
         clean = False  # every reply read: the connection may be kept for the next write
         try:
             calls = [call for call in calls if not call.reply.done()]  # callers gone: unsent
-            if calls:
+            commands = [call.command for call in calls]
+            waits = self.wait is not None and any(c[0] == "FCALL" for c in commands)
+            if waits:
+                assert self.wait is not None
+                commands.append(("WAIT", self.wait.replicas, self.wait.timeout_ms))
+            if commands:
                 await connection.send_packed_command(
-                    connection.pack_commands([call.command for call in calls]),
-                    check_health=False,
+                    connection.pack_commands(commands), check_health=False
                 )
-            for index, call in enumerate(calls):
+            replies: list[tuple[bool, Any]] = []  # (is an error reply, value)
+            for index in range(len(commands)):
                 try:
-                    value = await connection.read_response()
+                    replies.append((False, await connection.read_response()))
                 except ResponseError as error:  # Redis answered this command with an error
-                    if not call.reply.done():
-                        call.reply.set_exception(error)
-                    continue
+                    replies.append((True, error))
                 except BaseException as exc:
                     await connection.disconnect()
                     _fail(calls[index:], exc)
+                    _answer(calls[:index], replies, None)
                     if not isinstance(exc, Exception):
                         raise
                     return
-                if not call.reply.done():
-                    call.reply.set_result(value)
+            shortfall = None
+            if waits:
+                assert self.wait is not None
+                confirmed = replies.pop()[1]
+                if isinstance(confirmed, Exception):
+                    shortfall = confirmed
+                elif int(confirmed) < self.wait.replicas:
+                    shortfall = ReplicaWaitShortfall(int(confirmed), self.wait)
+            _answer(calls, replies, shortfall)
             clean = True
         except BaseException as exc:  # the write failed: none of these calls has a reply
             await connection.disconnect()
@@ -139,7 +213,22 @@ class ScriptPipeline:
             if clean and len(self._kept) < self._kept_max:
                 self._kept.append(connection)
             else:
-                await pool.release(connection)
+                await self.source.release(connection)
+
+
+def _answer(
+    calls: Sequence[_Call], replies: Sequence[tuple[bool, Any]], shortfall: Exception | None
+) -> None:
+    """Each call its reply; a write call (FCALL) whose replicas fell short, the shortfall."""
+    for call, (failed, value) in zip(calls, replies, strict=False):
+        if call.reply.done():
+            continue
+        if failed:
+            call.reply.set_exception(value)
+        elif shortfall is not None and call.command[0] == "FCALL":
+            call.reply.set_exception(shortfall)
+        else:
+            call.reply.set_result(value)
 
 
 def _fail(calls: Sequence[_Call], error: BaseException) -> None:
