@@ -3,12 +3,17 @@ ports, joined by `redis-cli --cluster create`, every node stopped afterwards."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis
+from redis.crc import key_slot
 
 from tests.support import RedisProcess, free_port
 
@@ -59,28 +64,29 @@ class RedisClusterProcesses:
                  "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                 check=True, capture_output=True, timeout=CLUSTER_START_TIMEOUT_S,
             )
-            self.wait_ok()
+            self.wait_ok(replicas=self.replicas)
         except BaseException:
             self.stop()
             raise
 
-    def wait_ok(self, timeout_s: float = CLUSTER_START_TIMEOUT_S) -> None:
-        """Until every live node says the cluster is ok and knows every master."""
+    def wait_ok(self, timeout_s: float = CLUSTER_START_TIMEOUT_S, replicas: int = 0) -> None:
+        """Until every live node says the cluster is ok, knows every master and
+        `replicas` replicas of each."""
         deadline = time.monotonic() + timeout_s
         while True:
-            if all(self._ok(node) for node in self.live()):
+            if all(self._ok(node, replicas) for node in self.live()):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError("the Redis Cluster did not become ok")
             time.sleep(0.1)
 
-    def _ok(self, node: RedisProcess) -> bool:
+    def _ok(self, node: RedisProcess, replicas: int) -> bool:
         """The node sees the whole cluster; a replica is in sync with its master
         (WAIT counts only replicas that are)."""
         try:
             with redis.Redis(port=node.port, socket_timeout=1) as client:
                 info = client.cluster("info")
-                slots = client.cluster("slots")
+                slots = client.execute_command("CLUSTER SLOTS")  # [start, end, master, *replicas]
                 replication = client.info("replication")
         except redis.RedisError:
             return False
@@ -88,10 +94,36 @@ class RedisClusterProcesses:
             replication.get("master_link_status") == "up"
             and not replication.get("master_sync_in_progress")
         )
-        return info.get("cluster_state") == "ok" and len(slots) == self.masters and in_sync
+        replicated = all(len(entry) - 3 >= replicas for entry in slots)
+        return (
+            info.get("cluster_state") == "ok" and len(slots) == self.masters and in_sync
+            and replicated
+        )
 
     def live(self) -> list[RedisProcess]:
         return [n for n in self.nodes if n.process is not None and n.process.poll() is None]
+
+    def master_of_key(self, key: str) -> RedisProcess:
+        return self.master_of_slot(key_slot(key.encode()))
+
+    def master_holding(self, pattern: str) -> RedisProcess:
+        """The master holding a key that matches `pattern` (whatever the key layout)."""
+        for node in self.live():
+            with redis.Redis(port=node.port, socket_timeout=1) as client:
+                if client.execute_command("ROLE")[0] == b"master" and next(
+                    client.scan_iter(match=pattern), None
+                ) is not None:
+                    return node
+        raise RuntimeError(f"no master holds a key matching {pattern!r}")
+
+    def replica_of(self, master: RedisProcess) -> RedisProcess:
+        """A live replica of the master (as the master's own slot table lists it)."""
+        with redis.Redis(port=master.port, socket_timeout=1) as client:
+            for _start, _end, owner, *replicas in client.execute_command("CLUSTER SLOTS"):
+                if int(owner[1]) == master.port and replicas:
+                    port = int(replicas[0][1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"the master on {master.port} has no replica")
 
     def master_of_slot(self, slot: int) -> RedisProcess:
         """The live node serving `slot` as master now."""
@@ -105,8 +137,15 @@ class RedisClusterProcesses:
 
     def kill_and_fail_over(self, master: RedisProcess, timeout_s: float = 30.0) -> RedisProcess:
         """SIGKILL a master, then wait until a replica took its slots over; the new master."""
-        slot = self._first_slot(master)
+        slot = self.first_slot(master)
         master.kill()
+        return self.wait_promoted(master, slot, timeout_s)
+
+    def wait_promoted(
+        self, master: RedisProcess, slot: int, timeout_s: float = 30.0
+    ) -> RedisProcess:
+        """After `master` (which served `slot`) died: waits until a replica took its
+        slots over, and the cluster is ok again; the new master."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -120,7 +159,14 @@ class RedisClusterProcesses:
                 raise RuntimeError(f"no replica took over from the master on {master.port}")
             time.sleep(0.1)
 
-    def _first_slot(self, master: RedisProcess) -> int:
+    def rejoin(self, node: RedisProcess, timeout_s: float = 30.0) -> None:
+        """Restarts a killed node (its cluster config kept): it comes back as a
+        replica of whoever took its slots; waits until every master has its
+        replicas in sync again."""
+        node.start()
+        self.wait_ok(timeout_s, replicas=self.replicas)
+
+    def first_slot(self, master: RedisProcess) -> int:
         with redis.Redis(port=master.port, socket_timeout=1) as client:
             for start, _end, owner, *_ in client.execute_command("CLUSTER SLOTS"):
                 if int(owner[1]) == master.port:
@@ -130,3 +176,19 @@ class RedisClusterProcesses:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+@contextmanager
+def started_cluster(
+    folder: Path, masters: int = 3, replicas: int = 0
+) -> Iterator[RedisClusterProcesses]:
+    """A started cluster, every node stopped on the way out (a SIGSTOPped one too)."""
+    cluster = RedisClusterProcesses(folder, masters, replicas)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        for node in cluster.live():  # a stopped process would not hear SIGTERM
+            assert node.process is not None
+            os.kill(node.process.pid, signal.SIGCONT)
+        cluster.stop()

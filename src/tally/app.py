@@ -36,6 +36,7 @@ from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.flusher import Flusher, FlusherSettings
 from tally.ledger.ledger import Ledger
 from tally.store.client import ScriptRunner, connect
+from tally.store.cluster import replicas_every_master_has
 from tally.store.embedded import EmbeddedRedis
 from tally.store.fence_watch import FenceWatch, raise_floors_from
 from tally.store.keys import KeySpace
@@ -98,15 +99,26 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
         quote_validity_ms=round(settings.quote_validity * 1000),
         closed_reservation_window_ms=round(settings.closed_window_s * 1000),
     )
-    wait = (
-        ReplicaWait(settings.redis_wait_replicas, round(settings.redis_wait_timeout * 1000))
-        if settings.redis_wait_replicas else None
-    )
     runner = ScriptRunner(
-        redis, pipelined=settings.redis_pipeline, window_s=settings.redis_pipeline_window,
-        wait=wait,
+        redis, pipelined=settings.redis_pipeline, window_s=settings.redis_pipeline_window
     )
     return QuotaStore(runner, KeySpace(settings.shards), clock, limits)
+
+
+async def settle_replica_wait(settings: Settings, store: QuotaStore) -> None:
+    """How many replicas must have a write before it is acknowledged: the setting,
+    or with `auto` one on a cluster whose every master has a replica (a failover
+    then loses nothing acknowledged), none elsewhere."""
+    replicas = settings.redis_wait_replicas
+    if replicas is None:
+        replicas = await replicas_every_master_has(store.redis)
+        replicas = min(replicas, 1)
+    if replicas:
+        store.runner.wait_for_replicas(
+            ReplicaWait(replicas, round(settings.redis_wait_timeout * 1000))
+        )
+    log.info("replica wait", extra={"replicas": replicas,
+                                    "setting": settings.redis_wait_replicas or "auto"})
 
 
 def build_flusher(settings: Settings, store: QuotaStore, ledger: Ledger) -> Flusher:
@@ -258,6 +270,7 @@ async def open_core(settings: Settings, clock: Clock) -> Core:
     try:
         ledger = await open_and_migrate(settings, clock)
         store = build_store(settings, redis_url, clock)
+        await settle_replica_wait(settings, store)
         await store.check_deployment()
         await store.runner.load()
         await ensure_current(store, ledger, settings.recover_on_start)
@@ -290,6 +303,7 @@ async def attach_core(settings: Settings, clock: Clock) -> Core:
     ledger = Ledger(open_ledger(settings.ledger_location), clock)
     store = build_store(settings, settings.redis_url, clock)
     try:
+        await settle_replica_wait(settings, store)
         await store.runner.load()  # idempotent; spares the first calls a "function not found"
         await raise_floors_from(ledger, store.fences)
     except BaseException:

@@ -47,6 +47,11 @@ def parse_duration_s(text: str) -> float:
     return float(match.group(1)) * _UNIT_S[match.group(2)]
 
 
+def parse_replica_count(text: str) -> int | None:
+    """A number of replicas, or None for `auto`."""
+    return None if text.strip().lower() == "auto" else int(text)
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -140,7 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
             parse_duration_s, 0.0),
     Setting("redis_wait_replicas", "acknowledge a write only once this many replicas have it "
             "(WAIT after each pipelined write; needs redis_pipeline on); 0: once the master "
-            f"has it. At most {REDIS_WAIT_REPLICAS_MAX}", int, 0),
+            f"has it; auto: 1 on a Redis Cluster whose every master has a replica, else 0. "
+            f"At most {REDIS_WAIT_REPLICAS_MAX}", parse_replica_count, None),
     Setting("redis_wait_timeout", "longest wait for the replicas of redis_wait_replicas; "
             "then the write's calls are UNAVAILABLE (they ran on the master: retry with the "
             "same idempotency key)", parse_duration_s, 0.5),
@@ -224,7 +230,7 @@ class Settings:
     redis_max_connections: int
     redis_pipeline: bool
     redis_pipeline_window: float
-    redis_wait_replicas: int
+    redis_wait_replicas: int | None  # None: auto (store/cluster.replica_wait)
     redis_wait_timeout: float
     redis_appendfsync: str
     shutdown_grace: float
@@ -315,7 +321,9 @@ class Settings:
                 "redis_pipeline_window must be between 0 and 10ms, got "
                 f"{self.redis_pipeline_window}s"
             )
-        if not 0 <= self.redis_wait_replicas <= REDIS_WAIT_REPLICAS_MAX:
+        if self.redis_wait_replicas is not None and not (
+            0 <= self.redis_wait_replicas <= REDIS_WAIT_REPLICAS_MAX
+        ):
             raise ValueError(
                 f"redis_wait_replicas must be between 0 and {REDIS_WAIT_REPLICAS_MAX}, "
                 f"got {self.redis_wait_replicas}"

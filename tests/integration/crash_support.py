@@ -10,10 +10,11 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -140,11 +141,17 @@ async def create_accounts(address: str, count: int, allotment: int) -> list[str]
 
 
 async def worker(
-    address: str, account_id: str, stop: asyncio.Event, seen: Acknowledged, deadline: float
+    address: str,
+    account_id: str,
+    stop: asyncio.Event,
+    seen: Acknowledged,
+    deadline: float,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> None:
     """Reserve 3, commit 2, refund 5 units of it, over and over, each step retried
-    with its key until acknowledged."""
-    async with grpc.aio.insecure_channel(address) as channel:
+    with its key until acknowledged. `address` may name several servers (with a
+    round_robin policy in `options`)."""
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         quota = quota_pb2_grpc.QuotaServiceStub(channel)
         while not stop.is_set():
             key = uuid.uuid4().hex

@@ -210,7 +210,9 @@ async def test_calls_within_the_window_share_one_write(
     out in one write, each answered with its own reply."""
     redis = aioredis.Redis.from_url(own_redis.url)
     try:
-        pipeline = script_pipeline.ScriptPipeline(redis, window_s=0.5)
+        pipeline = script_pipeline.ScriptPipeline(
+            script_pipeline.PoolSource(redis.connection_pool), window_s=0.5
+        )
         writes.clear()
         calls = []
         for i in range(5):  # five loop passes apart, all within the window

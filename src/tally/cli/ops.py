@@ -55,6 +55,7 @@ async def opened(settings: config.Settings) -> AsyncIterator[Ops]:
         clock = SystemClock()
         ledger = await app.open_and_migrate(settings, clock)
         store = app.build_store(settings, redis_url, clock)
+        await app.settle_replica_wait(settings, store)
         await store.check_deployment()
         await store.runner.load()
         flusher = app.build_flusher(settings, store, ledger)

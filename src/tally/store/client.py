@@ -148,19 +148,11 @@ class ScriptRunner:
     """Runs the composed Lua scripts against one Redis connection pool."""
 
     def __init__(
-        self,
-        redis: RedisClient,
-        *,
-        pipelined: bool = True,
-        window_s: float = 0.0,
-        wait: ReplicaWait | None = None,
+        self, redis: RedisClient, *, pipelined: bool = True, window_s: float = 0.0
     ) -> None:
         """pipelined: script calls of one event-loop pass (or of window_s) share one
         write (store/script_pipeline.py), per master on a cluster; off: each call
-        is its own round trip. wait: every write is acknowledged only once that many
-        replicas have it (needs pipelined)."""
-        if wait is not None and not pipelined:
-            raise ValueError("waiting for replicas needs the pipelined script path")
+        is its own round trip."""
         self.redis = redis
         self.scripts: dict[str, LuaScript] = load_all()
         self.pipeline: ScriptPipeline | None = None
@@ -168,12 +160,22 @@ class ScriptRunner:
         if not pipelined:
             self._execute = redis.execute_command
         elif isinstance(redis, RedisCluster):
-            self.cluster = ClusterScripts(redis, window_s, wait)
+            self.cluster = ClusterScripts(redis, window_s)
             self._execute = self.cluster.execute
         else:
-            self.pipeline = ScriptPipeline(PoolSource(redis.connection_pool), window_s, wait)
+            self.pipeline = ScriptPipeline(PoolSource(redis.connection_pool), window_s)
             self._execute = self.pipeline.execute
         self._durations: dict[str, Any] = {}  # script name -> histogram child
+
+    def wait_for_replicas(self, wait: ReplicaWait) -> None:
+        """From now on every write is acknowledged only once wait.replicas replicas
+        have it (set before the first call)."""
+        if self.cluster is not None:
+            self.cluster.wait = wait
+        elif self.pipeline is not None:
+            self.pipeline.wait = wait
+        else:
+            raise ValueError("waiting for replicas needs the pipelined script path")
 
     async def load(self) -> None:
         for script in self.scripts.values():

@@ -158,3 +158,15 @@ class ClusterScripts:
             for name, (node, _) in list(self._pipelines.items()):
                 if masters.get(name) is not node:
                     await self._pipelines.pop(name)[1].close()
+
+
+async def replicas_every_master_has(redis: object) -> int:
+    """The fewest replicas any cluster master has, from the slot table (0 for a
+    single Redis: a failover there is not Tally's to manage)."""
+    if not isinstance(redis, RedisCluster):
+        return 0
+    await redis.initialize()
+    replicas: dict[str, set[str]] = {node.name: set() for node in redis.get_primaries()}
+    for primary, *others in redis.nodes_manager.slots_cache.values():
+        replicas.setdefault(primary.name, set()).update(node.name for node in others)
+    return min((len(names) for names in replicas.values()), default=0)
