@@ -60,6 +60,7 @@ from hypothesis.stateful import (
 from tally.store.contract import ExpireHoldRequest
 from tally.store.state_images import StateImages, unpack_image
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tests.cluster_support import RedisClusterProcesses
 from tests.integration.model import (
     ALLOW,
     AUTO_PURCHASE,
@@ -742,6 +743,18 @@ class QuotaMachine(RuleBasedStateMachine):
             assert acct.held == held, "model: held != sum of open holds"
 
 
+def machine_settings(max_examples: int, steps: int) -> settings:
+    return settings(
+        max_examples=max_examples,
+        stateful_step_count=steps,
+        deadline=None,
+        print_blob=True,
+        # no explain phase: its line tracer (Python < 3.12) slows shrinking tenfold
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+
+
 # A passing run takes about 30 s; a failing one then shrinks its case to a
 # minimal sequence, which can take a few minutes (hypothesis caps it at five).
 @pytest.mark.timeout(600)
@@ -750,15 +763,12 @@ def test_quota_state_machine_agrees_with_the_model(redis_server: RedisProcess) -
     replays and clock moves keep every balance equal to an exact model, with the
     books balanced and no grant below zero, and every refusal the right status."""
     QuotaMachine.redis_url = redis_server.url
-    run_state_machine_as_test(
-        QuotaMachine,
-        settings=settings(
-            max_examples=150,
-            stateful_step_count=40,
-            deadline=None,
-            print_blob=True,
-            # no explain phase: its line tracer (Python < 3.12) slows shrinking tenfold
-            phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-        ),
-    )
+    run_state_machine_as_test(QuotaMachine, settings=machine_settings(150, 40))
+
+
+@pytest.mark.timeout(600)
+def test_the_model_holds_on_a_redis_cluster(redis_cluster: RedisClusterProcesses) -> None:
+    """Proves the same random walks, in a short form, agree with the model when the
+    authority runs on a 3-master Redis Cluster (accounts on every master)."""
+    QuotaMachine.redis_url = redis_cluster.url
+    run_state_machine_as_test(QuotaMachine, settings=machine_settings(20, 25))
