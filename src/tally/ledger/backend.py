@@ -236,7 +236,10 @@ class SqlLedger:
         inserted = 0
         conflicts: list[StreamEntry] = []
         with self.transaction() as cur:
-            for event in events:
+            # Rows are written in one order whatever the batch's: two flushers whose
+            # batches share accounts then lock them in the same order and never
+            # deadlock. Every image upsert keeps the highest seq, so order is free.
+            for event in sorted(events, key=_row_order):
                 entry = event.entry
                 detail = detail_text(entry)
                 cur.execute(
@@ -788,6 +791,10 @@ class PostgresLedger(SqlLedger):
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
+
+
+def _row_order(event: StreamEntry) -> tuple[str, int, str]:
+    return event.entry.account_id, event.entry.seq, event.entry.entry_id
 
 
 def open_ledger(url: str) -> SqlLedger:
