@@ -166,3 +166,33 @@ async def test_billing_period_refuses_what_is_no_month_or_anchor_day(
     with pytest.raises(InvalidArgument) as refused:
         await store.runner.run("billing_period", [], request | change, None)
     assert refused.value.field_name == reported
+
+
+async def test_an_account_keeps_two_periods_of_counters_in_its_two_slots(
+    running: Running,
+) -> None:
+    """Proves the counters of a new period take the slot of the older of the two
+    periods kept: the period just ended stays readable (its short grace), the one
+    before it is dropped, and the account never has more than its two slots."""
+    store = running.authority.store
+    account_id = unique()
+    created = await running.accounts.CreateAccount(account_pb2.CreateAccountRequest(
+        account_id=account_id, monthly_allotment=10_000))
+    starts = []
+    for n in range(3):
+        account = (await running.accounts.GetAccount(
+            account_pb2.GetAccountRequest(account_id=account_id))).account
+        starts.append(account.period_start.ToMilliseconds())
+        await running.quota.Charge(quota_pb2.ChargeRequest(
+            account_id=account_id, operation="image.upscale", quantity=n + 1,
+            idempotency_key=f"c{n}"))
+        running.clock.set(account.period_end.ToMilliseconds() + HOUR_MS)
+    assert starts[0] == created.account.period_start.ToMilliseconds()
+    assert len(set(starts)) == 3
+    assert [u.quantity for u in await store.usage(account_id, starts[2], None)] == [3]
+    assert [u.quantity for u in await store.usage(account_id, starts[1], None)] == [2]
+    assert await store.usage(account_id, starts[0], None) == []
+    slots = [await usage_slot(store, account_id, start) for start in starts]
+    assert slots[0] is None and {slots[1], slots[2]} == set(store.keys.usage_slots(account_id))
+    usage_keys = [k async for k in store.redis.scan_iter(match=f"*usage:{account_id}*")]
+    assert len(usage_keys) == 2
