@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import msgpack
 import redis.asyncio as aioredis
 
 from tally import app, config
@@ -89,12 +88,13 @@ def windows_of(settings: config.Settings) -> dict[str, float]:
     }
 
 
-def kind_of(key: str, value: Any) -> str:
-    """The kind of record a key holds (by its name, and a reservation's state)."""
+def kind_of(key: str) -> str:
+    """The kind of record a key holds, by its name (a reservation has its own key
+    once closed; held ones are in their account's held hash)."""
     if ":i:" in key:
         return "idempotency"
     if ":res:" in key:
-        return "open reservation" if value.get("state") == "HELD" else "closed reservation"
+        return "closed reservation"
     if key.endswith(":events"):
         return "stream (flushed)"
     return "account and other"
@@ -104,11 +104,7 @@ async def keys_by_kind(redis: Any) -> dict[str, list[bytes]]:
     """Every key of the deployment, by kind."""
     keys: dict[str, list[bytes]] = defaultdict(list)
     async for raw_key in redis.scan_iter(match="tally:{*}*", count=1000):
-        key = raw_key.decode()
-        value: Any = {}
-        if ":res:" in key:
-            value = msgpack.unpackb(await redis.get(key), raw=False, strict_map_key=False)
-        keys[kind_of(key, value)].append(raw_key)
+        keys[kind_of(raw_key.decode())].append(raw_key)
     return dict(keys)
 
 

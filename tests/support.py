@@ -242,3 +242,12 @@ def _postgres_bin() -> Path:
             "(apt-get install -y postgresql)"
         )
     return found[-1].parent
+
+
+async def usage_slot(store: Any, account_id: str, period_start_ms: int) -> str | None:
+    """The account's usage counter slot holding that billing period (field `p`,
+    store/lua/lib/usage.lua), or None."""
+    for key in store.keys.usage_slots(account_id):
+        if await store.redis.hget(key, "p") == str(period_start_ms).encode():
+            return str(key)
+    return None

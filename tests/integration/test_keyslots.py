@@ -1,5 +1,7 @@
-"""Redis Cluster readiness: every key a script touches lives in the hash slot of the
-script's first key, watched with MONITOR while a server runs a varied workload."""
+"""Redis Cluster readiness, watched with MONITOR while a server runs a varied workload:
+every key a script touches is one of the keys its call declared (Redis Cluster and the
+proxies in front of managed Redis route and check a script by those), and lives in the
+hash slot of the script's first key."""
 
 from __future__ import annotations
 
@@ -13,7 +15,11 @@ from pathlib import Path
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tally.ledger.recovery import recover
+from tally.store.contract import ClosePeriodRequest
+from tally.store.scripts import SCRIPT_NAMES
+from tally.store.state_images import StateImages
+from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
 from tests.guard_support import aio, create_account
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 
@@ -109,6 +115,7 @@ MONITOR_LINE = re.compile(r"^\+?(\d+\.\d+) \[(\d+) ([^\]]+)\] (.*)$")
 @dataclass
 class ScriptCall:
     command: str
+    function: str
     script_keys: list[bytes]
     touched: list[tuple[str, bytes]] = field(default_factory=list)
 
@@ -140,7 +147,8 @@ def group_script_calls(lines: list[str]) -> list[ScriptCall]:
         current = None
         if command in ("FCALL", "FCALL_RO", "EVALSHA", "EVALSHA_RO", "EVAL", "EVAL_RO"):
             numkeys = int(args[2])
-            current = ScriptCall(command, list(args[3 : 3 + numkeys]))
+            current = ScriptCall(command, args[1].decode("latin-1"),
+                                 list(args[3 : 3 + numkeys]))
             calls.append(current)
     return calls
 
@@ -237,11 +245,37 @@ async def workload(running: Running) -> list[str]:
     await quota.GetBalance(quota_pb2.GetBalanceRequest(account_id=ids[0]))
     await quota.Reserve(quota_pb2.ReserveRequest(account_id=ids[1], operation="image.new",
                                                  idempotency_key="after-expiry"))
-    # A new billing period (allotment roll-over) on the next touch.
+    # Budgets, and the usage report (read_usage, billing_period).
+    await accounts.SetBudget(account_pb2.SetBudgetRequest(
+        account_id=ids[3], budget=common_pb2.Budget(label_key="model", label_value="x",
+                                                    limit_units=5000)))
+    await accounts.DeleteBudget(account_pb2.DeleteBudgetRequest(
+        account_id=ids[3], budget_id="label:model=x"))
+    reports = usage_pb2_grpc.UsageServiceStub(running.stubs.channel)
+    await reports.GetUsageReport(
+        usage_pb2.GetUsageReportRequest(account_id=ids[3], group_by=["operation"]))
+    await reports.GetUsageReport(usage_pb2.GetUsageReportRequest(account_id=ids[3],
+                                                                 period="2025-01"))
+    # Past the closed window (10 minutes): a closed reservation comes back from the
+    # ledger's image (restore_hold) for a Commit replay.
+    running.clock.advance(11 * 60_000)
+    await quota.Commit(quota_pb2.CommitRequest(reservation_id=rids[0]))
+    # A new billing period (allotment roll-over) on the next touch; the period
+    # sweeper's step (close_period) for an account (closed already if the reaper
+    # touched it first: then a no-op).
     running.clock.advance(40 * 86_400_000)
     await quota.Charge(quota_pb2.ChargeRequest(account_id=ids[2], operation="image.upscale",
                                                idempotency_key="next-period"))
+    await running.authority.store.close_period(ClosePeriodRequest(ids[5]))
     await asyncio.sleep(0.3)  # reaper passes
+    # Recovery from the ledger of an account Redis lost (restore_usage), then a call on it.
+    await running.authority.flusher.flush_all(steal=True)
+    authority = running.authority
+    await authority.store.redis.delete(authority.store.keys.account_keys(ids[4])[0])
+    await recover(StateImages.of(authority.store), authority.ledger, running.clock.now_ms(),
+                  lambda _: None, authority.store.limits.reservation_retention_ms)
+    await quota.Reserve(quota_pb2.ReserveRequest(account_id=ids[4], operation="image.upscale",
+                                                 idempotency_key="after-recovery"))
     return ids
 
 
@@ -272,7 +306,9 @@ async def test_every_key_a_script_touches_is_in_one_slot(
     seen_scripts: set[str] = set()
     slots: set[int] = set()
     for call in calls:
-        assert call.script_keys, f"a script call without keys: {call}"
+        if not call.script_keys:
+            assert call.touched == [], f"a script call without keys touched keys: {call}"
+            continue
         slot = keyslot(call.script_keys[0])
         slots.add(slot)
         for key in call.script_keys:
@@ -291,6 +327,41 @@ async def test_every_key_a_script_touches_is_in_one_slot(
                 "reserve_batch", "commit_batch", "refund_batch"}
     assert expected <= seen_scripts, f"the workload never ran {expected - seen_scripts}"
     assert len(slots) >= 4, "the workload should spread over several shards"
+
+
+async def test_every_key_a_script_touches_is_one_it_declared(
+    own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """Proves, from MONITOR, that every key each script reads or writes (the [lua] lines
+    after its FCALL) is among the keys that FCALL declared, for every script of
+    SCRIPT_NAMES: batches, the reaper's and sweeper's, recovery's and the catalog's
+    included."""
+    lines: list[str] = []
+    ready = asyncio.Event()
+    watcher = asyncio.create_task(monitor(own_redis.port, lines, ready))
+    await asyncio.wait_for(ready.wait(), 5)
+    running = await start_running(own_redis.url, data_dir=str(tmp_path / "data"))
+    try:
+        await workload(running)
+        scripts = {s.function: s.name for s in running.authority.store.runner.scripts.values()}
+    finally:
+        await stop_running(running)
+        await asyncio.sleep(0.1)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+    calls = group_script_calls(lines)
+    assert sum(len(c.touched) for c in calls) > len(calls), "no [lua] lines were parsed"
+    seen = {scripts.get(call.function, "?") for call in calls}
+    assert set(SCRIPT_NAMES) <= seen, f"the workload never ran {set(SCRIPT_NAMES) - seen}"
+    undeclared = sorted({
+        f"{scripts.get(call.function, '?')}: {command} {key!r}"
+        for call in calls
+        for command, key in call.touched
+        if key not in call.script_keys
+    })
+    assert undeclared == [], "keys touched without being declared:\n" + "\n".join(undeclared)
 
 
 async def test_every_stored_key_carries_a_shard_hash_tag(

@@ -110,9 +110,10 @@ async def test_idempotency_keys_of_any_allowed_form_never_shape_key_names(
 MINUTE_MS = 60_000
 
 
-async def closed_reservation_story(running: Running, account_id: str) -> list[object]:
+async def closed_reservation_story(running: Running, account_id: str) -> list[str]:
     """Reservations closed, then used again once the clock has passed the closed
-    window: every answer, and the account's ledger rows, in order."""
+    window: every answer, and the account's ledger rows, in order, as text with the
+    reservation ids (made at random) named by their role."""
     await running.accounts.CreateAccount(account_pb2.CreateAccountRequest(
         account_id=account_id, monthly_allotment=1000,
         overage_policy=common_pb2.OVERAGE_POLICY_ALLOW, overage_limit=100))
@@ -134,8 +135,15 @@ async def closed_reservation_story(running: Running, account_id: str) -> list[ob
     answers.append((extended.value.code(), extended.value.details()))
     await running.authority.flusher.flush_all(steal=True)
     rows = await running.authority.ledger.entries(account_id)
-    return [*answers, *((row.entry_id, row.type, row.units, row.available_after,
-                         row.detail) for row in rows)]
+    named = {held.reservation_id: "<held>", charged.reservation_id: "<charged>"}
+    story = []
+    for item in [*answers, *((row.entry_id, row.type, row.units, row.available_after,
+                              row.detail) for row in rows)]:
+        text = repr(item)
+        for rid, role in named.items():
+            text = text.replace(rid, role)
+        story.append(text)
+    return story
 
 
 async def test_closed_reservations_leave_redis_and_come_back_from_the_ledger_unchanged(
@@ -166,7 +174,8 @@ async def test_closed_reservation_window_and_retention_bounds(
     """Proves the bounds: a closed reservation is in Redis until 1 ms before its last
     change + closed_reservation_window and not at that instant; brought back from the
     ledger until 1 ms before closed + reservation_retention, NOT_FOUND from then; an
-    id the account issued for something else, unknown to the ledger too, is NOT_FOUND."""
+    id below the account's last one that it never made, unknown to the ledger too, is
+    NOT_FOUND."""
     store = running.authority.store
     account_id = await create(running, allotment=1000)
     charged = await charge(running, account_id, 1, "c-1")
@@ -189,9 +198,10 @@ async def test_closed_reservation_window_and_retention_bounds(
     with pytest.raises(grpc.aio.AioRpcError) as late:
         await running.quota.Refund(refund)
     assert late.value.code() == grpc.StatusCode.NOT_FOUND
-    grant_seq = charged.reservation_id.replace(".2.", ".1.")  # seq 1: the allotment
+    tag, seq, _ = charged.reservation_id.split(".", 2)
+    never_made = f"{tag}.{int(seq) - 1}.{account_id}"  # below the account's last id
     with pytest.raises(grpc.aio.AioRpcError) as other:
-        await running.quota.Commit(quota_pb2.CommitRequest(reservation_id=grant_seq))
+        await running.quota.Commit(quota_pb2.CommitRequest(reservation_id=never_made))
     assert other.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -235,7 +245,8 @@ async def test_images_of_the_last_event_are_the_records_redis_holds(
         fields = await last_event_images(running, account_id)
         [(rid, hold)] = unpack_image(fields[b"_holds"]).items()
         assert rid == held.reservation_id
-        assert hold == unpack_image(await redis.get(store.keys.reservation(rid)))
+        held = store.keys.held(account_id)
+        assert hold == unpack_image(await redis.hget(held, rid))
         idem = unpack_image(fields[b"_idem"])
         assert set(idem) == {"key", "record", "expires_at"}
         assert idem["key"] == store.keys.idempotency(account_id, "one")
@@ -248,8 +259,8 @@ async def test_images_of_the_last_event_are_the_records_redis_holds(
         fresh = await reserve(running, account_id, 1, "fresh", ttl_s=60)
         holds = unpack_image((await last_event_images(running, account_id))[b"_holds"])
         assert sorted(holds) == sorted([*due, fresh.reservation_id])
-        for rid, hold in holds.items():
-            assert hold == unpack_image(await redis.get(store.keys.reservation(rid)))
+        for rid, hold in holds.items():  # due ones the Reserve expired without naming them
+            assert hold == unpack_image(await redis.hget(held, rid))
         assert {hold["state"] for rid, hold in holds.items() if rid in due} == {"EXPIRED"}
     finally:
         await stop_running(running)

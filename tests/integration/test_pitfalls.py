@@ -506,8 +506,13 @@ async def test_reaper_survives_a_redis_outage(own_redis: RedisProcess, tmp_path:
 
 
 async def hold_state(running: Running, reservation_id: str) -> str:
-    keys = running.authority.store.keys
-    raw = await running.authority.store.redis.get(keys.reservation(reservation_id))
+    """A reservation's state: held ones are in their account's held hash, closed
+    ones under their own key."""
+    store = running.authority.store
+    account_id = store.keys.parse_reservation_id(reservation_id).account_id
+    raw = await store.redis.hget(store.keys.held(account_id), reservation_id)
+    if raw is None:
+        raw = await store.redis.get(store.keys.reservation(reservation_id))
     record = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     return str(record["state"])
 

@@ -17,7 +17,7 @@ from tally.domain.limits import (
 )
 from tally.domain.usage import OTHER_LABEL, OTHER_LABELS
 from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
-from tests.support import Running, unique
+from tests.support import Running, unique, usage_slot
 
 
 async def setup(running: Running) -> tuple[str, str, account_pb2.Account]:
@@ -59,7 +59,8 @@ async def test_label_sets_past_the_cap_count_as_other_and_totals_stay_exact(
     for n in range(USAGE_LABEL_SETS_MAX + extra):
         await charge(running, account_id, operation, n + 1, f"c{n}", {"job": f"j{n:03d}"})
     store = running.authority.store
-    key = store.keys.usage(account_id, account.period_start.ToMilliseconds())
+    key = await usage_slot(store, account_id, account.period_start.ToMilliseconds())
+    assert key is not None
     assert len(json.loads(await store.redis.hget(key, "sets"))) == USAGE_LABEL_SETS_MAX
     usages = await store.usage(account_id, account.period_start.ToMilliseconds(), None)
     tracked = sorted(u.labels["job"] for u in usages if u.labels != OTHER_LABELS)
@@ -125,7 +126,8 @@ async def test_counters_leave_a_short_grace_after_their_period_and_only_it(
     store = running.authority.store
     start_ms, end_ms = account.period_start.ToMilliseconds(), account.period_end.ToMilliseconds()
     charged = await charge(running, account_id, operation, 7, "c1", {"job": "a"})
-    key = store.keys.usage(account_id, start_ms)
+    key = await usage_slot(store, account_id, start_ms)
+    assert key is not None
     assert await store.redis.pexpiretime(key) == end_ms + USAGE_RETENTION_MS
     before = await store.redis.hgetall(key)
     running.clock.set(end_ms)

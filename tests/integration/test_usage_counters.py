@@ -14,7 +14,7 @@ from tally.domain.usage import HOUR_MS, Usage
 from tally.store.quota_store import QuotaStore
 from tally.store.state_images import StateImages
 from tally.v1 import account_pb2, quota_pb2
-from tests.support import T0_MS, Running, unique
+from tests.support import T0_MS, Running, unique, usage_slot
 
 # Labels whose JSON text differs between encoders: Lua's cjson writes "/" as "\/" and
 # keeps UTF-8, Python's json keeps "/" and escapes non-ASCII.
@@ -23,7 +23,8 @@ AWKWARD_LABELS = {"path": "models/sdxl-1.0", "owner": "Zoë \"Z\" Ølund", "tab"
 
 async def counters(store: QuotaStore, account_id: str, period_start_ms: int) -> tuple[Any, ...]:
     """The counter hash exactly as Redis holds it, and when it leaves."""
-    key = store.keys.usage(account_id, period_start_ms)
+    key = await usage_slot(store, account_id, period_start_ms)
+    assert key is not None, "no counters of the period"
     return await store.redis.hgetall(key), await store.redis.pexpiretime(key)
 
 
@@ -66,7 +67,7 @@ async def test_records_read_and_restored_rebuild_the_very_same_counters(
         (HOUR_MS, "image.vectorize", 10, 2, 1, ()),
         (2 * HOUR_MS, "image.upscale", 6, 1, 1, tuple(sorted(AWKWARD_LABELS.items()))),
     ]
-    await store.redis.delete(store.keys.usage(account_id, start_ms))
+    await store.redis.delete(*store.keys.usage_slots(account_id))
     images = StateImages.of(store)
     await images.restore_usage(account_id, start_ms, end_ms, usages, running.clock.now_ms())
     assert await counters(store, account_id, start_ms) == written
@@ -91,7 +92,7 @@ async def test_restore_nets_and_batches_records_and_replaces_what_was_there(
     assert read[0] == Usage(start_ms, account_id, "image.upscale", {"h": "0"}, 6, 1, 1)
     assert read[1:] == usages[1:]
     await images.restore_usage(account_id, start_ms, end_ms, [], T0_MS)
-    assert await store.redis.exists(store.keys.usage(account_id, start_ms)) == 0
+    assert await usage_slot(store, account_id, start_ms) is None
     assert await store.usage(account_id, start_ms, None) == []
 
 
@@ -109,6 +110,7 @@ def with_bad_second_record(name: str, value: Any) -> dict[str, Any]:
 
 BAD_REQUESTS: list[tuple[dict[str, Any], str]] = [
     ({"replace": 1}, "replace"),
+    ({"period_start": -1}, "period_start"),
     ({"period_end": -1}, "period_end"),
     ({"records": "none"}, "records"),
     ({"records": [good_record()] * (USAGE_RECORDS_PER_CALL_MAX + 1)}, "records"),
@@ -138,11 +140,11 @@ async def test_restore_refuses_a_bad_request_or_record_and_writes_nothing(
     store = running.authority.store
     account_id, start_ms, end_ms = await charged_account(running)
     before = await counters(store, account_id, start_ms)
-    request = {"now": T0_MS, "replace": True, "period_end": end_ms,
+    request = {"now": T0_MS, "period_start": start_ms, "replace": True, "period_end": end_ms,
                "records": [good_record()]} | change
     with pytest.raises(InvalidArgument) as refused:
-        await store.runner.run("restore_usage", [store.keys.usage(account_id, start_ms)],
-                               request, None)
+        await store.runner.run("restore_usage", store.keys.usage_slots(account_id), request,
+                               None)
     assert refused.value.field_name == reported, refused.value.message
     assert await counters(store, account_id, start_ms) == before
 
@@ -164,3 +166,33 @@ async def test_billing_period_refuses_what_is_no_month_or_anchor_day(
     with pytest.raises(InvalidArgument) as refused:
         await store.runner.run("billing_period", [], request | change, None)
     assert refused.value.field_name == reported
+
+
+async def test_an_account_keeps_two_periods_of_counters_in_its_two_slots(
+    running: Running,
+) -> None:
+    """Proves the counters of a new period take the slot of the older of the two
+    periods kept: the period just ended stays readable (its short grace), the one
+    before it is dropped, and the account never has more than its two slots."""
+    store = running.authority.store
+    account_id = unique()
+    created = await running.accounts.CreateAccount(account_pb2.CreateAccountRequest(
+        account_id=account_id, monthly_allotment=10_000))
+    starts = []
+    for n in range(3):
+        account = (await running.accounts.GetAccount(
+            account_pb2.GetAccountRequest(account_id=account_id))).account
+        starts.append(account.period_start.ToMilliseconds())
+        await running.quota.Charge(quota_pb2.ChargeRequest(
+            account_id=account_id, operation="image.upscale", quantity=n + 1,
+            idempotency_key=f"c{n}"))
+        running.clock.set(account.period_end.ToMilliseconds() + HOUR_MS)
+    assert starts[0] == created.account.period_start.ToMilliseconds()
+    assert len(set(starts)) == 3
+    assert [u.quantity for u in await store.usage(account_id, starts[2], None)] == [3]
+    assert [u.quantity for u in await store.usage(account_id, starts[1], None)] == [2]
+    assert await store.usage(account_id, starts[0], None) == []
+    slots = [await usage_slot(store, account_id, start) for start in starts]
+    assert slots[0] is None and {slots[1], slots[2]} == set(store.keys.usage_slots(account_id))
+    usage_keys = [k async for k in store.redis.scan_iter(match=f"*usage:{account_id}*")]
+    assert len(usage_keys) == 2

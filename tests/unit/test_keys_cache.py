@@ -15,7 +15,9 @@ def expected(space: KeySpace, account_id: str) -> tuple[int, list[str]]:
     shard = zlib.crc32(account_id.encode()) % space.shards
     prefix = f"tally:{{s{shard:02d}}}:"
     return shard, [f"{prefix}acct:{account_id}", f"{prefix}holds:{account_id}",
-                   f"{prefix}expiries", f"{prefix}events"]
+                   f"{prefix}expiries", f"{prefix}events", f"{prefix}closings", f"{prefix}fence",
+                   f"{prefix}usage:{account_id}:0", f"{prefix}usage:{account_id}:1",
+                   f"{prefix}held:{account_id}"]
 
 
 def test_keys_are_the_same_from_the_cache_and_past_its_bound(

@@ -87,33 +87,25 @@ def test_lua_key_builders_write_keyspace_names(client: redis.Redis, shards: int)
     operation = "image.generate.sdxl"
     shard = space.shard_of(account_id)
     sequence = 2**53 - 1  # as large as a Lua number holds exactly
-    period_start_ms = limits.TIMESTAMP_MS_MAX  # 15 digits: Lua's tostring would round it
     reservation_id = keys.RESERVATION_ID.format(
         tag=space.tag(shard), sequence=sequence, account_id=account_id
     )
     probe = (
         f"{scripts.keys_helper()}\n"
-        "local prefix, tag, account_id, operation = ARGV[1], ARGV[2], ARGV[3], ARGV[4]\n"
-        "local sequence, period_start_ms = tonumber(ARGV[5]), tonumber(ARGV[6])\n"
+        "local tag, account_id, operation = ARGV[1], ARGV[2], ARGV[3]\n"
+        "local sequence = tonumber(ARGV[4])\n"
         "local rid = reservation_id_for(tag, sequence, account_id)\n"
-        "return {rid, reservation_key(prefix, rid), usage_key(prefix, account_id, period_start_ms),"
-        " price_version_field(operation, sequence), closings_key(prefix),"
-        " fence_key(prefix)}"
+        "return {rid, price_version_field(operation, sequence)}"
     )
-    args = (space.prefix(shard), space.tag(shard), account_id, operation, sequence, period_start_ms)
+    args = (space.tag(shard), account_id, operation, sequence)
     built = client.eval(probe, 0, *args)
     assert [name.decode() for name in built] == [
         reservation_id,
-        space.reservation(reservation_id),
-        space.usage(account_id, period_start_ms),
         keys.PRICE_VERSION_FIELD.format(operation=operation, version=sequence),
-        space.closings(shard),
-        space.fence(shard),
     ]
     assert space.parse_reservation_id(reservation_id).account_id == account_id
     assert {t.name for t in keys.LUA_BUILT} == {
-        "reservation_id_for", "reservation_key", "usage_key", "price_version_field",
-        "closings_key", "fence_key",
+        "reservation_id_for", "price_version_field",
     }
 
 

@@ -80,14 +80,26 @@ def base(store: QuotaStore, account_id: str) -> dict[str, Any]:
     }
 
 
+# The sequence of the reservation id a crafted spend request makes.
+NEW_SEQ = 2**52
+
+
 def spend_keys(store: QuotaStore, account_id: str, idem: str) -> list[str]:
     shard = store.keys.shard_of(account_id)
+    new_id = store.reservation_ids.reservation_id(store.keys.tag(shard), NEW_SEQ, account_id)
     return [
         *store.keys.account_keys(account_id),
         store.keys.idempotency(account_id, idem),
         store.keys.prices(shard),
         store.keys.price_history(shard),
+        store.keys.reservation(new_id),
     ]
+
+
+def reservation_keys(store: QuotaStore, reservation_id: str) -> list[str]:
+    """The keys of a script that names a reservation: its account's, then its own."""
+    account_id = store.keys.parse_reservation_id(reservation_id).account_id
+    return [*store.keys.account_keys(account_id), store.keys.reservation(reservation_id)]
 
 
 async def make_world(store: QuotaStore) -> World:
@@ -118,7 +130,7 @@ def valid_request(store: QuotaStore, w: World, script: str) -> Request:
     acct_keys = store.keys.account_keys(a)
     shard = store.keys.shard_of(a)
     spend = {"operation": "image.upscale", "quantity": 1, "labels": {"m": "x"},
-             "price_version": 0, "idempotency_window_ms": WINDOW_MS}
+             "price_version": 0, "idempotency_window_ms": WINDOW_MS, "reservation_seq": NEW_SEQ}
     if script == "reserve":
         return script, spend_keys(store, a, "new"), base(store, a) | spend | {
             "idempotency_key": "new", "fingerprint": "fp-new", "ttl_ms": 30_000}
@@ -126,14 +138,16 @@ def valid_request(store: QuotaStore, w: World, script: str) -> Request:
         return script, spend_keys(store, a, "new"), base(store, a) | spend | {
             "idempotency_key": "new", "fingerprint": "fp-new"}
     if script == "commit":
-        return script, acct_keys, base(store, a) | {"reservation_id": w.held_id, "quantity": 1}
+        return script, reservation_keys(store, w.held_id), base(store, a) | {
+            "reservation_id": w.held_id, "quantity": 1}
     if script == "refund":
-        return script, [*acct_keys, store.keys.idempotency(a, "rf")], base(store, a) | {
+        keys = [*reservation_keys(store, w.charged_id), store.keys.idempotency(a, "rf")]
+        return script, keys, base(store, a) | {
             "reservation_id": w.charged_id, "units": 5, "reason": "", "idempotency_key": "rf",
             "fingerprint": "fp-rf", "idempotency_window_ms": WINDOW_MS}
     if script == "extend":
-        return script, acct_keys, base(store, a) | {"reservation_id": w.held_id,
-                                                    "ttl_ms": 90_000}
+        return script, reservation_keys(store, w.held_id), base(store, a) | {
+            "reservation_id": w.held_id, "ttl_ms": 90_000}
     if script == "quote":
         return script, [*acct_keys, store.keys.prices(shard), store.keys.price_history(shard)], (
             base(store, a) | {"operation": "image.upscale", "quantity": 3})
@@ -152,15 +166,15 @@ def valid_request(store: QuotaStore, w: World, script: str) -> Request:
     if script == "balance":
         return script, acct_keys, base(store, a)
     if script == "expire_hold":  # the held hold is due a second after its 60s TTL
-        return script, acct_keys, base(store, a) | {"reservation_id": w.held_id,
-                                                    "now": store.clock.now_ms() + 61_000}
+        return script, reservation_keys(store, w.held_id), base(store, a) | {
+            "reservation_id": w.held_id, "now": store.clock.now_ms() + 61_000}
     if script == "set_price":
         keys = [store.keys.prices(0), store.keys.price_history(0), store.keys.catalog_meta(),
-                store.keys.events(0)]
+                store.keys.events(0), store.keys.fence(0)]
         return script, keys, shard_base(store, 0) | {"operation": "image.new",
                                                     "units_per_quantity": 7}
     if script == "apply_price":
-        keys = [store.keys.prices(1), store.keys.price_history(1)]
+        keys = [store.keys.prices(1), store.keys.price_history(1), store.keys.fence(1)]
         return script, keys, shard_base(store, 1) | {
             "operation": "image.new", "units_per_quantity": 7, "version": 99,
             "effective_at_ms": store.clock.now_ms(), "superseded_at_ms": 0}
@@ -314,7 +328,7 @@ async def test_expire_hold_of_a_hold_not_due_is_a_no_op(store: QuotaStore) -> No
     """Proves expire_hold.lua is the no-op the reaper relies on (several reapers, an Extend
     in between) for a HELD hold that is not due yet: it expires nothing and writes nothing."""
     world = await make_world(store)
-    keys = store.keys.account_keys(world.account_id)
+    keys = reservation_keys(store, world.held_id)
     request = base(store, world.account_id) | {"reservation_id": world.held_id}
     before = await database(store)
     reply = await store.runner.run("expire_hold", keys, request, None)

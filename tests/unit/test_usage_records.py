@@ -32,14 +32,14 @@ def test_restore_requests_cut_records_into_bounded_calls_the_first_replacing() -
     call (so stale counters go)."""
     usages = [Usage(h * HOUR_MS, "a", "op", {}, 1, 1, 1)
               for h in range(USAGE_RECORDS_PER_CALL_MAX + 1)]
-    requests = restore_requests(99, usages)
+    requests = restore_requests(7, 99, usages)
     assert [(r.replace, len(r.records)) for r in requests] == [
         (True, USAGE_RECORDS_PER_CALL_MAX), (False, 1)
     ]
-    assert {r.period_end for r in requests} == {99}
+    assert {(r.period_start, r.period_end) for r in requests} == {(7, 99)}
     assert [usage_of("a", record) for r in requests for record in r.records] == usages
-    assert restore_requests(99, []) == [
-        RestoreUsageRequest(replace=True, period_end=99, records=())
+    assert restore_requests(7, 99, []) == [
+        RestoreUsageRequest(period_start=7, replace=True, period_end=99, records=())
     ]
 
 

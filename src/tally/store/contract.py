@@ -513,9 +513,12 @@ class ChargeReply(Reply):
 
 @dataclass(frozen=True)
 class SpendRequest(IdempotentRequest[ReplyT]):
-    """What Reserve and Charge both ask."""
+    """What Reserve and Charge both ask. reservation_seq: the new reservation's
+    id sequence, made by the store (store/reservation_ids.py) just before the
+    call; a retry makes a new one, so it is not part of the fingerprint."""
 
     CONTEXT: ClassVar[type[IdempotentContext]] = SpendContext
+    UNFINGERPRINTED = frozenset({"idempotency_key", "reservation_seq"})
 
     account_id: str
     operation: str
@@ -523,6 +526,7 @@ class SpendRequest(IdempotentRequest[ReplyT]):
     idempotency_key: str
     labels: dict[str, str]
     price_version: int  # 0: the current price
+    reservation_seq: int | None = dataclasses.field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -717,6 +721,8 @@ class ReadUsageRequest(ScriptRequest[ReadUsageReply]):
     CONTEXT = CatalogContext
     REPLY = ReadUsageReply
 
+    period_start: int  # ms: the billing period whose counters are read
+
 
 @dataclass(frozen=True)
 class RestoreUsageReply(Reply):
@@ -729,6 +735,7 @@ class RestoreUsageRequest(ScriptRequest[RestoreUsageReply]):
     CONTEXT = CatalogContext
     REPLY = RestoreUsageReply
 
+    period_start: int
     replace: bool  # the first call of a period: delete its counters first
     period_end: int
     records: tuple[UsageRecord, ...]  # at most USAGE_RECORDS_PER_CALL_MAX

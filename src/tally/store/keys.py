@@ -12,7 +12,8 @@ An idempotency record's name carries a fixed-length digest of the account id
 and the caller's key, never the key itself: a caller's key cannot shape a key
 name (`x}:acct:ghost` would otherwise look like an account to a SCAN).
 A reservation id is `<shard tag>.<sequence>.<account id>`: Commit and Refund
-need nothing else to find every key.
+need nothing else to find every key. The store makes the sequence before the
+call (ReservationIds), so that the record's key is one the script declares.
 """
 
 from __future__ import annotations
@@ -50,8 +51,12 @@ SHARD_PREFIX = NameTemplate("shard_prefix", "tally:{{{tag}}}:")
 ACCOUNT_KEY = NameTemplate("account_key", "{prefix}acct:{account_id}")
 # zset of the account's open holds by expiry
 HOLDS_KEY = NameTemplate("holds_key", "{prefix}holds:{account_id}")
-# reservation record
+# a closed reservation's record, kept for the closed window
 RESERVATION_KEY = NameTemplate("reservation_key", "{prefix}res:{reservation_id}")
+# hash of the account's held reservations' records (reservation id -> record), and of
+# those a script expired without naming them, until the reaper moves them to their
+# own key (store/lua/lib/holds.lua)
+HELD_KEY = NameTemplate("held_key", "{prefix}held:{account_id}")
 # idempotency record (fingerprint + the call's figures), by idempotency_digest().
 # The most numerous key (one per call, kept the idempotency window), so its name
 # is short: `tally:{s07}:i:` and 14 digest characters are 28 bytes, which Redis
@@ -66,8 +71,10 @@ IDEMPOTENCY_KEY = NameTemplate("idempotency_key", "{prefix}i:{digest}")
 # requests apart: the later call is refused (FAILED_PRECONDITION), never answered
 # with the other's figures.
 IDEMPOTENCY_DIGEST_BYTES = 10
-# usage counters of the billing period starting at period_start_ms
-USAGE_KEY = NameTemplate("usage_key", "{prefix}usage:{account_id}:{period_start_ms:d}")
+# one of the account's two usage counter slots (0, 1), each holding one billing
+# period's counters (store/lua/lib/usage.lua)
+USAGE_KEY = NameTemplate("usage_key", "{prefix}usage:{account_id}:{slot:d}")
+USAGE_SLOTS = 2
 # zset of the shard's open holds (the reaper's work)
 EXPIRIES_KEY = NameTemplate("expiries_key", "{prefix}expiries")
 # zset of the shard's accounts by when their next closing is due: the end of
@@ -89,14 +96,13 @@ PRICE_VERSION_FIELD = NameTemplate("price_version_field", "{operation}@{version:
 # A reservation id names its shard and account, so it finds every key alone.
 RESERVATION_ID = NameTemplate("reservation_id_for", "{tag}.{sequence:d}.{account_id}")
 
-# What the scripts write themselves (from the prefix and shard tag they are
-# given); the store passes every other key in KEYS.
-LUA_BUILT = (
-    RESERVATION_KEY, USAGE_KEY, RESERVATION_ID, PRICE_VERSION_FIELD, CLOSINGS_KEY, FENCE_KEY
-)
+# Names the scripts write themselves (from the shard tag they are given), none
+# of them a key: a reservation id (a value) and a field of the price history.
+# The store passes every key a script touches in KEYS.
+LUA_BUILT = (RESERVATION_ID, PRICE_VERSION_FIELD)
 
 
-# Accounts whose shard and keys KeySpace keeps formatted (about 300 bytes each);
+# Accounts whose shard and keys KeySpace keeps formatted (about 800 bytes each);
 # past that the cache starts over.
 ACCOUNTS_CACHED = 100_000
 
@@ -121,7 +127,9 @@ class KeySpace:
         self._price_history = tuple(PRICE_HISTORY_KEY.format(prefix=p) for p in self._prefixes)
         self._events = tuple(EVENTS_KEY.format(prefix=p) for p in self._prefixes)
         self._expiries = tuple(EXPIRIES_KEY.format(prefix=p) for p in self._prefixes)
-        self._accounts: dict[str, tuple[int, tuple[str, str, str, str]]] = {}
+        self._closings = tuple(CLOSINGS_KEY.format(prefix=p) for p in self._prefixes)
+        self._fences = tuple(FENCE_KEY.format(prefix=p) for p in self._prefixes)
+        self._accounts: dict[str, tuple[int, tuple[str, ...]]] = {}
 
     def shard_of(self, account_id: str) -> int:
         cached = self._accounts.get(account_id)
@@ -136,8 +144,12 @@ class KeySpace:
         return self._prefixes[shard]
 
     def account_keys(self, account_id: str) -> list[str]:
-        """KEYS 1-4 shared by every account script (kept for the ACCOUNTS_CACHED
-        accounts last asked: most calls are for an account called before)."""
+        """KEYS 1-9 shared by every account script (store/lua/lib/context.lua,
+        new_ctx): account blob, holds zset, the shard's expiries, events,
+        closings and fence, the account's usage counter slots and held
+        reservations hash. Kept for the
+        ACCOUNTS_CACHED accounts last asked: most calls are for an account
+        called before."""
         cached = self._accounts.get(account_id)
         if cached is None:
             shard = zlib.crc32(account_id.encode()) % self.shards
@@ -147,11 +159,22 @@ class KeySpace:
                 HOLDS_KEY.format(prefix=p, account_id=account_id),
                 self._expiries[shard],
                 self._events[shard],
+                self._closings[shard],
+                self._fences[shard],
+                *(USAGE_KEY.format(prefix=p, account_id=account_id, slot=slot)
+                  for slot in range(USAGE_SLOTS)),
+                HELD_KEY.format(prefix=p, account_id=account_id),
             )
             if len(self._accounts) >= ACCOUNTS_CACHED:
                 self._accounts.clear()
             self._accounts[account_id] = cached
         return list(cached[1])
+
+    def holder_keys(self, account_id: str) -> list[str]:
+        """A batch item's account keys (store/lua/lib/batch.lua): account blob,
+        holds zset, the account's usage counter slots and held reservations hash."""
+        keys = self.account_keys(account_id)
+        return [keys[0], keys[1], *keys[6:9]]
 
     def idempotency(self, account_id: str, key: str) -> str:
         return IDEMPOTENCY_KEY.format(
@@ -159,17 +182,22 @@ class KeySpace:
             digest=idempotency_digest(account_id, key),
         )
 
-    def usage(self, account_id: str, period_start_ms: int) -> str:
-        """The account's usage counters of one billing period (kept by the scripts)."""
-        return USAGE_KEY.format(
-            prefix=self.prefix(self.shard_of(account_id)),
-            account_id=account_id,
-            period_start_ms=period_start_ms,
-        )
+    def usage_slots(self, account_id: str) -> list[str]:
+        """The account's two usage counter slots (each holds one billing period's
+        counters, store/lua/lib/usage.lua)."""
+        return self.account_keys(account_id)[6:8]
+
+    def held(self, account_id: str) -> str:
+        """The account's held reservations hash (reservation id -> record)."""
+        return self.account_keys(account_id)[8]
 
     def reservation(self, reservation_id: str) -> str:
         ref = self.parse_reservation_id(reservation_id)
-        return RESERVATION_KEY.format(prefix=self.prefix(ref.shard), reservation_id=reservation_id)
+        return self.reservation_in(ref.shard, reservation_id)
+
+    def reservation_in(self, shard: int, reservation_id: str) -> str:
+        """A reservation's key, its id already known to be of this shard."""
+        return RESERVATION_KEY.format(prefix=self.prefix(shard), reservation_id=reservation_id)
 
     def prices(self, shard: int) -> str:
         return self._prices[shard]
@@ -195,13 +223,13 @@ class KeySpace:
         return self._events[shard]
 
     def fence(self, shard: int) -> str:
-        return FENCE_KEY.format(prefix=self.prefix(shard))
+        return self._fences[shard]
 
     def expiries(self, shard: int) -> str:
         return self._expiries[shard]
 
     def closings(self, shard: int) -> str:
-        return CLOSINGS_KEY.format(prefix=self.prefix(shard))
+        return self._closings[shard]
 
     def parse_reservation_id(self, reservation_id: str) -> ReservationRef:
         parts = reservation_id.split(".", 2)

@@ -10,7 +10,7 @@ these.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import msgpack
@@ -74,9 +74,11 @@ from tally.store.contract import (
 )
 from tally.store.fence import ShardBehind, ShardFences
 from tally.store.keys import META_KEY, KeySpace
+from tally.store.reservation_ids import ReservationIds
 from tally.store.usage_counters import usage_of
 
 ItemT = TypeVar("ItemT", bound=ScriptRequest[Any])
+SpendT = TypeVar("SpendT", ReserveRequest, ChargeRequest)
 ContextT = TypeVar("ContextT", bound=ScriptContext)
 
 
@@ -102,6 +104,7 @@ class QuotaStore:
         self.clock = clock
         self.limits = limits
         self.fences = fences or ShardFences(keys.shards)
+        self.reservation_ids = ReservationIds()
         self._shard_index = {keys.tag(shard): shard for shard in range(keys.shards)}
         # What each kind of account context says of this store's settings.
         account = {
@@ -185,6 +188,30 @@ class QuotaStore:
     def _reservation_account(self, reservation_id: str) -> str:
         return self.keys.parse_reservation_id(reservation_id).account_id
 
+    def _on_reservation(self, reservation_id: str) -> tuple[str, list[str]]:
+        """The reservation's account and the keys of a script that names it: the
+        account's keys, then the reservation's own."""
+        account_id = self._reservation_account(reservation_id)
+        return account_id, [*self.keys.account_keys(account_id),
+                            self.keys.reservation(reservation_id)]
+
+    def _with_new_id(self, request: SpendT) -> SpendT:
+        """The request with a new reservation id's sequence (the script refuses
+        one already taken)."""
+        return replace(
+            request, reservation_seq=self.reservation_ids.next_sequence(self.clock.now_ms())
+        )
+
+    def _new_reservation_key(self, request: ReserveRequest | ChargeRequest) -> str:
+        """The key of the reservation a spend request with its id makes."""
+        if request.reservation_seq is None:
+            raise ValueError("a spend request needs its reservation_seq (_with_new_id)")
+        shard = self.keys.shard_of(request.account_id)
+        rid = self.reservation_ids.reservation_id(
+            self.keys.tag(shard), request.reservation_seq, request.account_id
+        )
+        return self.keys.reservation_in(shard, rid)
+
     async def create_account(
         self, request: CreateAccountRequest, timeout_s: float | None
     ) -> CreateAccountReply:
@@ -214,46 +241,45 @@ class QuotaStore:
         ]
         return await self._run(request, self._idempotent_context(account_id), keys, timeout_s)
 
-    def _spend_keys(self, account_id: str, idempotency_key: str) -> list[str]:
+    def _spend_keys(self, request: ReserveRequest | ChargeRequest) -> list[str]:
+        account_id = request.account_id
         shard = self.keys.shard_of(account_id)
         return [
             *self.keys.account_keys(account_id),
-            self.keys.idempotency(account_id, idempotency_key),
+            self.keys.idempotency(account_id, request.idempotency_key),
             self.keys.prices(shard),
             self.keys.price_history(shard),
+            self._new_reservation_key(request),
         ]
 
     async def reserve(self, request: ReserveRequest, timeout_s: float | None) -> HoldReply:
-        account_id = request.account_id
-        keys = self._spend_keys(account_id, request.idempotency_key)
-        return await self._run(request, self._spend_context(account_id), keys, timeout_s)
+        request = self._with_new_id(request)
+        context = self._spend_context(request.account_id)
+        return await self._run(request, context, self._spend_keys(request), timeout_s)
 
     async def charge(self, request: ChargeRequest, timeout_s: float | None) -> ChargeReply:
-        account_id = request.account_id
-        keys = self._spend_keys(account_id, request.idempotency_key)
-        return await self._run(request, self._spend_context(account_id), keys, timeout_s)
+        request = self._with_new_id(request)
+        context = self._spend_context(request.account_id)
+        return await self._run(request, context, self._spend_keys(request), timeout_s)
 
     async def commit(self, request: CommitRequest, timeout_s: float | None) -> CommitReply:
-        account_id = self._reservation_account(request.reservation_id)
-        return await self._on_account(request, account_id, timeout_s)
+        account_id, keys = self._on_reservation(request.reservation_id)
+        return await self._run(request, self._context(account_id), keys, timeout_s)
 
     async def refund(self, request: RefundRequest, timeout_s: float | None) -> RefundReply:
-        account_id = self._reservation_account(request.reservation_id)
-        keys = [
-            *self.keys.account_keys(account_id),
-            self.keys.idempotency(account_id, request.idempotency_key),
-        ]
+        account_id, keys = self._on_reservation(request.reservation_id)
+        keys.append(self.keys.idempotency(account_id, request.idempotency_key))
         return await self._run(request, self._idempotent_context(account_id), keys, timeout_s)
 
     async def extend(self, request: ExtendRequest, timeout_s: float | None) -> HoldReply:
-        account_id = self._reservation_account(request.reservation_id)
-        return await self._on_account(request, account_id, timeout_s)
+        account_id, keys = self._on_reservation(request.reservation_id)
+        return await self._run(request, self._context(account_id), keys, timeout_s)
 
     async def restore_hold(
         self, request: RestoreHoldRequest, timeout_s: float | None
     ) -> RestoreHoldReply:
-        account_id = self._reservation_account(request.reservation_id)
-        return await self._on_account(request, account_id, timeout_s)
+        account_id, keys = self._on_reservation(request.reservation_id)
+        return await self._run(request, self._context(account_id), keys, timeout_s)
 
     async def quote(self, request: QuoteRequest, timeout_s: float | None) -> QuoteReply:
         account_id = request.account_id
@@ -286,9 +312,11 @@ class QuotaStore:
             quote_validity_ms=self.limits.quote_validity_ms,
         )
 
-    def _holder_keys(self, account_id: str) -> list[str]:
-        """An item's account blob and holds zset (KEYS 1-2 of account_keys)."""
-        return self.keys.account_keys(account_id)[:2]
+    def _shard_keys(self, shard: int) -> list[str]:
+        """A batch's shard keys (store/lua/lib/batch.lua): expiries, events,
+        closings, fence."""
+        return [self.keys.expiries(shard), self.keys.events(shard),
+                self.keys.closings(shard), self.keys.fence(shard)]
 
     async def reserve_batch(
         self, items: Sequence[ReserveRequest], timeout_s: float | None
@@ -296,15 +324,15 @@ class QuotaStore:
         """Each item exactly a reserve; per item, in order, its reply or its error."""
         return await self._batch(
             ReserveBatchRequest,
-            [(item.account_id, item) for item in items],
+            [(item.account_id, self._with_new_id(item)) for item in items],
             self._spend_batch_context,
             lambda shard: [
-                self.keys.expiries(shard), self.keys.events(shard),
-                self.keys.prices(shard), self.keys.price_history(shard),
+                *self._shard_keys(shard), self.keys.prices(shard), self.keys.price_history(shard),
             ],
             lambda account_id, item: [
-                *self._holder_keys(account_id),
+                *self.keys.holder_keys(account_id),
                 self.keys.idempotency(account_id, item.idempotency_key),
+                self._new_reservation_key(item),
             ],
             timeout_s,
         )
@@ -317,8 +345,10 @@ class QuotaStore:
             CommitBatchRequest,
             [(self._item_account(item.reservation_id), item) for item in items],
             self._batch_context,
-            lambda shard: [self.keys.expiries(shard), self.keys.events(shard)],
-            lambda account_id, item: self._holder_keys(account_id),
+            self._shard_keys,
+            lambda account_id, item: [
+                *self.keys.holder_keys(account_id), self.keys.reservation(item.reservation_id),
+            ],
             timeout_s,
         )
 
@@ -330,9 +360,10 @@ class QuotaStore:
             RefundBatchRequest,
             [(self._item_account(item.reservation_id), item) for item in items],
             self._idempotent_batch_context,
-            lambda shard: [self.keys.expiries(shard), self.keys.events(shard)],
+            self._shard_keys,
             lambda account_id, item: [
-                *self._holder_keys(account_id),
+                *self.keys.holder_keys(account_id),
+                self.keys.reservation(item.reservation_id),
                 self.keys.idempotency(account_id, item.idempotency_key),
             ],
             timeout_s,
@@ -396,8 +427,8 @@ class QuotaStore:
         ]
 
     async def expire_hold(self, request: ExpireHoldRequest) -> ExpireHoldReply:
-        account_id = self._reservation_account(request.reservation_id)
-        return await self._on_account(request, account_id, None)
+        account_id, keys = self._on_reservation(request.reservation_id)
+        return await self._run(request, self._context(account_id), keys, None)
 
     async def due_holds(self, shard: int, batch: int) -> list[str]:
         return await self._due(self.keys.expiries(shard), batch)
@@ -426,6 +457,7 @@ class QuotaStore:
             self.keys.price_history(0),
             self.keys.catalog_meta(),
             self.keys.events(0),
+            self.keys.fence(0),
         ]
         reply = await self._run(request, self._shard_context(0), keys, timeout_s)
         await self._apply_everywhere(reply, 0, timeout_s)
@@ -445,7 +477,7 @@ class QuotaStore:
             superseded_at_ms=superseded_at_ms,
         )
         for shard in range(1, self.keys.shards):
-            keys = [self.keys.prices(shard), self.keys.price_history(shard)]
+            keys = [self.keys.prices(shard), self.keys.price_history(shard), self.keys.fence(shard)]
             await self._run(request, self._shard_context(shard), keys, timeout_s)
 
     async def list_prices(self) -> tuple[list[PriceView], int]:
@@ -503,8 +535,9 @@ class QuotaStore:
         self, account_id: str, period_start_ms: int, timeout_s: float | None
     ) -> list[Usage]:
         """The usage an account's counters of one billing period hold (read_usage.lua)."""
-        keys = [self.keys.usage(account_id, period_start_ms)]
-        reply = await self._run(ReadUsageRequest(), self._catalog_context(), keys, timeout_s)
+        keys = self.keys.usage_slots(account_id)
+        request = ReadUsageRequest(period_start=period_start_ms)
+        reply = await self._run(request, self._catalog_context(), keys, timeout_s)
         return [usage_of(account_id, record) for record in reply.records]
 
     async def billing_period(

@@ -101,19 +101,20 @@ class StateImages:
     ) -> None:
         """Replaces the period's usage counters with these usage records'
         (restore_usage.lua writes them, in the scripts' own format)."""
-        keys = [self.keys.usage(account_id, period_start_ms)]
+        keys = self.keys.usage_slots(account_id)
         with redis_errors():
-            for request in restore_requests(period_end_ms, usages):
+            for request in restore_requests(period_start_ms, period_end_ms, usages):
                 context = CatalogContext(now=now_ms)
                 await self.scripts.run(request.SCRIPT, keys, request.encode(context), None)
 
     async def restore_open_hold(
         self, reservation_id: str, account_id: str, image: bytes, expires_at_ms: int
     ) -> None:
-        """A held reservation, with the expiry indexes the reaper and the account use."""
-        _, holds_key, expiries_key, _ = self.keys.account_keys(account_id)
+        """A held reservation (in its account's held hash), with the expiry indexes
+        the reaper and the account use."""
+        _, holds_key, expiries_key, *_ = self.keys.account_keys(account_id)
         with redis_errors():
-            await self.redis.set(self.keys.reservation(reservation_id), image)
+            await self.redis.hset(self.keys.held(account_id), reservation_id, image)
             await self.redis.zadd(holds_key, {reservation_id: expires_at_ms})
             await self.redis.zadd(expiries_key, {reservation_id: expires_at_ms})
 

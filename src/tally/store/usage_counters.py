@@ -29,12 +29,15 @@ def record_of(usage: Usage) -> UsageRecord:
                        count=usage.count)
 
 
-def restore_requests(period_end_ms: int, usages: Iterable[Usage]) -> list[RestoreUsageRequest]:
+def restore_requests(
+    period_start_ms: int, period_end_ms: int, usages: Iterable[Usage]
+) -> list[RestoreUsageRequest]:
     """The restore_usage.lua calls that replace a period's counters with these usage
     records (netted per counter first): at least one, the first replacing."""
     records = tuple(record_of(usage) for usage in net(usages))
     return [
-        RestoreUsageRequest(replace=start == 0, period_end=period_end_ms,
+        RestoreUsageRequest(period_start=period_start_ms, replace=start == 0,
+                            period_end=period_end_ms,
                             records=records[start : start + USAGE_RECORDS_PER_CALL_MAX])
         for start in range(0, max(len(records), 1), USAGE_RECORDS_PER_CALL_MAX)
     ]

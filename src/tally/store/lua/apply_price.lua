@@ -5,14 +5,14 @@
 -- the shard's one at effective_at_ms, as set_price did on shard 0; an older
 -- one changes only the history. It checks the shard's fence before any write
 -- (it writes no events, so it stamps none).
--- KEYS: 1 prices hash, 2 price history hash
+-- KEYS: 1 prices hash, 2 price history hash, 3 the shard's fence hash
 -- ARGV[1] (msgpack): now, prefix, shard, fence_floor, operation, units_per_quantity, version, effective_at_ms,
 --   superseded_at_ms (0: current as far as shard 0 knows)
 -- Returns: {applied = bool}.
 
 return run(function()
   local req = decode_request()
-  shard_ctx(req)
+  shard_ctx(req, KEYS[3])
   local operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX)
   local price = check_int(req.units_per_quantity, 'units_per_quantity', 1, UNITS_MAX)
   local version = check_int(req.version, 'version', 1, UNITS_MAX)

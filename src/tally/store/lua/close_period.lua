@@ -1,9 +1,12 @@
---! include: codec keys context periods closings write_phase
+--! include: codec context periods closings write_phase
 -- close_period: the period sweeper's step for one account whose closing is
 -- due: the touch a write does (overage invoiced, unused allotment and other
 -- due grants expired, the next allotment granted, due holds expired), then
 -- the account's next closing indexed. A second close is a no-op.
--- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- KEYS: 1-9 the account keys (lib/context.lua, new_ctx): 1 account blob, 2 account
+--   holds zset, 3 shard expiries zset, 4 shard event stream, 5 shard closings zset,
+--   6 shard fence hash, 7-8 the account's usage counter slots, 9 the account's held
+--   reservations hash
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor
 -- Returns: {events = number of events the close wrote}.
 
@@ -13,7 +16,7 @@ return run(function()
   local account_id = check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX)
   local acct = load_blob(ctx.acct_key)
   if not acct then
-    redis.call('ZREM', closings_key(ctx.prefix), account_id)
+    redis.call('ZREM', ctx.closings_key, account_id)
     return {events = 0}
   end
   adopt_account(ctx, acct)

@@ -1,6 +1,9 @@
 --! include: codec calendar context settings periods grants events write_phase views
 -- create_account: creates an account and its first period's allotment.
--- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- KEYS: 1-9 the account keys (lib/context.lua, new_ctx): 1 account blob, 2 account
+--   holds zset, 3 shard expiries zset, 4 shard event stream, 5 shard closings zset,
+--   6 shard fence hash, 7-8 the account's usage counter slots, 9 the account's held
+--   reservations hash
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, monthly_allotment,
 --   overage_policy, overage_limit, auto_purchase_units, auto_purchase_threshold,
 --   billing_anchor_day (0: today's day), labels,

@@ -1,6 +1,9 @@
 --! include: codec context periods events write_phase views
 -- delete_budget: removes a budget; what it counted stays charged.
--- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- KEYS: 1-9 the account keys (lib/context.lua, new_ctx): 1 account blob, 2 account
+--   holds zset, 3 shard expiries zset, 4 shard event stream, 5 shard closings zset,
+--   6 shard fence hash, 7-8 the account's usage counter slots, 9 the account's held
+--   reservations hash
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, budget_id, by (optional)
 -- Returns: {budget = budget view of the removed budget}.
 

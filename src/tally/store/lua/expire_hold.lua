@@ -1,7 +1,11 @@
 --! include: codec context holds periods write_phase
 -- expire_hold: the reaper's step for one due hold. Brings its account up to
 -- now (which expires every due hold of the account, this one included).
--- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- KEYS: 1-9 the account keys (lib/context.lua, new_ctx): 1 account blob, 2 account
+--   holds zset, 3 shard expiries zset, 4 shard event stream, 5 shard closings zset,
+--   6 shard fence hash, 7-8 the account's usage counter slots, 9 the account's held
+--   reservations hash
+--   10 the reservation's own key
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, reservation_id
 -- Returns: {expired = number of holds expired by this call}.
 
@@ -9,6 +13,7 @@ return run(function()
   local req = decode_request()
   local ctx = new_ctx(req, KEYS)
   local rid = check_str(req.reservation_id, 'reservation_id', RESERVATION_ID_BYTES_MAX)
+  name_reservation(ctx, rid, KEYS[10])
   check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX)
   local acct = load_blob(ctx.acct_key)
   if acct then adopt_account(ctx, acct) end

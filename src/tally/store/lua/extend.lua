@@ -1,6 +1,10 @@
 --! include: codec reservation periods holds events views write_phase
 -- extend: gives a held reservation a new lifetime of ttl_ms from now.
--- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- KEYS: 1-9 the account keys (lib/context.lua, new_ctx): 1 account blob, 2 account
+--   holds zset, 3 shard expiries zset, 4 shard event stream, 5 shard closings zset,
+--   6 shard fence hash, 7-8 the account's usage counter slots, 9 the account's held
+--   reservations hash
+--   10 the reservation's own key
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, reservation_id, ttl_ms
 -- Returns: {reservation_id, units, expires_at, balance, replayed, price_version,
 --   units_per_quantity, quantity}.

@@ -1,7 +1,10 @@
 --! include: codec context idempotency periods grants events write_phase views
 -- purchase: adds a PURCHASE grant bought by the customer.
--- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset,
---       4 shard event stream, 5 idempotency record
+-- KEYS: 1-9 the account keys (lib/context.lua, new_ctx): 1 account blob, 2 account
+--   holds zset, 3 shard expiries zset, 4 shard event stream, 5 shard closings zset,
+--   6 shard fence hash, 7-8 the account's usage counter slots, 9 the account's held
+--   reservations hash
+--   10 idempotency record
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, idempotency_window_ms,
 --   units, expires_at (0: never), reference, idempotency_key, fingerprint, by (optional)
 -- Returns: {grant = grant view, balance = balance view, replayed = bool}.
@@ -17,7 +20,7 @@ return run(function()
   local window_ms = check_int(req.idempotency_window_ms, 'idempotency_window_ms', 1, TIMESTAMP_MS_MAX)
   check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX)
   local by = check_by(req.by)
-  local figures, at = idem_lookup(KEYS[5], req.fingerprint, ctx.now, window_ms)
+  local figures, at = idem_lookup(KEYS[10], req.fingerprint, ctx.now, window_ms)
   if figures then
     -- the grant as it was bought (the request's own figures), the balance as of now
     touch(ctx)
@@ -41,7 +44,7 @@ return run(function()
   acct.period_purchased = acct.period_purchased + units
   emit(ctx, ENTRY.PURCHASE, {grant_id = g.id, units = units, reference = reference,
     expires_at = expires_at, idempotency_key = idem_key, by = by})
-  remember(ctx, KEYS[5], req.fingerprint, window_ms, {g.id})
+  remember(ctx, KEYS[10], req.fingerprint, window_ms, {g.id})
   commit_ctx(ctx)
   return {grant = grant_view(g), balance = balance_view(ctx), replayed = false}
 end)

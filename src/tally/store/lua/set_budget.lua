@@ -6,13 +6,16 @@
 -- does not start from them; holds made before it existed do not count against
 -- it). From then on every charge counts against it by its own labels, tracked
 -- or not.
--- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- KEYS: 1-9 the account keys (lib/context.lua, new_ctx): 1 account blob, 2 account
+--   holds zset, 3 shard expiries zset, 4 shard event stream, 5 shard closings zset,
+--   6 shard fence hash, 7-8 the account's usage counter slots, 9 the account's held
+--   reservations hash
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor, operation, label_key,
 --   label_value, limit_units, by (optional)
 -- Returns: {budget = budget view}.
 
 local function charged_so_far(ctx, budget)
-  return math.max(0, usage_in_scope(counters_key(ctx, ctx.acct.period_start), budget))
+  return math.max(0, usage_in_scope(counters_of(ctx.usage_keys, ctx.acct.period_start), budget))
 end
 
 return run(function()

@@ -5,14 +5,15 @@
 -- checks shard 0's fence before any write and stamps its event (lib/fence.lua):
 -- after a wipe the catalog version restarts and its event id would repeat one
 -- the ledger holds.
--- KEYS: 1 prices hash, 2 price history hash, 3 catalog meta hash, 4 event stream
+-- KEYS: 1 prices hash, 2 price history hash, 3 catalog meta hash, 4 event stream,
+--   5 fence hash
 -- ARGV[1] (msgpack): now, prefix, shard, fence_floor, operation, units_per_quantity, by (optional)
 -- Returns: {operation, units_per_quantity, version, effective_at_ms, changed}.
 -- The prices hash keeps its records as {price, version, at}.
 
 return run(function()
   local req = decode_request()
-  local shard = shard_ctx(req)
+  local shard = shard_ctx(req, KEYS[5])
   local operation = check_str(req.operation, 'operation', OPERATION_BYTES_MAX)
   local price = check_int(req.units_per_quantity, 'units_per_quantity', 1, UNITS_MAX)
   local by = check_by(req.by)

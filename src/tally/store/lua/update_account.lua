@@ -1,7 +1,10 @@
 --! include: codec context settings periods events write_phase views
 -- update_account: changes an account's plan, overage settings or labels.
 -- A new allotment applies from the next billing period.
--- KEYS: 1 account blob, 2 account holds zset, 3 shard expiries zset, 4 shard event stream
+-- KEYS: 1-9 the account keys (lib/context.lua, new_ctx): 1 account blob, 2 account
+--   holds zset, 3 shard expiries zset, 4 shard event stream, 5 shard closings zset,
+--   6 shard fence hash, 7-8 the account's usage counter slots, 9 the account's held
+--   reservations hash
 -- ARGV[1] (msgpack): now, account_id, prefix, shard, retention_ms, closed_window_ms, fence_floor,
 --   set = {monthly_allotment, overage_policy, overage_limit, auto_purchase_units,
 --   auto_purchase_threshold, labels, merge_labels, alerts} (each optional; labels and

@@ -11,8 +11,10 @@
 -- A failure that is not a typed one (a bug) answers INTERNAL for that item.
 --
 -- KEYS: the shard's keys first (`shared` of them: 1 expiries zset, 2 event stream,
--- then the script's own), then `stride` keys per item: account blob, account
--- holds zset, then the item's own (its idempotency record).
+-- 3 closings zset, 4 fence hash, then the script's own), then `stride` keys per
+-- item: account blob, account holds zset, the account's two usage counter
+-- slots, held reservations hash, then the item's own (its idempotency record,
+-- its reservation's key).
 -- The request: the shard's fields, and `items` (1 to BATCH_ITEMS_MAX maps).
 -- The answer: {results = {one per item, in order: {ok = true, r = <answer>} or
 -- {ok = false, code, field, message, extra}}}.
@@ -53,7 +55,7 @@ end
 -- Runs body(ctx, item, item_keys) for every item of the request; item_keys are
 -- the item's `stride` keys. Returns the batch's answer.
 local function run_items(req, keys, shared, stride, body)
-  local shard = shard_state(req)
+  local shard = shard_state(req, keys[1], keys[2], keys[3], keys[4])
   local items = check_items(req, keys, shared, stride)
   local fields = batch_fields(req)
   local accounts, prices = {}, {}
@@ -66,7 +68,7 @@ local function run_items(req, keys, shared, stride, body)
       message = 'an item must be a map'}
     if type(item) == 'table' then
       for k, v in pairs(fields) do item[k] = v end
-      local ctx = account_ctx(shard, req.now, {item_keys[1], item_keys[2], keys[1], keys[2]})
+      local ctx = account_ctx(shard, req.now, item_keys)
       ctx.accounts, ctx.prices = accounts, prices
       ok, result = pcall(body, ctx, item, item_keys)
     end

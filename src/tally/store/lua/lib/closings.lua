@@ -1,6 +1,5 @@
---! include: keys
 -- closings: each shard's index of its accounts by when their next closing is
--- due (closings_key): the end of the billing period, or the expiry of a grant
+-- due (ctx.closings_key, a declared key): the end of the billing period, or the expiry of a grant
 -- if one comes first. The period sweeper closes the due ones (close_period),
 -- so that periods close on time for accounts nobody writes.
 
@@ -13,5 +12,5 @@ local function next_closing_at(acct)
 end
 
 local function index_closing(ctx)
-  redis.call('ZADD', closings_key(ctx.prefix), next_closing_at(ctx.acct), ctx.acct.id)
+  redis.call('ZADD', ctx.closings_key, next_closing_at(ctx.acct), ctx.acct.id)
 end

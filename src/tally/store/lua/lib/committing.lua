@@ -1,7 +1,7 @@
 --! include: codec reservation periods holds grants budgets usage events views write_phase
 -- committing: a Commit's work on its ctx, from the checks of the request to
 -- the answer (commit.lua runs it once, commit_batch.lua once per item).
--- req: the fields of commit.lua's request.
+-- req: the fields of commit.lua's request; the key of the reservation it names.
 
 local function charge_hold(ctx, hold, units)
   local acct = ctx.acct
@@ -14,8 +14,9 @@ local function charge_hold(ctx, hold, units)
   return charged_moves, units - from_grants, lost
 end
 
-local function commit_on(ctx, req)
-  local rid = open_reservation_on(ctx, req)
+-- reservation_key: the key of the reservation the request names.
+local function commit_on(ctx, req, reservation_key)
+  local rid = open_reservation_on(ctx, req, reservation_key)
   local acct = ctx.acct
   local quantity = nil
   if req.quantity ~= nil then quantity = check_int(req.quantity, 'quantity', 0, UNITS_MAX) end

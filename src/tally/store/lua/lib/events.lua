@@ -11,7 +11,7 @@ local function field_text(v)
 end
 
 -- Events are numbered 1, 2, 3... per account (event_seq), so a gap in the
--- ledger is visible; ids of grants and holds come from another counter (seq).
+-- ledger is visible; ids of grants come from another counter (seq).
 -- etype is a value of ENTRY (a misspelt member is nil: a bug, so a crash before any write).
 local function emit(ctx, etype, fields)
   if type(etype) ~= 'string' then error('emit: unknown entry type', 0) end

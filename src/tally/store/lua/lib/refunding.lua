@@ -1,7 +1,8 @@
 --! include: codec reservation idempotency periods holds grants budgets usage events views write_phase
 -- refunding: a Refund's work on its ctx, from the checks of the request to
 -- the answer (refund.lua runs it once, refund_batch.lua once per item).
--- req: the fields of refund.lua's request; record_key: its idempotency record's key.
+-- req: the fields of refund.lua's request; record_key: its idempotency record's key;
+-- reservation_key: the key of the reservation it names.
 
 local function refund_charge(ctx, hold, units, reason, idem_key)
   local acct = ctx.acct
@@ -34,8 +35,8 @@ local function refund_charge(ctx, hold, units, reason, idem_key)
     labels = hold.labels, idempotency_key = idem_key})
 end
 
-local function refund_on(ctx, req, record_key)
-  local rid = open_reservation_on(ctx, req)
+local function refund_on(ctx, req, record_key, reservation_key)
+  local rid = open_reservation_on(ctx, req, reservation_key)
   local units = nil
   if req.units ~= nil then units = check_int(req.units, 'units', 1, UNITS_MAX) end
   local reason = check_str(req.reason, 'reason', REASON_BYTES_MAX, true)

@@ -3,17 +3,20 @@
 -- the hold a reservation id names.
 
 -- Loads the request's account on ctx (ctx.acct) and checks the reservation id;
--- returns the id.
-local function open_reservation_on(ctx, req)
+-- key: the reservation's own key (declared). Returns the id.
+local function open_reservation_on(ctx, req, key)
   load_account(ctx, check_str(req.account_id, 'account_id', ACCOUNT_ID_BYTES_MAX))
-  return check_str(req.reservation_id, 'reservation_id', RESERVATION_ID_BYTES_MAX)
+  local rid = check_str(req.reservation_id, 'reservation_id', RESERVATION_ID_BYTES_MAX)
+  name_reservation(ctx, rid, key)
+  return rid
 end
 
 -- A new ctx with the account loaded (ctx.acct) and the reservation id checked;
--- returns ctx and the id.
+-- keys: the script's KEYS, the reservation's own key the one after the account's.
+-- Returns ctx and the id.
 local function open_reservation(req, keys)
   local ctx = new_ctx(req, keys)
-  return ctx, open_reservation_on(ctx, req)
+  return ctx, open_reservation_on(ctx, req, keys[ACCOUNT_KEYS + 1])
 end
 
 local function not_found(rid)
@@ -35,7 +38,7 @@ local function find_hold(ctx, rid)
     return hold
   end
   local seq = tonumber(string.match(rid, '^[^.]+%.(%d+)%.'))
-  if not seq or seq > ctx.acct.seq then not_found(rid) end
+  if not seq or seq > ctx.acct.rid_seq then not_found(rid) end
   raise('NOT_IN_STORE', 'reservation_id', 'reservation ' .. rid .. ' is not in Redis',
     {event_seq = ctx.acct.event_seq})
 end

@@ -2,13 +2,14 @@
 -- reserving: a Reserve's work on its ctx, from the checks of the request to
 -- the answer (reserve.lua runs it once, reserve_batch.lua once per item).
 -- req: the fields of reserve.lua's request; the keys of the item's idempotency
--- record and of the shard's prices and price history.
+-- record, of the shard's prices and price history, and of the new reservation.
 
-local function reserve_on(ctx, req, record_key, prices_key, history_key)
+local function reserve_on(ctx, req, record_key, prices_key, history_key, reservation_key)
   local spend = check_spend_request(req)
   local ttl_ms = check_int(req.ttl_ms, 'ttl', 1, TIMESTAMP_MS_MAX)
   spend.ttl_ms = ttl_ms
-  local replay, hold, moves, short = open_spend(ctx, spend, record_key, prices_key, history_key)
+  local replay, hold, moves, short = open_spend(ctx, spend, record_key, prices_key, history_key,
+    reservation_key)
   if replay then return replay end
   local acct, units = ctx.acct, hold.units
   hold.budgets = apply_budgets(ctx, spend.operation, spend.labels, units)

@@ -1,4 +1,4 @@
---! include: codec keys context idempotency pricing periods budgets allocation views
+--! include: codec keys context idempotency pricing periods budgets allocation views holds
 -- spend: the opening reserve and charge share, from the checks of the
 -- request to the units set aside for a new hold.
 
@@ -13,14 +13,24 @@ local function check_spend_request(req)
     labels = check_labels(req.labels, 'labels'),
     window_ms = check_int(req.idempotency_window_ms, 'idempotency_window_ms', 1, TIMESTAMP_MS_MAX),
     fingerprint = check_str(req.fingerprint, 'fingerprint', FINGERPRINT_BYTES_MAX),
+    reservation_seq = check_int(req.reservation_seq, 'reservation_seq', 1, UNITS_MAX),
   }
 end
 
--- A new reservation record, HELD or already COMMITTED by the caller.
-local function new_hold(ctx, spend, unit_price, price_version, units)
+-- A new reservation record, HELD or already COMMITTED by the caller, under the
+-- id the store made (spend.reservation_seq) and the key it declared for it. An
+-- id already taken (two servers made the same one) is refused, worth a retry
+-- (it makes a new one).
+local function new_hold(ctx, spend, unit_price, price_version, units, key)
   local acct = ctx.acct
-  local seq = next_seq(acct)
-  return {id = reservation_id_for(ctx.shard, seq, acct.id), seq = seq,
+  local seq = spend.reservation_seq
+  local rid = reservation_id_for(ctx.shard, seq, acct.id)
+  if redis.call('HEXISTS', ctx.held_key, rid) == 1 or redis.call('EXISTS', key) == 1 then
+    raise('UNAVAILABLE', 'reservation_id', 'reservation id ' .. rid .. ' is taken; retry')
+  end
+  name_reservation(ctx, rid, key)
+  if seq > acct.rid_seq then acct.rid_seq = seq end
+  return {id = rid, seq = seq,
     operation = spend.operation, quantity = spend.quantity, unit_price = unit_price,
     price_version = price_version, units = units, overage = 0, moves = {}, labels = spend.labels,
     state = 'HELD', expires_at = 0, charged = 0, charged_quantity = 0, overage_charged = 0, overage_refunded = 0, refunded = 0,
@@ -53,8 +63,8 @@ end
 -- operation, brings the account up to now, checks budgets and sets the units
 -- aside, reading the idempotency record and the shard's prices and price history.
 -- Returns the answer to replay, or nil, the new hold, its grant moves and the
--- units not covered by grants (overage).
-local function open_spend(ctx, spend, record_key, prices_key, history_key)
+-- units not covered by grants (overage). reservation_key: the new hold's key.
+local function open_spend(ctx, spend, record_key, prices_key, history_key, reservation_key)
   load_account(ctx, spend.account_id)
   local figures, at = idem_lookup(record_key, spend.fingerprint, ctx.now, spend.window_ms)
   if figures then return spend_replay(ctx, spend, figures, at) end
@@ -64,5 +74,5 @@ local function open_spend(ctx, spend, record_key, prices_key, history_key)
   touch(ctx)
   check_budgets(ctx, spend.operation, spend.labels, units)
   local moves, short = allocate(ctx, spend.operation, units)
-  return nil, new_hold(ctx, spend, unit_price, version, units), moves, short
+  return nil, new_hold(ctx, spend, unit_price, version, units, reservation_key), moves, short
 end

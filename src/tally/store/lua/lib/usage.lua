@@ -1,6 +1,12 @@
---! include: codec keys
--- usage: the usage counters of a billing period (one hash per account and
--- period), and the one place their field format is written and read.
+--! include: codec
+-- usage: the usage counters of a billing period, and the one place their
+-- field format is written and read.
+-- An account has two counter slots (two hashes, declared keys: ctx.usage_keys),
+-- each holding one billing period, its start in the field `p`: the current
+-- period and the one before it (still read for a short grace after its end).
+-- A period with no slot yet takes the slot of the older one (its counters are
+-- dropped: that period ended more than a period ago and is reported from the
+-- ledger), in the write phase.
 -- The hash stays bounded whatever the labels' cardinality: it tracks at most
 -- USAGE_LABEL_SETS_MAX label sets a period (each at most
 -- USAGE_LABEL_SET_BYTES_MAX bytes as text), the first ones charged; usage with
@@ -15,6 +21,7 @@
 --   t|<sid>   a tracked label set's net units this period (label budgets)
 --   o|<operation>  an operation's net units this period (operation budgets)
 --   sets      the tracked sids, sorted, as a JSON array
+--   p         the start (ms) of the billing period the slot holds
 -- Refunds net out the charge they refund, in its bucket; only the current
 -- period's counters are kept (earlier ones are reported from the ledger).
 -- Everything else sees usage records {bucket_ms, operation, labels, units,
@@ -117,9 +124,32 @@ local function check_usage_record(record, field)
   check_int(record.count, field .. '.count', 0, UNITS_MAX)
 end
 
--- The counters of ctx's account for the billing period starting at period_start.
-local function counters_key(ctx, period_start)
-  return usage_key(ctx.prefix, ctx.acct.id, period_start)
+-- The start of the period a counter slot holds (-1: none).
+local function slot_period(key)
+  return tonumber(redis.call('HGET', key, 'p') or -1)
+end
+
+-- The slot of `slots` (an account's two counter keys) holding the billing
+-- period starting at period_start, or nil.
+local function counters_of(slots, period_start)
+  for _, key in ipairs(slots) do
+    if slot_period(key) == period_start then return key end
+  end
+  return nil
+end
+
+-- The slot to write the period's counters to: the one holding it, else the
+-- older slot emptied for it; with `replace` the slot starts empty either way.
+-- Writes: only in a write phase.
+local function claim_counters(slots, period_start, replace)
+  local key = counters_of(slots, period_start)
+  if key and not replace then return key end
+  if not key then
+    key = slot_period(slots[1]) <= slot_period(slots[2]) and slots[1] or slots[2]
+  end
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'p', int_text(period_start))
+  return key
 end
 
 -- Refuses a change that would take an hour's quantity or count past
@@ -137,21 +167,23 @@ end
 
 -- Collects a change of the current period's counters; a refund of a charge of
 -- an earlier period changes none (that period is reported from the ledger).
+-- A period without counters yet has nothing to check the change against.
 local function count_usage(ctx, period_start, at_ms, operation, labels, units, quantity, count)
   if period_start ~= ctx.acct.period_start then return end
-  local key = counters_key(ctx, period_start)
   local record = {bucket_ms = math.floor(at_ms / HOUR_MS) * HOUR_MS, operation = operation,
     labels = labels, units = units, quantity = quantity, count = count}
-  check_counters(key, record)
-  ctx.usage[#ctx.usage + 1] = {key = key, record = record}
+  local key = counters_of(ctx.usage_keys, period_start)
+  if key then check_counters(key, record) end
+  ctx.usage[#ctx.usage + 1] = record
 end
 
--- Part of the write phase: applies the changes count_usage collected.
+-- Part of the write phase: applies the changes count_usage collected (all of
+-- the current period).
 local function write_usage(ctx)
-  for _, u in ipairs(ctx.usage) do
-    add_counters(u.key, u.record)
-    keep_counters(u.key, ctx.acct.period_end)
-  end
+  if #ctx.usage == 0 then return end
+  local key = claim_counters(ctx.usage_keys, ctx.acct.period_start, false)
+  for _, record in ipairs(ctx.usage) do add_counters(key, record) end
+  keep_counters(key, ctx.acct.period_end)
 end
 
 -- The records a counter hash holds (changes collected by this run not
@@ -184,7 +216,7 @@ local function usage_records(key)
       else
         record.count = value
       end
-    elseif not string.match(fields[i], '^[lto]|') and fields[i] ~= 'sets' then
+    elseif not string.match(fields[i], '^[lto]|') and fields[i] ~= 'sets' and fields[i] ~= 'p' then
       error('usage counter field ' .. fields[i] .. ' is malformed', 0)
     end
   end
@@ -194,8 +226,10 @@ end
 -- The net units the current period's counters hold in a budget's scope: an
 -- operation's, or those of the tracked label sets carrying the budget's label
 -- value (usage counted under the other label set is not known by value).
--- Reads at most USAGE_LABEL_SETS_MAX label sets.
+-- Reads at most USAGE_LABEL_SETS_MAX label sets. key: the period's slot, or
+-- nil when the period has no counters.
 local function usage_in_scope(key, budget)
+  if not key then return 0 end
   if budget.operation ~= '' then
     return tonumber(redis.call('HGET', key, 'o|' .. budget.operation) or 0)
   end
