@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -42,7 +43,6 @@ from bench.loadgen import LoadSpec, Scenario, account_ids, run_load
 from bench.run import RESULTS, machine, scratch
 from bench.servers import Served, Tally, TallyOptions
 from tally.ledger.backend import PostgresLedger
-from tally.store.keys import META_KEY, KeySpace
 
 OPERATION = "bench.op"
 # The server's own flusher never runs during a run (a day), so its CPU is the
@@ -55,6 +55,8 @@ SAMPLE_S = 0.05
 FLUSH_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 FLUSHER_COUNTS = (1, 2)
+# The ledger tables that grow with every pair (the others hold a row per account or shard)
+LEDGER_TABLES_PER_PAIR = ("ledger_entries", "reservation_states", "idempotency_states")
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,14 @@ class Timing:
     accounts: int
     warmup_s: float
     duration_s: float
+    # measured windows per Redis setting, and rounds of (1 flusher, 2 flushers): each
+    # figure is the median of its repeats, the machine being shared
+    windows: int
+    flush_rounds: int
 
 
-FULL = Timing(accounts=1_000, warmup_s=2.0, duration_s=8.0)
-QUICK = Timing(accounts=50, warmup_s=0.5, duration_s=1.5)
+FULL = Timing(accounts=1_000, warmup_s=1.0, duration_s=5.0, windows=3, flush_rounds=2)
+QUICK = Timing(accounts=50, warmup_s=0.5, duration_s=1.5, windows=1, flush_rounds=1)
 
 
 # --- servers and Redis masters ---------------------------------------------------------
@@ -108,19 +114,25 @@ def measure_pairs(served: Served, client: redis.Redis, timing: Timing) -> dict[s
 
 
 def stream_names(client: redis.Redis) -> list[str]:
-    shards = client.hget(META_KEY, "shards")
-    if shards is None:
-        raise RuntimeError("Redis holds no Tally deployment (no shard count)")
-    keys = KeySpace(int(shards))
-    return [keys.events(shard) for shard in range(keys.shards)]
+    """The shards' event streams, found by type: whatever the shard layout names them."""
+    return sorted(key.decode() for key in client.scan_iter(match="tally:*", _type="stream"))
+
+
+def medians(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Each numeric figure's median over the runs; the others as the first run has them."""
+    return {key: statistics.median(run[key] for run in runs)
+            if isinstance(value, int | float) and not isinstance(value, bool) else value
+            for key, value in runs[0].items()}
 
 
 def serving_run(tally: Tally, timing: Timing) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The pairs run on a server whose flusher waits; returns its figures and the
-    event streams as they stand after it (DUMP payloads: entries, group, pending)."""
+    """Pairs runs on a server whose flusher waits; returns their medians (each run
+    under "windows") and the event streams as they stand after them (DUMP payloads:
+    entries, group, pending)."""
     with tally.serving(TallyOptions(flush_interval=FLUSH_DEFERRED)) as served, \
             redis.Redis(port=tally.redis.port) as client:
-        figures = measure_pairs(served, client, timing)
+        windows = [measure_pairs(served, client, timing) for _ in range(timing.windows)]
+        figures = medians(windows) | {"windows": windows}
         # every pair the server completed, the unmeasured ones included: they are in
         # the streams too
         figures["pairs_served"] = servers.server_rpc_counts(served.metrics_ports)["Commit"]
@@ -129,6 +141,8 @@ def serving_run(tally: Tally, timing: Timing) -> tuple[dict[str, Any], dict[str,
             payload = client.dump(name)
             if payload is not None:
                 backlog[name] = payload
+        if not backlog:
+            raise RuntimeError("the pairs left no event stream in Redis")
         # killed, not stopped: its shutdown would flush the backlog into its SQLite
         # ledger first (the streams are restored from the dump anyway, this saves time)
         served.process.kill()
@@ -256,6 +270,8 @@ def flush_run(count: int, tally: Tally, backlog: dict[str, bytes], folder: Path)
     with redis.Redis(port=tally.redis.port) as client, \
             servers.scratch_database() as dsn:
         events = restore(client, backlog)
+        if events == 0:
+            raise RuntimeError("the restored streams hold no unread event")
         ledger = PostgresLedger(dsn)
         ledger.migrate(int(time.time() * 1000))  # before the flushers: they would race
         ledger.close()
@@ -272,6 +288,12 @@ def flush_run(count: int, tally: Tally, backlog: dict[str, bytes], folder: Path)
 
 
 # --- the report --------------------------------------------------------------------------
+
+
+def flush_medians(flushes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per flusher count, the medians of its rounds."""
+    return [medians([run for run in flushes if run["flushers"] == count])
+            for count in FLUSHER_COUNTS]
 
 
 def unit_costs(always: dict[str, Any], flushed: dict[str, Any]) -> sizing.UnitCosts:
@@ -310,11 +332,56 @@ def table(serving: dict[str, dict[str, Any]], flushes: Sequence[dict[str, Any]])
     return lines
 
 
+def measure_all(timing: Timing) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The pairs runs of each Redis setting, and the flush rounds on the `always`
+    run's backlog (while its Redis still runs)."""
+    accounts = account_ids(timing.accounts)
+    serving: dict[str, dict[str, Any]] = {}
+    flushes: list[dict[str, Any]] = []
+    with scratch(keep=False) as folder:
+        for mode in ("always", "everysec"):
+            print(f"scaling: pairs, appendfsync {mode} ...", file=sys.stderr, flush=True)
+            tally = Tally(folder / mode, accounts, OPERATION, appendfsync=mode)
+            try:
+                serving[mode], backlog = serving_run(tally, timing)
+                if mode != "always":
+                    continue
+                for _ in range(timing.flush_rounds):
+                    for count in FLUSHER_COUNTS:
+                        print(f"scaling: {count} flusher(s) ...", file=sys.stderr, flush=True)
+                        flushes.append(flush_run(count, tally, backlog, folder))
+            finally:
+                tally.close()
+    return serving, flushes
+
+
+def summary(report: dict[str, Any], costs: sizing.UnitCosts,
+            assumptions: sizing.Assumptions, deployment: sizing.Deployment) -> list[str]:
+    serving, flushed = report["serving"], report["flush_medians"]
+    timing, pairs = report["timing"], serving["always"]["pairs_served"]
+    grown = flushed[0]["table_bytes_grown"]
+    types = ", ".join(f"{kind} {n}" for kind, n in flushed[0]["entries_by_type"].items())
+    return [
+        f"medians of {timing['windows']} pairs windows and {timing['flush_rounds']} flush rounds",
+        *table(serving, flushed), "",
+        f"events per pair: {costs.events_per_pair:.2f} ({types}; {pairs} pairs)",
+        "ledger growth per pair (PostgreSQL, dead row versions not yet vacuumed included): "
+        + ", ".join(f"{name} {grown.get(name, 0) / pairs:,.0f} B"
+                    for name in LEDGER_TABLES_PER_PAIR), "",
+        *sizing.describe(costs, assumptions, deployment),
+        f"  (appendfsync everysec: {report['deployment_everysec']['redis_masters_for_cpu']:,} "
+        "masters for CPU)", "",
+        f"load average {report['machine']['load_average_before'][0]:.1f} -> "
+        f"{report['machine']['load_average_after'][0]:.1f} on {report['machine']['cores']} "
+        f"cores ({report['elapsed_s']:.0f}s)",
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Unit capacities and the deployment for a "
                                      "target rate (see bench/README.md)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK.accounts} accounts, {QUICK.duration_s:g} s windows")
+                        help=f"{QUICK.accounts} accounts, one {QUICK.duration_s:g} s window")
     parser.add_argument("--target", type=float, default=sizing.Assumptions.target_pairs_per_s,
                         help="Reserve+Commit pairs/s to size for")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -325,24 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     timing = QUICK if args.quick else FULL
     started, load_before = time.monotonic(), os.getloadavg()
-    accounts = account_ids(timing.accounts)
-    serving: dict[str, dict[str, Any]] = {}
-    flushes: list[dict[str, Any]] = []
-    with scratch(keep=False) as folder:
-        backlog: dict[str, bytes] = {}
-        for mode in ("always", "everysec"):
-            print(f"scaling: pairs, appendfsync {mode} ...", file=sys.stderr, flush=True)
-            tally = Tally(folder / mode, accounts, OPERATION, appendfsync=mode)
-            try:
-                serving[mode], streams = serving_run(tally, timing)
-                if mode == "always":
-                    backlog = streams
-                    for count in FLUSHER_COUNTS:
-                        print(f"scaling: {count} flusher(s) ...", file=sys.stderr, flush=True)
-                        flushes.append(flush_run(count, tally, backlog, folder))
-            finally:
-                tally.close()
-    costs = unit_costs(serving["always"], flushes[0])
+    serving, flushes = measure_all(timing)
+    flushed = flush_medians(flushes)
+    costs = unit_costs(serving["always"], flushed[0])
     deployment = sizing.size(costs, assumptions)
     everysec = sizing.size(sizing.UnitCosts(**asdict(costs) | {
         "redis_cpu_us_per_pair": serving["everysec"]["redis_cpu_us_per_pair"]}), assumptions)
@@ -354,21 +406,15 @@ def main(argv: list[str] | None = None) -> int:
         "timing": asdict(timing),
         "serving": serving,
         "flushes": flushes,
+        "flush_medians": flushed,
         **sizing.as_dict(costs, assumptions, deployment),
         "deployment_everysec": asdict(everysec),
         "elapsed_s": time.monotonic() - started,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scaling.json").write_text(json.dumps(report, indent=2) + "\n")
-    print("\n".join(table(serving, flushes)))
-    print(f"\nevents per pair: {costs.events_per_pair:.2f} "
-          f"({', '.join(f'{t} {n}' for t, n in flushes[0]['entries_by_type'].items())}; "
-          f"{serving['always']['pairs_served']} pairs)\n")
-    print("\n".join(sizing.describe(costs, assumptions, deployment)))
-    print(f"  (appendfsync everysec: {everysec.redis_masters_for_cpu:,} masters for CPU)")
-    print(f"\nload average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} on "
-          f"{report['machine']['cores']} cores; {args.out / 'scaling.json'} "
-          f"({report['elapsed_s']:.0f}s)")
+    print("\n".join(summary(report, costs, assumptions, deployment)))
+    print(args.out / "scaling.json")
     return 0
 
 

@@ -174,7 +174,8 @@ def describe(costs: UnitCosts, assumptions: Assumptions, deployment: Deployment)
         f"  ledger events/s                {d.ledger_events_per_s:>8,.0f}   "
         f"{costs.events_per_pair:.2f} events per pair",
         f"  flusher processes              {d.flusher_processes:>8,}   "
-        f"{d.flusher_events_per_s_each:,.0f} events/s each at {a.flusher_busy:.0%}",
+        f"{d.flusher_events_per_s_each:,.0f} events/s each at {a.flusher_busy:.0%} (CPU bound: "
+        f"{1e6 / costs.flusher_cpu_us_per_event:,.0f})",
         f"  PostgreSQL cores               {d.postgres_cores:>8,}   "
         f"{costs.postgres_cpu_us_per_event:,.0f} µs/event at {a.postgres_busy:.0%} busy; "
         f"{d.postgres_primaries:,} primar{'y' if d.postgres_primaries == 1 else 'ies'} of "

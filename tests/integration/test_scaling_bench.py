@@ -34,13 +34,18 @@ def report(tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer) -
 @pytest.mark.timeout(420)
 def test_each_serving_run_measured_pairs_and_cpu(report: dict[str, Any]) -> None:
     assert set(report["serving"]) == {"always", "everysec"}
-    for mode, run in report["serving"].items():
-        assert 0 < run["pairs"] <= run["pairs_served"], mode
+    for mode, served in report["serving"].items():
+        assert len(served["windows"]) == report["timing"]["windows"] == 1, mode
+        run = served["windows"][0]
+        assert 0 < run["pairs"] <= served["pairs_served"], mode
         assert run["server_cpu_s"] > 0 and run["redis_cpu_s"] > 0, mode
         assert run["server_cpu_us_per_pair"] == pytest.approx(
             1e6 * run["server_cpu_s"] / run["pairs"]), mode
-        assert 0 < run["redis_main_thread_us_per_pair"] <= run["redis_cpu_us_per_pair"] + 1e-9
+        # a part of the whole (Redis reads the two a moment apart: 1 % of slack)
+        assert 0 < run["redis_main_thread_us_per_pair"] <= 1.01 * run["redis_cpu_us_per_pair"]
         assert run["backends"]["hiredis"] is True, mode
+        # one window: its figures are the medians
+        assert {k: v for k, v in served.items() if k not in ("windows", "pairs_served")} == run
 
 
 @pytest.mark.timeout(420)
@@ -61,7 +66,9 @@ def test_every_event_of_the_pairs_reaches_the_ledger_once(report: dict[str, Any]
 
 @pytest.mark.timeout(420)
 def test_the_unit_costs_are_the_measured_figures(report: dict[str, Any]) -> None:
-    costs, always, one = report["unit_costs"], report["serving"]["always"], report["flushes"][0]
+    costs, always = report["unit_costs"], report["serving"]["always"]
+    one = report["flush_medians"][0]
+    assert one == report["flushes"][0]  # one round: the medians are its figures
     assert costs == {
         "server_cpu_us_per_pair": always["server_cpu_us_per_pair"],
         "redis_cpu_us_per_pair": always["redis_cpu_us_per_pair"],
