@@ -119,9 +119,11 @@ def stream_names(client: redis.Redis) -> list[str]:
 
 
 def medians(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Each numeric figure's median over the runs; the others as the first run has them."""
+    """Each numeric figure's median over the runs; the others (and a figure all runs
+    share, such as the flusher count) as the first run has them."""
     return {key: statistics.median(run[key] for run in runs)
-            if isinstance(value, int | float) and not isinstance(value, bool) else value
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            and any(run[key] != value for run in runs) else value
             for key, value in runs[0].items()}
 
 
@@ -200,6 +202,8 @@ def flushers(count: int, redis_url: str, dsn: str, folder: Path) -> Iterator[lis
         "TALLY_DATA_DIR": str(folder / "flusher-var"),
         "TALLY_FLUSH_INTERVAL": FLUSHER_INTERVAL, "TALLY_LOG_LEVEL": "WARNING"}
     processes = []
+    for old in folder.glob("flusher-*.log"):
+        old.unlink()
     try:
         for n in range(count):
             log = (folder / f"flusher-{n}.log").open("wb")
@@ -257,12 +261,22 @@ def flush_figures(samples: Sequence[FlushSample]) -> dict[str, Any]:
 
 
 def ledger_contents(conn: psycopg.Connection[Any]) -> dict[str, Any]:
-    """Entries by type, and each table's bytes (rows, indexes, TOAST)."""
+    """Entries by type, each table's bytes (rows, indexes, TOAST), and the deadlocks
+    PostgreSQL broke in the database (the stats of backends that have exited)."""
     types = dict(conn.execute(
         "SELECT type, COUNT(*) FROM ledger_entries GROUP BY type ORDER BY type").fetchall())
     tables = dict(conn.execute(
         "SELECT relname, pg_total_relation_size(relid) FROM pg_stat_user_tables").fetchall())
-    return {"entries_by_type": types, "table_bytes": tables}
+    row = conn.execute(
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()").fetchone()
+    return {"entries_by_type": types, "table_bytes": tables, "deadlocks": int(row[0]) if row else 0}
+
+
+def failed_passes(folder: Path) -> int:
+    """The flush passes the flushers logged as failed (their batch rolled back and
+    stays pending for the next pass): a deadlock between flushers shows here."""
+    return sum(log.read_text(errors="replace").count("flush pass failed")
+               for log in folder.glob("flusher-*.log"))
 
 
 def flush_run(count: int, tally: Tally, backlog: dict[str, bytes], folder: Path) -> dict[str, Any]:
@@ -284,7 +298,8 @@ def flush_run(count: int, tally: Tally, backlog: dict[str, bytes], folder: Path)
     grown = {table: size - empty.get(table, 0) for table, size in contents["table_bytes"].items()}
     return {"flushers": count, "backlog_events": events, **flush_figures(samples),
             "entries_by_type": contents["entries_by_type"],
-            "table_bytes_grown": {t: b for t, b in sorted(grown.items()) if b > 0}}
+            "table_bytes_grown": {t: b for t, b in sorted(grown.items()) if b > 0},
+            "deadlocks": contents["deadlocks"], "failed_passes": failed_passes(folder)}
 
 
 # --- the report --------------------------------------------------------------------------
@@ -323,7 +338,9 @@ def table(serving: dict[str, dict[str, Any]], flushes: Sequence[dict[str, Any]])
         name = f"{run['flushers']} flusher{'s' if run['flushers'] > 1 else ''}"
         lines.append(f"{name + ' (event)':34} {run['events_per_s']:>10,.0f} ev/s "
                      f"{run['flusher_cpu_us_per_event']:>12,.0f} "
-                     f"{1e6 / run['flusher_cpu_us_per_event']:>9,.0f} ev/s")
+                     f"{1e6 / run['flusher_cpu_us_per_event']:>9,.0f} ev/s   "
+                     f"{run['flusher_cores_busy']:.0%} busy, {run['deadlocks']:g} deadlocks, "
+                     f"{run['failed_passes']:g} failed passes")
         lines.append(f"{'  PostgreSQL backends (event)':34} {'':>16} "
                      f"{run['postgres_cpu_us_per_event']:>12,.0f} "
                      f"{1e6 / run['postgres_cpu_us_per_event']:>9,.0f} ev/s")
