@@ -67,7 +67,7 @@ bench: setup $(BENCH_INSTALLED)
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.scaling $(filter --quick,$(BENCH_ARGS)) $(SCALING_ARGS)
 
-# Unit capacities and the deployment for 100,000 pairs/s (about 1 minute;
+# Unit capacities and the deployment for 100,000 pairs/s (about 2-3 minutes;
 # SCALING_ARGS=--quick, --target N).
 bench-scaling: setup $(BENCH_INSTALLED)
 	$(PY) -m bench.scaling $(SCALING_ARGS)

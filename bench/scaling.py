@@ -70,7 +70,7 @@ class Timing:
     flush_rounds: int
 
 
-FULL = Timing(accounts=1_000, warmup_s=1.0, duration_s=5.0, windows=3, flush_rounds=2)
+FULL = Timing(accounts=1_000, warmup_s=1.0, duration_s=4.0, windows=3, flush_rounds=2)
 QUICK = Timing(accounts=50, warmup_s=0.5, duration_s=1.5, windows=1, flush_rounds=1)
 
 
