@@ -13,7 +13,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_INSTALLED := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup proto protolint run test lint typecheck unit clean loadtest bench
+.PHONY: setup proto protolint run test lint typecheck unit clean loadtest bench bench-scaling
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -56,7 +56,8 @@ loadtest: setup
 	$(PY) loadtests/run.py --users $(LOADTEST_USERS) --spawn-rate $(LOADTEST_SPAWN_RATE) \
 	  --run-time $(LOADTEST_RUN_TIME) --processes $(LOADTEST_PROCESSES) $(if $(LOCUST_ARGS),-- $(LOCUST_ARGS))
 # The side-by-side benchmark (bench/README.md): about 6 minutes; BENCH_ARGS=--quick
-# for a short run. Writes bench/results/latest.json, latency.png and the profile.
+# for a short run. Writes bench/results/latest.json, latency.png and the profile,
+# then the scaling bench (bench-scaling) with bench/results/scaling.json.
 BENCH_INSTALLED := $(VENV)/.bench-installed
 $(BENCH_INSTALLED): $(INSTALLED)
 	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
@@ -64,6 +65,12 @@ $(BENCH_INSTALLED): $(INSTALLED)
 
 bench: setup $(BENCH_INSTALLED)
 	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.scaling $(filter --quick,$(BENCH_ARGS)) $(SCALING_ARGS)
+
+# Unit capacities and the deployment for 100,000 pairs/s (about 2-3 minutes;
+# SCALING_ARGS=--quick, --target N).
+bench-scaling: setup $(BENCH_INSTALLED)
+	$(PY) -m bench.scaling $(SCALING_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench loadtests

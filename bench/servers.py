@@ -260,6 +260,9 @@ class TallyOptions:
     upb: bool = True
     workers: int = 0  # 0: the server's default (no flag passed)
     redis_pipeline: bool = True  # False: --redis-pipeline off
+    # "": the server's default; a long one keeps the pairs' events in the streams
+    # (bench/scaling.py measures serving alone, then flushers on that backlog)
+    flush_interval: str = ""
 
 
 def hiredis_shadow(folder: Path) -> Path:
@@ -306,6 +309,8 @@ class Tally:
         }
         if not options.upb:
             env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] = "python"
+        if options.flush_interval:
+            env["TALLY_FLUSH_INTERVAL"] = options.flush_interval
         flags = []
         if options.event_loop:
             flags += ["--event-loop", options.event_loop]
