@@ -209,11 +209,13 @@ async def test_a_cluster_with_one_evicting_master_is_refused(
     await stop_running(running)
 
 
-async def test_flusher_lag_and_groups_cover_every_shard(
+async def test_flusher_lag_and_fence_watch_cover_every_master(
     redis_cluster: RedisClusterProcesses,
 ) -> None:
     """Proves the flusher's lag counts each account's unflushed charge on its own
-    shard, on three masters, and nothing once a flush went through every shard."""
+    shard, on three masters, and nothing once a flush went through every shard; and
+    that the fence watch reads every master's fences: wiping one master fences its
+    shards alone."""
     running = await start_running(redis_cluster.url, **SLOW_FLUSH)
     try:
         streams = EventStreams.of(running.authority.store)
@@ -226,5 +228,15 @@ async def test_flusher_lag_and_groups_cover_every_shard(
         assert all(lags[streams.keys.shard_of(a)].waiting >= 1 for a in accounts)
         await running.authority.flusher.flush_all()
         assert all(lag.waiting == 0 for lag in await streams.lag())
+
+        fence_watch = running.authority.fence_watch
+        assert await fence_watch.pass_once() == 0
+        wiped = master_port(redis_cluster, streams.keys, accounts[0])
+        with redis.Redis(port=wiped) as node:
+            node.flushall()
+        assert await fence_watch.pass_once() >= 1
+        fenced = fence_watch.fences.fenced
+        assert streams.keys.shard_of(accounts[0]) in fenced
+        assert all(streams.keys.shard_of(a) not in fenced for a in accounts[1:])
     finally:
         await stop_running(running)

@@ -83,23 +83,29 @@ class Node:
         )
         return aioredis.Redis.from_pool(pool)
 
-    @property
-    def socket_timeout_s(self) -> float | None:
-        timeout = self.connection_kwargs.get("socket_timeout")
-        return float(timeout) if timeout else None
 
 
 class StreamTail:
     """Reads shard streams on connections of its own (opened on first use, one per
     node); close it after.
 
-    node_of: the node holding a shard's keys. cross_slot: whether one command may
-    name streams of several shards (a single Redis; not a cluster)."""
+    node_of: the node holding a shard's keys now (asked at each read: a watch
+    follows a slot to a promoted replica). cross_slot: whether one command may name
+    streams of several shards (a single Redis; not a cluster). socket_timeout_s:
+    the connections' (a blocking read stays well within it)."""
 
-    def __init__(self, keys: KeySpace, node_of: Callable[[int], Node], *, cross_slot: bool) -> None:
+    def __init__(
+        self,
+        keys: KeySpace,
+        node_of: Callable[[int], Node],
+        *,
+        cross_slot: bool,
+        socket_timeout_s: float | None,
+    ) -> None:
         self.keys = keys
         self._node_of = node_of
         self.cross_slot = cross_slot
+        self.socket_timeout_s = socket_timeout_s
         self._conns: dict[str, aioredis.Redis] = {}
 
     async def close(self) -> None:
@@ -110,9 +116,8 @@ class StreamTail:
 
     def block_ms(self, wanted_ms: int) -> int:
         """An XREAD BLOCK time of at most wanted_ms, and well within the socket timeout."""
-        timeout = self._node_of(0).socket_timeout_s
-        if timeout:
-            return max(1, min(wanted_ms, int(timeout * 1000 / 2)))
+        if self.socket_timeout_s:
+            return max(1, min(wanted_ms, int(self.socket_timeout_s * 1000 / 2)))
         return wanted_ms
 
     def _conn(self, shard: int) -> aioredis.Redis:
@@ -176,18 +181,20 @@ class StreamTail:
                 ]
                 for index in indexes
             ]
-            return await _transactions(conn, blocks)
+            return [
+                [_parsed(conn, "XINFO STREAM", info), _parsed(conn, "XREAD", entries)]
+                for info, entries in await _transactions(conn, blocks)
+            ]
 
         replies = await self._per_node(shards, on_node)
         infos: list[StreamInfo] = []
         entries: list[list[StreamEntry]] = []
         with redis_errors():
-            for (shard, _), (info_raw, xread_raw) in zip(positions, replies, strict=True):
-                conn = self._conn(shard)
-                infos.append(_parse_info(_parsed(conn, "XINFO STREAM", info_raw)))
-                if isinstance(xread_raw, Exception):
-                    raise xread_raw
-                entries.append(self._entries(_parsed(conn, "XREAD", xread_raw), [shard])[0])
+            for (shard, _), (info, xread) in zip(positions, replies, strict=True):
+                infos.append(_parse_info(info))
+                if isinstance(xread, Exception):
+                    raise xread
+                entries.append(self._entries(xread, [shard])[0])
         return infos, entries
 
     async def wait(
@@ -234,8 +241,8 @@ class StreamTail:
         work: Callable[[aioredis.Redis, list[int]], Any],
     ) -> list[Any]:
         """work(connection, indexes) on every node at once; its replies, in shard order."""
-        groups = self._by_node(shards)
         with redis_errors():
+            groups = self._by_node(shards)
             results = await asyncio.gather(*(work(conn, indexes) for conn, indexes in groups))
         replies: list[Any] = [None] * len(shards)
         for (_, indexes), result in zip(groups, results, strict=True):

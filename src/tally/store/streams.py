@@ -203,10 +203,16 @@ class EventStreams:
         """Connections of the caller's own (store/stream_tail.py): a blocking XREAD
         holds its connection, and must never take one the hot path needs."""
         if isinstance(self.redis, RedisCluster):
-            return StreamTail(self.keys, self._cluster_node, cross_slot=False)
+            timeout = self.redis.connection_kwargs.get("socket_timeout")
+            return StreamTail(
+                self.keys, self._cluster_node, cross_slot=False, socket_timeout_s=timeout
+            )
         pool = self.redis.connection_pool
         node = Node("redis", pool.connection_class, dict(pool.connection_kwargs))
-        return StreamTail(self.keys, lambda _shard: node, cross_slot=True)
+        timeout = pool.connection_kwargs.get("socket_timeout")
+        return StreamTail(
+            self.keys, lambda _shard: node, cross_slot=True, socket_timeout_s=timeout
+        )
 
     def _cluster_node(self, shard: int) -> Node:
         """The master that holds the shard's keys now (the cluster client's slot table)."""
