@@ -76,14 +76,15 @@ async def test_watches_follow_accounts_on_every_master_and_resume(
     """Proves an all-accounts watch sees the events of accounts on three masters in
     order per account, a single-account watch its account's, and that resuming either
     (from Redis, and from the ledger after a flush trimmed the streams) gives exactly
-    the events after the position."""
+    the events after the position; an all-accounts watch resumed from before a trim
+    says which shards on which masters it missed events of, and how many."""
     running = await start_running(redis_cluster.url, **SLOW_FLUSH)
     try:
         keys = running.authority.store.keys
         accounts = accounts_on_masters(redis_cluster, keys, 3)
         for account_id in accounts:
             await create(running, account_id)
-        everything, _ = await watch(running)
+        everything, start_all = await watch(running)
         one, one_start = await watch(running, accounts[0])
         for round_ in range(2):
             for account_id in accounts:
@@ -109,6 +110,16 @@ async def test_watches_follow_accounts_on_every_master_and_resume(
         replayed = await take(from_ledger, int(one_start) + 2)
         assert [int(e.position) for e in replayed] == list(range(1, int(one_start) + 3))
         from_ledger.cancel()
+
+        # every shard kept its newest entry alone: from the start, each missed one
+        for account_id in accounts:
+            await charge(running, account_id, "after-trim")
+        behind, _ = await watch(running, after=start_all)
+        notice, *kept = await take(behind, 7)
+        behind.cancel()
+        assert notice.type == "fell_behind"
+        assert all(f"{keys.tag(keys.shard_of(a))}: 1 events" in notice.alert for a in accounts)
+        assert sorted(e.account_id for e in kept) == sorted(accounts * 2)
     finally:
         await stop_running(running)
 
