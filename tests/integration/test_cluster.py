@@ -124,6 +124,36 @@ async def test_watches_follow_accounts_on_every_master_and_resume(
         await stop_running(running)
 
 
+async def test_watches_hold_no_connection_of_the_calls(
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    """Proves idle watches of accounts on one master, more than the store has
+    connections to it, each blocked in an XREAD, take none of the calls' connections:
+    charges on that master go through, and every watch sees its account's charge."""
+    pool = 4
+    running = await start_running(redis_cluster.url, redis_max_connections=pool, **SLOW_FLUSH)
+    try:
+        keys = running.authority.store.keys
+        first = accounts_on_masters(redis_cluster, keys, 1)[0]
+        port = master_port(redis_cluster, keys, first)
+        accounts = [first]
+        while len(accounts) < pool + 2:
+            account_id = unique()
+            if master_port(redis_cluster, keys, account_id) == port:
+                accounts.append(account_id)
+        for account_id in accounts:
+            await create(running, account_id)
+        watches = [await watch(running, account_id) for account_id in accounts]
+        for account_id in accounts:
+            await charge(running, account_id, "c1")
+        for account_id, (call, start) in zip(accounts, watches, strict=True):
+            (event,) = await take(call, 1)
+            assert (event.account_id, event.position) == (account_id, str(int(start) + 1))
+            call.cancel()
+    finally:
+        await stop_running(running)
+
+
 async def test_status_verify_and_recover_after_every_master_was_wiped(
     redis_cluster: RedisClusterProcesses, ledger_url: str
 ) -> None:
