@@ -84,7 +84,6 @@ class Node:
         return aioredis.Redis.from_pool(pool)
 
 
-
 class StreamTail:
     """Reads shard streams on connections of its own (opened on first use, one per
     node); close it after.
