@@ -21,7 +21,9 @@ from tally.runtime import parse_event_loop
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
-MAX_WATCHERS = 256  # concurrent watches per server, each with its own Redis connection
+# Concurrent watches per server, each with a Redis connection of its own (on a
+# Redis Cluster: one per master it reads).
+MAX_WATCHERS = 256
 # Concurrent watches per authenticated principal: one client cannot take every slot.
 MAX_WATCHERS_PER_PRINCIPAL = MAX_WATCHERS // 4
 # Calls served at once per server: enough for bursts of hundreds of callers, few

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tally.api.watch.positions import decode_token, encode_token
 from tally.api.watch.reader import Cursor, advance
 from tally.domain.events import StreamEntry, decode
-from tally.store.streams import StreamInfo
+from tally.store.stream_tail import StreamInfo
 
 
 def entry(stream_id: str, seq: int) -> StreamEntry:

@@ -74,6 +74,7 @@ from tally.store.contract import (
 )
 from tally.store.fence import ShardBehind, ShardFences
 from tally.store.keys import META_KEY, KeySpace
+from tally.store.nodes import config_values
 from tally.store.reservation_ids import ReservationIds
 from tally.store.usage_counters import usage_of
 
@@ -511,13 +512,17 @@ class QuotaStore:
     # --- deployment checks -------------------------------------------------
 
     async def check_deployment(self) -> None:
-        """Refuses a Redis that can evict keys, or one laid out with another shard count."""
-        policy = await self.redis.config_get("maxmemory-policy")
-        value = policy.get("maxmemory-policy") or policy.get(b"maxmemory-policy")
-        value = value.decode() if isinstance(value, bytes) else value
-        if value != "noeviction":
+        """Refuses a Redis that can evict keys (on a cluster: any node that can), or
+        one laid out with another shard count."""
+        policies = await config_values(self.redis, "maxmemory-policy")
+        evicting = {node: value for node, value in policies.items() if value != "noeviction"}
+        if evicting:
+            named = ", ".join(
+                f"{value!r} on {node}" if node else repr(value)
+                for node, value in sorted(evicting.items())
+            )
             raise RuntimeError(
-                f"Redis maxmemory-policy is {value!r}: eviction would delete balances; "
+                f"Redis maxmemory-policy is {named}: eviction would delete balances; "
                 "set maxmemory-policy noeviction"
             )
         stored = await self.redis.hget(META_KEY, "shards")

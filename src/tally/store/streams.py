@@ -2,9 +2,10 @@
 
 The flusher reads each shard's stream through the consumer group `ledger`
 (claiming what a dead consumer left pending), acknowledges what the ledger
-has, and trims what every consumer has acknowledged. Watchers tail the
-streams on connections of their own (`tail`). Every failure comes out as a
-domain error (store/failures.py).
+has, and trims what every consumer has acknowledged: one stream (one hash slot) per
+command, so a Redis Cluster serves them as a single Redis does. Watchers tail
+the streams on connections of their own (`tail`, store/stream_tail.py). Every
+failure comes out as a domain error (store/failures.py).
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
-from redis.maint_notifications import MaintNotificationsConfig
 
-from tally.domain.errors import FailedPrecondition
 from tally.domain.events import StreamEntry, decode, stream_id_order
 from tally.store.failures import redis_errors
 from tally.store.keys import KeySpace
 from tally.store.quota_store import QuotaStore
+from tally.store.stream_tail import Node, StreamTail
 
 GROUP = "ledger"
 LAG_COUNT_MAX = 10_000  # "waiting" is a lower bound beyond this
@@ -46,30 +45,9 @@ class Delivery:
     entries: list[StreamEntry]  # the ones still in the stream (deleted ones have no fields)
 
 
-@dataclass(frozen=True)
-class StreamInfo:
-    """XINFO STREAM figures."""
-
-    added: int  # entries ever added (entries-added)
-    length: int
-    first_id: str | None
-    last_id: str  # last-generated-id
-
-    @property
-    def gone(self) -> int:
-        """Entries numbered up to this were trimmed (the flusher trims a prefix only)."""
-        return self.added - self.length
-
-
-NO_STREAM = StreamInfo(0, 0, None, "0-0")
-
-# (shard, stream id): read the shard's entries after that id
-Position = tuple[int, str]
-
-
 class EventStreams:
     def __init__(self, redis: Any, keys: KeySpace) -> None:
-        self.redis = redis  # the store's pool (an aioredis.Redis)
+        self.redis = redis  # the store's client (store/client.py RedisClient)
         self.keys = keys
 
     @classmethod
@@ -222,133 +200,27 @@ class EventStreams:
     # --- watchers ---------------------------------------------------------------
 
     def tail(self) -> StreamTail:
-        """A connection of the caller's own, with the store's settings (address,
-        credentials, timeouts, no retries) but outside the store's pool: a blocking
-        XREAD holds its connection, and must never take one the hot path needs."""
+        """Connections of the caller's own (store/stream_tail.py): a blocking XREAD
+        holds its connection, and must never take one the hot path needs."""
+        if isinstance(self.redis, RedisCluster):
+            timeout = self.redis.connection_kwargs.get("socket_timeout")
+            return StreamTail(
+                self.keys, self._cluster_node, cross_slot=False, socket_timeout_s=timeout
+            )
         pool = self.redis.connection_pool
-        kwargs = {
-            k: v
-            for k, v in pool.connection_kwargs.items()
-            if k not in ("himport_registry", "maint_notifications_config")
-        }
-        own = aioredis.ConnectionPool(
-            connection_class=pool.connection_class,
-            max_connections=1,
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
-            **kwargs,
+        node = Node("redis", pool.connection_class, dict(pool.connection_kwargs))
+        timeout = pool.connection_kwargs.get("socket_timeout")
+        return StreamTail(
+            self.keys, lambda _shard: node, cross_slot=True, socket_timeout_s=timeout
         )
-        return StreamTail(aioredis.Redis.from_pool(own), self.keys)
 
-
-class StreamTail:
-    """Reads shard streams (no group) on one connection of its own; close it after."""
-
-    def __init__(self, conn: aioredis.Redis, keys: KeySpace) -> None:
-        self.conn = conn
-        self.keys = keys
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.conn.aclose()
-
-    def block_ms(self, wanted_ms: int) -> int:
-        """An XREAD BLOCK time of at most wanted_ms, and well within the socket timeout."""
-        timeout = self.conn.connection_pool.connection_kwargs.get("socket_timeout")
-        if timeout:
-            return max(1, min(wanted_ms, int(float(timeout) * 1000 / 2)))
-        return wanted_ms
-
-    async def account_head(self, account_id: str) -> tuple[int | None, StreamInfo]:
-        """The account's last event number (None: no such account) and its shard's
-        stream figures, read at one instant."""
-        shard = self.keys.shard_of(account_id)
-        with redis_errors():
-            async with self.conn.pipeline(transaction=True) as pipe:
-                pipe.get(self.keys.account_keys(account_id)[0])
-                pipe.xinfo_stream(self.keys.events(shard))
-                blob, info_reply = await pipe.execute(raise_on_error=False)
-            if isinstance(blob, Exception):
-                raise blob
-            info = _parse_info(info_reply)
-        if blob is None:
-            return None, info
-        account = msgpack.unpackb(blob, raw=False, strict_map_key=False)
-        return int(account.get("event_seq", 0) or 0), info
-
-    async def infos(self, shards: Sequence[int]) -> list[StreamInfo]:
-        with redis_errors():
-            async with self.conn.pipeline(transaction=True) as pipe:
-                for shard in shards:
-                    pipe.xinfo_stream(self.keys.events(shard))
-                replies = await pipe.execute(raise_on_error=False)
-            return [_parse_info(reply) for reply in replies]
-
-    async def read(
-        self, positions: Sequence[Position], count: int
-    ) -> tuple[list[StreamInfo], list[list[StreamEntry]]]:
-        """Each stream's figures and its next entries (at most count), in one MULTI:
-        the figures say exactly what was trimmed before the entries."""
-        with redis_errors():
-            async with self.conn.pipeline(transaction=True) as pipe:
-                for shard, _ in positions:
-                    pipe.xinfo_stream(self.keys.events(shard))
-                pipe.xread(self._streams(positions), count=count)
-                results = await pipe.execute(raise_on_error=False)
-            *info_replies, xread_reply = results
-            if isinstance(xread_reply, Exception):
-                raise xread_reply
-            infos = [_parse_info(reply) for reply in info_replies]
-        return infos, self._entries(xread_reply, positions)
-
-    async def wait(
-        self, positions: Sequence[Position], count: int, block_ms: int
-    ) -> list[list[StreamEntry]] | None:
-        """The next entries after the positions, waiting up to block_ms for one
-        (None: nothing came)."""
-        with redis_errors():
-            reply = await self.conn.xread(self._streams(positions), count=count, block=block_ms)
-        if not reply:
-            return None
-        return self._entries(reply, positions)
-
-    def _streams(self, positions: Sequence[Position]) -> dict[Any, Any]:
-        return {self.keys.events(shard): stream_id for shard, stream_id in positions}
-
-    def _entries(self, reply: Any, positions: Sequence[Position]) -> list[list[StreamEntry]]:
-        by_name: dict[str, list[tuple[str, Any]]] = {}
-        if isinstance(reply, dict):  # RESP3
-            items: list[Any] = [[name, entries] for name, entries in reply.items()]
-        else:
-            items = list(reply or [])
-        for name, entries in items:
-            by_name[_text(name)] = [
-                (_text(entry_id), fields) for entry_id, fields in entries if fields
-            ]
-        return [
-            [decode(shard, sid, fields) for sid, fields in by_name.get(self.keys.events(shard), [])]
-            for shard, _ in positions
-        ]
-
-
-def _parse_info(reply: Any) -> StreamInfo:
-    if isinstance(reply, ResponseError):
-        if "no such key" in str(reply).lower():
-            return NO_STREAM
-        raise reply
-    if isinstance(reply, Exception):
-        raise reply
-    if "entries-added" not in reply:
-        raise FailedPrecondition(
-            "WatchUsage needs Redis 7.0 or newer (XINFO STREAM entries-added)"
+    def _cluster_node(self, shard: int) -> Node:
+        """The master that holds the shard's keys now (the cluster client's slot table)."""
+        cluster: RedisCluster = self.redis
+        master = cluster.nodes_manager.get_node_from_slot(
+            cluster.keyslot(self.keys.events(shard))
         )
-    first = reply.get("first-entry")
-    first_id = _text(first[0]) if first and first[0] is not None else None
-    return StreamInfo(
-        added=int(reply["entries-added"]),
-        length=int(reply["length"]),
-        first_id=first_id,
-        last_id=_text(reply["last-generated-id"]),
-    )
+        return Node(master.name, master.connection_class, master.connection_kwargs)
 
 
 def _text(value: Any) -> str:

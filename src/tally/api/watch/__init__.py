@@ -58,7 +58,7 @@ Bounds and flow control
 Modules
     positions (the two position codecs), reader (cursor arithmetic over the shard
     streams: what was missed, where to resume), service (admission, the two
-    algorithms, metrics). Redis is spoken by store/streams.py (`StreamTail`).
+    algorithms, metrics). Redis is spoken by store/stream_tail.py (`StreamTail`).
 
 Initial metadata
     Once the watch is positioned (after validation, before the first event) the

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tally.domain.events import StreamEntry, stream_id_order
-from tally.store.streams import StreamInfo, StreamTail
+from tally.store.stream_tail import StreamInfo, StreamTail
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ from tally.domain.errors import InvalidArgument, NotFound, TallyError
 from tally.domain.events import Entry, stream_id_order
 from tally.ledger.ledger import Ledger, LedgerUnavailable
 from tally.store.failures import StoreRefused, StoreUnreachable
-from tally.store.streams import EventStreams, StreamTail
+from tally.store.stream_tail import StreamTail
+from tally.store.streams import EventStreams
 from tally.v1 import usage_pb2
 
 log = logging.getLogger("tally.watch")
