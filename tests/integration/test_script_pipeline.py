@@ -6,8 +6,11 @@ call, and a connection killed with calls in flight fails those calls only
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +23,7 @@ from tally.store.contract import HoldReply, ReserveRequest
 from tally.store.failures import StoreUnreachable
 from tally.store.quota_store import QuotaStore
 from tests.guard_support import balance, create_account
+from tests.integration.crash_support import wait_until
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 
 OPERATION = "image.upscale"
@@ -231,3 +235,46 @@ async def test_the_window_is_a_setting(own_redis: RedisProcess) -> None:
         assert running.authority.store.runner.pipeline.window_s == 0.002
     finally:
         await stop_running(running)
+
+
+async def test_a_single_redis_waits_for_its_replica_when_asked(
+    own_redis: RedisProcess, tmp_path: Path
+) -> None:
+    """Proves --redis-wait-replicas 1 on a single Redis with a replica acknowledges
+    writes the replica has, and refuses (UNAVAILABLE, nothing acknowledged) one the
+    stopped replica could not confirm; a retry with its key then replays it once."""
+    replica = RedisProcess(tmp_path / "replica", "--replicaof", "127.0.0.1", str(own_redis.port))
+    replica.start()
+    client = aioredis.Redis.from_url(own_redis.url)
+
+    async def in_sync() -> bool:
+        info = await client.info("replication")
+        return "online" in str(info.get("slave0", {}))
+
+    try:
+        await wait_until(in_sync, POLL_BOUND_S, "the replica to be in sync")
+    finally:
+        await client.aclose()
+    running = await start_running(
+        own_redis.url, redis_wait_replicas="1", redis_wait_timeout="200ms"
+    )
+    try:
+        store = running.authority.store
+        assert store.runner.pipeline is not None
+        assert store.runner.pipeline.wait == script_pipeline.ReplicaWait(1, 200)
+        account_id = unique()
+        await create_account(running, account_id, monthly_allotment=1000)
+        request = reserve(account_id, "w1")
+        assert replica.process is not None
+        os.kill(replica.process.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnreachable, match="replicas did not confirm"):
+                await store.reserve(request, None)
+        finally:
+            os.kill(replica.process.pid, signal.SIGCONT)
+        replayed = await store.reserve(request, None)
+        assert replayed.replayed
+        assert (await balance(running, account_id)).available == 1000 - UNITS_PER_CALL
+    finally:
+        await stop_running(running)
+        replica.stop()

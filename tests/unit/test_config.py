@@ -208,3 +208,24 @@ def test_the_pipeline_window_is_accepted_up_to_its_bound() -> None:
     assert parse(["--redis-pipeline-window", "10ms"]).redis_pipeline_window == 0.010
     assert parse([], {"TALLY_EVENT_LOOP": "asyncio"}).event_loop == "asyncio"
     assert parse([]).event_loop == "auto"
+
+
+def test_the_replica_wait_is_auto_by_default_and_bounded() -> None:
+    assert parse([]).redis_wait_replicas is None  # auto
+    assert parse(["--redis-wait-replicas", "auto"]).redis_wait_replicas is None
+    assert parse(["--redis-wait-replicas", "0"]).redis_wait_replicas == 0
+    assert parse(["--redis-wait-replicas", str(config.REDIS_WAIT_REPLICAS_MAX)]) \
+        .redis_wait_replicas == config.REDIS_WAIT_REPLICAS_MAX
+    for refused in (str(config.REDIS_WAIT_REPLICAS_MAX + 1), "-1"):
+        with pytest.raises(ValueError, match="redis_wait_replicas must be between 0 and 5"):
+            parse(["--redis-wait-replicas", refused])
+    with pytest.raises(ValueError, match="redis_wait_replicas needs redis_pipeline on"):
+        parse(["--redis-wait-replicas", "1", "--redis-pipeline", "off"])
+
+
+def test_the_replica_wait_timeout_is_accepted_up_to_its_bound() -> None:
+    assert parse([]).redis_wait_timeout == 0.5
+    assert parse(["--redis-wait-timeout", "10s"]).redis_wait_timeout == 10.0
+    for refused in ("10001ms", "0s"):
+        with pytest.raises(ValueError, match="redis_wait_timeout must be above 0"):
+            parse(["--redis-wait-timeout", refused])
