@@ -9,13 +9,15 @@ Two tag schemes:
 - SHARD_NUMBER, `s00`..`s15`: every deployment made before the scheme was recorded.
   Its tags land on whatever hash slots CRC16 gives them, so over a Redis Cluster's
   masters the split is uneven (16 tags over 3 masters: 3 to 8 shards each is common).
-- SLOT_RANGE, the default of new deployments: shard i's tag hashes into slot range
-  [i*16384/S, (i+1)*16384/S), so masters holding equal contiguous slot ranges (what
-  `redis-cli --cluster create` makes) hold equal numbers of shards, within one. A tag
-  is the first string over TAG_ALPHABET (shortest first, then in alphabet order) whose
-  slot lands in the shard's range: 1 to 3 characters for every count up to 4096 (all
-  checked), no longer than
-  `s07`, so the most numerous key (an idempotency record) keeps its 32-byte allocation.
+- SLOT_RANGE, the default of new deployments: shard i's tag hashes to slot
+  i*16384/S, the first of its range [i*16384/S, (i+1)*16384/S). A master holding a
+  contiguous slot range holds exactly the shards whose first slot is in it, so masters
+  of equal contiguous ranges (what `redis-cli --cluster create` makes) hold equal
+  numbers of shards, within one, at any master count when S divides 16384 (a power of
+  two, as DEFAULT_SHARDS is; other counts: within two). A tag is the first
+  string over TAG_ALPHABET (shortest first, then in alphabet order) with that slot:
+  every one of the 16384 slots has one of 1 to 3 characters, no longer than `s07`, so
+  the most numerous key (an idempotency record) keeps its 32-byte allocation.
   The order is frozen: changing it would rename every key of a live deployment.
 """
 
@@ -35,12 +37,11 @@ DEFAULT_SHARDS = 256
 # The shard count of a deployment made before layouts were recorded, when neither
 # Redis nor the ledger says otherwise (the old --shards default).
 UNRECORDED_SHARDS = 16
-# Lowercase letters and digits: no '{', '}' (hash tags), '.' (reservation ids), ':'
-# (key names) or glob characters (SCAN patterns).
-TAG_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
-# Longest SLOT_RANGE tag tried; 4 characters leave 1.7 million candidates for at most
-# 4096 ranges (SHARDS_MAX needs 12,462 candidates, all of 3 characters or fewer).
-TAG_LENGTH_MAX = 4
+# Letters and digits: no '{', '}' (hash tags), '.' (reservation ids), ':' (key
+# names) or glob characters (SCAN patterns). 62 of them give 242,234 strings of 1 to 3
+# characters, which cover all 16384 slots (26 candidates a slot on average).
+TAG_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+TAG_LENGTH_MAX = 3
 
 
 class TagScheme(StrEnum):
@@ -72,9 +73,9 @@ def tag_slot(tag: str) -> int:
     return binascii.crc_hqx(tag.encode(), 0) % CLUSTER_SLOTS
 
 
-def slot_range(shard: int, shards: int) -> range:
-    """The hash slots shard `shard` of `shards` owns under SLOT_RANGE."""
-    return range(shard * CLUSTER_SLOTS // shards, (shard + 1) * CLUSTER_SLOTS // shards)
+def first_slot(shard: int, shards: int) -> int:
+    """The first hash slot of the shard's range, where its SLOT_RANGE tag hashes."""
+    return shard * CLUSTER_SLOTS // shards
 
 
 def shard_number_tags(shards: int) -> tuple[str, ...]:
@@ -82,18 +83,25 @@ def shard_number_tags(shards: int) -> tuple[str, ...]:
     return tuple(f"s{shard:0{width}d}" for shard in range(shards))
 
 
-@cache
 def slot_range_tags(shards: int) -> tuple[str, ...]:
-    tags: list[str | None] = [None] * shards
-    missing = shards
+    tags = slot_tags()
+    return tuple(tags[first_slot(shard, shards)] for shard in range(shards))
+
+
+@cache
+def slot_tags() -> tuple[str, ...]:
+    """For every hash slot, the first candidate tag that hashes to it (about 0.2 s,
+    once per process)."""
+    tags: list[str | None] = [None] * CLUSTER_SLOTS
+    missing = CLUSTER_SLOTS
     for candidate in _candidates():
-        shard = tag_slot(candidate) * shards // CLUSTER_SLOTS
-        if tags[shard] is None:
-            tags[shard] = candidate
+        slot = tag_slot(candidate)
+        if tags[slot] is None:
+            tags[slot] = candidate
             missing -= 1
             if not missing:
                 return tuple(tag for tag in tags if tag is not None)
-    raise AssertionError(f"no tag of {TAG_LENGTH_MAX} characters for some of {shards} shards")
+    raise AssertionError(f"some slot has no tag of {TAG_LENGTH_MAX} characters or fewer")
 
 
 def _candidates() -> itertools.chain[str]:
