@@ -9,8 +9,9 @@ It starts a private redis-server and an in-process server with default settings
 period sweeper every 60 s) over `--shards` shards and a scratch SQLite ledger,
 lets start-up settle, resets Redis's statistics, waits `--seconds` with no calls,
 then prints Redis's commands per second (INFO commandstats), Redis's CPU (INFO cpu)
-and the server process's own CPU over the window. The same script measures an
-older checkout by putting its `src` first on PYTHONPATH.
+and the server process's own CPU over the window, and what the started deployment
+(streams, groups, fences, the catalog's copies) added to Redis's used_memory. The
+same script measures an older checkout by putting its `src` first on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ async def measure(shards: int, seconds: float) -> dict[str, Any]:
     }
     client = aioredis.Redis.from_url(url)
     try:
+        empty = int((await client.info("memory"))["used_memory"])
         authority = await app.start(config.from_sources(argparse.Namespace(), environ))
         try:
             await asyncio.sleep(SETTLE_S)
+            started_memory = int((await client.info("memory"))["used_memory"]) - empty
             await client.config_resetstat()
             redis_before = cpu_s(await client.info("cpu"))
             own_before = sum(os.times()[:2])
@@ -105,6 +108,8 @@ async def measure(shards: int, seconds: float) -> dict[str, Any]:
         "commands_per_s": round(sum(per_s.values()), 1),
         "redis_cpu_percent": round(100 * redis_cpu / elapsed, 2),
         "server_cpu_percent": round(100 * own_cpu / elapsed, 2),
+        "redis_memory_after_start": started_memory,
+        "redis_memory_per_shard": round(started_memory / shards),
         "by_command": dict(sorted(per_s.items(), key=lambda item: -item[1])),
     }
 
