@@ -51,6 +51,8 @@ def wipe(redis_url: str) -> None:
 
 
 async def start(redis_url: str, tmp_path: Path, **overrides: object) -> Running:
+    """A server as `tally serve` starts it: --shards unset unless given."""
+    overrides.setdefault("shards", 0)
     return await start_running(redis_url, ledger_url=ledger_url(tmp_path), **overrides)
 
 
