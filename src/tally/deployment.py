@@ -102,7 +102,10 @@ async def layout_in_ledger(ledger: FactsLedger) -> ShardLayout | None:
 
 async def record_in_ledger(ledger: FactsLedger, layout: ShardLayout) -> None:
     """Records the layout in the ledger unless it has one; refuses if it has another
-    (two servers that started a new deployment at once with different --shards)."""
+    (two servers that started a new deployment at once with different --shards). A
+    ledger that has it is only read: a start never waits on the ledger's write lock."""
+    if await layout_in_ledger(ledger) == layout:
+        return
     recorded = layout_of(await ledger.record_deployment_facts(facts_of(layout)))
     if recorded != layout:
         raise LayoutRefused(
