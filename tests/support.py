@@ -99,6 +99,10 @@ def settings(redis_url: str, ledger_url: str = "", **overrides: Any) -> config.S
         "TALLY_LOG_FORMAT": "text",
         "TALLY_LOG_LEVEL": "WARNING",
         "TALLY_METRICS_LISTEN": "",
+        # A start and each reaper pass cost a round trip per shard: hundreds of servers
+        # at the default 256 shards take the suite twice as long. The default layout is
+        # tested in tests/integration/test_shard_layout.py (shards=0: unset).
+        "TALLY_SHARDS": "16",
     }
     environ.update({f"TALLY_{k.upper()}": str(v) for k, v in overrides.items()})
     return config.from_sources(argparse.Namespace(), environ)

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from tally import metrics, runtime
+from tally import deployment, metrics, runtime
 from tally.addresses import is_loopback
 from tally.api.admission import Admission, AdmissionLimits
 from tally.api.server import Serving, build_server
@@ -40,6 +40,7 @@ from tally.store.cluster import replicas_every_master_has
 from tally.store.embedded import EmbeddedRedis
 from tally.store.fence_watch import FenceWatch, raise_floors_from
 from tally.store.keys import KeySpace
+from tally.store.layout import ShardLayout
 from tally.store.quota_store import QuotaStore, StoreLimits
 from tally.store.reaper import Reaper
 from tally.store.script_pipeline import ReplicaWait
@@ -87,12 +88,39 @@ def build_admission(settings: Settings) -> Admission:
     )
 
 
-def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
-    redis = connect(
+def redis_client(settings: Settings, redis_url: str) -> Any:
+    return connect(
         redis_url,
         socket_timeout_s=settings.redis_timeout,
         max_connections=settings.redis_max_connections,
     )
+
+
+def build_store(
+    settings: Settings, redis_url: str, clock: Clock, layout: ShardLayout
+) -> QuotaStore:
+    return store_on(settings, redis_client(settings, redis_url), clock, layout)
+
+
+async def open_store(
+    settings: Settings, redis_url: str, clock: Clock, ledger: Ledger
+) -> QuotaStore:
+    """The store, in the layout Redis and the ledger record (tally/deployment.py), after
+    the checks of check_deployment; the layout is recorded in both from here on."""
+    redis = redis_client(settings, redis_url)
+    try:
+        layout = await deployment.settle(redis, ledger, settings.shards)
+        store = store_on(settings, redis, clock, layout)
+        await settle_replica_wait(settings, store)
+        await store.check_deployment()
+        await deployment.record_in_ledger(ledger, layout)
+    except BaseException:
+        await redis.aclose()
+        raise
+    return store
+
+
+def store_on(settings: Settings, redis: Any, clock: Clock, layout: ShardLayout) -> QuotaStore:
     limits = StoreLimits(
         idempotency_window_ms=round(settings.idempotency_window * 1000),
         reservation_retention_ms=round(settings.reservation_retention * 1000),
@@ -102,7 +130,7 @@ def build_store(settings: Settings, redis_url: str, clock: Clock) -> QuotaStore:
     runner = ScriptRunner(
         redis, pipelined=settings.redis_pipeline, window_s=settings.redis_pipeline_window
     )
-    return QuotaStore(runner, KeySpace(settings.shards), clock, limits)
+    return QuotaStore(runner, KeySpace(layout), clock, limits)
 
 
 async def settle_replica_wait(settings: Settings, store: QuotaStore) -> None:
@@ -269,9 +297,7 @@ async def open_core(settings: Settings, clock: Clock) -> Core:
     store: QuotaStore | None = None
     try:
         ledger = await open_and_migrate(settings, clock)
-        store = build_store(settings, redis_url, clock)
-        await settle_replica_wait(settings, store)
-        await store.check_deployment()
+        store = await open_store(settings, redis_url, clock, ledger)
         await store.runner.load()
         await ensure_current(store, ledger, settings.recover_on_start)
         book = TokenBook(ledger, TokenStore(store.redis), clock)
@@ -301,9 +327,12 @@ async def attach_core(settings: Settings, clock: Clock) -> Core:
     """A worker's core: the store and ledger the primary has prepared (open_core), with
     none of its once-only work. The ledger's fences are its floors from the start."""
     ledger = Ledger(open_ledger(settings.ledger_location), clock)
-    store = build_store(settings, settings.redis_url, clock)
     try:
-        await settle_replica_wait(settings, store)
+        store = await open_store(settings, settings.redis_url, clock, ledger)
+    except BaseException:
+        ledger.close()
+        raise
+    try:
         await store.runner.load()  # idempotent; spares the first calls a "function not found"
         await raise_floors_from(ledger, store.fences)
     except BaseException:
@@ -393,7 +422,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     metrics.RUNTIME_INFO.labels(**authority.backends).set(1)
     log.info(
         "serving",
-        extra={"address": authority.address, "shards": settings.shards,
+        extra={"address": authority.address, "shards": store.keys.shards,
                "redis": "embedded" if core.embedded else "external", "ledger": ledger.dialect,
                **authority.backends},
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 from tally.addresses import is_loopback
 from tally.runtime import parse_event_loop
+from tally.store.layout import DEFAULT_SHARDS, SHARDS_MAX
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -80,7 +81,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "serving processes sharing the listen port (SO_REUSEPORT); above 1 a "
             "primary process runs the background work once and supervises them "
             f"(1..{WORKERS_MAX})", int, 1),
-    Setting("shards", "virtual shards accounts are spread over (fixed once data exists)", int, 16),
+    Setting("shards", "virtual shards accounts are spread over, for a new deployment "
+            f"(1..{SHARDS_MAX}); unset (0): the count Redis or the ledger records, "
+            f"{DEFAULT_SHARDS} for a new deployment. Fixed once data exists: a count other "
+            "than the recorded one is refused", int, 0),
     Setting("hold_ttl_default", "hold lifetime when a Reserve sets no ttl", parse_duration_s,
             300.0),
     Setting("hold_ttl_min", "shortest hold lifetime accepted", parse_duration_s, 1.0),
@@ -277,8 +281,11 @@ class Settings:
                 f"--workers (TALLY_WORKERS) must be between 1 and {WORKERS_MAX}, "
                 f"got {self.workers}"
             )
-        if not 1 <= self.shards <= 4096:
-            raise ValueError(f"shards must be between 1 and 4096, got {self.shards}")
+        if not 0 <= self.shards <= SHARDS_MAX:
+            raise ValueError(
+                f"shards must be between 1 and {SHARDS_MAX} (0: the recorded count), "
+                f"got {self.shards}"
+            )
         for name in ("idempotency_window", "reservation_retention", "reaper_interval",
                      "period_sweep_interval", "fence_check_interval",
                      "redis_timeout", "flush_interval", "flush_claim_idle",

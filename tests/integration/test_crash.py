@@ -136,8 +136,10 @@ async def test_recover_rebuilds_a_wiped_redis_from_the_ledger(
 
 def tag(account_id: str, env: dict[str, str]) -> str:
     from tally.store.keys import KeySpace
+    from tally.store.layout import DEFAULT_SHARDS, ShardLayout, TagScheme
 
-    keys = KeySpace(int(env.get("TALLY_SHARDS", "16")))
+    shards = int(env.get("TALLY_SHARDS") or DEFAULT_SHARDS)  # a new deployment's layout
+    keys = KeySpace(ShardLayout(shards, TagScheme.SLOT_RANGE))
     return keys.tag(keys.shard_of(account_id))
 
 

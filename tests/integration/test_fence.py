@@ -19,6 +19,7 @@ from tally.ledger.backend import EntryConflict, open_ledger
 from tally.ledger.recovery import recover
 from tally.store.contract import FenceMark
 from tally.store.keys import KeySpace
+from tally.store.layout import DEFAULT_SHARDS, ShardLayout, TagScheme
 from tally.store.state_images import StateImages
 from tally.v1 import account_pb2, account_pb2_grpc, catalog_pb2, quota_pb2, quota_pb2_grpc
 from tests.integration.crash_support import run_tally_async, serving, wait_until
@@ -73,7 +74,8 @@ async def test_a_wiped_redis_is_refused_until_recovered(
             assert [k for k in client.scan_iter() if b":events" not in k] == []
             assert sum(client.xlen(k) for k in client.scan_iter(match="*:events")) == 0
             assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
-            shard = KeySpace(int(env.get("TALLY_SHARDS", "16"))).shard_of(account_id)
+            shards = int(env.get("TALLY_SHARDS") or DEFAULT_SHARDS)
+            shard = KeySpace(ShardLayout(shards, TagScheme.SLOT_RANGE)).shard_of(account_id)
             code, out, _ = await run_tally_async(env, "status", "--json")
             # shard 0 too: the catalog's events are fenced there
             assert code == 1 and json.loads(out)["shards_behind"] == sorted({0, shard}), out

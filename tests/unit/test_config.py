@@ -22,7 +22,7 @@ def test_defaults_apply_without_flags_or_variables() -> None:
     for setting in config.SETTINGS:
         assert getattr(settings, setting.name) == setting.default, setting.name
     assert settings.listen == "127.0.0.1:50051"
-    assert settings.shards == 16
+    assert settings.shards == 0  # the recorded layout's count; a new deployment's default
     assert settings.hold_ttl_default == 300.0
 
 
@@ -158,9 +158,8 @@ def test_values_that_parse_but_cannot_work_are_refused(
 @pytest.mark.parametrize(
     ("environ", "named"),
     [
-        ({"TALLY_SHARDS": "0"}, "shards"),
         ({"TALLY_SHARDS": "-3"}, "shards"),
-        ({"TALLY_SHARDS": "5000"}, "shards"),
+        ({"TALLY_SHARDS": "4097"}, "shards"),
         ({"TALLY_IDEMPOTENCY_WINDOW": "0s"}, "idempotency_window"),
         ({"TALLY_REDIS_TIMEOUT": "0s"}, "redis_timeout"),
         ({"TALLY_REAPER_INTERVAL": "0ms"}, "reaper_interval"),
@@ -229,3 +228,10 @@ def test_the_replica_wait_timeout_is_accepted_up_to_its_bound() -> None:
     for refused in ("10001ms", "0s"):
         with pytest.raises(ValueError, match="redis_wait_timeout must be above 0"):
             parse(["--redis-wait-timeout", refused])
+
+
+@pytest.mark.parametrize("shards", [0, 1, 4096])
+def test_shards_take_0_for_the_recorded_count_and_1_to_4096(shards: int) -> None:
+    """Proves --shards takes 0 (unset: the count the deployment records, the default for a
+    new one) and 1 to 4096 (SHARDS_MAX) at both bounds."""
+    assert parse(["--shards", str(shards)]).shards == shards

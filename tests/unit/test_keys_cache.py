@@ -9,6 +9,7 @@ import pytest
 
 from tally.store import keys as keys_module
 from tally.store.keys import KeySpace
+from tally.store.layout import ShardLayout, TagScheme
 
 
 def expected(space: KeySpace, account_id: str) -> tuple[int, list[str]]:
@@ -24,7 +25,7 @@ def test_keys_are_the_same_from_the_cache_and_past_its_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(keys_module, "ACCOUNTS_CACHED", 3)
-    space = KeySpace(16)
+    space = KeySpace(ShardLayout(16, TagScheme.SHARD_NUMBER))
     accounts = [f"acct-{i}" for i in range(7)]
     for _ in range(2):  # first formatted, then (partly) from the cache
         for account_id in accounts:
@@ -36,7 +37,7 @@ def test_keys_are_the_same_from_the_cache_and_past_its_bound(
 
 
 def test_a_caller_changing_its_list_does_not_change_the_cache() -> None:
-    space = KeySpace(4)
+    space = KeySpace(ShardLayout(4, TagScheme.SHARD_NUMBER))
     first = space.account_keys("a")
     first.append("extra")
     assert space.account_keys("a") == expected(space, "a")[1]

@@ -18,6 +18,7 @@ from tally.domain.events import EntryType
 from tally.domain.usage import HOUR_MS
 from tally.store import keys, scripts
 from tally.store.keys import KeySpace
+from tally.store.layout import ShardLayout, TagScheme
 from tally.store.scripts import LuaUnit
 from tests.support import RedisProcess
 
@@ -78,11 +79,15 @@ def test_prelude_holds_python_values(client: redis.Redis) -> None:
     assert [value.decode() for value in client.eval(probe, 0)] == [e.value for e in EntryType]
 
 
-@pytest.mark.parametrize("shards", [1, 16, 4096])
-def test_lua_key_builders_write_keyspace_names(client: redis.Redis, shards: int) -> None:
+@pytest.mark.parametrize(
+    "layout",
+    [ShardLayout(shards, scheme) for scheme in TagScheme for shards in (1, 16, 256, 4096)],
+    ids=str,
+)
+def test_lua_key_builders_write_keyspace_names(client: redis.Redis, layout: ShardLayout) -> None:
     """Proves the generated Lua builders write exactly the names Python writes, for
     every name the scripts build themselves, by running them in Redis."""
-    space = KeySpace(shards)
+    space = KeySpace(layout)
     account_id = "Team.a_b@example-1"
     operation = "image.generate.sdxl"
     shard = space.shard_of(account_id)

@@ -18,6 +18,7 @@ from tally.clock import ManualClock
 from tally.domain.errors import InvalidArgument
 from tally.store.contract import AlertSettings, ChargeRequest, CreateAccountRequest, ReserveRequest
 from tally.store.fence import ShardFences
+from tally.store.layout import DEFAULT_SHARDS, ShardLayout, TagScheme
 from tally.store.quota_store import QuotaStore
 from tests.support import T0_MS, RedisProcess, settings, unique
 
@@ -39,7 +40,10 @@ NOT_INTEGERS_WHEN_PRESENT: tuple[Any, ...] = tuple(v for v in NOT_INTEGERS if v 
 
 @pytest_asyncio.fixture(scope="module")
 async def module_store(module_redis: RedisProcess) -> AsyncIterator[QuotaStore]:
-    store = app.build_store(settings(module_redis.url), module_redis.url, ManualClock(T0_MS))
+    layout = ShardLayout(DEFAULT_SHARDS, TagScheme.SLOT_RANGE)
+    store = app.build_store(
+        settings(module_redis.url), module_redis.url, ManualClock(T0_MS), layout
+    )
     await store.check_deployment()
     await store.runner.load()
     yield store

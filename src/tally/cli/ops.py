@@ -54,9 +54,7 @@ async def opened(settings: config.Settings) -> AsyncIterator[Ops]:
     try:
         clock = SystemClock()
         ledger = await app.open_and_migrate(settings, clock)
-        store = app.build_store(settings, redis_url, clock)
-        await app.settle_replica_wait(settings, store)
-        await store.check_deployment()
+        store = await app.open_store(settings, redis_url, clock, ledger)
         await store.runner.load()
         flusher = app.build_flusher(settings, store, ledger)
         await flusher.ensure_groups()

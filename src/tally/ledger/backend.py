@@ -527,6 +527,29 @@ class SqlLedger:
             cur.execute("SELECT COUNT(*) FROM ledger_entries")
             return int(cur.fetchone()[0])
 
+    def has_entries(self) -> bool:
+        with self.reading() as cur:
+            cur.execute("SELECT 1 FROM ledger_entries LIMIT 1")
+            return cur.fetchone() is not None
+
+    def deployment_facts(self) -> dict[str, str]:
+        with self.reading() as cur:
+            cur.execute("SELECT name, value FROM deployment_facts")
+            return {str(name): str(value) for name, value in cur.fetchall()}
+
+    def record_deployment_facts(self, facts: dict[str, str], now_ms: int) -> dict[str, str]:
+        """Records the facts not recorded yet (a recorded fact is never changed);
+        returns every fact recorded, these or earlier ones."""
+        with self.transaction() as cur:
+            for name, value in facts.items():
+                cur.execute(
+                    "INSERT INTO deployment_facts (name, value, recorded_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name) DO NOTHING",
+                    (name, value, now_ms),
+                )
+            cur.execute("SELECT name, value FROM deployment_facts")
+            return {str(name): str(value) for name, value in cur.fetchall()}
+
     def account_states(self) -> list[StateRow]:
         with self.reading() as cur:
             cur.execute(

@@ -128,8 +128,10 @@ class Flusher:
         )
 
     async def flush_all(self, *, steal: bool = False) -> int:
+        """Flushes every shard with something to flush (one pipelined check finds
+        them: an idle shard costs two commands per pass, not seven round trips)."""
         total = 0
-        for shard in range(self.keys.shards):
+        for shard in await self.streams.shards_with_work(self.settings.stream_retention_ms):
             total += await self.flush_shard(shard, steal=steal)
         return total
 

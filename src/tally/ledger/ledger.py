@@ -178,6 +178,19 @@ class Ledger:
     async def count_entries(self) -> int:
         return await self._read(self.backend.count_entries)
 
+    async def has_entries(self) -> bool:
+        return await self._read(self.backend.has_entries)
+
+    async def deployment_facts(self) -> dict[str, str]:
+        """The facts the data is written in (tally/deployment.py: the shard layout)."""
+        return await self._read(self.backend.deployment_facts)
+
+    async def record_deployment_facts(self, facts: dict[str, str]) -> dict[str, str]:
+        """Records the facts not recorded yet; returns every fact recorded."""
+        return await self._call(
+            self.backend.record_deployment_facts, facts, self.clock.now_ms()
+        )
+
     async def account_states(self) -> list[StateRow]:
         return await self._read(self.backend.account_states)
 

@@ -161,6 +161,20 @@ MIGRATIONS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
             "ALTER TABLE tokens ADD COLUMN revoked_by TEXT NOT NULL DEFAULT ''",
         ),
     ),
+    (
+        8,
+        "deployment facts: the shard layout the data is written in",
+        (
+            # name: `shards` or `tag_scheme` (tally/deployment.py); written once, never
+            # updated. A ledger migrated here with entries already has no rows: the
+            # layout is taken from Redis (or the pre-record default) at the next start.
+            """CREATE TABLE deployment_facts (
+                name TEXT PRIMARY KEY,
+                value TEXT NOT NULL,
+                recorded_at BIGINT NOT NULL
+            )""",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1][0]

@@ -1,8 +1,9 @@
 """Key layout: the one place key names are written.
 
 Accounts map onto a fixed number of virtual shards (crc32(account_id) %
-shards). Every key one script touches carries its shard's `{sNN}` hash tag
-(the prefix below), so it lives in one Redis Cluster hash slot.
+shards). Every key one script touches carries its shard's hash tag (the prefix
+below, e.g. `{s07}`; store/layout.py says which tags a deployment has), so it
+lives in one Redis Cluster hash slot.
 
 The templates are data: KeySpace formats them in Python, and the script
 composer (store/scripts.py) generates Lua builders from the same templates
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 
 from tally.domain.errors import InvalidArgument
 from tally.domain.ids import ACCOUNT_ID, SEQUENCE
+from tally.store.layout import ShardLayout
 
-# Deployment facts (shard count); never used by scripts.
+# Deployment facts (the shard layout, tally/deployment.py); never used by scripts.
 META_KEY = "tally:meta"
 # Bearer tokens: one hash (token id -> record), so one hash slot; never used by scripts.
 TOKENS_KEY = "tally:{auth}:tokens"
@@ -60,7 +62,8 @@ HELD_KEY = NameTemplate("held_key", "{prefix}held:{account_id}")
 # idempotency record (fingerprint + the call's figures), by idempotency_digest().
 # The most numerous key (one per call, kept the idempotency window), so its name
 # is short: `tally:{s07}:i:` and 14 digest characters are 28 bytes, which Redis
-# keeps in a 32-byte allocation (29 to 44 bytes would take 48).
+# keeps in a 32-byte allocation (29 to 44 bytes would take 48); tags are never
+# longer than 3 characters under SLOT_RANGE for that reason (store/layout.py).
 IDEMPOTENCY_KEY = NameTemplate("idempotency_key", "{prefix}i:{digest}")
 # Bytes of BLAKE2b in an idempotency record's name: 80 bits, 14 base64url
 # characters. Two (account, key) pairs share a name only if their digests
@@ -115,13 +118,11 @@ class ReservationRef:
 
 
 class KeySpace:
-    def __init__(self, shards: int) -> None:
-        if not 1 <= shards <= 4096:
-            raise ValueError(f"shards must be between 1 and 4096, got {shards}")
-        self.shards = shards
-        width = max(2, len(str(shards - 1)))
+    def __init__(self, layout: ShardLayout) -> None:
+        self.layout = layout
+        self.shards = layout.shards
         # Formatted once: every call names its shard's tag and prefix.
-        self._tags = tuple(f"s{shard:0{width}d}" for shard in range(shards))
+        self._tags = layout.tags()
         self._prefixes = tuple(SHARD_PREFIX.format(tag=tag) for tag in self._tags)
         self._prices = tuple(PRICES_KEY.format(prefix=p) for p in self._prefixes)
         self._price_history = tuple(PRICE_HISTORY_KEY.format(prefix=p) for p in self._prefixes)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from tally.clock import Clock
+from tally.deployment import record_in_redis
 from tally.domain.catalog import DEFAULT_CATALOG
 from tally.domain.errors import TallyError
 from tally.domain.usage import Usage
@@ -73,7 +74,7 @@ from tally.store.contract import (
     UpdateAccountRequest,
 )
 from tally.store.fence import ShardBehind, ShardFences
-from tally.store.keys import META_KEY, KeySpace
+from tally.store.keys import KeySpace
 from tally.store.nodes import config_values
 from tally.store.reservation_ids import ReservationIds
 from tally.store.usage_counters import usage_of
@@ -513,7 +514,8 @@ class QuotaStore:
 
     async def check_deployment(self) -> None:
         """Refuses a Redis that can evict keys (on a cluster: any node that can), or
-        one laid out with another shard count."""
+        one that records another shard layout (tally/deployment.py); then records
+        this store's layout in it."""
         policies = await config_values(self.redis, "maxmemory-policy")
         evicting = {node: value for node, value in policies.items() if value != "noeviction"}
         if evicting:
@@ -525,14 +527,7 @@ class QuotaStore:
                 f"Redis maxmemory-policy is {named}: eviction would delete balances; "
                 "set maxmemory-policy noeviction"
             )
-        stored = await self.redis.hget(META_KEY, "shards")
-        if stored is None:
-            await self.redis.hsetnx(META_KEY, "shards", self.keys.shards)
-        elif int(stored) != self.keys.shards:
-            raise RuntimeError(
-                f"this Redis holds data laid out in {int(stored)} shards; "
-                f"--shards {self.keys.shards} would lose it"
-            )
+        await record_in_redis(self.redis, self.keys.layout)
 
     # --- usage counters and billing periods ----------------------------------
 

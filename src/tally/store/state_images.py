@@ -13,11 +13,12 @@ from typing import Any
 
 import msgpack
 
+from tally.deployment import record_in_redis
 from tally.domain.usage import Usage
 from tally.store.client import ScriptRunner
 from tally.store.contract import CatalogContext, FenceMark
 from tally.store.failures import redis_errors
-from tally.store.keys import META_KEY, KeySpace
+from tally.store.keys import KeySpace
 from tally.store.quota_store import QuotaStore
 from tally.store.usage_counters import restore_requests
 
@@ -163,9 +164,9 @@ class StateImages:
             )
 
     async def restore_deployment(self) -> None:
-        """The deployment facts (shard count), unless Redis has them."""
+        """The deployment facts (the shard layout), unless Redis has them."""
         with redis_errors():
-            await self.redis.hsetnx(META_KEY, "shards", self.keys.shards)
+            await record_in_redis(self.redis, self.keys.layout)
 
     def _account_key(self, account_id: str) -> str:
         return self.keys.account_keys(account_id)[0]

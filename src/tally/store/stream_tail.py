@@ -145,7 +145,7 @@ class StreamTail:
                 blob, info_reply = await pipe.execute(raise_on_error=False)
             if isinstance(blob, Exception):
                 raise blob
-            info = _parse_info(info_reply)
+            info = parse_stream_info(info_reply)
         if blob is None:
             return None, info
         account = msgpack.unpackb(blob, raw=False, strict_map_key=False)
@@ -162,7 +162,7 @@ class StreamTail:
 
         replies = await self._per_node(shards, on_node)
         with redis_errors():
-            return [_parse_info(reply) for reply in replies]
+            return [parse_stream_info(reply) for reply in replies]
 
     async def read(
         self, positions: Sequence[Position], count: int
@@ -190,7 +190,7 @@ class StreamTail:
         entries: list[list[StreamEntry]] = []
         with redis_errors():
             for (shard, _), (info, xread) in zip(positions, replies, strict=True):
-                infos.append(_parse_info(info))
+                infos.append(parse_stream_info(info))
                 if isinstance(xread, Exception):
                     raise xread
                 entries.append(self._entries(xread, [shard])[0])
@@ -302,7 +302,7 @@ def _parsed(conn: aioredis.Redis, command: str, raw: Any) -> Any:
     return conn.response_callbacks[command](raw)
 
 
-def _parse_info(reply: Any) -> StreamInfo:
+def parse_stream_info(reply: Any) -> StreamInfo:
     if isinstance(reply, ResponseError):
         if "no such key" in str(reply).lower():
             return NO_STREAM

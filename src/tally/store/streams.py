@@ -22,7 +22,7 @@ from tally.domain.events import StreamEntry, decode, stream_id_order
 from tally.store.failures import redis_errors
 from tally.store.keys import KeySpace
 from tally.store.quota_store import QuotaStore
-from tally.store.stream_tail import Node, StreamTail
+from tally.store.stream_tail import Node, StreamInfo, StreamTail, parse_stream_info
 
 GROUP = "ledger"
 LAG_COUNT_MAX = 10_000  # "waiting" is a lower bound beyond this
@@ -43,6 +43,50 @@ class Delivery:
 
     ids: list[str]  # every id delivered: acknowledge them all
     entries: list[StreamEntry]  # the ones still in the stream (deleted ones have no fields)
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """A shard's stream figures and its ledger group's (XINFO STREAM, XINFO GROUPS)."""
+
+    shard: int
+    info: StreamInfo
+    pending: int
+    delivered: str | None  # the group's last delivered id; None: no stream or no group
+
+    @classmethod
+    def of(cls, shard: int, info_reply: Any, groups_reply: Any) -> StreamState:
+        if isinstance(info_reply, ResponseError) or isinstance(groups_reply, ResponseError):
+            return cls(shard, parse_stream_info(info_reply), 0, None)  # no stream yet
+        ours = [g for g in groups_reply if _text(g["name"]) == GROUP]
+        if not ours:
+            return cls(shard, parse_stream_info(info_reply), 0, None)
+        group = ours[0]
+        return cls(
+            shard, parse_stream_info(info_reply), int(group["pending"]),
+            _text(group["last-delivered-id"]),
+        )
+
+    @property
+    def idle(self) -> bool:
+        """A group that has delivered every entry, none of them pending."""
+        return (
+            self.delivered is not None
+            and not self.pending
+            and stream_id_order(self.delivered) >= stream_id_order(self.info.last_id)
+        )
+
+    def has_work(self, retention_ms: int, now_ms: int) -> bool:
+        """Whether a flush would read, claim or trim anything: entries the group has not
+        delivered, entries pending (at any consumer), acknowledged ones a trim would
+        remove (EventStreams.trim's floor); or no stream or group yet (made then)."""
+        if not self.idle or self.delivered is None:
+            return True
+        floor = self.delivered
+        if retention_ms:
+            floor = min(floor, f"{now_ms - retention_ms}-0", key=stream_id_order)
+        first = self.info.first_id
+        return first is not None and stream_id_order(first) < stream_id_order(floor)
 
 
 class EventStreams:
@@ -71,6 +115,29 @@ class EventStreams:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def shards_with_work(self, retention_ms: int) -> list[int]:
+        """The shards whose stream holds something for the flusher (StreamState.has_work),
+        found in one pipelined round trip in place of the 7 round trips a flush pass
+        spends on an idle shard."""
+        now_ms, states = await self.states()
+        return [state.shard for state in states if state.has_work(retention_ms, now_ms)]
+
+    async def states(self) -> tuple[int, list[StreamState]]:
+        """Redis's clock and every shard's stream and group figures, in one round trip
+        (TIME, then XINFO STREAM and XINFO GROUPS per shard)."""
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for shard in range(self.keys.shards):
+                    pipe.xinfo_stream(self.keys.events(shard))
+                    pipe.xinfo_groups(self.keys.events(shard))
+                (seconds, micros), *replies = await pipe.execute(raise_on_error=False)
+            states = [
+                StreamState.of(shard, replies[2 * shard], replies[2 * shard + 1])
+                for shard in range(self.keys.shards)
+            ]
+        return int(seconds) * 1000 + int(micros) // 1000, states
 
     async def take(self, shard: int, consumer: str, count: int, min_idle_ms: int) -> Delivery:
         """The consumer's own pending entries first (a write that failed is retried at
@@ -164,9 +231,15 @@ class EventStreams:
         return _text(ours[0]["last-delivered-id"]) if ours else None
 
     async def lag(self) -> list[ShardLag]:
+        """Every shard's lag; an idle shard's (nothing undelivered or pending) from the
+        one pipelined read of states(), the others' with four more round trips each."""
+        now_ms, states = await self.states()
         with redis_errors():
-            now_ms = await self._now_ms()
-            return [await self._shard_lag(shard, now_ms) for shard in range(self.keys.shards)]
+            return [
+                ShardLag(state.shard, state.info.length, 0, 0, 0) if state.idle
+                else await self._shard_lag(state.shard, now_ms)
+                for state in states
+            ]
 
     async def _shard_lag(self, shard: int, now_ms: int) -> ShardLag:
         stream = self.keys.events(shard)

@@ -139,7 +139,7 @@ async def serve_until_signalled(
         await health.ready()
         log.info("serving", extra={
             "address": listen, "workers": settings.workers, "worker_pids": pool.pids,
-            "shards": settings.shards, "redis": "embedded" if core.embedded else "external",
+            "shards": core.store.keys.shards, "redis": "embedded" if core.embedded else "external",
             "ledger": core.ledger.dialect})
         if on_ready is not None:
             await on_ready(listen, core)
