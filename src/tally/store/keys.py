@@ -87,11 +87,11 @@ CATALOG_KEY = NameTemplate("catalog_key", "{prefix}catalog")
 # a field of the price history hash: the price of one version of an operation
 PRICE_VERSION_FIELD = NameTemplate("price_version_field", "{operation}@{version:d}")
 # A per-shard job's lease (store/leases.py: the reaper's, the sweeper's), in the
-# shard's slot: a hash {owner, until}
+# shard's slot: a hash {owner, lapses_at}
 SHARD_LEASE_KEY = NameTemplate("shard_lease_key", "{prefix}lease:{job}")
 # A global job's lease (snapshots, pruning, start-up work): one key each
 LEASE_KEY = NameTemplate("lease_key", "tally:{{lease}}:{job}")
-# The live processes of a per-shard job (zset owner -> until): its fair share's count
+# The live processes of a per-shard job (zset owner -> lapses_at): its fair share's count
 LEASE_MEMBERS_KEY = NameTemplate("lease_members_key", "tally:{{lease}}:members:{job}")
 # A reservation id names its shard and account, so it finds every key alone.
 RESERVATION_ID = NameTemplate("reservation_id_for", "{tag}.{sequence:d}.{account_id}")

@@ -3,7 +3,7 @@
 Any number of `tally serve` and `tally flusher` processes may share one Redis and
 one ledger. The reaper and the period sweeper work shard by shard; balance
 snapshots, ledger pruning and the once-only start-up work are global. Each piece is
-leased in Redis (lease_acquire.lua): a lease is a hash {owner, until}, owned by one
+leased in Redis (lease_acquire.lua): a lease is a hash {owner, lapses_at}, owned by one
 process (`host-pid-random`) until it lapses, renewed every `ttl / 3` by its owner.
 
 - Per-shard jobs: a lease per shard and job, in the shard's hash slot. A process
@@ -61,7 +61,7 @@ SWEEPER = "sweeper"
 SNAPSHOT = "snapshot"
 PRUNE = "prune"
 STARTUP = "startup"
-_JOB_NAME = re.compile(r"[a-z_]{1,32}")
+_JOB_NAME = re.compile(r"[a-z0-9_]{1,32}")
 
 LEASE_TTL_MIN_S = 0.1
 LEASE_TTL_MAX_S = LEASE_TTL_MS_MAX / 1000
@@ -146,7 +146,7 @@ class LeaseCalls:
 
 def _check_job(job: str) -> str:
     if not _JOB_NAME.fullmatch(job):
-        raise ValueError(f"lease job {job!r} must be 1 to 32 of a-z and _")
+        raise ValueError(f"lease job {job!r} must be 1 to 32 of a-z, 0-9 and _")
     return job
 
 
