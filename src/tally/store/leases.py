@@ -270,13 +270,17 @@ class LeaseKeeper:
             await lease.refresh()
 
     async def run(self) -> None:
+        """Renews every renew_s until stopped; the first renewal one renew_s after
+        start (the caller's refresh() took the leases)."""
         while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.renew_s)
+            if self._stopping.is_set():
+                break
             try:
                 await self.refresh()
             except TallyError as error:
                 log.warning("lease renewal failed", extra={"error": error.message})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.renew_s)
 
     def stop(self) -> None:
         self._stopping.set()
