@@ -446,6 +446,7 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     core = await open_core(settings, clock or SystemClock())
     store, ledger, flusher = core.store, core.ledger, core.flusher
     try:
+        work = await background_work(settings, core)
         path = await start_request_path(settings, core, required)
     except BaseException:
         await core.close()
@@ -453,12 +454,6 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     serving = Serving(path.health)
     await serving.fences(bool(store.fences.fenced))
     store.fences.on_fenced = serving.fences
-    try:
-        work = await background_work(settings, core)
-    except BaseException:
-        await path.server.stop(0)
-        await core.close()
-        raise
     background = background_supervisor(settings, serving.tasks)
     authority = Authority(
         settings, store, ledger, flusher, path.server, path.port, path.health, work.reaper,
