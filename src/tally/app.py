@@ -3,6 +3,11 @@
 Everything that must be closed on shutdown is created here, in one place:
 the embedded Redis (when no URL is set), the Redis pool, the ledger, the
 gRPC server, the reaper and the flusher.
+
+Any number of processes may start against one Redis and one ledger: the
+once-only start-up work runs under the `startup` lease (store/leases.py), one
+process at a time, and ledger migrations under the ledger's own lock; the
+background work is shared out by leases (README, "Many servers").
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from tally.config import Settings
 from tally.ledger import recovery
 from tally.ledger.backend import Retention, open_ledger
 from tally.ledger.durability import MoneyInBarrier
-from tally.ledger.flusher import Flusher, FlusherSettings
+from tally.ledger.flusher import Flusher, FlusherLeases, FlusherSettings
 from tally.ledger.ledger import Ledger
 from tally.store.client import ScriptRunner, connect
 from tally.store.cluster import replicas_every_master_has
@@ -41,6 +46,21 @@ from tally.store.embedded import EmbeddedRedis
 from tally.store.fence_watch import FenceWatch, raise_floors_from
 from tally.store.keys import KeySpace
 from tally.store.layout import ShardLayout
+from tally.store.leases import (
+    PRUNE,
+    REAPER,
+    SNAPSHOT,
+    STARTUP,
+    SWEEPER,
+    GlobalLease,
+    Lease,
+    LeaseCalls,
+    LeaseKeeper,
+    LeaseSettings,
+    ShardLeases,
+    exclusive,
+    owner_id,
+)
 from tally.store.quota_store import QuotaStore, StoreLimits
 from tally.store.reaper import Reaper
 from tally.store.script_pipeline import ReplicaWait
@@ -149,7 +169,20 @@ async def settle_replica_wait(settings: Settings, store: QuotaStore) -> None:
                                     "setting": settings.redis_wait_replicas or "auto"})
 
 
-def build_flusher(settings: Settings, store: QuotaStore, ledger: Ledger) -> Flusher:
+def lease_settings(settings: Settings) -> LeaseSettings:
+    return LeaseSettings(ttl_s=settings.lease_ttl)
+
+
+def flusher_leases(settings: Settings, calls: LeaseCalls) -> FlusherLeases:
+    leases = lease_settings(settings)
+    return FlusherLeases(
+        snapshot=GlobalLease(calls, SNAPSHOT, leases), prune=GlobalLease(calls, PRUNE, leases)
+    )
+
+
+def build_flusher(
+    settings: Settings, store: QuotaStore, ledger: Ledger, leases: FlusherLeases | None = None
+) -> Flusher:
     return Flusher(
         EventStreams.of(store),
         ledger,
@@ -166,6 +199,7 @@ def build_flusher(settings: Settings, store: QuotaStore, ledger: Ledger) -> Flus
             ),
         ),
         fences=store.fences,
+        leases=leases,
     )
 
 
@@ -226,6 +260,7 @@ class Authority:
     reaper: Reaper
     sweeper: PeriodSweeper
     fence_watch: FenceWatch
+    leases: LeaseKeeper
     watch: UsageWatch
     background: Supervisor
     admission: Admission
@@ -249,12 +284,9 @@ class Authority:
         self.watch.stop()
         await self.server.stop(grace)
         await self.background.wait()
-        try:
-            flushed = await self.flusher.flush_all(steal=True)
-            await self.flusher.snapshot("shutdown")
-            log.info("ledger flushed", extra={"events": flushed})
-        except Exception:
-            log.exception("final flush failed; the events stay in Redis for the next flusher")
+        if self.settings.flusher:
+            await final_flush(self.flusher)
+        await self.leases.release()
         await self.store.close()
         self.ledger.close()
         if self.metrics_server is not None:
@@ -263,6 +295,18 @@ class Authority:
         if self.embedded is not None:
             self.embedded.stop()
         log.info("stopped")
+
+
+async def final_flush(flusher: Flusher) -> None:
+    """Everything in the streams to the ledger, and a snapshot when this process
+    writes the fleet's snapshots; a failure leaves the events for the next flusher."""
+    try:
+        flushed = await flusher.flush_all(steal=True)
+        if flusher.snapshots_here():
+            await flusher.snapshot("shutdown")
+        log.info("ledger flushed", extra={"events": flushed})
+    except Exception:
+        log.exception("final flush failed; the events stay in Redis for the next flusher")
 
 
 @dataclass
@@ -275,6 +319,7 @@ class Core:
     flusher: Flusher
     book: TokenBook
     redis_url: str
+    lease_calls: LeaseCalls
     embedded: EmbeddedRedis | None = None
 
     async def close(self) -> None:
@@ -285,9 +330,10 @@ class Core:
 
 
 async def open_core(settings: Settings, clock: Clock) -> Core:
-    """The start-up work done once per authority (a single server, or the primary of
-    several workers): the embedded Redis, migrations, scripts, recovery, the bootstrap
-    token and token restore, the flusher's groups, the catalog."""
+    """The start-up work of an authority (a single server, or the primary of several
+    workers): the embedded Redis, migrations, scripts, then, one starting process of
+    a fleet at a time (the `startup` lease): recovery, the bootstrap token and token
+    restore, the flusher's groups, the catalog."""
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
@@ -299,19 +345,9 @@ async def open_core(settings: Settings, clock: Clock) -> Core:
         ledger = await open_and_migrate(settings, clock)
         store = await open_store(settings, redis_url, clock, ledger)
         await store.runner.load()
-        await ensure_current(store, ledger, settings.recover_on_start)
-        book = TokenBook(ledger, TokenStore(store.redis), clock)
-        if settings.bootstrap_token_file:
-            bootstrap = await book.bootstrap(Path(settings.bootstrap_token_file))
-            log.info("bootstrap token in place", extra={"token_id": bootstrap.token_id,
-                                                       "revoked": bool(bootstrap.revoked_at)})
-        restored = await book.restore()
-        if restored:
-            log.warning("restored token records from the ledger", extra={"tokens": restored})
-        flusher = build_flusher(settings, store, ledger)
-        await flusher.ensure_groups()
-        await store.sync_catalog(load_defaults=settings.default_catalog)
-        await flusher.flush_through(0)  # the default catalog is money-in too
+        calls = LeaseCalls(store.runner, owner_id())
+        async with exclusive(calls, STARTUP, lease_settings(settings), settings.startup_wait):
+            book, flusher = await start_up_once(settings, store, ledger, calls)
     except BaseException:
         if store is not None:
             await store.close()
@@ -320,7 +356,28 @@ async def open_core(settings: Settings, clock: Clock) -> Core:
         if embedded is not None:
             embedded.stop()
         raise
-    return Core(store, ledger, flusher, book, redis_url, embedded)
+    return Core(store, ledger, flusher, book, redis_url, calls, embedded)
+
+
+async def start_up_once(
+    settings: Settings, store: QuotaStore, ledger: Ledger, calls: LeaseCalls
+) -> tuple[TokenBook, Flusher]:
+    """What two processes starting at once must not do at the same time (run under
+    the startup lease); each step finds the work done when another process did it."""
+    await ensure_current(store, ledger, settings.recover_on_start)
+    book = TokenBook(ledger, TokenStore(store.redis), store.clock)
+    if settings.bootstrap_token_file:
+        bootstrap = await book.bootstrap(Path(settings.bootstrap_token_file))
+        log.info("bootstrap token in place", extra={"token_id": bootstrap.token_id,
+                                                   "revoked": bool(bootstrap.revoked_at)})
+    restored = await book.restore()
+    if restored:
+        log.warning("restored token records from the ledger", extra={"tokens": restored})
+    flusher = build_flusher(settings, store, ledger, flusher_leases(settings, calls))
+    await flusher.ensure_groups()
+    await store.sync_catalog(load_defaults=settings.default_catalog)
+    await flusher.flush_through(0)  # the default catalog is money-in too
+    return book, flusher
 
 
 async def attach_core(settings: Settings, clock: Clock) -> Core:
@@ -340,7 +397,9 @@ async def attach_core(settings: Settings, clock: Clock) -> Core:
         ledger.close()
         raise
     book = TokenBook(ledger, TokenStore(store.redis), clock)
-    return Core(store, ledger, build_flusher(settings, store, ledger), book, settings.redis_url)
+    calls = LeaseCalls(store.runner, owner_id())
+    return Core(store, ledger, build_flusher(settings, store, ledger), book, settings.redis_url,
+                calls)
 
 
 @dataclass
@@ -392,11 +451,51 @@ def background_supervisor(settings: Settings, set_serving: HealthCallback) -> Su
     return Supervisor(restart_policy(settings), set_serving)
 
 
+@dataclass
+class BackgroundWork:
+    """A serving authority's background work, shared out over the fleet by leases."""
+
+    leases: LeaseKeeper
+    reaper: Reaper
+    sweeper: PeriodSweeper
+    fence_watch: FenceWatch
+
+    def start(self, settings: Settings, core: Core, supervisor: Supervisor) -> None:
+        supervisor.start("leases", self.leases)
+        supervisor.start("reaper", self.reaper)
+        supervisor.start("sweeper", self.sweeper)
+        supervisor.start("fence_watch", self.fence_watch)
+        if settings.flusher:
+            supervisor.start("flusher", core.flusher)
+
+
+async def background_work(settings: Settings, core: Core) -> BackgroundWork:
+    """The reaper, sweeper and fence watch, and the leases they (and the flusher's
+    snapshots and pruning, when this process flushes) work under, taken once before
+    anything starts: a lone process holds every lease from its first pass."""
+    store, leases = core.store, lease_settings(settings)
+    reaping = ShardLeases(core.lease_calls, store.keys, REAPER, leases)
+    sweeping = ShardLeases(core.lease_calls, store.keys, SWEEPER, leases)
+    held: list[Lease] = [reaping, sweeping]
+    if settings.flusher and core.flusher.leases is not None:
+        held += [core.flusher.leases.snapshot, core.flusher.leases.prune]
+    keeper = LeaseKeeper(held, leases)
+    await keeper.refresh()
+    return BackgroundWork(
+        keeper,
+        Reaper(store, settings.reaper_interval, settings.reaper_batch, reaping),
+        PeriodSweeper(store, settings.period_sweep_interval, settings.period_sweep_batch,
+                      sweeping),
+        fence_watch_of(settings, core),
+    )
+
+
 async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     required = auth_required(settings)
     core = await open_core(settings, clock or SystemClock())
     store, ledger, flusher = core.store, core.ledger, core.flusher
     try:
+        work = await background_work(settings, core)
         path = await start_request_path(settings, core, required)
     except BaseException:
         await core.close()
@@ -404,20 +503,15 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     serving = Serving(path.health)
     await serving.fences(bool(store.fences.fenced))
     store.fences.on_fenced = serving.fences
-    reaper = Reaper(store, settings.reaper_interval, settings.reaper_batch)
-    sweeper = PeriodSweeper(store, settings.period_sweep_interval, settings.period_sweep_batch)
-    fence_watch = fence_watch_of(settings, core)
     background = background_supervisor(settings, serving.tasks)
     authority = Authority(
-        settings, store, ledger, flusher, path.server, path.port, path.health, reaper, sweeper,
-        fence_watch, path.watch, background, path.admission, serving, core.embedded,
+        settings, store, ledger, flusher, path.server, path.port, path.health, work.reaper,
+        work.sweeper, work.fence_watch, work.leases, path.watch, background, path.admission,
+        serving, core.embedded,
     )
     if settings.metrics_listen:
         authority.metrics_server = metrics.serve(settings.metrics_listen)
-    background.start("reaper", reaper)
-    background.start("sweeper", sweeper)
-    background.start("fence_watch", fence_watch)
-    background.start("flusher", flusher)
+    work.start(settings, core, background)
     authority.backends = runtime.backends()
     metrics.RUNTIME_INFO.labels(**authority.backends).set(1)
     log.info(

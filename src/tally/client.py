@@ -13,11 +13,15 @@ backoff and jitter; DEADLINE_EXCEEDED and every other status surface at once
 as a `TallyRpcError`. `timeout_s` bounds a whole logical call, retries and
 backoff included.
 
+Many servers: `TallyClient(["10.0.0.1:50051", "10.0.0.2:50051"])`, or
+`TallyClient("dns:///tally.internal:50051")` (every address the name resolves to).
 The channel the client makes carries the service config shipped with the
-protos (tally/v1/service_config.json), so gRPC itself retries UNAVAILABLE
-first; the loop here retries on top of it what gRPC gives up on (a call the
-server had started to answer, gRPC's attempts or retry budget used up) and
-covers a `channel` passed in without that config.
+protos (tally/v1/service_config.json): its `round_robin` load balancing keeps a
+connection to every address and spreads calls over them (a server that goes
+away is skipped), and gRPC itself retries UNAVAILABLE first; the loop here
+retries on top of it what gRPC gives up on (a call the server had started to
+answer, gRPC's attempts or retry budget used up) and covers a `channel` passed
+in without that config.
 
 TLS: `TallyClient(target, tls=ClientTls(ca="ca.pem"))`; for mutual TLS add the
 client's `cert=` and `key=` (client_tls.py).
@@ -26,6 +30,7 @@ client's `cert=` and `key=` (client_tls.py).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import time
 import uuid
@@ -118,6 +123,39 @@ def service_config() -> str:
     return resources.files("tally.v1").joinpath("service_config.json").read_text("utf-8")
 
 
+def channel_target(target: str | Sequence[str]) -> str:
+    """The gRPC target of one address, or of several `host:port` addresses (IP
+    literals: gRPC's `ipv4:` or `ipv6:` address lists; a host name must be one
+    `dns:///name:port` target, which balances over all its addresses)."""
+    if isinstance(target, str):
+        return target
+    addresses = list(target)
+    if not addresses:
+        raise ValueError("no address to connect to")
+    if len(addresses) == 1:
+        return addresses[0]
+    families = {_ip_family(address) for address in addresses}
+    if len(families) != 1 or None in families:
+        raise ValueError(
+            "several addresses must all be IPv4 or all IPv6 literals (host:port, "
+            "[v6]:port); for host names use one dns:///name:port target"
+        )
+    return f"{families.pop()}:{','.join(addresses)}"
+
+
+def _ip_family(address: str) -> str | None:
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return None
+    try:
+        version = ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).version
+    except ValueError:
+        return None
+    if version == 6 and not host.startswith("["):
+        return None
+    return "ipv4" if version == 4 else "ipv6"
+
+
 def _key(value: str | None) -> str:
     return value if value else str(uuid.uuid4())
 
@@ -183,7 +221,7 @@ class TallyClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout_s: float = 10.0,
         max_attempts: int = 5,
@@ -195,13 +233,14 @@ class TallyClient:
         tls: ClientTls | None = None,
         token: str | None = None,
     ) -> None:
-        """token: a bearer token sent with every call (a server with --auth required
-        asks for one)."""
+        """target: an address, several (calls are spread over them), or a gRPC
+        target such as dns:///name:port. token: a bearer token sent with every call
+        (a server with --auth required asks for one)."""
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if timeout_s <= 0:
             raise ValueError("timeout_s must be more than 0")
-        self.target = target
+        self.target = channel_target(target)
         self.timeout_s = timeout_s
         self.max_attempts = max_attempts
         self.backoff_initial_s = backoff_initial_s
@@ -212,7 +251,7 @@ class TallyClient:
         self._channel = (
             channel
             if channel is not None
-            else self._open_channel(target, tls, interceptors)
+            else self._open_channel(self.target, tls, interceptors)
         )
         self._quota = quota_pb2_grpc.QuotaServiceStub(self._channel)
         self._accounts = account_pb2_grpc.AccountServiceStub(self._channel)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 from tally.addresses import is_loopback
 from tally.runtime import parse_event_loop
 from tally.store.layout import DEFAULT_SHARDS, SHARDS_MAX
+from tally.store.leases import LEASE_TTL_MAX_S, LEASE_TTL_MIN_S
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -115,6 +116,15 @@ SETTINGS: tuple[Setting, ...] = (
             "(reaper, flusher) cannot stay up: health turns NOT_SERVING", int, 5),
     Setting("background_stable_after", "a restarted background task that runs this long is up "
             "again: its backoff starts over and health turns SERVING", parse_duration_s, 10.0),
+    Setting("flusher", "run the flusher (streams -> ledger) in this server (on|off); off: "
+            "a fleet's `tally flusher` processes do it", parse_bool, True),
+    Setting("lease_ttl", "how long a lease of background work (each shard's reaper and "
+            "sweeper, snapshots, pruning, start-up work) lasts unrenewed; renewed every "
+            "third of it: a dead process's work is taken over within 4/3 of it "
+            "(0.1s..1h)", parse_duration_s, 15.0),
+    Setting("startup_wait", "how long a starting process waits for another one's start-up "
+            "work (migrations aside: recovery, tokens, catalog) before it gives up",
+            parse_duration_s, 600.0),
     Setting("flush_interval", "how often the flusher moves events to the ledger",
             parse_duration_s, 1.0),
     Setting("flush_batch", "events per ledger transaction, at most", int, 500),
@@ -219,6 +229,9 @@ class Settings:
     quote_validity: float
     background_failures_max: int
     background_stable_after: float
+    flusher: bool
+    lease_ttl: float
+    startup_wait: float
     flush_interval: float
     flush_batch: int
     flush_claim_idle: float
@@ -352,6 +365,13 @@ class Settings:
             raise ValueError("quote_validity must not be negative")
         if self.background_failures_max < 1:
             raise ValueError("background_failures_max must be positive")
+        if not LEASE_TTL_MIN_S <= self.lease_ttl <= LEASE_TTL_MAX_S:
+            raise ValueError(
+                f"lease_ttl must be between {LEASE_TTL_MIN_S}s and {LEASE_TTL_MAX_S:.0f}s, "
+                f"got {self.lease_ttl}s"
+            )
+        if self.startup_wait < 0:
+            raise ValueError("startup_wait must not be negative")
         if self.stream_retention < 0:
             raise ValueError("stream_retention must not be negative")
         host, _, port = self.listen.rpartition(":")
@@ -394,8 +414,13 @@ def env_name(setting: Setting) -> str:
     return "TALLY_" + setting.name.upper()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, names: Collection[str] | None = None
+) -> None:
+    """A flag per setting (per setting of `names` only, when given)."""
     for setting in SETTINGS:
+        if names is not None and setting.name not in names:
+            continue
         flag = "--" + setting.name.replace("_", "-")
         parser.add_argument(
             flag,

@@ -172,6 +172,23 @@ HOLDS_EXPIRED = Counter(
 
 # --- billing periods -------------------------------------------------------
 
+# --- leases of background work (store/leases.py) -----------------------------
+
+LEASES_HELD = Gauge(
+    "tally_leases_held",
+    "Leases of background work this process holds, by job (reaper and sweeper: "
+    "shards; snapshot and prune: 0 or 1)",
+    ["job"],
+    registry=REGISTRY,
+)
+LEASE_TAKEOVERS = Counter(
+    "tally_lease_takeovers_total",
+    "Leases this process took over from an owner that let them lapse (died, paused or "
+    "lost Redis), by job",
+    ["job"],
+    registry=REGISTRY,
+)
+
 ACCOUNTS_CLOSED = Counter(
     "tally_accounts_closed_total",
     "Accounts this process's period sweeper closed (period ended or grant expired)",

@@ -57,9 +57,12 @@ class Scrape:
 
 @pytest_asyncio.fixture
 async def observed(own_redis: RedisProcess) -> AsyncIterator[Observed]:
-    """An authority on a private Redis with its /metrics endpoint on a free port."""
+    """An authority on a private Redis with its /metrics endpoint on a free port. Its
+    leases are renewed every 20 minutes: no renewal (Redis calls of its own, counted
+    in the Redis metrics) falls between a test's two scrapes."""
     port = free_port()
-    running = await start_running(own_redis.url, metrics_listen=f"127.0.0.1:{port}")
+    running = await start_running(
+        own_redis.url, metrics_listen=f"127.0.0.1:{port}", lease_ttl="1h")
     yield Observed(running, f"http://127.0.0.1:{port}/metrics")
     await stop_running(running)
 

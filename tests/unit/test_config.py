@@ -235,3 +235,29 @@ def test_shards_take_0_for_the_recorded_count_and_1_to_4096(shards: int) -> None
     """Proves --shards takes 0 (unset: the count the deployment records, the default for a
     new one) and 1 to 4096 (SHARDS_MAX) at both bounds."""
     assert parse(["--shards", str(shards)]).shards == shards
+
+
+def test_the_lease_ttl_is_accepted_at_its_bounds_and_refused_beyond() -> None:
+    """Proves --lease-ttl takes 100ms to 1h (15s by default) and refuses what is beyond,
+    naming the setting."""
+    assert parse([]).lease_ttl == 15.0
+    assert parse(["--lease-ttl", "100ms"]).lease_ttl == 0.1
+    assert parse(["--lease-ttl", "1h"]).lease_ttl == 3600.0
+    for bad in ("99ms", "3601s"):
+        with pytest.raises(ValueError, match="lease_ttl must be between"):
+            parse(["--lease-ttl", bad])
+
+
+def test_the_flusher_command_reads_known_settings_only() -> None:
+    """Proves every flag of `tally flusher` is a setting, and the rest of its settings
+    come from their variables (the flusher still reads TALLY_SHUTDOWN_GRACE)."""
+    from tally.cli.flusher import FLUSHER_SETTINGS
+
+    assert set(FLUSHER_SETTINGS) <= {setting.name for setting in config.SETTINGS}
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, FLUSHER_SETTINGS)
+    args = parser.parse_args(["--flush-interval", "2s"])
+    settings = config.from_sources(args, {"TALLY_SHUTDOWN_GRACE": "3s"})
+    assert (settings.flush_interval, settings.shutdown_grace) == (2.0, 3.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--listen", "127.0.0.1:1"])

@@ -11,6 +11,7 @@ from tally.cli import (
     accounts,
     balances,
     budgets,
+    flusher,
     health,
     ledger,
     ops,
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tally {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve.register(subparsers)
+    flusher.register(subparsers)
     # in the order `tally --help` lists them
     for noun in (accounts, purchases, prices, reports, budgets, ledger, balances):
         noun.register(subparsers)

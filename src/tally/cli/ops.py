@@ -1,5 +1,5 @@
 """Operator commands that work on Redis and the ledger directly:
-`tally migrate | flusher | status | verify | recover`.
+`tally migrate | status | verify | recover` (`tally flusher`: cli/flusher.py).
 
 They take the same settings as `tally serve` (flags and TALLY_* variables).
 Without a Redis URL they use the embedded Redis of the data folder: the one a
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -71,7 +70,6 @@ async def opened(settings: config.Settings) -> AsyncIterator[Ops]:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     commands: list[tuple[str, str, Callable[[argparse.Namespace], int]]] = [
         ("migrate", "apply the ledger's schema migrations", run_migrate),
-        ("flusher", "run a standalone flusher (streams -> ledger) until SIGTERM", run_flusher),
         ("status", "flusher lag per shard, the ledger's state, shards behind the ledger (exit 1)",
          run_status),
         ("verify", "flush, then compare every account in Redis with the ledger", run_verify),
@@ -108,24 +106,6 @@ def run_migrate(args: argparse.Namespace) -> int:
         version = await ops.ledger.schema_version()
         print(json.dumps({"schema_version": version}) if args.json
               else f"ledger ({ops.ledger.dialect}) at schema version {version}")
-        return 0
-
-    return run_ops(args, work)
-
-
-def run_flusher(args: argparse.Namespace) -> int:
-    async def work(ops: Ops) -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        task = asyncio.create_task(ops.flusher.run())
-        say(f"flusher {ops.flusher.consumer} running; Ctrl-C to stop")
-        await stop.wait()
-        ops.flusher.stop()
-        await task
-        flushed = await ops.flusher.flush_all()
-        say(f"flusher stopped after a final pass of {flushed} events")
         return 0
 
     return run_ops(args, work)

@@ -76,3 +76,10 @@ USAGE_LABEL_SETS_MAX = 64
 # A label set longer than this as text (its pairs sorted by key, as JSON) is
 # counted under the other label set too.
 USAGE_LABEL_SET_BYTES_MAX = 1024
+
+# Leases of background work (store/leases.py): an owner id is `host-pid-random`
+# (a host name is at most 253 bytes), a lease lasts at most an hour unrenewed, and
+# a job's registry of live processes counts this many at most.
+LEASE_OWNER_BYTES_MAX = 300
+LEASE_TTL_MS_MAX = 3_600_000
+LEASE_MEMBERS_MAX = 1024

@@ -185,18 +185,20 @@ class SqlLedger:
     # --- schema -----------------------------------------------------------
 
     def migrate(self, applied_at_ms: int) -> list[int]:
-        """Applies what is missing; returns the versions applied now."""
+        """Applies what is missing, in one transaction under the ledger's migration
+        lock, so that processes starting at once migrate one after the other (the
+        later ones find every version applied). Returns the versions applied now."""
         if self._applied_version() >= MIGRATIONS[-1][0]:
             return []
+        applied: list[int] = []
         with self.transaction() as cur:
+            self._lock_migrations(cur)
             cur.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
                 "version INTEGER PRIMARY KEY, description TEXT NOT NULL, "
                 "applied_at BIGINT NOT NULL)"
             )
-        applied: list[int] = []
-        for version, description, statements in MIGRATIONS:
-            with self.transaction() as cur:
+            for version, description, statements in MIGRATIONS:
                 cur.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,))
                 if cur.fetchone() is not None:
                     continue
@@ -209,6 +211,11 @@ class SqlLedger:
                 )
                 applied.append(version)
         return applied
+
+    def _lock_migrations(self, cur: Cursor) -> None:
+        """Held until the migration's transaction ends. SQLite: nothing more, its
+        BEGIN IMMEDIATE holds the database's write lock already."""
+        del cur
 
     def _applied_version(self) -> int:
         """0 when the ledger has no schema yet; a read, so it never waits on a writer."""
@@ -789,6 +796,11 @@ class SqliteLedger(SqlLedger):
             return str(cur.fetchone()[0])
 
 
+# The PostgreSQL advisory lock migrations hold: "tally" in ASCII, an id no other
+# application of a shared database is likely to take.
+MIGRATION_LOCK_KEY = 0x74616C6C79
+
+
 class PostgresLedger(SqlLedger):
     dialect = "postgresql"
     blob_type = "BYTEA"
@@ -814,6 +826,11 @@ class PostgresLedger(SqlLedger):
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
+
+    def _lock_migrations(self, cur: Cursor) -> None:
+        # A transaction-level advisory lock: released at commit or rollback, and
+        # with the session should the process die.
+        cur.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK_KEY,))
 
 
 def _row_order(event: StreamEntry) -> tuple[str, int, str]:

@@ -33,6 +33,7 @@ from tally.ledger.backend import EntryConflict, Retention, StateRow
 from tally.ledger.ledger import Ledger, LedgerUnavailable
 from tally.store.failures import StoreBusy
 from tally.store.fence import ShardFences
+from tally.store.leases import GlobalLease
 from tally.store.streams import EventStreams, ShardLag
 
 log = logging.getLogger("tally.flusher")
@@ -52,6 +53,14 @@ class FlusherSettings:
     retention: Retention | None = None  # what pruning keeps; None: this flusher never prunes
 
 
+@dataclass(frozen=True)
+class FlusherLeases:
+    """The global leases a flusher's scheduled work runs under."""
+
+    snapshot: GlobalLease
+    prune: GlobalLease
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -64,13 +73,16 @@ class Flusher:
         settings: FlusherSettings,
         consumer: str | None = None,
         fences: ShardFences | None = None,
+        leases: FlusherLeases | None = None,
     ) -> None:
+        """leases: None for a flusher that snapshots and prunes alone."""
         self.streams = streams
         self.keys = streams.keys
         self.ledger = ledger
         self.settings = settings
         self.fences = fences or ShardFences(streams.keys.shards)
         self.consumer = consumer or consumer_name()
+        self.leases = leases
         self._stopping = asyncio.Event()
         self._locks = [asyncio.Lock() for _ in range(self.keys.shards)]
 
@@ -146,11 +158,26 @@ class Flusher:
         log.info("snapshot written", extra={"snapshot_id": snapshot_id, "accounts": len(states)})
         return snapshot_id
 
+    def snapshots_here(self) -> bool:
+        """Whether this flusher writes the fleet's snapshots (holds their lease)."""
+        return self.leases is None or self.leases.snapshot.held()
+
+    def prunes_here(self) -> bool:
+        """Whether this flusher prunes the ledger (holds the prune lease)."""
+        return self.leases is None or self.leases.prune.held()
+
+    async def snapshot_due(self) -> bool:
+        """Whether the ledger's newest snapshot (by anyone) is snapshot_interval old."""
+        latest = await self.ledger.latest_snapshot()
+        interval_ms = round(self.settings.snapshot_interval_s * 1000)
+        return latest is None or self.ledger.clock.now_ms() - latest[1] >= interval_ms
+
     async def run(self) -> None:
         """Flushes every interval (the first pass after one interval: start-up has
-        flushed already) and snapshots on schedule until stopped."""
+        flushed already); prunes and snapshots on schedule under their leases, the
+        first snapshot no sooner than one snapshot_interval after start."""
         loop = asyncio.get_running_loop()
-        next_snapshot = loop.time() + self.settings.snapshot_interval_s
+        snapshots_from = loop.time() + self.settings.snapshot_interval_s
         next_lag = loop.time()
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
@@ -159,14 +186,14 @@ class Flusher:
                 break
             try:
                 metrics.FLUSHER_EVENTS_FLUSHED.inc(await self.flush_all())
-                if self.settings.retention is not None:
+                if self.settings.retention is not None and self.prunes_here():
                     await self.ledger.prune(self.settings.retention)
                 if loop.time() >= next_lag:
                     self._record_lag(await self.lag())
                     next_lag = loop.time() + LAG_INTERVAL_S
-                if loop.time() >= next_snapshot:
+                if (loop.time() >= snapshots_from and self.snapshots_here()
+                        and await self.snapshot_due()):
                     await self.snapshot("scheduled")
-                    next_snapshot = loop.time() + self.settings.snapshot_interval_s
             except LedgerUnavailable as exc:  # the driver's words say more than ours
                 self._pass_failed(exc.reason)
             except (Unavailable, StoreBusy, OSError, ConnectionError) as exc:

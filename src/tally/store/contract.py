@@ -862,6 +862,58 @@ class RefundBatchRequest(BatchRequest[RefundRequest]):
     ITEM = RefundRequest
 
 
+# --- leases of background work (store/leases.py) ---------------------------------
+# Their context's `now` is the leasing process's wall clock (a SystemClock), never
+# the business clock tests move.
+
+
+@dataclass(frozen=True)
+class LeaseAcquireReply(Reply):
+    held: int
+    taken_over: int
+    holder: str
+
+
+@dataclass(frozen=True)
+class LeaseAcquireRequest(ScriptRequest[LeaseAcquireReply]):
+    SCRIPT = "lease_acquire"
+    CONTEXT = CatalogContext
+    REPLY = LeaseAcquireReply
+
+    owner: str
+    ttl_ms: int
+
+
+@dataclass(frozen=True)
+class LeaseReleaseReply(Reply):
+    released: int
+
+
+@dataclass(frozen=True)
+class LeaseReleaseRequest(ScriptRequest[LeaseReleaseReply]):
+    SCRIPT = "lease_release"
+    CONTEXT = CatalogContext
+    REPLY = LeaseReleaseReply
+
+    owner: str
+
+
+@dataclass(frozen=True)
+class LeaseHeartbeatReply(Reply):
+    live: int
+
+
+@dataclass(frozen=True)
+class LeaseHeartbeatRequest(ScriptRequest[LeaseHeartbeatReply]):
+    SCRIPT = "lease_heartbeat"
+    CONTEXT = CatalogContext
+    REPLY = LeaseHeartbeatReply
+
+    owner: str
+    ttl_ms: int
+    members_max: int
+
+
 # --- every script ----------------------------------------------------------------
 
 REQUESTS: tuple[type[ScriptRequest[Any]], ...] = (
@@ -888,4 +940,7 @@ REQUESTS: tuple[type[ScriptRequest[Any]], ...] = (
     ReserveBatchRequest,
     CommitBatchRequest,
     RefundBatchRequest,
+    LeaseAcquireRequest,
+    LeaseReleaseRequest,
+    LeaseHeartbeatRequest,
 )

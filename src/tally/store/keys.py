@@ -96,6 +96,13 @@ FENCE_KEY = NameTemplate("fence_key", "{prefix}fence")
 CATALOG_KEY = NameTemplate("catalog_key", "{prefix}catalog")
 # a field of the price history hash: the price of one version of an operation
 PRICE_VERSION_FIELD = NameTemplate("price_version_field", "{operation}@{version:d}")
+# A per-shard job's lease (store/leases.py: the reaper's, the sweeper's), in the
+# shard's slot: a hash {owner, lapses_at}
+SHARD_LEASE_KEY = NameTemplate("shard_lease_key", "{prefix}lease:{job}")
+# A global job's lease (snapshots, pruning, start-up work): one key each
+LEASE_KEY = NameTemplate("lease_key", "tally:{{lease}}:{job}")
+# The live processes of a per-shard job (zset owner -> lapses_at): its fair share's count
+LEASE_MEMBERS_KEY = NameTemplate("lease_members_key", "tally:{{lease}}:members:{job}")
 # A reservation id names its shard and account, so it finds every key alone.
 RESERVATION_ID = NameTemplate("reservation_id_for", "{tag}.{sequence:d}.{account_id}")
 
@@ -231,6 +238,17 @@ class KeySpace:
 
     def closings(self, shard: int) -> str:
         return self._closings[shard]
+
+    def shard_lease(self, shard: int, job: str) -> str:
+        return SHARD_LEASE_KEY.format(prefix=self.prefix(shard), job=job)
+
+    @staticmethod
+    def lease(job: str) -> str:
+        return LEASE_KEY.format(job=job)
+
+    @staticmethod
+    def lease_members(job: str) -> str:
+        return LEASE_MEMBERS_KEY.format(job=job)
 
     def parse_reservation_id(self, reservation_id: str) -> ReservationRef:
         parts = reservation_id.split(".", 2)

@@ -61,6 +61,9 @@ SCRIPT_NAMES = (
     "reserve_batch",
     "commit_batch",
     "refund_batch",
+    "lease_acquire",
+    "lease_release",
+    "lease_heartbeat",
 )
 
 KEYS_HELPER = "keys"

@@ -27,17 +27,17 @@ from typing import Any
 
 from tally import metrics
 from tally.app import (
+    BackgroundWork,
     Core,
     auth_required,
     background_supervisor,
-    fence_watch_of,
+    background_work,
+    final_flush,
     open_core,
     restart_policy,
 )
 from tally.clock import SystemClock
 from tally.config import Settings
-from tally.store.reaper import Reaper
-from tally.store.sweeper import PeriodSweeper
 from tally.supervisor import Supervisor
 from tally.workers.pool import WorkerPool
 
@@ -131,10 +131,12 @@ async def serve_until_signalled(
     core.store.fences.on_fenced = health.fences
     background = background_supervisor(settings, health.tasks)
     metrics_server: Any = None
+    work: BackgroundWork | None = None
     try:
         if settings.metrics_listen:
             metrics_server = metrics.serve(settings.metrics_listen)
-        start_background(settings, core, background)
+        work = await background_work(settings, core)
+        work.start(settings, core, background)
         await pool.start()
         await health.ready()
         log.info("serving", extra={
@@ -145,20 +147,11 @@ async def serve_until_signalled(
             await on_ready(listen, core)
         await until_signalled()
     finally:
-        await stop(settings, core, pool, background)
+        await stop(settings, core, pool, background, work)
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
         reservation.close()
-
-
-def start_background(settings: Settings, core: Core, background: Supervisor) -> None:
-    store = core.store
-    background.start("reaper", Reaper(store, settings.reaper_interval, settings.reaper_batch))
-    background.start("sweeper", PeriodSweeper(
-        store, settings.period_sweep_interval, settings.period_sweep_batch))
-    background.start("fence_watch", fence_watch_of(settings, core))
-    background.start("flusher", core.flusher)
 
 
 async def until_signalled() -> None:
@@ -169,18 +162,20 @@ async def until_signalled() -> None:
     await stop.wait()
 
 
-async def stop(settings: Settings, core: Core, pool: WorkerPool, background: Supervisor) -> None:
+async def stop(
+    settings: Settings, core: Core, pool: WorkerPool, background: Supervisor,
+    work: BackgroundWork | None,
+) -> None:
     """Workers first (their calls drain, their events are in Redis), then the
-    background work, then one last flush of everything and a snapshot."""
+    background work, then one last flush of everything and a snapshot (when this
+    process flushes), then its leases are given back."""
     log.info("shutting down", extra={"grace_s": settings.shutdown_grace})
     await pool.stop(settings.shutdown_grace)
     await background.stop()
     await background.wait()
-    try:
-        flushed = await core.flusher.flush_all(steal=True)
-        await core.flusher.snapshot("shutdown")
-        log.info("ledger flushed", extra={"events": flushed})
-    except Exception:
-        log.exception("final flush failed; the events stay in Redis for the next flusher")
+    if settings.flusher:
+        await final_flush(core.flusher)
+    if work is not None:
+        await work.leases.release()
     await core.close()
     log.info("stopped")
