@@ -245,6 +245,15 @@ async def test_a_single_redis_waits_for_its_replica_when_asked(
     stopped replica could not confirm; a retry with its key then replays it once."""
     replica = RedisProcess(tmp_path / "replica", "--replicaof", "127.0.0.1", str(own_redis.port))
     replica.start()
+    try:
+        await replicated_reserve_is_refused_then_replayed(own_redis, replica)
+    finally:
+        replica.stop()
+
+
+async def replicated_reserve_is_refused_then_replayed(
+    own_redis: RedisProcess, replica: RedisProcess
+) -> None:
     client = aioredis.Redis.from_url(own_redis.url)
 
     async def in_sync() -> bool:
@@ -277,4 +286,3 @@ async def test_a_single_redis_waits_for_its_replica_when_asked(
         assert (await balance(running, account_id)).available == 1000 - UNITS_PER_CALL
     finally:
         await stop_running(running)
-        replica.stop()
