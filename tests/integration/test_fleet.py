@@ -1,4 +1,5 @@
-"""Many servers and standalone flushers on one Redis and one ledger (issue 12):
+"""Many servers and standalone flushers on one Redis (or a real Redis Cluster) and
+one ledger (issue 12):
 concurrent starts, clients balancing over servers, and the background work of a
 fleet done once (each acknowledged operation in the ledger once, each hold expired
 once, one snapshot per schedule)."""
@@ -137,21 +138,30 @@ FLEET = {"flusher": "off", "reaper_interval": "50ms", "lease_ttl": "600ms"}
 FLUSHERS = {"flush_interval": "50ms", "snapshot_interval": "200ms", "lease_ttl": "600ms"}
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def fleet_redis_url(request: pytest.FixtureRequest) -> str:
+    """A private redis-server, or a real 3-master Redis Cluster."""
+    if request.param == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    return str(request.getfixturevalue("own_redis").url)
+
+
 @pytest_asyncio.fixture
 async def fleet(
-    own_redis: RedisProcess, tmp_path: Path
+    fleet_redis_url: str, tmp_path: Path
 ) -> AsyncIterator[tuple[list[Running], list[standalone_flusher.StandaloneFlusher]]]:
     """Two servers without flushers of their own and two `tally flusher`s (in process,
-    each with its manual clock) on one Redis and one SQLite ledger."""
+    each with its manual clock) on one Redis (or Redis Cluster) and one SQLite ledger."""
+    redis_url = fleet_redis_url
     ledger_url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
     servers: list[Running] = []
     flushers: list[standalone_flusher.StandaloneFlusher] = []
     try:
         for _ in range(2):
-            servers.append(await start_running(own_redis.url, ledger_url=ledger_url, **FLEET))
+            servers.append(await start_running(redis_url, ledger_url=ledger_url, **FLEET))
         for _ in range(2):
             flushers.append(await standalone_flusher.start(
-                settings(own_redis.url, ledger_url, **FLUSHERS), clock=ManualClock(T0_MS)))
+                settings(redis_url, ledger_url, **FLUSHERS), clock=ManualClock(T0_MS)))
         yield servers, flushers
     finally:
         for server in servers:

@@ -124,20 +124,21 @@ class EventStreams:
         return [state.shard for state in states if state.has_work(retention_ms, now_ms)]
 
     async def states(self) -> tuple[int, list[StreamState]]:
-        """Redis's clock and every shard's stream and group figures, in one round trip
-        (TIME, then XINFO STREAM and XINFO GROUPS per shard)."""
+        """Redis's clock and every shard's stream and group figures: TIME, then one
+        pipelined round trip (per master on a cluster, where a keyless TIME cannot
+        share a pipeline) of XINFO STREAM and XINFO GROUPS per shard."""
         with redis_errors():
+            now_ms = await self._now_ms()
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.time()
                 for shard in range(self.keys.shards):
                     pipe.xinfo_stream(self.keys.events(shard))
                     pipe.xinfo_groups(self.keys.events(shard))
-                (seconds, micros), *replies = await pipe.execute(raise_on_error=False)
+                replies = await pipe.execute(raise_on_error=False)
             states = [
                 StreamState.of(shard, replies[2 * shard], replies[2 * shard + 1])
                 for shard in range(self.keys.shards)
             ]
-        return int(seconds) * 1000 + int(micros) // 1000, states
+        return now_ms, states
 
     async def take(self, shard: int, consumer: str, count: int, min_idle_ms: int) -> Delivery:
         """The consumer's own pending entries first (a write that failed is retried at
