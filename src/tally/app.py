@@ -19,7 +19,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health
@@ -523,15 +523,28 @@ async def start(settings: Settings, clock: Clock | None = None) -> Authority:
     return authority
 
 
-async def serve_until_signalled(
-    settings: Settings, on_ready: Callable[[Authority], Awaitable[None]] | None = None
+class Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+Started = TypeVar("Started", bound=Stoppable)
+
+
+async def until_signalled(
+    started: Started, on_ready: Callable[[Started], Awaitable[None]] | None = None
 ) -> None:
-    authority = await start(settings)
+    """Runs what was started until SIGTERM or SIGINT, then stops it gracefully."""
     if on_ready is not None:
-        await on_ready(authority)
+        await on_ready(started)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await authority.stop()
+    await started.stop()
+
+
+async def serve_until_signalled(
+    settings: Settings, on_ready: Callable[[Authority], Awaitable[None]] | None = None
+) -> None:
+    await until_signalled(await start(settings), on_ready)

@@ -16,9 +16,7 @@ back for another flusher to take at once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,12 +99,4 @@ async def start(settings: Settings, clock: Clock | None = None) -> StandaloneFlu
 async def run_until_signalled(
     settings: Settings, on_ready: Callable[[StandaloneFlusher], Awaitable[None]] | None = None
 ) -> None:
-    running = await start(settings)
-    if on_ready is not None:
-        await on_ready(running)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await running.stop()
+    await app.until_signalled(await start(settings), on_ready)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
-from tally import config, logs, runtime, standalone_flusher
-from tally.redaction import redact
+from tally import config, standalone_flusher
+from tally.cli.daemon import run_daemon
 
 # The settings a flusher reads; the rest keep their TALLY_* values or defaults.
 FLUSHER_SETTINGS = (
@@ -38,16 +37,7 @@ async def _announce(running: standalone_flusher.StandaloneFlusher) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = config.from_sources(args)
-    except ValueError as exc:
-        print(f"tally flusher: {redact(str(exc))}", file=sys.stderr)
-        return 2
-    logs.configure(settings.log_level, settings.log_format)
-    try:
-        with asyncio.Runner(loop_factory=runtime.loop_factory(settings.event_loop)) as runner:
-            runner.run(standalone_flusher.run_until_signalled(settings, on_ready=_announce))
-    except RuntimeError as exc:
-        print(f"tally flusher: {redact(str(exc))}", file=sys.stderr)
-        return 1
-    return 0
+    return run_daemon(
+        "flusher", args,
+        lambda settings: standalone_flusher.run_until_signalled(settings, on_ready=_announce),
+    )

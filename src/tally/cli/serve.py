@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from tally import app, config, logs, runtime
-from tally.redaction import redact
-from tally.store.embedded import EmbeddedRedis, RedisNotInstalled
+from tally import app, config, runtime
+from tally.cli.daemon import run_daemon
+from tally.store.embedded import EmbeddedRedis
 from tally.workers import primary
 
 log = logging.getLogger("tally.serve")
@@ -62,19 +61,4 @@ def _serve(settings: config.Settings) -> Coroutine[Any, Any, None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = config.from_sources(args)
-    except ValueError as exc:
-        print(f"tally serve: {redact(str(exc))}", file=sys.stderr)
-        return 2
-    logs.configure(settings.log_level, settings.log_format)
-    try:
-        with asyncio.Runner(loop_factory=runtime.loop_factory(settings.event_loop)) as runner:
-            runner.run(_serve(settings))
-    except RedisNotInstalled as exc:
-        print(f"tally serve: {redact(str(exc))}", file=sys.stderr)
-        return 3
-    except RuntimeError as exc:
-        print(f"tally serve: {redact(str(exc))}", file=sys.stderr)
-        return 1
-    return 0
+    return run_daemon("serve", args, _serve)
