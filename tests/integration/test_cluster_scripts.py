@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ ALLOTMENT = 1000
 OPERATION = "image.upscale"
 UNITS = 10  # its default price
 RETRIES_AFTER_FAILOVER = 25
+WAIT_BOUND_S = 30.0  # bounds a wait for the cluster to notice a node (never a threshold)
 
 
 def accounts_on_every_master(
@@ -150,6 +152,47 @@ async def test_auto_waits_for_one_replica_when_every_master_has_one(
         replayed = await reserve(running, account_id, "w1")
         assert replayed.replayed
         assert (await balance(running, account_id)).available == ALLOTMENT - UNITS
+    finally:
+        await stop_running(running)
+
+
+async def test_a_master_whose_replica_died_serves_on_and_waits_again_once_it_is_back(
+    replicated_cluster: RedisClusterProcesses,
+) -> None:
+    """Proves a master whose only replica died refuses writes (UNAVAILABLE) only until
+    the cluster marks the replica failed, then acknowledges them on its own (nothing
+    could fail over to); the refused write, retried with its key, moves units once;
+    and once the replica is back every write waits for it again."""
+    running = await start_running(replicated_cluster.url, redis_wait_timeout="200ms")
+    try:
+        account_id = unique()
+        await create_account(running, account_id, monthly_allotment=ALLOTMENT)
+        scripts = running.authority.store.runner.cluster
+        assert scripts is not None
+        master = replicated_cluster.master_of_key(
+            running.authority.store.keys.account_keys(account_id)[0])
+        replica = replicated_cluster.replica_of(master)
+        master_name = f"127.0.0.1:{master.port}"
+        replica.kill()
+        deadline = time.monotonic() + WAIT_BOUND_S
+        while True:  # one logical call, retried with its key as a worker would
+            try:
+                await reserve(running, account_id, "alone")
+                break
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                assert "replicas" in (error.details() or "")
+                assert time.monotonic() < deadline, "the master never served alone"
+                await asyncio.sleep(0.2)
+        assert scripts.pipeline_wait(master_name) is None
+        assert (await balance(running, account_id)).available == ALLOTMENT - UNITS
+
+        await asyncio.to_thread(replicated_cluster.rejoin, replica)
+        deadline = time.monotonic() + WAIT_BOUND_S
+        while scripts.pipeline_wait(master_name) != ReplicaWait(1, 200):
+            assert time.monotonic() < deadline, "the master never waited for its replica again"
+            await balance(running, account_id)  # calls let the slot table age and refresh
+            await asyncio.sleep(0.5)
     finally:
         await stop_running(running)
 

@@ -32,13 +32,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from tally.store.pool import ConnectionWaitExpired
-from tally.store.script_pipeline import ReplicaWait, ScriptPipeline
+from tally.store.script_pipeline import ReplicaWait, ReplicaWaitShortfall, ScriptPipeline
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
 # Times a call is sent again after MOVED (each after a fresh slot table).
 REDIRECTS_MAX = 3
 # A slot table refreshed this recently is not refreshed again for a failed call.
 REFRESH_MIN_INTERVAL_S = 0.1
+# A slot table older than this is refreshed in the background: a replica that came
+# back is waited for again (and a master's replicas counted) within this long.
+TABLE_MAX_AGE_S = 5.0
 
 
 def is_cluster_url(url: str) -> bool:
@@ -96,7 +99,16 @@ class NodeSource:
 
 
 class ClusterScripts:
-    """Sends each script call to the master of its first key's slot."""
+    """Sends each script call to the master of its first key's slot.
+
+    With a replica wait of N, a master's writes wait for min(N, its live replicas):
+    the replicas the slot table lists (it leaves out the ones the cluster marked
+    failed). A replica that is up must confirm every write, so a failover to it
+    loses nothing acknowledged; a master with no live replica (its replica died, or
+    it was promoted and its old master is down) has nothing it could fail over to,
+    and goes on serving on its own AOF rather than refuse every write. A wait that
+    fell short refreshes the slot table: a replica that died is then left out once
+    the cluster has marked it failed (within its node timeout)."""
 
     def __init__(
         self, cluster: RedisCluster, window_s: float = 0.0, wait: ReplicaWait | None = None
@@ -105,15 +117,19 @@ class ClusterScripts:
         self.window_s = window_s
         self.wait = wait
         self._pipelines: dict[str, tuple[ClusterNode, ScriptPipeline]] = {}
+        self._replicas: dict[str, int] | None = None  # master name -> live replicas
         self._stale = False
-        self._refreshed_at = 0.0
+        self._refreshed_at = time.monotonic()
         self._refreshing: asyncio.Lock | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def execute(self, *command: Any) -> Any:
         """One FCALL / FCALL_RO (`name, numkeys, key, ...`) on its master."""
         for _ in range(REDIRECTS_MAX):
             if self._stale:
                 await self.refresh()
+            elif time.monotonic() - self._refreshed_at > TABLE_MAX_AGE_S:
+                self._refresh_in_background()
             node = self.cluster.nodes_manager.get_node_from_slot(
                 self.cluster.keyslot(command[3])
             )
@@ -125,8 +141,8 @@ class ClusterScripts:
                 # The slot is migrating and the key is on its new node already: redis-py
                 # sends ASKING then the call there (rare: only while slots move).
                 return await self.cluster.execute_command(*command)
-            except (RedisConnectionError, RedisTimeoutError):
-                self._stale = True  # a failover may be under way
+            except (RedisConnectionError, RedisTimeoutError, ReplicaWaitShortfall):
+                self._stale = True  # a failover may be under way, or a replica gone
                 raise
         return await self.cluster.execute_command(*command)
 
@@ -134,19 +150,41 @@ class ClusterScripts:
         held = self._pipelines.get(node.name)
         if held is not None and held[0] is node:
             return held[1]
-        pipeline = ScriptPipeline(NodeSource(node), self.window_s, self.wait)
+        pipeline = ScriptPipeline(NodeSource(node), self.window_s, self._wait_for(node.name))
         self._pipelines[node.name] = node, pipeline
         return pipeline
 
-    async def refresh(self) -> None:
-        """A fresh slot table (at most one refresh at a time, and not more often than
-        REFRESH_MIN_INTERVAL_S); pipelines of nodes that left are closed."""
+    def pipeline_wait(self, master: str) -> ReplicaWait | None:
+        """The replica wait the master's writes have now (None: none, or no pipeline)."""
+        held = self._pipelines.get(master)
+        return None if held is None else held[1].wait
+
+    def _wait_for(self, master: str) -> ReplicaWait | None:
+        if self.wait is None:
+            return None
+        if self._replicas is None:
+            self._replicas = live_replicas(self.cluster)
+        replicas = min(self.wait.replicas, self._replicas.get(master, 0))
+        return ReplicaWait(replicas, self.wait.timeout_ms) if replicas else None
+
+    def _refresh_in_background(self) -> None:
+        if self._background:
+            return
+        self._refreshed_at = time.monotonic()  # one at a time, whatever comes of it
+        task = asyncio.ensure_future(self.refresh(due=True))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def refresh(self, *, due: bool = False) -> None:
+        """A fresh slot table when it is stale (at most one refresh at a time, and not
+        more often than REFRESH_MIN_INTERVAL_S) or `due` (its age); pipelines of nodes
+        that left are closed, the others' replica waits recounted."""
         if self._refreshing is None:
             self._refreshing = asyncio.Lock()
         async with self._refreshing:
-            if not self._stale:
+            if not (self._stale or due):
                 return  # another call refreshed it meanwhile
-            if time.monotonic() - self._refreshed_at < REFRESH_MIN_INTERVAL_S:
+            if not due and time.monotonic() - self._refreshed_at < REFRESH_MIN_INTERVAL_S:
                 return
             self._refreshed_at = time.monotonic()
             try:
@@ -154,19 +192,27 @@ class ClusterScripts:
             except Exception:  # no node answered: the next call tries again
                 return
             self._stale = False
+            self._replicas = live_replicas(self.cluster)
             masters = {node.name: node for node in self.cluster.get_primaries()}
-            for name, (node, _) in list(self._pipelines.items()):
+            for name, (node, pipeline) in list(self._pipelines.items()):
                 if masters.get(name) is not node:
                     await self._pipelines.pop(name)[1].close()
+                else:
+                    pipeline.wait = self._wait_for(name)
+
+
+def live_replicas(cluster: RedisCluster) -> dict[str, int]:
+    """Each master's live replicas, as the slot table (CLUSTER SLOTS) lists them."""
+    replicas: dict[str, set[str]] = {node.name: set() for node in cluster.get_primaries()}
+    for primary, *others in cluster.nodes_manager.slots_cache.values():
+        replicas.setdefault(primary.name, set()).update(node.name for node in others)
+    return {name: len(names) for name, names in replicas.items()}
 
 
 async def replicas_every_master_has(redis: object) -> int:
-    """The fewest replicas any cluster master has, from the slot table (0 for a
-    single Redis: a failover there is not Tally's to manage)."""
+    """The fewest live replicas any cluster master has (0 for a single Redis: a
+    failover there is not Tally's to manage)."""
     if not isinstance(redis, RedisCluster):
         return 0
     await redis.initialize()
-    replicas: dict[str, set[str]] = {node.name: set() for node in redis.get_primaries()}
-    for primary, *others in redis.nodes_manager.slots_cache.values():
-        replicas.setdefault(primary.name, set()).update(node.name for node in others)
-    return min((len(names) for names in replicas.values()), default=0)
+    return min(live_replicas(redis).values(), default=0)
