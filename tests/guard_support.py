@@ -11,6 +11,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from tally.store.leases import REAPER, SWEEPER
 from tally.v1 import account_pb2, quota_pb2
 from tests.support import Running
 
@@ -85,10 +86,15 @@ class Snapshot:
     keys: dict[bytes, bytes | None]
 
 
+def shards_of(running: Running, account_ids: Iterable[str]) -> list[int]:
+    """The accounts' shards and shard 0 (the catalog's), in order."""
+    keys = running.authority.store.keys
+    return sorted({keys.shard_of(a) for a in account_ids} | {0})
+
+
 def shard_prefixes(running: Running, account_ids: Iterable[str]) -> list[str]:
     keys = running.authority.store.keys
-    shards = sorted({keys.shard_of(a) for a in account_ids} | {0})
-    return [keys.prefix(s) for s in shards]
+    return [keys.prefix(s) for s in shards_of(running, account_ids)]
 
 
 async def events_added(redis: Any, stream: str) -> int:
@@ -102,7 +108,8 @@ async def events_added(redis: Any, stream: str) -> int:
 
 async def snapshot(running: Running, account_id: str, *others: str) -> Snapshot:
     """Balance (None when the account does not exist), events ever added to the shards'
-    streams and a DUMP of every other key of the shards (shard 0, the catalog, included)."""
+    streams and a DUMP of every other key of the shards (shard 0, the catalog, included)
+    but the background jobs' leases, which their holders renew on their own schedule."""
     store = running.authority.store
     try:
         balance: bytes | None = (
@@ -115,9 +122,10 @@ async def snapshot(running: Running, account_id: str, *others: str) -> Snapshot:
     prefixes = shard_prefixes(running, [account_id, *others])
     added = tuple([await events_added(redis, p + "events") for p in prefixes])
     dumped: dict[bytes, bytes | None] = {}
-    for prefix in prefixes:
+    for shard, prefix in zip(shards_of(running, [account_id, *others]), prefixes, strict=True):
+        leases = {store.keys.shard_lease(shard, job).encode() for job in (REAPER, SWEEPER)}
         async for key in redis.scan_iter(match=prefix + "*", count=1000):
-            if await redis.type(key) != b"stream":
+            if key not in leases and await redis.type(key) != b"stream":
                 dumped[key] = await redis.dump(key)
     return Snapshot(balance, added, dumped)
 

@@ -18,6 +18,7 @@ from tally.domain.errors import InvalidArgument
 from tally.domain.limits import LEASE_MEMBERS_MAX, LEASE_TTL_MS_MAX
 from tally.store.client import ScriptRunner, connect
 from tally.store.keys import KeySpace
+from tally.store.layout import ShardLayout, TagScheme
 from tally.store.leases import (
     LEASE_TTL_MAX_S,
     LEASE_TTL_MIN_S,
@@ -125,7 +126,7 @@ async def test_shards_spread_over_the_fleet_and_a_dead_process_is_taken_over(
     (no release) leaves its shards until its leases lapse, then the last one takes
     them over (counted) and holds all 16."""
     clock = ManualClock(T0_MS)
-    name, keys = job(), KeySpace(SHARDS)
+    name, keys = job(), KeySpace(ShardLayout(SHARDS, TagScheme.SLOT_RANGE))
     fleet = [ShardLeases(calls, keys, name, TTL) for calls in fleet_of(runner, clock, 3)]
     await refresh_all(fleet)
     assert_partition(fleet, math.ceil(SHARDS / 3))
@@ -207,8 +208,8 @@ async def test_the_startup_lease_runs_concurrent_starts_one_at_a_time(
 def test_lease_keys_live_in_their_shards_slot() -> None:
     """Proves a per-shard lease carries its shard's hash tag and the global ones one tag
     of their own."""
-    keys = KeySpace(SHARDS)
-    assert keys.shard_lease(7, "reaper") == "tally:{s07}:lease:reaper"
+    keys = KeySpace(ShardLayout(SHARDS, TagScheme.SLOT_RANGE))
+    assert keys.shard_lease(7, "reaper") == f"tally:{{{keys.tag(7)}}}:lease:reaper"
     assert KeySpace.lease("snapshot") == "tally:{lease}:snapshot"
     assert KeySpace.lease_members("reaper") == "tally:{lease}:members:reaper"
 

@@ -6,6 +6,7 @@ import pytest
 
 from tally.domain.ids import SEQUENCE
 from tally.store.keys import KeySpace
+from tally.store.layout import ShardLayout, TagScheme
 from tally.store.reservation_ids import EPOCH_MS, RANDOM_BITS, SEQUENCE_LIMIT, ReservationIds
 
 
@@ -25,7 +26,7 @@ def test_ids_parse_as_the_key_space_writes_them_up_to_the_last_millisecond() -> 
     """Proves an id made at the last millisecond of the range still has a sequence of
     at most 16 digits below 2^53 (a Lua number holds it exactly), its account found
     from it; a clock past the range is refused rather than wrapped."""
-    space = KeySpace(16)
+    space = KeySpace(ShardLayout(16, TagScheme.SLOT_RANGE))
     ids = ReservationIds()
     last_ms = EPOCH_MS + (SEQUENCE_LIMIT >> RANDOM_BITS) - 1
     sequence = ids.next_sequence(last_ms)
