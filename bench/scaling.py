@@ -60,6 +60,7 @@ FLUSH_DEFERRED = "1d"
 # only adds idle time between passes.
 FLUSHER_INTERVAL = "100ms"
 SAMPLE_S = 0.05
+LOG_LINES = 20  # of a failed run's server log, in its error
 FLUSH_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 FLUSHER_COUNTS = (1, 2)
@@ -90,14 +91,27 @@ class Cell:
     appendfsync: str = "always"
     masters: int = 0  # 0: a single Redis; N: a Redis Cluster of N masters
     replicas: int = 0  # each master's; the server's replica wait is its default (auto)
+    redis_max_connections: int = 0  # 0: the server's default
 
 
 SINGLE = "always"  # the cell the sizing and the flushers' backlog come from
 SINGLE_CELLS = (Cell(SINGLE), Cell("everysec", appendfsync="everysec"))
-CLUSTER_CELLS = (Cell("3-masters", masters=3),
-                 Cell("3-masters-1-replica", masters=3, replicas=1))
+# A cluster node's connections, raised from the default 64: when the token cache
+# expires (every 2 s) each call in flight (the load's 128) reads the token from the
+# master of its slot at once, and a cluster node's connections, unlike a single
+# Redis's pool, do not wait when all are in use: the excess calls failed
+# UNAVAILABLE ("the token store is unreachable"). 256 covers the 128 and the
+# pipelines' connections.
+CLUSTER_MAX_CONNECTIONS = 256
+CLUSTER_CELLS = (
+    Cell("3-masters", masters=3, redis_max_connections=CLUSTER_MAX_CONNECTIONS),
+    Cell("3-masters-1-replica", masters=3, replicas=1,
+         redis_max_connections=CLUSTER_MAX_CONNECTIONS))
+
 # What a script call is in INFO commandstats: Tally's scripts are Redis Functions
 FCALL_STATS = ("cmdstat_fcall", "cmdstat_fcall_ro")
+# A replica wait (--redis-wait-replicas): one WAIT after each pipelined write
+WAIT_STATS = ("cmdstat_wait",)
 
 
 # --- servers and Redis masters ---------------------------------------------------------
@@ -108,6 +122,7 @@ class NodeSample:
     cpu_s: float  # all its threads
     main_thread_cpu_s: float  # runs the scripts; `everysec`'s fsync runs on another thread
     fcalls: int  # script calls it ran so far
+    waits: int  # WAITs for its replicas so far
 
 
 def node_sample(node: RedisServer) -> NodeSample:
@@ -116,7 +131,11 @@ def node_sample(node: RedisServer) -> NodeSample:
     return NodeSample(
         float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
         float(cpu["used_cpu_sys_main_thread"]) + float(cpu["used_cpu_user_main_thread"]),
-        sum(int(stats.get(name, {}).get("calls", 0)) for name in FCALL_STATS))
+        calls(stats, FCALL_STATS), calls(stats, WAIT_STATS))
+
+
+def calls(commandstats: dict[str, Any], names: Sequence[str]) -> int:
+    return sum(int(commandstats.get(name, {}).get("calls", 0)) for name in names)
 
 
 def redis_cpu(node: RedisServer) -> float:
@@ -150,12 +169,16 @@ def measure_pairs(running: Running, timing: Timing) -> dict[str, Any]:
                     duration_s=timing.duration_s, warmup_s=timing.warmup_s, token=served.token)
     result = run_load(spec, mark, mark)
     if result.ops == 0 or result.errors or result.refusals:
-        raise RuntimeError(f"the pairs run of {running.cell.name} failed: {result.ops} pairs, "
-                           f"errors {result.errors}, {result.refusals} refused")
+        log = running.tally.log.read_text(errors="replace").splitlines()[-LOG_LINES:]
+        raise RuntimeError(
+            f"the pairs run of {running.cell.name} failed: {result.ops} pairs, errors "
+            f"{result.errors}, {result.refusals} refused; the server counted "
+            f"{servers.server_faults(served.metrics_ports)}; its log ends:\n" + "\n".join(log))
     (server0, before), (server1, after) = marks
     per_pair = 1e6 / result.ops
     spent = [NodeSample(b.cpu_s - a.cpu_s, b.main_thread_cpu_s - a.main_thread_cpu_s,
-                        b.fcalls - a.fcalls) for a, b in zip(before, after, strict=True)]
+                        b.fcalls - a.fcalls, b.waits - a.waits)
+             for a, b in zip(before, after, strict=True)]
     masters, replicas = spent[:len(running.masters)], spent[len(running.masters):]
     fcalls = sum(m.fcalls for m in masters)
     figures: dict[str, Any] = {
@@ -177,6 +200,9 @@ def measure_pairs(running: Running, timing: Timing) -> dict[str, Any]:
              "main_thread_us_per_pair": per_pair * m.main_thread_cpu_s,
              "fcalls": m.fcalls, "fcall_share": m.fcalls / fcalls if fcalls else 0.0}
             for node, m in zip(running.masters, masters, strict=True)]
+        # the server's default replica wait: none without replicas, one WAIT per
+        # pipelined write (several calls each) with them
+        figures["replica_waits_per_pair"] = sum(m.waits for m in masters) / result.ops
     if running.cell.replicas:
         figures["replicas_cpu_us_per_pair"] = per_pair * sum(r.cpu_s for r in replicas)
     return figures
@@ -217,7 +243,8 @@ def start_cell(cell: Cell, folder: Path, accounts: Sequence[str], stack: ExitSta
         store = RedisServer(folder / cell.name / "redis", cell.appendfsync)
     tally = Tally(folder / cell.name, accounts, OPERATION, redis_store=store)
     stack.callback(tally.close)
-    served = stack.enter_context(tally.serving(TallyOptions(flush_interval=FLUSH_DEFERRED)))
+    served = stack.enter_context(tally.serving(TallyOptions(
+        flush_interval=FLUSH_DEFERRED, redis_max_connections=cell.redis_max_connections)))
     if isinstance(store, RedisCluster):
         return Running(cell, tally, served, store.masters(), store.replicas())
     return Running(cell, tally, served, [store], [])
@@ -472,7 +499,8 @@ def cluster_table(cluster: dict[str, dict[str, Any]]) -> list[str]:
     lines = [f"Redis Cluster cells (the `{SINGLE}` cell's load; 'x': over that cell's, "
              "same run):"]
     for name, run in cluster.items():
-        replicas = (f", replicas {run['replicas_cpu_us_per_pair']:,.0f} µs"
+        replicas = (f", replicas {run['replicas_cpu_us_per_pair']:,.0f} µs, "
+                    f"{run['replica_waits_per_pair']:.2f} WAITs/pair"
                     if "replicas_cpu_us_per_pair" in run else "")
         lines.append(f"  {name:22} {run['pairs_per_s']:>7,.0f} pr/s   server "
                      f"{run['server_cpu_us_per_pair']:,.0f} µs/pair "

@@ -355,6 +355,7 @@ class TallyOptions:
     # "": the server's default; a long one keeps the pairs' events in the streams
     # (bench/scaling.py measures serving alone, then flushers on that backlog)
     flush_interval: str = ""
+    redis_max_connections: int = 0  # 0: the server's default (per node on a cluster)
 
 
 def hiredis_shadow(folder: Path) -> Path:
@@ -383,6 +384,7 @@ class Tally:
                                "bench").text
         self.token_file = folder / "bootstrap-token"
         self.token_file.write_text(self.token + "\n")
+        self.log = folder / "server.log"
         self.funded = False
 
     @contextmanager
@@ -405,6 +407,8 @@ class Tally:
             env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] = "python"
         if options.flush_interval:
             env["TALLY_FLUSH_INTERVAL"] = options.flush_interval
+        if options.redis_max_connections:
+            env["TALLY_REDIS_MAX_CONNECTIONS"] = str(options.redis_max_connections)
         flags = []
         if options.event_loop:
             flags += ["--event-loop", options.event_loop]
@@ -412,9 +416,10 @@ class Tally:
             flags += ["--workers", str(options.workers)]
         if not options.redis_pipeline:
             flags += ["--redis-pipeline", "off"]
-        process = subprocess.Popen(
-            [*wrapper, python(), "-m", "tally.cli.main", "serve", *flags], env=env,
-            stderr=subprocess.DEVNULL)
+        with self.log.open("ab") as log:  # warnings and errors only (TALLY_LOG_LEVEL)
+            process = subprocess.Popen(
+                [*wrapper, python(), "-m", "tally.cli.main", "serve", *flags], env=env,
+                stderr=log)
         metrics_ports = tuple(metrics_port + i for i in range(options.workers + 1))
         served = Served("tally", f"127.0.0.1:{port}", process, self.token,
                         self.redis.cpu_s, metrics_ports, protobuf_backend(env))
@@ -449,16 +454,33 @@ class Tally:
         self.redis.stop()
 
 
+def metrics_lines(metrics_ports: Sequence[int]) -> Iterator[str]:
+    """The lines of the server's /metrics endpoints."""
+    import urllib.request
+
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            yield from reply.read().decode().splitlines()
+
+
+def server_faults(metrics_ports: Sequence[int]) -> dict[str, int]:
+    """The calls the server failed (tally_rpc_requests_total, code not OK) and the
+    Redis errors it counted (tally_redis_errors_total), by their labels: what a
+    failed run reports."""
+    faults: dict[str, int] = {}
+    for line in metrics_lines(metrics_ports):
+        failed_call = line.startswith("tally_rpc_requests_total{") and 'code="OK"' not in line
+        if failed_call or line.startswith("tally_redis_errors_total{"):
+            labels, _, value = line.rpartition(" ")
+            faults[labels] = faults.get(labels, 0) + int(float(value))
+    return {labels: n for labels, n in faults.items() if n}
+
+
 def server_rpc_counts(metrics_ports: Sequence[int]) -> dict[str, int]:
     """tally_rpc_requests_total with code OK, by method name, summed over the
     server's /metrics endpoints."""
-    import urllib.request
-
     counts: dict[str, int] = {}
-    for port in metrics_ports:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        for line in text.splitlines():
+    for line in metrics_lines(metrics_ports):
             if line.startswith("tally_rpc_requests_total{") and 'code="OK"' in line:
                 method = line.split('method="', 1)[1].split('"', 1)[0].rsplit("/", 1)[-1]
                 counts[method] = counts.get(method, 0) + int(float(line.rsplit(" ", 1)[1]))
