@@ -201,7 +201,7 @@ def measure_pairs(running: Running, timing: Timing) -> dict[str, Any]:
              "fcalls": m.fcalls, "fcall_share": m.fcalls / fcalls if fcalls else 0.0}
             for node, m in zip(running.masters, masters, strict=True)]
         # the server's default replica wait: none without replicas, one WAIT per
-        # pipelined write (several calls each) with them
+        # pipelined write (of one call or more) with them
         figures["replica_waits_per_pair"] = sum(m.waits for m in masters) / result.ops
     if running.cell.replicas:
         figures["replicas_cpu_us_per_pair"] = per_pair * sum(r.cpu_s for r in replicas)
@@ -241,8 +241,8 @@ def start_cell(cell: Cell, folder: Path, accounts: Sequence[str], stack: ExitSta
                              cell.appendfsync)
     else:
         store = RedisServer(folder / cell.name / "redis", cell.appendfsync)
+    stack.callback(store.stop)
     tally = Tally(folder / cell.name, accounts, OPERATION, redis_store=store)
-    stack.callback(tally.close)
     served = stack.enter_context(tally.serving(TallyOptions(
         flush_interval=FLUSH_DEFERRED, redis_max_connections=cell.redis_max_connections)))
     if isinstance(store, RedisCluster):

@@ -240,7 +240,11 @@ class RedisServer:
              "--maxmemory-policy", "noeviction", "--logfile", str(folder / "redis.log"),
              *extra],
             stdout=subprocess.DEVNULL)
-        wait_for_port(self.port, self.process, "redis-server")
+        try:
+            wait_for_port(self.port, self.process, "redis-server")
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -368,9 +372,10 @@ def hiredis_shadow(folder: Path) -> Path:
 
 
 class Tally:
-    """`tally serve` against a private Redis (or Redis Cluster) and SQLite ledger,
-    auth required, its accounts created and funded through the admin API. The Redis and ledger
-    outlive a server restart, so toggles restart the server, not the data."""
+    """`tally serve` against a private Redis (or Redis Cluster) and SQLite
+    ledger, auth required, its accounts created and funded through the admin
+    API. The Redis and ledger outlive a server restart, so toggles restart the
+    server, not the data."""
 
     def __init__(self, folder: Path, accounts: Sequence[str], operation: str,
                  appendfsync: str = "always",
@@ -380,6 +385,7 @@ class Tally:
         self.accounts = accounts
         self.operation = operation
         self.redis = redis_store or RedisServer(folder / "redis", appendfsync)
+        folder.mkdir(parents=True, exist_ok=True)
         self.token = new_token(Role.ADMIN, (), "bench", int(time.time() * 1000), 0,
                                "bench").text
         self.token_file = folder / "bootstrap-token"
