@@ -11,9 +11,17 @@ rate reached here:
   bench/loadgen.py's closed loop;
 - a Redis master: Redis's CPU per pair (INFO cpu, all threads), with AOF
   `appendfsync always` and `everysec`, each on a Redis and server of its own;
+- a Redis Cluster of 3 masters (no replica; then one replica each, the server's
+  default replica wait): the server's and the masters' CPU per pair (and their
+  ratio to the single Redis's), each master's, and the share of the script calls
+  (INFO commandstats, FCALL) each master ran, i.e. how the shards spread;
 - PostgreSQL: the pairs' real events, left in the streams by the `always` run,
   written by one and then two `tally flusher` processes into a scratch database:
   events/s, and the flushers', PostgreSQL backends' and Redis's CPU per event.
+
+Every serving cell runs at once, idle but for its turn: their windows take
+turns, so a neighbour's load that comes and goes weighs on each cell alike and
+the ratios between cells hold better than the rates.
 
 Then bench/sizing.py turns them into servers, masters, flushers and PostgreSQL
 for the target. Prints a table; writes results/scaling.json.
@@ -30,7 +38,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +49,7 @@ import redis
 from bench import servers, sizing
 from bench.loadgen import LoadSpec, Scenario, account_ids, run_load
 from bench.run import RESULTS, machine, scratch
-from bench.servers import Served, Tally, TallyOptions
+from bench.servers import RedisCluster, RedisServer, Served, Tally, TallyOptions
 from tally.ledger.backend import PostgresLedger
 
 OPERATION = "bench.op"
@@ -52,6 +60,7 @@ FLUSH_DEFERRED = "1d"
 # only adds idle time between passes.
 FLUSHER_INTERVAL = "100ms"
 SAMPLE_S = 0.05
+LOG_LINES = 20  # of a failed run's server log, in its error
 FLUSH_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 FLUSHER_COUNTS = (1, 2)
@@ -74,43 +83,129 @@ FULL = Timing(accounts=1_000, warmup_s=1.0, duration_s=4.0, windows=3, flush_rou
 QUICK = Timing(accounts=50, warmup_s=0.5, duration_s=1.5, windows=1, flush_rounds=1)
 
 
+@dataclass(frozen=True)
+class Cell:
+    """A serving cell: a `tally serve` of its own on a Redis of its own."""
+
+    name: str
+    appendfsync: str = "always"
+    masters: int = 0  # 0: a single Redis; N: a Redis Cluster of N masters
+    replicas: int = 0  # each master's; the server's replica wait is its default (auto)
+    redis_max_connections: int = 0  # 0: the server's default
+
+
+SINGLE = "always"  # the cell the sizing and the flushers' backlog come from
+SINGLE_CELLS = (Cell(SINGLE), Cell("everysec", appendfsync="everysec"))
+# A cluster node's connections, raised from the default 64: when the token cache
+# expires (every 2 s) each call in flight (the load's 128) reads the token from the
+# master of its slot at once, and a cluster node's connections, unlike a single
+# Redis's pool, do not wait when all are in use: the excess calls failed
+# UNAVAILABLE ("the token store is unreachable"). 256 covers the 128 and the
+# pipelines' connections.
+CLUSTER_MAX_CONNECTIONS = 256
+CLUSTER_CELLS = (
+    Cell("3-masters", masters=3, redis_max_connections=CLUSTER_MAX_CONNECTIONS),
+    Cell("3-masters-1-replica", masters=3, replicas=1,
+         redis_max_connections=CLUSTER_MAX_CONNECTIONS))
+
+# What a script call is in INFO commandstats: Tally's scripts are Redis Functions
+FCALL_STATS = ("cmdstat_fcall", "cmdstat_fcall_ro")
+# A replica wait (--redis-wait-replicas): one WAIT after each pipelined write
+WAIT_STATS = ("cmdstat_wait",)
+
+
 # --- servers and Redis masters ---------------------------------------------------------
 
 
-def redis_cpu(client: redis.Redis) -> tuple[float, float]:
-    """Redis's CPU seconds so far: all its threads, and its main thread alone
-    (which runs the scripts; the fsync of `everysec` runs on a background thread)."""
-    info = client.info("cpu")
-    return (float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
-            float(info["used_cpu_sys_main_thread"]) + float(info["used_cpu_user_main_thread"]))
+@dataclass(frozen=True)
+class NodeSample:
+    cpu_s: float  # all its threads
+    main_thread_cpu_s: float  # runs the scripts; `everysec`'s fsync runs on another thread
+    fcalls: int  # script calls it ran so far
+    waits: int  # WAITs for its replicas so far
 
 
-def measure_pairs(served: Served, client: redis.Redis, timing: Timing) -> dict[str, Any]:
-    """A closed-loop pairs run: throughput, and the server's and Redis's CPU per pair
-    over the measured window."""
-    marks: list[tuple[float, float, float]] = []
+def node_sample(node: RedisServer) -> NodeSample:
+    with node.client() as client:
+        cpu, stats = client.info("cpu"), client.info("commandstats")
+    return NodeSample(
+        float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+        float(cpu["used_cpu_sys_main_thread"]) + float(cpu["used_cpu_user_main_thread"]),
+        calls(stats, FCALL_STATS), calls(stats, WAIT_STATS))
+
+
+def calls(commandstats: dict[str, Any], names: Sequence[str]) -> int:
+    return sum(int(commandstats.get(name, {}).get("calls", 0)) for name in names)
+
+
+def redis_cpu(node: RedisServer) -> float:
+    return node_sample(node).cpu_s
+
+
+@dataclass
+class Running:
+    """A serving cell, up: its server, and the Redis nodes it runs on."""
+
+    cell: Cell
+    tally: Tally
+    served: Served
+    masters: list[RedisServer]
+    replicas: list[RedisServer]
+
+
+def measure_pairs(running: Running, timing: Timing) -> dict[str, Any]:
+    """A closed-loop pairs run: throughput, and the server's and the masters' CPU
+    per pair over the measured window (on a cluster, each master's too, with its
+    share of the script calls, and the replicas' CPU)."""
+    nodes = [*running.masters, *running.replicas]
+    marks: list[tuple[float, list[NodeSample]]] = []
 
     def mark() -> None:
-        marks.append((served.server_cpu_s(), *redis_cpu(client)))
+        marks.append((running.served.server_cpu_s(), [node_sample(n) for n in nodes]))
 
+    served = running.served
     spec = LoadSpec(target=served.address, scenario=Scenario.PAIRS,
                     accounts=account_ids(timing.accounts), operation=OPERATION,
                     duration_s=timing.duration_s, warmup_s=timing.warmup_s, token=served.token)
     result = run_load(spec, mark, mark)
     if result.ops == 0 or result.errors or result.refusals:
-        raise RuntimeError(f"the pairs run failed: {result.ops} pairs, errors {result.errors}, "
-                           f"{result.refusals} refused")
-    (server0, redis0, main0), (server1, redis1, main1) = marks
-    return {
+        log = running.tally.log.read_text(errors="replace").splitlines()[-LOG_LINES:]
+        raise RuntimeError(
+            f"the pairs run of {running.cell.name} failed: {result.ops} pairs, errors "
+            f"{result.errors}, {result.refusals} refused; the server counted "
+            f"{servers.server_faults(served.metrics_ports)}; its log ends:\n" + "\n".join(log))
+    (server0, before), (server1, after) = marks
+    per_pair = 1e6 / result.ops
+    spent = [NodeSample(b.cpu_s - a.cpu_s, b.main_thread_cpu_s - a.main_thread_cpu_s,
+                        b.fcalls - a.fcalls, b.waits - a.waits)
+             for a, b in zip(before, after, strict=True)]
+    masters, replicas = spent[:len(running.masters)], spent[len(running.masters):]
+    fcalls = sum(m.fcalls for m in masters)
+    figures: dict[str, Any] = {
         "pairs": result.ops, "pairs_per_s": result.ops_per_s,
         "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-        "server_cpu_s": server1 - server0, "redis_cpu_s": redis1 - redis0,
-        "server_cpu_us_per_pair": 1e6 * (server1 - server0) / result.ops,
-        "redis_cpu_us_per_pair": 1e6 * (redis1 - redis0) / result.ops,
-        "redis_main_thread_us_per_pair": 1e6 * (main1 - main0) / result.ops,
-        "client_cpu_us_per_pair": 1e6 * result.client_cpu_s / result.ops,
+        "server_cpu_s": server1 - server0, "redis_cpu_s": sum(m.cpu_s for m in masters),
+        "server_cpu_us_per_pair": per_pair * (server1 - server0),
+        "redis_cpu_us_per_pair": per_pair * sum(m.cpu_s for m in masters),
+        "redis_main_thread_us_per_pair": per_pair * sum(m.main_thread_cpu_s for m in masters),
+        "client_cpu_us_per_pair": per_pair * result.client_cpu_s,
+        # 2 (Reserve, Commit) and the background's few (leases, fence checks); the
+        # calls of pairs in flight at the window's edges make it move a little
+        "fcalls_per_pair": fcalls / result.ops,
         "backends": served.backends(),
     }
+    if running.cell.masters:
+        figures["masters"] = [
+            {"port": node.port, "cpu_us_per_pair": per_pair * m.cpu_s,
+             "main_thread_us_per_pair": per_pair * m.main_thread_cpu_s,
+             "fcalls": m.fcalls, "fcall_share": m.fcalls / fcalls if fcalls else 0.0}
+            for node, m in zip(running.masters, masters, strict=True)]
+        # the server's default replica wait: none without replicas, one WAIT per
+        # pipelined write (of one call or more) with them
+        figures["replica_waits_per_pair"] = sum(m.waits for m in masters) / result.ops
+    if running.cell.replicas:
+        figures["replicas_cpu_us_per_pair"] = per_pair * sum(r.cpu_s for r in replicas)
+    return figures
 
 
 def stream_names(client: redis.Redis) -> list[str]:
@@ -119,37 +214,85 @@ def stream_names(client: redis.Redis) -> list[str]:
 
 
 def medians(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Each numeric figure's median over the runs; the others (and a figure all runs
-    share, such as the flusher count) as the first run has them."""
-    return {key: statistics.median(run[key] for run in runs)
-            if isinstance(value, int | float) and not isinstance(value, bool)
-            and any(run[key] != value for run in runs) else value
-            for key, value in runs[0].items()}
+    """Each numeric figure's median over the runs, a nested one's too (a dict, or a
+    list of dicts such as the masters); the others (and a figure all runs share,
+    such as the flusher count or a master's port) as the first run has them."""
+    figures: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        values = [run[key] for run in runs]
+        if isinstance(value, dict):
+            figures[key] = medians(values)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            figures[key] = [medians([run[i] for run in values]) for i in range(len(value))]
+        elif (isinstance(value, int | float) and not isinstance(value, bool)
+              and any(v != value for v in values)):
+            figures[key] = statistics.median(values)
+        else:
+            figures[key] = value
+    return figures
 
 
-def serving_run(tally: Tally, timing: Timing) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Pairs runs on a server whose flusher waits; returns their medians (each run
-    under "windows") and the event streams as they stand after them (DUMP payloads:
-    entries, group, pending)."""
-    with tally.serving(TallyOptions(flush_interval=FLUSH_DEFERRED)) as served, \
-            redis.Redis(port=tally.redis.port) as client:
-        windows = [measure_pairs(served, client, timing) for _ in range(timing.windows)]
-        figures = medians(windows) | {"windows": windows}
-        # every pair the server completed, the unmeasured ones included: they are in
-        # the streams too
-        figures["pairs_served"] = servers.server_rpc_counts(served.metrics_ports)["Commit"]
-        backlog = {}
+def start_cell(cell: Cell, folder: Path, accounts: Sequence[str], stack: ExitStack) -> Running:
+    """The cell's Redis (or cluster) and server, up and idle; stopped by the stack."""
+    print(f"scaling: starting {cell.name} ...", file=sys.stderr, flush=True)
+    store: RedisServer | RedisCluster
+    if cell.masters:
+        store = RedisCluster(folder / cell.name / "redis", cell.masters, cell.replicas,
+                             cell.appendfsync)
+    else:
+        store = RedisServer(folder / cell.name / "redis", cell.appendfsync)
+    stack.callback(store.stop)
+    tally = Tally(folder / cell.name, accounts, OPERATION, redis_store=store)
+    served = stack.enter_context(tally.serving(TallyOptions(
+        flush_interval=FLUSH_DEFERRED, redis_max_connections=cell.redis_max_connections)))
+    if isinstance(store, RedisCluster):
+        return Running(cell, tally, served, store.masters(), store.replicas())
+    return Running(cell, tally, served, [store], [])
+
+
+def serving_runs(cells: Sequence[Running], timing: Timing) -> dict[str, dict[str, Any]]:
+    """Each cell's pairs windows, the cells taking turns (in a new order each round);
+    per cell, the medians (each window under "windows") and every pair its server
+    completed, the unmeasured ones included (they are in the streams too)."""
+    windows: dict[str, list[dict[str, Any]]] = {running.cell.name: [] for running in cells}
+    for round_ in range(timing.windows):
+        turn = round_ % len(cells)
+        for running in [*cells[turn:], *cells[:turn]]:
+            print(f"scaling: pairs, {running.cell.name} ...", file=sys.stderr, flush=True)
+            windows[running.cell.name].append(measure_pairs(running, timing))
+    return {running.cell.name: medians(windows[running.cell.name])
+            | {"windows": windows[running.cell.name],
+               "pairs_served": servers.server_rpc_counts(running.served.metrics_ports)["Commit"]}
+            for running in cells}
+
+
+def backlog_of(single: RedisServer) -> dict[str, bytes]:
+    """The event streams as the pairs left them (DUMP payloads: entries, group,
+    pending)."""
+    backlog = {}
+    with single.client() as client:
         for name in stream_names(client):
             payload = client.dump(name)
             if payload is not None:
                 backlog[name] = payload
-        if not backlog:
-            raise RuntimeError("the pairs left no event stream in Redis")
-        # killed, not stopped: its shutdown would flush the backlog into its SQLite
-        # ledger first (the streams are restored from the dump anyway, this saves time)
-        served.process.kill()
-        served.process.wait()
-    return figures, backlog
+    if not backlog:
+        raise RuntimeError("the pairs left no event stream in Redis")
+    return backlog
+
+
+def discard(served: Served) -> None:
+    """Killed, not stopped: a shutdown would flush the server's backlog into its
+    SQLite ledger first, beside the measured flushers."""
+    served.process.kill()
+    served.process.wait()
+
+
+def versus_single(cluster: dict[str, Any], single: dict[str, Any]) -> dict[str, float]:
+    """A cluster cell's CPU per pair over the single Redis's, measured in the same run."""
+    return {"server_cpu_vs_single":
+            cluster["server_cpu_us_per_pair"] / single["server_cpu_us_per_pair"],
+            "redis_cpu_vs_single":
+            cluster["redis_cpu_us_per_pair"] / single["redis_cpu_us_per_pair"]}
 
 
 # --- flushers and PostgreSQL -------------------------------------------------------------
@@ -225,14 +368,14 @@ def flushers(count: int, redis_url: str, dsn: str, folder: Path) -> Iterator[lis
 
 
 def sample_until_written(events: int, pids: Sequence[int], sampler: psycopg.Connection[Any],
-                         pg: BackendCpu, client: redis.Redis) -> list[FlushSample]:
+                         pg: BackendCpu, single: RedisServer) -> list[FlushSample]:
     samples: list[FlushSample] = []
     deadline = time.monotonic() + FLUSH_TIMEOUT_S
     while time.monotonic() < deadline:
         row = sampler.execute("SELECT COUNT(*) FROM ledger_entries").fetchone()
         written = int(row[0]) if row else 0
         samples.append(FlushSample(time.monotonic(), written, servers.cpu_seconds(pids),
-                                   pg.seconds(), redis_cpu(client)[0]))
+                                   pg.seconds(), redis_cpu(single)))
         if written >= events:
             return samples
         if not all(Path(f"/proc/{pid}").exists() for pid in pids):
@@ -279,10 +422,10 @@ def failed_passes(folder: Path) -> int:
                for log in folder.glob("flusher-*.log"))
 
 
-def flush_run(count: int, tally: Tally, backlog: dict[str, bytes], folder: Path) -> dict[str, Any]:
+def flush_run(count: int, single: RedisServer, backlog: dict[str, bytes],
+              folder: Path) -> dict[str, Any]:
     """`count` flushers write the backlog into a fresh scratch database."""
-    with redis.Redis(port=tally.redis.port) as client, \
-            servers.scratch_database() as dsn:
+    with single.client() as client, servers.scratch_database() as dsn:
         events = restore(client, backlog)
         if events == 0:
             raise RuntimeError("the restored streams hold no unread event")
@@ -292,8 +435,8 @@ def flush_run(count: int, tally: Tally, backlog: dict[str, bytes], folder: Path)
         with psycopg.connect(dsn, autocommit=True) as sampler:
             empty = ledger_contents(sampler)["table_bytes"]
             pg = BackendCpu(sampler, dsn.rsplit("/", 1)[1])
-            with flushers(count, tally.redis.url, dsn, folder) as pids:
-                samples = sample_until_written(events, pids, sampler, pg, client)
+            with flushers(count, single.url, dsn, folder) as pids:
+                samples = sample_until_written(events, pids, sampler, pg, single)
             contents = ledger_contents(sampler)
     grown = {table: size - empty.get(table, 0) for table, size in contents["table_bytes"].items()}
     return {"flushers": count, "backlog_events": events, **flush_figures(samples),
@@ -326,7 +469,7 @@ def unit_costs(always: dict[str, Any], flushed: dict[str, Any]) -> sizing.UnitCo
 def table(serving: dict[str, dict[str, Any]], flushes: Sequence[dict[str, Any]]) -> list[str]:
     lines = [f"{'unit':34} {'rate here':>16} {'CPU µs/unit':>12} {'per core':>14}",
              "-" * 79]
-    always = serving["always"]
+    always = serving[SINGLE]
     lines.append(f"{'server process (pair)':34} {always['pairs_per_s']:>10,.0f} pr/s "
                  f"{always['server_cpu_us_per_pair']:>12,.0f} "
                  f"{1e6 / always['server_cpu_us_per_pair']:>9,.0f} pr/s")
@@ -349,45 +492,76 @@ def table(serving: dict[str, dict[str, Any]], flushes: Sequence[dict[str, Any]])
     return lines
 
 
-def measure_all(timing: Timing) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """The pairs runs of each Redis setting, and the flush rounds on the `always`
-    run's backlog (while its Redis still runs)."""
+def cluster_table(cluster: dict[str, dict[str, Any]]) -> list[str]:
+    """Each cluster cell against the single Redis `always` cell, then each master:
+    its share of the script calls (how the shards spread) and its CPU per pair of
+    the whole load."""
+    lines = [f"Redis Cluster cells (the `{SINGLE}` cell's load; 'x': over that cell's, "
+             "same run):"]
+    for name, run in cluster.items():
+        replicas = (f", replicas {run['replicas_cpu_us_per_pair']:,.0f} µs, "
+                    f"{run['replica_waits_per_pair']:.2f} WAITs/pair"
+                    if "replicas_cpu_us_per_pair" in run else "")
+        lines.append(f"  {name:22} {run['pairs_per_s']:>7,.0f} pr/s   server "
+                     f"{run['server_cpu_us_per_pair']:,.0f} µs/pair "
+                     f"({run['server_cpu_vs_single']:.2f}x), masters "
+                     f"{run['redis_cpu_us_per_pair']:,.0f} µs ({run['redis_cpu_vs_single']:.2f}x)"
+                     f"{replicas}")
+        for master in run["masters"]:
+            lines.append(f"    master :{master['port']:<6} {master['fcall_share']:>6.1%} of "
+                         f"the script calls, {master['cpu_us_per_pair']:,.0f} µs/pair "
+                         f"(main thread {master['main_thread_us_per_pair']:,.0f})")
+    return lines
+
+
+def measure_all(timing: Timing) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]],
+                                         list[dict[str, Any]]]:
+    """The pairs runs of the single Redis cells and the cluster cells, then the
+    flush rounds on the `always` cell's backlog (on its Redis, the servers gone)."""
     accounts = account_ids(timing.accounts)
-    serving: dict[str, dict[str, Any]] = {}
     flushes: list[dict[str, Any]] = []
-    with scratch(keep=False) as folder:
-        for mode in ("always", "everysec"):
-            print(f"scaling: pairs, appendfsync {mode} ...", file=sys.stderr, flush=True)
-            tally = Tally(folder / mode, accounts, OPERATION, appendfsync=mode)
-            try:
-                serving[mode], backlog = serving_run(tally, timing)
-                if mode != "always":
-                    continue
-                for _ in range(timing.flush_rounds):
-                    for count in FLUSHER_COUNTS:
-                        print(f"scaling: {count} flusher(s) ...", file=sys.stderr, flush=True)
-                        flushes.append(flush_run(count, tally, backlog, folder))
-            finally:
-                tally.close()
-    return serving, flushes
+    with scratch(keep=False) as folder, ExitStack() as stack:
+        cells = [start_cell(cell, folder, accounts, stack)
+                 for cell in (*SINGLE_CELLS, *CLUSTER_CELLS)]
+        measured = serving_runs(cells, timing)
+        single = cells[0].masters[0]
+        backlog = backlog_of(single)
+        for running in cells:
+            discard(running.served)
+            if running.cell.name != SINGLE:
+                running.tally.close()
+        for _ in range(timing.flush_rounds):
+            for count in FLUSHER_COUNTS:
+                print(f"scaling: {count} flusher(s) ...", file=sys.stderr, flush=True)
+                flushes.append(flush_run(count, single, backlog, folder))
+    serving = {cell.name: measured[cell.name] for cell in SINGLE_CELLS}
+    cluster = {cell.name: measured[cell.name] | versus_single(measured[cell.name],
+                                                              serving[SINGLE])
+               for cell in CLUSTER_CELLS}
+    return serving, cluster, flushes
 
 
 def summary(report: dict[str, Any], costs: sizing.UnitCosts,
             assumptions: sizing.Assumptions, deployment: sizing.Deployment) -> list[str]:
     serving, flushed = report["serving"], report["flush_medians"]
-    timing, pairs = report["timing"], serving["always"]["pairs_served"]
+    timing, pairs = report["timing"], serving[SINGLE]["pairs_served"]
+    on_cluster = report["deployment_cluster"]
     grown = flushed[0]["table_bytes_grown"]
     types = ", ".join(f"{kind} {n}" for kind, n in flushed[0]["entries_by_type"].items())
     return [
         f"medians of {timing['windows']} pairs windows and {timing['flush_rounds']} flush rounds",
         *table(serving, flushed), "",
+        *cluster_table(report["cluster"]), "",
         f"events per pair: {costs.events_per_pair:.2f} ({types}; {pairs} pairs)",
         "ledger growth per pair (PostgreSQL, dead row versions not yet vacuumed included): "
         + ", ".join(f"{name} {grown.get(name, 0) / pairs:,.0f} B"
                     for name in LEDGER_TABLES_PER_PAIR), "",
         *sizing.describe(costs, assumptions, deployment),
         f"  (appendfsync everysec: {report['deployment_everysec']['redis_masters_for_cpu']:,} "
-        "masters for CPU)", "",
+        "masters for CPU)",
+        f"  (with the {CLUSTER_CELLS[0].name} cell's server and master CPU per pair: "
+        f"{on_cluster['server_processes']:,} server processes, "
+        f"{on_cluster['redis_masters_for_cpu']:,} masters for CPU)", "",
         f"load average {report['machine']['load_average_before'][0]:.1f} -> "
         f"{report['machine']['load_average_after'][0]:.1f} on {report['machine']['cores']} "
         f"cores ({report['elapsed_s']:.0f}s)",
@@ -409,12 +583,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     timing = QUICK if args.quick else FULL
     started, load_before = time.monotonic(), os.getloadavg()
-    serving, flushes = measure_all(timing)
+    serving, cluster, flushes = measure_all(timing)
     flushed = flush_medians(flushes)
-    costs = unit_costs(serving["always"], flushed[0])
+    costs = unit_costs(serving[SINGLE], flushed[0])
     deployment = sizing.size(costs, assumptions)
     everysec = sizing.size(sizing.UnitCosts(**asdict(costs) | {
         "redis_cpu_us_per_pair": serving["everysec"]["redis_cpu_us_per_pair"]}), assumptions)
+    clustered = cluster[CLUSTER_CELLS[0].name]
+    on_cluster = sizing.size(sizing.UnitCosts(**asdict(costs) | {
+        "server_cpu_us_per_pair": clustered["server_cpu_us_per_pair"],
+        "redis_cpu_us_per_pair": clustered["redis_cpu_us_per_pair"]}), assumptions)
     report = {
         "taken_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine() | {"load_average_before": load_before,
@@ -422,10 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "timing": asdict(timing),
         "serving": serving,
+        "cluster": cluster,
         "flushes": flushes,
         "flush_medians": flushed,
         **sizing.as_dict(costs, assumptions, deployment),
         "deployment_everysec": asdict(everysec),
+        "deployment_cluster": asdict(on_cluster),
         "elapsed_s": time.monotonic() - started,
     }
     args.out.mkdir(parents=True, exist_ok=True)

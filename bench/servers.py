@@ -1,6 +1,7 @@
 """The servers a bench run compares, each started as its own process on a free
 port and stopped after: the floor, the PostgreSQL baseline, Tally (with its
-private redis-server), and how their CPU is read from process accounting."""
+private redis-server or Redis Cluster), and how their CPU is read from process
+accounting."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from tally.v1 import account_pb2, account_pb2_grpc, catalog_pb2, catalog_pb2_grp
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 30.0
+# A bench's own Redis answers at once; longer is a stuck node
+REDIS_TIMEOUT_S = 10.0
 # Enough for any run: a pair takes 1 unit, a run is well under 10^8 pairs.
 UNITS_EACH = 10**11
 # Idle: under this share of a core over one sample (background tasks tick).
@@ -224,7 +227,8 @@ class RedisServer:
     """A private redis-server on a free port, configured like `make run`'s embedded
     one (AOF, noeviction, fsync `always` unless told otherwise)."""
 
-    def __init__(self, folder: Path, appendfsync: str = "always") -> None:
+    def __init__(self, folder: Path, appendfsync: str = "always",
+                 extra: Sequence[str] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
@@ -233,9 +237,14 @@ class RedisServer:
         self.process = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(folder),
              "--save", "", "--appendonly", "yes", "--appendfsync", appendfsync,
-             "--maxmemory-policy", "noeviction", "--logfile", str(folder / "redis.log")],
+             "--maxmemory-policy", "noeviction", "--logfile", str(folder / "redis.log"),
+             *extra],
             stdout=subprocess.DEVNULL)
-        wait_for_port(self.port, self.process, "redis-server")
+        try:
+            wait_for_port(self.port, self.process, "redis-server")
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -247,10 +256,97 @@ class RedisServer:
             info = client.info("cpu")
         return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=REDIS_TIMEOUT_S)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(15)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class RedisCluster:
+    """A private Redis Cluster: `masters` masters with `replicas` replicas each,
+    every node a RedisServer (AOF, noeviction) in cluster mode on free ports,
+    joined by `redis-cli --cluster create` (equal, contiguous slot ranges). A
+    node that fails to start or join stops every node; stop() stops them all."""
+
+    def __init__(self, folder: Path, masters: int = 3, replicas: int = 0,
+                 appendfsync: str = "always") -> None:
+        if shutil.which("redis-cli") is None:
+            raise RuntimeError("redis-cli is not installed (apt-get install -y redis-tools)")
+        self.masters_wanted = masters
+        self.replicas_each = replicas
+        self.nodes: list[RedisServer] = []
+        try:
+            for n in range(masters * (1 + replicas)):
+                self.nodes.append(RedisServer(folder / f"node{n}", appendfsync, (
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    # the bus port defaults to port + 10000: past 65535 for a high free port
+                    "--cluster-port", str(free_port()))))
+            subprocess.run(
+                ["redis-cli", "--cluster", "create",
+                 *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                 "--cluster-replicas", str(replicas), "--cluster-yes"],
+                check=True, capture_output=True, timeout=START_TIMEOUT_S)
+            self._wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        """The URL `tally serve` takes: every node a seed."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def _wait_ok(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(self._node_ok(node) for node in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster did not become ok in {START_TIMEOUT_S}s")
+            time.sleep(0.1)
+
+    def _node_ok(self, node: RedisServer) -> bool:
+        """The node sees every master with its replicas, and a replica is in sync
+        (a replica wait counts only replicas that are)."""
+        try:
+            with node.client() as client:
+                state = client.cluster("info").get("cluster_state")
+                slots = client.execute_command("CLUSTER SLOTS")  # [start, end, master, *replicas]
+                replication = client.info("replication")
+        except redis.RedisError:
+            return False
+        in_sync = replication.get("role") == "master" or (
+            replication.get("master_link_status") == "up"
+            and not replication.get("master_sync_in_progress"))
+        return (state == "ok" and len(slots) == self.masters_wanted and in_sync
+                and all(len(entry) - 3 >= self.replicas_each for entry in slots))
+
+    def role_of(self, node: RedisServer) -> str:
+        with node.client() as client:
+            role: str = client.info("replication")["role"]
+        return role
+
+    def masters(self) -> list[RedisServer]:
+        """The nodes serving slots now, in port order."""
+        return sorted((n for n in self.nodes if self.role_of(n) == "master"),
+                      key=lambda n: n.port)
+
+    def replicas(self) -> list[RedisServer]:
+        return sorted((n for n in self.nodes if self.role_of(n) != "master"),
+                      key=lambda n: n.port)
+
+    def cpu_s(self) -> float:
+        """Every node's INFO cpu, all their threads."""
+        return sum(node.cpu_s() for node in self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 @dataclass(frozen=True)
@@ -263,6 +359,7 @@ class TallyOptions:
     # "": the server's default; a long one keeps the pairs' events in the streams
     # (bench/scaling.py measures serving alone, then flushers on that backlog)
     flush_interval: str = ""
+    redis_max_connections: int = 0  # 0: the server's default (per node on a cluster)
 
 
 def hiredis_shadow(folder: Path) -> Path:
@@ -275,20 +372,25 @@ def hiredis_shadow(folder: Path) -> Path:
 
 
 class Tally:
-    """`tally serve` against a private Redis and SQLite ledger, auth required, its
-    accounts created and funded through the admin API. The Redis and ledger
-    outlive a server restart, so toggles restart the server, not the data."""
+    """`tally serve` against a private Redis (or Redis Cluster) and SQLite
+    ledger, auth required, its accounts created and funded through the admin
+    API. The Redis and ledger outlive a server restart, so toggles restart the
+    server, not the data."""
 
     def __init__(self, folder: Path, accounts: Sequence[str], operation: str,
-                 appendfsync: str = "always") -> None:
+                 appendfsync: str = "always",
+                 redis_store: RedisServer | RedisCluster | None = None) -> None:
+        """On `redis_store` (stopped by close()), or a RedisServer of its own."""
         self.folder = folder
         self.accounts = accounts
         self.operation = operation
-        self.redis = RedisServer(folder / "redis", appendfsync)
+        self.redis = redis_store or RedisServer(folder / "redis", appendfsync)
+        folder.mkdir(parents=True, exist_ok=True)
         self.token = new_token(Role.ADMIN, (), "bench", int(time.time() * 1000), 0,
                                "bench").text
         self.token_file = folder / "bootstrap-token"
         self.token_file.write_text(self.token + "\n")
+        self.log = folder / "server.log"
         self.funded = False
 
     @contextmanager
@@ -311,6 +413,8 @@ class Tally:
             env["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"] = "python"
         if options.flush_interval:
             env["TALLY_FLUSH_INTERVAL"] = options.flush_interval
+        if options.redis_max_connections:
+            env["TALLY_REDIS_MAX_CONNECTIONS"] = str(options.redis_max_connections)
         flags = []
         if options.event_loop:
             flags += ["--event-loop", options.event_loop]
@@ -318,9 +422,10 @@ class Tally:
             flags += ["--workers", str(options.workers)]
         if not options.redis_pipeline:
             flags += ["--redis-pipeline", "off"]
-        process = subprocess.Popen(
-            [*wrapper, python(), "-m", "tally.cli.main", "serve", *flags], env=env,
-            stderr=subprocess.DEVNULL)
+        with self.log.open("ab") as log:  # warnings and errors only (TALLY_LOG_LEVEL)
+            process = subprocess.Popen(
+                [*wrapper, python(), "-m", "tally.cli.main", "serve", *flags], env=env,
+                stderr=log)
         metrics_ports = tuple(metrics_port + i for i in range(options.workers + 1))
         served = Served("tally", f"127.0.0.1:{port}", process, self.token,
                         self.redis.cpu_s, metrics_ports, protobuf_backend(env))
@@ -355,16 +460,33 @@ class Tally:
         self.redis.stop()
 
 
+def metrics_lines(metrics_ports: Sequence[int]) -> Iterator[str]:
+    """The lines of the server's /metrics endpoints."""
+    import urllib.request
+
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            yield from reply.read().decode().splitlines()
+
+
+def server_faults(metrics_ports: Sequence[int]) -> dict[str, int]:
+    """The calls the server failed (tally_rpc_requests_total, code not OK) and the
+    Redis errors it counted (tally_redis_errors_total), by their labels: what a
+    failed run reports."""
+    faults: dict[str, int] = {}
+    for line in metrics_lines(metrics_ports):
+        failed_call = line.startswith("tally_rpc_requests_total{") and 'code="OK"' not in line
+        if failed_call or line.startswith("tally_redis_errors_total{"):
+            labels, _, value = line.rpartition(" ")
+            faults[labels] = faults.get(labels, 0) + int(float(value))
+    return {labels: n for labels, n in faults.items() if n}
+
+
 def server_rpc_counts(metrics_ports: Sequence[int]) -> dict[str, int]:
     """tally_rpc_requests_total with code OK, by method name, summed over the
     server's /metrics endpoints."""
-    import urllib.request
-
     counts: dict[str, int] = {}
-    for port in metrics_ports:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-            text = reply.read().decode()
-        for line in text.splitlines():
+    for line in metrics_lines(metrics_ports):
             if line.startswith("tally_rpc_requests_total{") and 'code="OK"' in line:
                 method = line.split('method="', 1)[1].split('"', 1)[0].rsplit("/", 1)[-1]
                 counts[method] = counts.get(method, 0) + int(float(line.rsplit(" ", 1)[1]))

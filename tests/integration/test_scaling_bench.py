@@ -1,6 +1,7 @@
-"""`python -m bench.scaling --quick`: the unit costs it writes hold together, every
-event of the pairs reaches the ledger once with each flusher count, and the
-deployment is the sizing model's for those costs. No timing threshold."""
+"""`python -m bench.scaling --quick`: the unit costs it writes hold together, each
+Redis Cluster cell measured every master, every event of the pairs reaches the
+ledger once with each flusher count, and the deployment is the sizing model's
+for those costs. No timing threshold."""
 
 from __future__ import annotations
 
@@ -49,6 +50,42 @@ def test_each_serving_run_measured_pairs_and_cpu(report: dict[str, Any]) -> None
 
 
 @pytest.mark.timeout(420)
+def test_each_cluster_cell_measured_every_master(report: dict[str, Any]) -> None:
+    single = report["serving"]["always"]
+    assert set(report["cluster"]) == {"3-masters", "3-masters-1-replica"}
+    for name, cell in report["cluster"].items():
+        assert len(cell["windows"]) == 1, name
+        run = cell["windows"][0]
+        assert 0 < run["pairs"] <= cell["pairs_served"], name
+        assert run["server_cpu_s"] > 0 and run["backends"]["hiredis"] is True, name
+        masters = run["masters"]
+        assert len({master["port"] for master in masters}) == 3, name
+        # 50 accounts over 256 shards spread over the slots: every master runs calls
+        assert all(master["fcalls"] > 0 and master["cpu_us_per_pair"] > 0
+                   for master in masters), name
+        assert sum(master["fcall_share"] for master in masters) == pytest.approx(1.0)
+        assert run["fcalls_per_pair"] == pytest.approx(
+            sum(master["fcalls"] for master in masters) / run["pairs"])
+        # the cell's Redis figures are its masters' sums
+        assert run["redis_cpu_us_per_pair"] == pytest.approx(
+            sum(master["cpu_us_per_pair"] for master in masters))
+        assert run["redis_main_thread_us_per_pair"] == pytest.approx(
+            sum(master["main_thread_us_per_pair"] for master in masters))
+        # one window: its figures are the medians, beside the ratios to the single Redis
+        assert {k: v for k, v in cell.items() if k not in (
+            "windows", "pairs_served", "server_cpu_vs_single", "redis_cpu_vs_single")} == run
+        assert cell["server_cpu_vs_single"] == pytest.approx(
+            run["server_cpu_us_per_pair"] / single["server_cpu_us_per_pair"])
+        assert cell["redis_cpu_vs_single"] == pytest.approx(
+            run["redis_cpu_us_per_pair"] / single["redis_cpu_us_per_pair"])
+    # the server's default replica wait: WAITs only where masters have a replica
+    alone, replicated = report["cluster"]["3-masters"], report["cluster"]["3-masters-1-replica"]
+    assert alone["replica_waits_per_pair"] == 0 and "replicas_cpu_us_per_pair" not in alone
+    assert replicated["replica_waits_per_pair"] > 0
+    assert replicated["replicas_cpu_us_per_pair"] > 0
+
+
+@pytest.mark.timeout(420)
 def test_every_event_of_the_pairs_reaches_the_ledger_once(report: dict[str, Any]) -> None:
     pairs = report["serving"]["always"]["pairs_served"]
     assert [run["flushers"] for run in report["flushes"]] == [1, 2]
@@ -92,4 +129,9 @@ def test_the_deployment_recomputes_from_the_costs(report: dict[str, Any]) -> Non
     everysec = sizing.UnitCosts(**asdict(costs) | {
         "redis_cpu_us_per_pair": report["serving"]["everysec"]["redis_cpu_us_per_pair"]})
     assert report["deployment_everysec"] == asdict(sizing.size(everysec, assumptions))
+    clustered = report["cluster"]["3-masters"]
+    on_cluster = sizing.UnitCosts(**asdict(costs) | {
+        "server_cpu_us_per_pair": clustered["server_cpu_us_per_pair"],
+        "redis_cpu_us_per_pair": clustered["redis_cpu_us_per_pair"]})
+    assert report["deployment_cluster"] == asdict(sizing.size(on_cluster, assumptions))
     assert {"cpu", "cores", "load_average_before", "load_average_after"} <= set(report["machine"])
