@@ -41,7 +41,7 @@ from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.flusher import Flusher, FlusherLeases, FlusherSettings
 from tally.ledger.ledger import Ledger
 from tally.store.client import ScriptRunner, connect
-from tally.store.cluster import replicas_every_master_has
+from tally.store.cluster import is_cluster_url, replicas_every_master_has
 from tally.store.embedded import EmbeddedRedis
 from tally.store.fence_watch import FenceWatch, raise_floors_from
 from tally.store.keys import KeySpace
@@ -109,10 +109,14 @@ def build_admission(settings: Settings) -> Admission:
 
 
 def redis_client(settings: Settings, redis_url: str) -> Any:
+    """A single Redis's pool queues callers for its --redis-max-connections; redis-py's
+    cluster client cannot queue (a node with every connection in use refuses at once),
+    so each node's pool also has room for every call admission lets in at once."""
+    max_connections = settings.redis_max_connections
+    if is_cluster_url(redis_url):
+        max_connections += settings.max_in_flight
     return connect(
-        redis_url,
-        socket_timeout_s=settings.redis_timeout,
-        max_connections=settings.redis_max_connections,
+        redis_url, socket_timeout_s=settings.redis_timeout, max_connections=max_connections
     )
 
 

@@ -3,9 +3,14 @@
 Each server keeps what it looked up for `cache_ttl_s` (--token-cache-ttl), unknown
 tokens included, so a revocation (or a new token) reaches every server within
 that time without a restart, and a flood of calls costs one Redis read per token
-per period. Expiry is checked on every call against the clock."""
+per period: the calls that miss the cache together share the one read in flight
+for their token (a cache period ending under load would otherwise send every
+call in flight to Redis at once). Expiry is checked on every call against the
+clock."""
 
 from __future__ import annotations
+
+import asyncio
 
 from tally.auth.principal import Principal
 from tally.auth.tokens import TokenRecord, matches, parse_bearer
@@ -25,6 +30,8 @@ class Authenticator:
         # authorization value -> (until, record, principal): values that matched their
         # record, so that a caller's next calls skip parsing and hashing the token.
         self._verified: dict[str, tuple[int, TokenRecord, Principal]] = {}
+        # token id -> the Redis read in flight for it (as many as calls in flight, at most)
+        self._reading: dict[str, asyncio.Future[TokenRecord | None]] = {}
 
     def verified(self, authorization: str | None) -> Principal | None:
         """The principal of an authorization value that matched its record within
@@ -62,7 +69,13 @@ class Authenticator:
         cached = self._cache.get(token_id)
         if cached is not None and now_ms < cached[0]:
             return cached[1]
-        record = await self.store.get(token_id)
+        reading = self._reading.get(token_id)
+        if reading is None:
+            reading = asyncio.ensure_future(self.store.get(token_id))
+            self._reading[token_id] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(token_id, None))
+        # shielded: a caller that gives up (its deadline) does not cancel the others' read
+        record = await asyncio.shield(reading)
         if len(self._cache) >= CACHE_ENTRIES_MAX:
             self._cache.clear()
         self._cache[token_id] = (now_ms + self.cache_ttl_ms, record)
