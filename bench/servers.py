@@ -287,7 +287,9 @@ class RedisCluster:
                 self.nodes.append(RedisServer(folder / f"node{n}", appendfsync, (
                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                     # the bus port defaults to port + 10000: past 65535 for a high free port
-                    "--cluster-port", str(free_port()))))
+                    "--cluster-port", str(free_port()),
+                    # a replica's first sync starts at once, not after the default 5 s
+                    "--repl-diskless-sync-delay", "0")))
             subprocess.run(
                 ["redis-cli", "--cluster", "create",
                  *(f"127.0.0.1:{node.port}" for node in self.nodes),

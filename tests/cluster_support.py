@@ -44,6 +44,8 @@ class RedisClusterProcesses:
                 # a replica whose master went quiet for long still takes over: the
                 # test kills masters on purpose
                 "--cluster-replica-validity-factor", "0",
+                # a replica's first sync starts at once, not after the default 5 s
+                "--repl-diskless-sync-delay", "0",
             )
             for i in range(masters * (1 + replicas))
         ]
