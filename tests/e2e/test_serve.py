@@ -67,12 +67,15 @@ def serve(tmp_path: Path) -> Iterator[tuple[str, Path, list[subprocess.Popen[byt
             process.stderr.close()
 
 
-def start(address: str, data_dir: Path, metrics: str = "") -> subprocess.Popen[bytes]:
+def start(
+    address: str, data_dir: Path, metrics: str = "", *, own_group: bool = False
+) -> subprocess.Popen[bytes]:
+    """`tally serve`; own_group: in a process group of its own, as a shell runs a job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env["TALLY_METRICS_LISTEN"] = metrics
     process = subprocess.Popen(
         [TALLY, "serve", "--listen", address, "--data-dir", str(data_dir)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=own_group,
     )
     wait_serving(address, process)
     return process
@@ -111,6 +114,30 @@ def test_sigterm_shuts_down_cleanly_and_data_survives_restart(
             quota_pb2.GetBalanceRequest(account_id="durable")
         ).balance
     assert (b.available, b.units_charged_total) == (4930, 70)
+
+
+def test_ctrl_c_flushes_the_ledger_before_the_embedded_redis_stops(
+    serve: tuple[str, Path, list[subprocess.Popen[bytes]]],
+) -> None:
+    """Proves Ctrl-C in a terminal (SIGINT to the whole foreground process group, the
+    embedded redis-server included) drains and flushes to the ledger before the
+    embedded Redis stops: the redis-server runs in a session of its own."""
+    address, data_dir, started = serve
+    process = start(address, data_dir, own_group=True)
+    started.append(process)
+    with grpc.insecure_channel(address) as channel:
+        account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
+            account_pb2.CreateAccountRequest(account_id="interrupted", monthly_allotment=5000)
+        )
+    pid = redis_pid(data_dir)
+    # the terminal's SIGINT reaches the server's process group only, never its Redis
+    assert os.getpgid(pid) != os.getpgid(process.pid)
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(30) == 0
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    assert '"msg": "ledger flushed"' in stderr, stderr[-2000:]
+    assert "final flush failed" not in stderr
+    assert not alive(pid)
 
 
 def test_sigkill_takes_the_embedded_redis_down_and_restart_recovers(

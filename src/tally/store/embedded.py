@@ -160,9 +160,12 @@ class EmbeddedRedis:
             "--logfile", str(self.folder / "redis.log"),
             "--daemonize", "no",
         ]
+        # A session of its own: Ctrl-C in a terminal signals the whole foreground
+        # process group, and Redis must outlive the server's drain and final flush
+        # (it is stopped after them, and dies with the server: _die_with_parent).
         self.process = subprocess.Popen(
             args, preexec_fn=_die_with_parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=_real_time_environment(),
+            env=_real_time_environment(), start_new_session=True,
         )
         self._wait_ready()
         write_private(self.folder / "redis.url", self.url + "\n")
