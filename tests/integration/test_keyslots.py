@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from google.protobuf.duration_pb2 import Duration
 
 from tally.ledger.recovery import recover
@@ -279,17 +280,26 @@ async def workload(running: Running) -> list[str]:
     return ids
 
 
-async def test_every_key_a_script_touches_is_in_one_slot(
-    own_redis: RedisProcess, tmp_path: Path
-) -> None:
-    """Proves, from MONITOR, that every key each script declares or touches (the [lua]
-    lines after its FCALL) hashes to the slot of its first KEYS argument, for every
-    script the workload ran, over several shards."""
+@dataclass
+class Monitored:
+    """What MONITOR saw while a server ran the workload once."""
+
+    lines: list[str]
+    calls: list[ScriptCall]
+    scripts: dict[str, str]  # function name -> script name
+
+
+@pytest_asyncio.fixture(scope="module")
+async def monitored(
+    module_redis: RedisProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Monitored:
+    """The workload run once under MONITOR, for the tests that read what it saw."""
     lines: list[str] = []
     ready = asyncio.Event()
-    watcher = asyncio.create_task(monitor(own_redis.port, lines, ready))
+    watcher = asyncio.create_task(monitor(module_redis.port, lines, ready))
     await asyncio.wait_for(ready.wait(), 5)
-    running = await start_running(own_redis.url, data_dir=str(tmp_path / "data"))
+    data_dir = tmp_path_factory.mktemp("data-keyslots")
+    running = await start_running(module_redis.url, data_dir=str(data_dir))
     try:
         await workload(running)
         scripts = {s.function: s.name for s in running.authority.store.runner.scripts.values()}
@@ -299,10 +309,17 @@ async def test_every_key_a_script_touches_is_in_one_slot(
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-
     calls = group_script_calls(lines)
-    assert calls, "MONITOR saw no script call"
     assert sum(len(c.touched) for c in calls) > len(calls), "no [lua] lines were parsed"
+    return Monitored(lines, calls, scripts)
+
+
+async def test_every_key_a_script_touches_is_in_one_slot(monitored: Monitored) -> None:
+    """Proves, from MONITOR, that every key each script declares or touches (the [lua]
+    lines after its FCALL) hashes to the slot of its first KEYS argument, for every
+    script the workload ran, over several shards."""
+    calls, scripts = monitored.calls, monitored.scripts
+    assert calls, "MONITOR saw no script call"
     seen_scripts: set[str] = set()
     slots: set[int] = set()
     for call in calls:
@@ -316,7 +333,7 @@ async def test_every_key_a_script_touches_is_in_one_slot(
         for command, key in call.touched:
             assert keyslot(key) == slot, (
                 f"{command} {key!r} is in slot {keyslot(key)}, the script's keys in {slot}")
-    for line in lines:
+    for line in monitored.lines:
         match = MONITOR_LINE.match(line)
         if match and match.group(3) != "lua":
             args = parse_monitor_args(match.group(4))
@@ -329,30 +346,12 @@ async def test_every_key_a_script_touches_is_in_one_slot(
     assert len(slots) >= 4, "the workload should spread over several shards"
 
 
-async def test_every_key_a_script_touches_is_one_it_declared(
-    own_redis: RedisProcess, tmp_path: Path
-) -> None:
+async def test_every_key_a_script_touches_is_one_it_declared(monitored: Monitored) -> None:
     """Proves, from MONITOR, that every key each script reads or writes (the [lua] lines
     after its FCALL) is among the keys that FCALL declared, for every script of
     SCRIPT_NAMES: batches, the reaper's and sweeper's, recovery's and the catalog's
     included."""
-    lines: list[str] = []
-    ready = asyncio.Event()
-    watcher = asyncio.create_task(monitor(own_redis.port, lines, ready))
-    await asyncio.wait_for(ready.wait(), 5)
-    running = await start_running(own_redis.url, data_dir=str(tmp_path / "data"))
-    try:
-        await workload(running)
-        scripts = {s.function: s.name for s in running.authority.store.runner.scripts.values()}
-    finally:
-        await stop_running(running)
-        await asyncio.sleep(0.1)
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-
-    calls = group_script_calls(lines)
-    assert sum(len(c.touched) for c in calls) > len(calls), "no [lua] lines were parsed"
+    calls, scripts = monitored.calls, monitored.scripts
     seen = {scripts.get(call.function, "?") for call in calls}
     assert set(SCRIPT_NAMES) <= seen, f"the workload never ran {set(SCRIPT_NAMES) - seen}"
     undeclared = sorted({
