@@ -89,6 +89,16 @@ class RedisProcess:
             self.process.wait(10)
 
 
+def kill_all(started: list[subprocess.Popen[bytes]]) -> None:
+    """Kills what a test started (and has not stopped itself), and closes its stderr."""
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+
+
 def settings(redis_url: str, ledger_url: str = "", **overrides: Any) -> config.Settings:
     environ = {
         "TALLY_REDIS_URL": redis_url,

@@ -169,8 +169,8 @@ async def settle_replica_wait(settings: Settings, store: QuotaStore) -> None:
         store.runner.wait_for_replicas(
             ReplicaWait(replicas, round(settings.redis_wait_timeout * 1000))
         )
-    log.info("replica wait", extra={"replicas": replicas,
-                                    "setting": settings.redis_wait_replicas or "auto"})
+    setting = "auto" if settings.redis_wait_replicas is None else settings.redis_wait_replicas
+    log.info("replica wait", extra={"replicas": replicas, "setting": setting})
 
 
 def lease_settings(settings: Settings) -> LeaseSettings:

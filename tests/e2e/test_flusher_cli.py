@@ -16,7 +16,15 @@ import pytest_asyncio
 
 from tally.store.keys import KeySpace
 from tally.v1 import account_pb2, quota_pb2
-from tests.support import RedisProcess, Running, free_port, start_running, stop_running, unique
+from tests.support import (
+    RedisProcess,
+    Running,
+    free_port,
+    kill_all,
+    start_running,
+    stop_running,
+    unique,
+)
 
 TALLY = str(Path(sys.executable).with_name("tally"))
 WAIT_S = 30.0
@@ -39,12 +47,7 @@ async def server(own_redis: RedisProcess, ledger_url: str) -> AsyncIterator[Runn
 def flushers() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+    kill_all(started)
 
 
 def start_flusher(

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
-from tests.support import free_port
+from tests.support import free_port, kill_all
 
 TALLY = str(Path(sys.executable).with_name("tally"))
 START_TIMEOUT_S = 30.0
@@ -59,12 +59,7 @@ def serve(tmp_path: Path) -> Iterator[tuple[str, Path, list[subprocess.Popen[byt
     address = f"127.0.0.1:{free_port()}"
     started: list[subprocess.Popen[bytes]] = []
     yield address, tmp_path, started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+    kill_all(started)
 
 
 def start(
