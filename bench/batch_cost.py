@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 import redis
 
-from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
+from tally_client.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
 
 CLOCK_TICKS_S = os.sysconf("SC_CLK_TCK")
 

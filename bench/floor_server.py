@@ -22,7 +22,7 @@ from bench import event_loops
 from bench.unmeasured import Unmeasured
 from tally import config
 from tally.api.transport import server_options
-from tally.v1 import common_pb2, quota_pb2, quota_pb2_grpc
+from tally_client.v1 import common_pb2, quota_pb2, quota_pb2_grpc
 
 RESERVATION_ID = "s07.1234567.bench-00042"
 

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 
 from tally import app, config
 from tally.clock import ManualClock
-from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
+from tally_client.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
 
 T0_MS = 1_795_608_000_000  # 2026-11-25 12:00 UTC, like the tests
 GIB = 1024**3

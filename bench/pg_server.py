@@ -33,7 +33,7 @@ from bench import event_loops
 from bench.unmeasured import NoBatches, Unmeasured
 from tally import config
 from tally.api.transport import server_options
-from tally.v1 import common_pb2, quota_pb2, quota_pb2_grpc
+from tally_client.v1 import common_pb2, quota_pb2, quota_pb2_grpc
 
 SCHEMA = """
 CREATE TABLE balances (account_id text PRIMARY KEY, units bigint NOT NULL);

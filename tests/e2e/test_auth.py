@@ -21,7 +21,7 @@ from google.protobuf import timestamp_pb2
 
 from tally import app
 from tally.auth.tokens import TOKEN_ID_HEX_DIGITS
-from tally.v1 import (
+from tally_client.v1 import (
     account_pb2,
     catalog_pb2,
     quota_pb2,

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tally.v1 import account_pb2, quota_pb2, token_pb2, token_pb2_grpc
+from tally_client.v1 import account_pb2, quota_pb2, token_pb2, token_pb2_grpc
 from tests.e2e.test_auth import bearer
 from tests.e2e.test_ops_cli import tally
 from tests.support import RedisProcess, Running, start_running, stop_running, unique

@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from tally.store.keys import KeySpace
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.support import (
     RedisProcess,
     Running,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from tally.v1 import token_pb2, token_pb2_grpc
+from tally_client.v1 import token_pb2, token_pb2_grpc
 from tests.e2e.test_auth import bearer
 from tests.e2e.test_bootstrap_token import written_token
 from tests.support import RedisProcess, start_running, stop_running

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tally.ledger.schema import LATEST_VERSION
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.support import RedisProcess, start_running, stop_running, unique
 
 TALLY = str(Path(sys.executable).with_name("tally"))

@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tally import logs
-from tally.v1 import account_pb2
+from tally_client.v1 import account_pb2
 from tests.support import RedisProcess, start_running, stop_running, unique
 
 TALLY = str(Path(sys.executable).with_name("tally"))

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
+from tally_client.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
 from tests.support import free_port, kill_all
 
 TALLY = str(Path(sys.executable).with_name("tally"))

@@ -23,7 +23,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tally.v1 import (
+from tally_client.v1 import (
     account_pb2,
     account_pb2_grpc,
     quota_pb2,

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from tally.v1 import quota_pb2
+from tally_client.v1 import quota_pb2
 from tests.support import Running, unique
 
 TALLY = str(Path(sys.executable).with_name("tally"))

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from tally.cli.main import build_parser
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.support import Running, unique
 
 TALLY = Path(sys.executable).with_name("tally")

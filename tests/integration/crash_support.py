@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tally.ledger.backend import open_ledger
-from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
+from tally_client.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
 
 TALLY = str(Path(sys.executable).with_name("tally"))
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}

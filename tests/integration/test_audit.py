@@ -10,7 +10,7 @@ import pytest_asyncio
 from tally.api.servicers import AccountServicer, CatalogServicer
 from tally.auth.principal import ANONYMOUS, Principal, Role, running_as
 from tally.ledger.durability import MoneyInBarrier
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 
 

@@ -18,7 +18,7 @@ from tally import metrics
 from tally.domain.limits import BATCH_ITEMS_MAX
 from tally.ledger import recovery
 from tally.store.state_images import StateImages
-from tally.v1 import account_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, common_pb2, quota_pb2
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 
 OK = 0

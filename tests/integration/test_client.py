@@ -1,4 +1,4 @@
-"""tally.client.TallyClient against a real authority: retries, hold(), errors."""
+"""tally_client.TallyClient against a real authority: retries, hold(), errors."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from tally.client import TallyClient, TallyRpcError
-from tally.v1 import account_pb2, account_pb2_grpc, common_pb2, quota_pb2, quota_pb2_grpc
+from tally_client import RetryPolicy, TallyClient, TallyRpcError
+from tally_client.v1 import account_pb2, account_pb2_grpc, common_pb2, quota_pb2, quota_pb2_grpc
 from tests.support import Running, unique
 
 UPSCALE = "image.upscale"  # 10 units per quantity in the default catalog
@@ -82,7 +82,7 @@ async def test_lost_reply_is_retried_with_the_same_key_and_moves_units_once(
     account_id = await _account(running)
     network = FlakyNetwork(lose_replies=1)
     async with TallyClient(
-        running.authority.address, interceptors=[network], backoff_initial_s=0.01
+        running.authority.address, interceptors=[network], retry=RetryPolicy(backoff_initial_s=0.01)
     ) as tally:
         held = await tally.reserve(account_id, UPSCALE, 3)
         balance = await tally.balance(account_id)
@@ -99,7 +99,7 @@ async def test_dropped_request_is_retried_with_the_same_key(running: Running) ->
     account_id = await _account(running)
     network = FlakyNetwork(drop_requests=2)
     async with TallyClient(
-        running.authority.address, interceptors=[network], backoff_initial_s=0.01
+        running.authority.address, interceptors=[network], retry=RetryPolicy(backoff_initial_s=0.01)
     ) as tally:
         grant = await tally.purchase(account_id, 1000, reference="inv-1")
         network.lose_replies = 1
@@ -131,9 +131,7 @@ async def test_unavailable_gives_up_after_max_attempts(running: Running) -> None
     async with TallyClient(
         running.authority.address,
         interceptors=[network],
-        max_attempts=3,
-        backoff_initial_s=0.001,
-        backoff_max_s=0.002,
+        retry=RetryPolicy(max_attempts=3, backoff_initial_s=0.001, backoff_max_s=0.002),
     ) as tally:
         with pytest.raises(TallyRpcError) as raised:
             await tally.reserve(unique(), UPSCALE)
@@ -272,13 +270,13 @@ async def test_the_channel_retries_unavailable_by_the_service_config() -> None:
     address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     await server.start()
     try:
-        async with TallyClient(address, max_attempts=1) as tally:
+        async with TallyClient(address, retry=RetryPolicy(max_attempts=1)) as tally:
             balance = await tally.balance("acct-1")
         assert (balance.account_id, balance.available, servicer.calls) == ("acct-1", 7, 3)
 
         servicer.calls = 0
         plain = grpc.aio.insecure_channel(address)
-        async with TallyClient(address, max_attempts=1, channel=plain) as tally:
+        async with TallyClient(address, retry=RetryPolicy(max_attempts=1), channel=plain) as tally:
             with pytest.raises(TallyRpcError) as raised:
                 await tally.balance("acct-1")
         await plain.close()
@@ -294,7 +292,7 @@ async def test_batches_retry_a_lost_reply_with_the_same_keys(running: Running) -
     accounts = [await _account(running) for _ in range(3)]
     network = FlakyNetwork(lose_replies=1)
     async with TallyClient(
-        running.authority.address, interceptors=[network], backoff_initial_s=0.01
+        running.authority.address, interceptors=[network], retry=RetryPolicy(backoff_initial_s=0.01)
     ) as tally:
         items = [quota_pb2.ReserveRequest(account_id=a, operation=UPSCALE, quantity=2)
                  for a in accounts]

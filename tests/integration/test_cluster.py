@@ -16,7 +16,7 @@ from redis.crc import key_slot
 
 from tally.store.keys import KeySpace
 from tally.store.streams import EventStreams
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.cluster_support import RedisClusterProcesses
 from tests.e2e.test_auth import bearer
 from tests.e2e.test_ops_cli import tally

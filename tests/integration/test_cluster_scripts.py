@@ -19,7 +19,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tally.store.script_pipeline import ReplicaWait
-from tally.v1 import quota_pb2
+from tally_client.v1 import quota_pb2
 from tests.cluster_support import RedisClusterProcesses, started_cluster
 from tests.guard_support import aio, balance, create_account, rpc_error
 from tests.support import RedisProcess, Running, start_running, stop_running, unique

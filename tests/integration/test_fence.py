@@ -21,7 +21,7 @@ from tally.store.contract import FenceMark
 from tally.store.keys import KeySpace
 from tally.store.layout import DEFAULT_SHARDS, ShardLayout, TagScheme
 from tally.store.state_images import StateImages
-from tally.v1 import account_pb2, account_pb2_grpc, catalog_pb2, quota_pb2, quota_pb2_grpc
+from tally_client.v1 import account_pb2, account_pb2_grpc, catalog_pb2, quota_pb2, quota_pb2_grpc
 from tests.integration.crash_support import run_tally_async, serving, wait_until
 from tests.support import T0_MS, RedisProcess, start_running, stop_running, unique
 

@@ -18,10 +18,10 @@ import pytest_asyncio
 from google.protobuf.duration_pb2 import Duration
 
 from tally import app, standalone_flusher
-from tally.client import TallyClient
 from tally.clock import ManualClock
 from tally.ledger.schema import MIGRATIONS
-from tally.v1 import account_pb2, quota_pb2
+from tally_client import TallyClient
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.support import (
     T0_MS,
     RedisProcess,

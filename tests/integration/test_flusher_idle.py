@@ -11,7 +11,7 @@ from typing import Any
 import pytest_asyncio
 
 from tally.store.streams import GROUP
-from tally.v1 import quota_pb2
+from tally_client.v1 import quota_pb2
 from tests.guard_support import aio, create_account
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 

@@ -34,7 +34,7 @@ from tally.auth.principal import Role
 from tally.ledger import recovery
 from tally.store.state_images import StateImages
 from tally.store.token_store import TokenStore
-from tally.v1 import account_pb2, catalog_pb2, quota_pb2, usage_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, quota_pb2, usage_pb2
 from tests.guard_support import assert_status
 from tests.integration.test_watch_limits import close_watches
 from tests.support import RedisProcess, Running, start_running, stop_running

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from tally.domain.limits import GRANTS_MAX
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.support import Running, unique
 
 DAY_MS = 86_400_000

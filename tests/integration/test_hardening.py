@@ -11,7 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tally import config
 from tally.api.transport import server_options
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.support import RedisProcess, Running, settings, start_running, stop_running, unique
 
 

@@ -13,7 +13,7 @@ from google.protobuf.duration_pb2 import Duration
 from tally.domain.errors import Unavailable
 from tally.store.contract import ReserveRequest
 from tally.store.state_images import unpack_image
-from tally.v1 import quota_pb2
+from tally_client.v1 import quota_pb2
 from tests.integration.test_semantics import create, reserve
 from tests.support import RedisProcess, Running, start_running, stop_running
 

@@ -20,7 +20,14 @@ from tally.ledger.recovery import recover
 from tally.store.contract import ClosePeriodRequest
 from tally.store.scripts import SCRIPT_NAMES
 from tally.store.state_images import StateImages
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
+from tally_client.v1 import (
+    account_pb2,
+    catalog_pb2,
+    common_pb2,
+    quota_pb2,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 from tests.guard_support import aio, create_account
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 

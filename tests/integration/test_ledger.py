@@ -18,7 +18,7 @@ from tally.ledger.backend import SqliteLedger, open_ledger
 from tally.ledger.schema import LATEST_VERSION
 from tally.store.state_images import StateImages
 from tally.store.streams import GROUP, EventStreams
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.support import T0_MS, RedisProcess, Running, start_running, stop_running, unique
 
 # Trimming is checked exactly here, so flushed entries are not retained for watches.

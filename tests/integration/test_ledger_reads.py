@@ -23,7 +23,7 @@ from tally.ledger.backend import Retention, SqlLedger, open_ledger
 from tally.ledger.ledger import Ledger
 from tally.metrics import REGISTRY
 from tally.store.state_images import StateImages
-from tally.v1 import account_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
+from tally_client.v1 import account_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
 from tests.support import T0_MS, RedisProcess, Running, start_running, stop_running, unique
 
 SLOW_FLUSH = {"flush_interval": "1h", "snapshot_interval": "1h", "stream_retention": "0s"}

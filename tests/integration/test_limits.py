@@ -12,8 +12,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from tally.config import MAX_RECEIVE_MESSAGE_BYTES as MESSAGE_BYTES_MAX
 from tally.domain.events import EntryType
 from tally.domain.limits import LEDGER_PAGE_SIZE_MAX, REPORT_GROUP_BY_MAX, REPORT_SPAN_DAYS_MAX
-from tally.v1 import account_pb2, quota_pb2, usage_pb2
-from tally.v1.usage_pb2_grpc import UsageServiceStub
+from tally_client.v1 import account_pb2, quota_pb2, usage_pb2
+from tally_client.v1.usage_pb2_grpc import UsageServiceStub
 from tests.guard_support import assert_status
 from tests.support import T0_MS, Running, unique
 

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tally import metrics
-from tally.v1 import quota_pb2, quota_pb2_grpc
+from tally_client.v1 import quota_pb2, quota_pb2_grpc
 from tests.guard_support import aio, assert_books, balance, create_account, rpc_error
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 

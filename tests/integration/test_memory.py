@@ -18,7 +18,7 @@ from tally.store.contract import CommitRequest
 from tally.store.failures import HoldNotInStore
 from tally.store.keys import idempotency_digest
 from tally.store.state_images import StateImages, unpack_image
-from tally.v1 import account_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, common_pb2, quota_pb2
 from tests.integration.test_semantics import balance, charge, create, reserve
 from tests.support import RedisProcess, Running, start_running, stop_running
 

@@ -21,7 +21,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tally.v1 import account_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, common_pb2, quota_pb2
 from tests.guard_support import aio, rpc_error
 from tests.support import RedisProcess, Running, free_port, start_running, stop_running, unique
 

@@ -24,7 +24,7 @@ from tally import app
 from tally.clock import ManualClock
 from tally.domain.errors import DeadlineExceeded
 from tally.store.client import ScriptRunner, connect
-from tally.v1 import account_pb2, quota_pb2, quota_pb2_grpc
+from tally_client.v1 import account_pb2, quota_pb2, quota_pb2_grpc
 from tests.guard_support import (
     aio,
     assert_books,

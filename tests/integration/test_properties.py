@@ -59,7 +59,7 @@ from hypothesis.stateful import (
 
 from tally.store.contract import ExpireHoldRequest
 from tally.store.state_images import StateImages, unpack_image
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.cluster_support import RedisClusterProcesses
 from tests.integration.model import (
     ALLOW,
@@ -75,7 +75,7 @@ from tests.integration.model import (
 from tests.support import T0_MS, RedisProcess, Running, start_running, stop_running
 
 if TYPE_CHECKING:
-    from tally.v1 import account_pb2_grpc, catalog_pb2_grpc, quota_pb2_grpc
+    from tally_client.v1 import account_pb2_grpc, catalog_pb2_grpc, quota_pb2_grpc
 
 SECOND_MS = 1000
 MINUTE_MS = 60 * SECOND_MS

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from tally import metrics
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.guard_support import aio, balance, create_account, rpc_error, snapshot
 from tests.support import RedisProcess, Running, free_port, start_running, stop_running, unique
 

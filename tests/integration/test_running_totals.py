@@ -10,7 +10,7 @@ import pytest
 
 from tally.domain.limits import UNITS_MAX
 from tally.domain.usage import HOUR_MS
-from tally.v1 import account_pb2, catalog_pb2, quota_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, quota_pb2
 from tests.support import Running, unique
 
 DECIMAL = re.compile(rb"-?[0-9]+")

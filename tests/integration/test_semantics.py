@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.support import T0_MS, Running, unique
 
 HOUR_MS = 3_600_000

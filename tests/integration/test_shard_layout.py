@@ -16,7 +16,7 @@ from tally.deployment import LayoutRefused
 from tally.ledger.backend import open_ledger
 from tally.ledger.ledger import Ledger
 from tally.store.layout import DEFAULT_SHARDS, ShardLayout, TagScheme
-from tally.v1 import quota_pb2
+from tally_client.v1 import quota_pb2
 from tests.guard_support import aio, balance, create_account
 from tests.support import T0_MS, RedisProcess, Running, start_running, stop_running, unique
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.support import Running, unique
 
 

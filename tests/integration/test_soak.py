@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
-from tally.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
+from tally_client.v1 import account_pb2, account_pb2_grpc, quota_pb2, quota_pb2_grpc
 from tests.guard_support import assert_books
 from tests.support import RedisProcess, Running, start_running, stop_running
 

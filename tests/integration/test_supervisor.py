@@ -20,7 +20,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tally import metrics
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 
 WITHIN_S = 10.0

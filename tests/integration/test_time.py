@@ -14,7 +14,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from tally.store.contract import PriceVersionRecord
 from tally.store.state_images import StateImages, unpack_image
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.support import (
     T0_MS,
     RedisProcess,

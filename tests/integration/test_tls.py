@@ -18,10 +18,10 @@ from tally.api.transport import certificate_principals, server_transport
 from tally.auth.book import TokenBook
 from tally.auth.certificates import AuthContext, CertificatePrincipals
 from tally.auth.principal import Principal, Role
-from tally.client import TallyClient, TallyRpcError
-from tally.client_tls import ClientTls
 from tally.store.token_store import TokenStore
-from tally.v1 import account_pb2, account_pb2_grpc
+from tally_client import RetryPolicy, TallyClient, TallyRpcError
+from tally_client.tls import ClientTls
+from tally_client.v1 import account_pb2, account_pb2_grpc
 from tests.support import RedisProcess, Running, settings, start_running, stop_running, unique
 from tests.tls_support import CertificateAuthority, Issued
 
@@ -85,7 +85,8 @@ async def ledger_rows(running: Running, account_id: str) -> int:
 
 
 async def refused_purchase(address: str, account_id: str, tls: ClientTls | None) -> TallyRpcError:
-    async with TallyClient(address, timeout_s=2.0, max_attempts=1, tls=tls) as tally:
+    once = RetryPolicy(max_attempts=1)
+    async with TallyClient(address, timeout_s=2.0, retry=once, tls=tls) as tally:
         with pytest.raises(TallyRpcError) as refused:
             await tally.purchase(account_id, 50)
     return refused.value
@@ -225,7 +226,7 @@ async def test_a_mapped_client_certificate_is_the_principal_of_every_call(
                     metadata=bearer,
                 )
         async with TallyClient(
-            address, timeout_s=5.0, max_attempts=1, tls=tls_of(pki, pki.worker)
+            address, timeout_s=5.0, retry=RetryPolicy(max_attempts=1), tls=tls_of(pki, pki.worker)
         ) as worker:
             held = await worker.reserve(scoped_account, "image.upscale", 1)
             assert held.units == 10
@@ -236,7 +237,8 @@ async def test_a_mapped_client_certificate_is_the_principal_of_every_call(
                 with pytest.raises(TallyRpcError) as refused:
                     await refused_call
                 assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED
-        async with TallyClient(address, timeout_s=5.0, max_attempts=1, tls=admin_tls) as anon:
+        once = RetryPolicy(max_attempts=1)
+        async with TallyClient(address, timeout_s=5.0, retry=once, tls=admin_tls) as anon:
             with pytest.raises(TallyRpcError) as refused:
                 await anon.balance(other_account)
             assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED

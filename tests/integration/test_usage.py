@@ -11,7 +11,7 @@ import pytest_asyncio
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_status import rpc_status
 
-from tally.v1 import account_pb2, common_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
+from tally_client.v1 import account_pb2, common_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
 from tests.support import T0_MS, RedisProcess, Running, start_running, stop_running, unique
 
 HOUR_MS = 3_600_000

@@ -16,7 +16,14 @@ from tally.domain.limits import (
     USAGE_RETENTION_MS,
 )
 from tally.domain.usage import OTHER_LABEL, OTHER_LABELS
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
+from tally_client.v1 import (
+    account_pb2,
+    catalog_pb2,
+    common_pb2,
+    quota_pb2,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 from tests.support import Running, unique, usage_slot
 
 

@@ -13,7 +13,7 @@ from tally.domain.limits import USAGE_RECORDS_PER_CALL_MAX
 from tally.domain.usage import HOUR_MS, Usage
 from tally.store.quota_store import QuotaStore
 from tally.store.state_images import StateImages
-from tally.v1 import account_pb2, quota_pb2
+from tally_client.v1 import account_pb2, quota_pb2
 from tests.support import T0_MS, Running, unique, usage_slot
 
 # Labels whose JSON text differs between encoders: Lua's cjson writes "/" as "\/" and

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tally.v1 import account_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
+from tally_client.v1 import account_pb2, quota_pb2, usage_pb2, usage_pb2_grpc
 from tests.support import Running, unique
 
 

@@ -17,7 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.guard_support import (
     MAX_UNITS,
     aio,

@@ -14,13 +14,13 @@ import redis.asyncio as aioredis
 from tally import metrics
 from tally.api.watch import POSITION_METADATA
 from tally.config import MAX_WATCHERS
-from tally.v1 import account_pb2, catalog_pb2, quota_pb2, usage_pb2
-from tally.v1.usage_pb2_grpc import UsageServiceStub
+from tally_client.v1 import account_pb2, catalog_pb2, quota_pb2, usage_pb2
+from tally_client.v1.usage_pb2_grpc import UsageServiceStub
 from tests.guard_support import assert_status
 from tests.support import RedisProcess, Running, start_running, stop_running, unique
 
 if TYPE_CHECKING:
-    from tally.v1.usage_pb2_grpc import UsageServiceAsyncStub
+    from tally_client.v1.usage_pb2_grpc import UsageServiceAsyncStub
 
 # The background flusher never runs on its own: tests flush (and so trim, with no
 # retention) by hand.

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from tally import config
 from tally.auth.principal import Principal, Role, running_as
-from tally.v1 import account_pb2, quota_pb2, usage_pb2
+from tally_client.v1 import account_pb2, quota_pb2, usage_pb2
 from tests.guard_support import assert_status
 from tests.integration.test_watch import error_of, usage
 from tests.support import RedisProcess, Running, settings, start_running, stop_running, unique

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.loadgen import batch_outcomes, first_string, request_prefix, with_key
 from bench.servers import hiredis_shadow, python_env
-from tally.v1 import common_pb2, quota_pb2
+from tally_client.v1 import common_pb2, quota_pb2
 
 
 def test_a_reserve_request_built_by_hand_parses_as_one() -> None:

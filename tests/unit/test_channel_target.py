@@ -1,10 +1,10 @@
-"""The client's target for one address, several, or a DNS name (tally.client)."""
+"""The client's target for one address, several, or a DNS name (tally_client.channel)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tally.client import channel_target
+from tally_client.channel import channel_target
 
 
 def test_one_address_or_a_grpc_target_is_used_as_given() -> None:

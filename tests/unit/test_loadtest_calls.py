@@ -12,8 +12,8 @@ import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from tally.v1 import quota_pb2
 from tally_calls import Caller, CallFailed
+from tally_client.v1 import quota_pb2
 
 METADATA = (("authorization", "Bearer t"),)
 RETRIES = 2

@@ -8,18 +8,18 @@ import json
 import pkgutil
 from pathlib import Path
 
-import tally.v1
-from tally.client import service_config
+import tally_client.v1
+from tally_client.channel import service_config
 
 PROTOS_COPY = Path(__file__).parents[2] / "protos" / "tally" / "v1" / "service_config.json"
 
 
 def proto_services() -> set[str]:
-    """Full names of the services in every generated module of tally.v1."""
+    """Full names of the services in every generated module of tally_client.v1."""
     names: set[str] = set()
-    for module in pkgutil.iter_modules(tally.v1.__path__):
+    for module in pkgutil.iter_modules(tally_client.v1.__path__):
         if module.name.endswith("_pb2"):
-            descriptor = importlib.import_module(f"tally.v1.{module.name}").DESCRIPTOR
+            descriptor = importlib.import_module(f"tally_client.v1.{module.name}").DESCRIPTOR
             names |= {service.full_name for service in descriptor.services_by_name.values()}
     return names
 

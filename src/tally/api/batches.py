@@ -17,7 +17,7 @@ from typing import TypeVar
 from tally.api.errors import STATUS_BY_CODE
 from tally.domain.errors import InvalidArgument, ResourceExhausted, TallyError
 from tally.domain.limits import BATCH_ITEMS_MAX
-from tally.v1 import common_pb2
+from tally_client.v1 import common_pb2
 
 log = logging.getLogger("tally.api")
 

@@ -16,7 +16,7 @@ from tally.store.contract import (
     HoldReply,
     PriceView,
 )
-from tally.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
+from tally_client.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 
 # The store and its Lua scripts name policies and grant kinds without the wire
 # enums' prefixes: one table each.

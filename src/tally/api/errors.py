@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tally.domain.errors import ResourceExhausted, TallyError
-from tally.v1 import common_pb2
+from tally_client.v1 import common_pb2
 
 log = logging.getLogger("tally.api")
 

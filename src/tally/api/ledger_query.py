@@ -10,7 +10,7 @@ from tally.domain.errors import InvalidArgument
 from tally.domain.events import Entry, EntryType
 from tally.domain.limits import LEDGER_PAGE_SIZE_MAX
 from tally.ledger.ledger import Ledger
-from tally.v1 import account_pb2
+from tally_client.v1 import account_pb2
 
 ENTRY_TYPES = frozenset(t.value for t in EntryType)
 PAGE_SIZE_DEFAULT = 100

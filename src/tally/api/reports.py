@@ -32,7 +32,7 @@ from tally.domain.usage import HOUR_MS, OTHER_LABEL, OTHER_LABELS, Usage, from_e
 from tally.ledger.ledger import Ledger
 from tally.store.contract import BalanceRequest, BalanceView
 from tally.store.quota_store import QuotaStore
-from tally.v1 import usage_pb2
+from tally_client.v1 import usage_pb2
 
 DAY_MS = 24 * HOUR_MS
 REPORT_SPAN_MS_MAX = REPORT_SPAN_DAYS_MAX * DAY_MS

@@ -23,7 +23,7 @@ from typing import Any, TypeAlias
 import grpc
 
 from tally import metrics
-from tally.v1 import quota_pb2
+from tally_client.v1 import quota_pb2
 
 log = logging.getLogger("tally.api")
 

@@ -24,7 +24,7 @@ from tally.auth.book import TokenBook
 from tally.ledger.durability import MoneyInBarrier
 from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
-from tally.v1 import (
+from tally_client.v1 import (
     account_pb2,
     account_pb2_grpc,
     catalog_pb2,

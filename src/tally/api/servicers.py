@@ -35,7 +35,7 @@ from tally.store.contract import (
 )
 from tally.store.failures import HoldNotInStore
 from tally.store.quota_store import QuotaStore
-from tally.v1 import (
+from tally_client.v1 import (
     account_pb2,
     account_pb2_grpc,
     catalog_pb2,

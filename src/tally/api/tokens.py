@@ -12,7 +12,7 @@ from tally.auth.book import TokenBook
 from tally.auth.principal import Role, current
 from tally.auth.tokens import TokenRecord
 from tally.domain.errors import InvalidArgument
-from tally.v1 import token_pb2, token_pb2_grpc
+from tally_client.v1 import token_pb2, token_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

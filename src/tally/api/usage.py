@@ -12,7 +12,7 @@ from tally.api.errors import map_errors
 from tally.api.watch import UsageWatch
 from tally.ledger.ledger import Ledger
 from tally.store.quota_store import QuotaStore
-from tally.v1 import usage_pb2, usage_pb2_grpc
+from tally_client.v1 import usage_pb2, usage_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -26,7 +26,7 @@ from tally.domain.limits import (
     UNITS_MAX,
 )
 from tally.store.contract import AlertSettings, SetBudgetRequest
-from tally.v1 import common_pb2
+from tally_client.v1 import common_pb2
 
 # Each pattern's first character is counted apart, hence the `- 1`.
 OPERATION = re.compile(rf"[a-z0-9][a-z0-9._-]{{0,{OPERATION_BYTES_MAX - 1}}}")

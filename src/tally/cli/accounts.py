@@ -7,7 +7,7 @@ import argparse
 from tally.cli import arguments, output
 from tally.cli.balances import balance_rows, get_balance, grant_table
 from tally.cli.target import Api, Subparsers, add_account_command, add_noun
-from tally.v1 import account_pb2, common_pb2
+from tally_client.v1 import account_pb2, common_pb2
 
 POLICIES: dict[str, common_pb2.OveragePolicy.ValueType] = {
     "deny": common_pb2.OVERAGE_POLICY_DENY,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from tally.cli import output
 from tally.cli.target import Api, Subparsers, add_account_command
-from tally.v1 import common_pb2, quota_pb2
+from tally_client.v1 import common_pb2, quota_pb2
 
 
 def balance_rows(balance: common_pb2.Balance) -> list[tuple[str, object]]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from tally.cli import output
 from tally.cli.target import Api, Subparsers, add_account_command, add_noun
-from tally.v1 import account_pb2, common_pb2
+from tally_client.v1 import account_pb2, common_pb2
 
 
 def _budget_table(budgets: Sequence[common_pb2.Budget]) -> str:

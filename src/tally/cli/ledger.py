@@ -7,7 +7,7 @@ import argparse
 from tally.cli import arguments, output
 from tally.cli.target import Api, Subparsers, add_account_command
 from tally.domain.limits import LEDGER_PAGE_SIZE_MAX
-from tally.v1 import account_pb2
+from tally_client.v1 import account_pb2
 
 
 def _ledger(args: argparse.Namespace, api: Api) -> int:

@@ -48,7 +48,9 @@ async def opened(settings: config.Settings) -> AsyncIterator[Ops]:
     redis_url = settings.redis_url or running_url(settings.data_path / "redis")
     if not redis_url:
         say(f"starting the embedded Redis under {settings.data_path / 'redis'}")
-        embedded = EmbeddedRedis(settings.data_path / "redis", settings.redis_appendfsync)
+        embedded = EmbeddedRedis(
+            settings.data_path / "redis", settings.redis_appendfsync, settings.redis_server
+        )
         redis_url = embedded.start()
     try:
         clock = SystemClock()

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from tally.cli import output
 from tally.cli.target import Api, Subparsers, add_command, add_noun
-from tally.v1 import catalog_pb2
+from tally_client.v1 import catalog_pb2
 
 
 def _price_table(prices: Sequence[catalog_pb2.Price]) -> str:

@@ -7,7 +7,7 @@ import uuid
 
 from tally.cli import arguments, output
 from tally.cli.target import Api, Subparsers, add_account_command
-from tally.v1 import account_pb2, common_pb2
+from tally_client.v1 import account_pb2, common_pb2
 
 
 def _purchase(args: argparse.Namespace, api: Api) -> int:

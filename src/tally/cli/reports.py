@@ -9,7 +9,7 @@ import sys
 
 from tally.cli import arguments, output
 from tally.cli.target import Api, Subparsers, add_command
-from tally.v1 import usage_pb2
+from tally_client.v1 import usage_pb2
 
 
 def _report(args: argparse.Namespace, api: Api) -> int:

