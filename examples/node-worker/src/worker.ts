@@ -4,7 +4,7 @@
 
 import { randomUUID } from "node:crypto";
 import { createServer as createHttp2Server, type Http2Session } from "node:http2";
-import { parseArgs } from "node:util";
+import { parseArgs, type ParseArgsConfig } from "node:util";
 
 import { create, fromBinary } from "@bufbuild/protobuf";
 import {
@@ -43,8 +43,16 @@ interface Options {
   serviceConfig: string | URL;
 }
 
+function parseArgsOrUsage<T extends ParseArgsConfig>(config: T): ReturnType<typeof parseArgs<T>> {
+  try {
+    return parseArgs(config);
+  } catch (reason) {
+    throw new Error(`${reason instanceof Error ? reason.message : String(reason)}\n${USAGE}`);
+  }
+}
+
 function options(argv: string[]): Options {
-  const { values } = parseArgs({
+  const { values } = parseArgsOrUsage({
     args: argv,
     strict: true,
     options: {
@@ -54,7 +62,6 @@ function options(argv: string[]): Options {
       operation: { type: "string", default: "image.upscale" },
       allotment: { type: "string", default: "1000" },
       "timeout-ms": { type: "string", default: "5000" },
-      // The repository's published config (dist/ is two folders below examples/).
       "service-config": { type: "string" },
       help: { type: "boolean", default: false },
     },
@@ -77,6 +84,7 @@ function options(argv: string[]): Options {
     operation: values.operation,
     allotment: BigInt(values.allotment),
     timeoutMs,
+    // By default the repository's published config: dist/ is examples/node-worker/dist/.
     serviceConfig:
       values["service-config"] ??
       new URL("../../../protos/tally/v1/service_config.json", import.meta.url),
