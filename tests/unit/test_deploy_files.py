@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -531,3 +532,17 @@ def datasource_references(node: Any) -> Iterator[dict[str, str]]:
     elif isinstance(node, list):
         for item in node:
             yield from datasource_references(item)
+
+
+def test_the_documented_env_command_makes_what_compose_needs(tmp_path: Path) -> None:
+    """README Docker's one-liner for deploy/compose/.env (the same as .env.example's),
+    run here, writes every variable compose.yaml uses, each a fresh hex value (they go
+    inside URLs)."""
+    readme = (ROOT / "README.md").read_text()
+    (command,) = re.findall(r'^python3 -c "(import secrets as s;.*)" > \.env$', readme, re.M)
+    assert command in (COMPOSE_DIR / ".env.example").read_text()
+    written = subprocess.run([sys.executable, "-c", command], check=True, cwd=tmp_path,
+                             capture_output=True, text=True).stdout
+    values = dict(line.split("=", 1) for line in written.splitlines())
+    assert set(values) == variables_in(COMPOSE_FILE.read_text())
+    assert all(re.fullmatch(r"[0-9a-f]{32,}", value) for value in values.values())
