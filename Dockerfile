@@ -1,17 +1,15 @@
-# Multi-stage image: stubs are generated and the package built in the first
-# stage; the runtime stage holds Tally's venv alone (no Redis: point it at one with
-# TALLY_REDIS_URL) and runs as a non-root user.
+# Multi-stage image: the first stage builds the client (its wheel build generates
+# the stubs from protos/) and the server into a venv; the runtime stage holds that
+# venv alone (no Redis: point it at one with TALLY_REDIS_URL) and runs as a
+# non-root user.
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY protos protos
-COPY scripts scripts
+COPY client client
 COPY src src
 RUN python -m venv /opt/tally \
- && /opt/tally/bin/pip install --no-cache-dir -c constraints.txt grpcio-tools mypy-protobuf \
- && PYTHON=/opt/tally/bin/python ./scripts/gen_protos.sh \
- && /opt/tally/bin/pip install --no-cache-dir -c constraints.txt . \
- && /opt/tally/bin/pip uninstall -y grpcio-tools mypy-protobuf
+ && /opt/tally/bin/pip install --no-cache-dir -c constraints.txt ./client .
 
 FROM python:3.11-slim
 # A fixed uid and gid, so Kubernetes' runAsUser/runAsGroup/fsGroup can name them.

