@@ -8,9 +8,10 @@ import shlex
 from collections.abc import Mapping
 from pathlib import Path
 
-from tally import client_tls, config
+from tally import config
 from tally.cli import target
 from tally.cli.main import build_parser
+from tally_client import tls as client_tls
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

@@ -37,7 +37,7 @@ def test_the_image_runs_as_a_user_without_privileges() -> None:
 
 def test_the_image_holds_tally_alone() -> None:
     """No Redis (redis-server or valkey) is installed in the runtime stage, and the
-    package goes in without extras (`.`, not `.[...]`)."""
+    client and the server go in without extras (`./client .`, not `.[...]`)."""
     for word, rest in instructions(runtime_stage()):
         if word == "RUN":
             assert "redis" not in rest.lower() and "valkey" not in rest.lower(), rest
@@ -45,7 +45,9 @@ def test_the_image_holds_tally_alone() -> None:
         rest for word, rest in instructions(DOCKERFILE.read_text().rsplit("\nFROM ", 1)[0])
         if word == "RUN"
     )
-    assert re.search(r"pip install --no-cache-dir -c constraints\.txt \.(\s|$)", build_stage)
+    assert re.search(
+        r"pip install --no-cache-dir -c constraints\.txt \./client \.(\s|$)", build_stage
+    )
     assert ".[" not in build_stage
 
 
