@@ -13,7 +13,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 BUF_INSTALLED := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: setup proto protolint run test lint typecheck unit clean loadtest bench bench-scaling example-node
+.PHONY: setup proto protolint run test lint typecheck unit clean loadtest bench bench-scaling client-wheel example-node
 
 setup: $(INSTALLED) $(STUBS)
 
@@ -29,6 +29,11 @@ $(INSTALLED): pyproject.toml constraints.txt client/pyproject.toml client/setup.
 # client/src/tally_client/v1 (not committed; the client's wheel build runs the same).
 proto $(STUBS): $(INSTALLED) $(PROTOS) $(SERVICE_CONFIG) client/gen_stubs.py
 	$(PY) client/gen_stubs.py
+
+# The client's wheel, the stubs generated into it (client/README.md):
+# dist/tally_client-<version>-py3-none-any.whl
+client-wheel: $(INSTALLED)
+	$(PY) -m pip wheel --no-deps -q -w dist ./client
 
 $(BUF_INSTALLED):
 	@command -v npm >/dev/null || { echo "make: npm is needed to install buf (apt-get install -y npm)"; exit 1; }
