@@ -19,7 +19,7 @@ from tally.auth.book import TokenBook
 from tally.auth.certificates import AuthContext, CertificatePrincipals
 from tally.auth.principal import Principal, Role
 from tally.store.token_store import TokenStore
-from tally_client import RetryPolicy, TallyClient, TallyRpcError
+from tally_client import RetryPolicy, SyncTallyClient, TallyClient, TallyRpcError
 from tally_client.tls import ClientTls
 from tally_client.v1 import account_pb2, account_pb2_grpc
 from tests.support import RedisProcess, Running, settings, start_running, stop_running, unique
@@ -124,6 +124,25 @@ async def test_mutual_tls_refuses_missing_and_foreign_certificates(
     async with TallyClient(address, timeout_s=5.0, tls=tls_of(pki, pki.worker)) as tally:
         assert (await tally.balance(account_id)).available == 100
     assert await ledger_rows(mtls_running, account_id) == rows_before
+
+
+async def test_the_synchronous_client_speaks_mutual_tls(mtls_running: Running, pki: Pki) -> None:
+    """SyncTallyClient with the CA's client certificate is served; without one it is
+    refused. (Run in a thread: the server under test shares this event loop.)"""
+    address = mtls_running.authority.address
+    account_id = await make_funded_account(address, tls_of(pki, pki.worker))
+
+    def spend(tls: ClientTls) -> int:
+        with SyncTallyClient(address, timeout_s=5.0, retry=RetryPolicy(max_attempts=1),
+                             tls=tls) as tally:
+            with tally.hold(account_id, "image.upscale", 1):
+                pass
+            return tally.balance(account_id).available
+
+    assert await asyncio.to_thread(spend, tls_of(pki, pki.worker)) == 90
+    with pytest.raises(TallyRpcError) as refused:
+        await asyncio.to_thread(spend, tls_of(pki))
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
 
 
 class PrincipalEcho(health.aio.HealthServicer):

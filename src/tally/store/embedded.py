@@ -127,7 +127,7 @@ def _stop_leftover(pidfile: Path) -> None:
         return
     if not _is_server(pid):
         return
-    log.warning("stopping a leftover embedded redis-server", extra={"pid": pid})
+    log.warning("stopping a leftover embedded Redis", extra={"pid": pid})
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
@@ -220,7 +220,7 @@ class EmbeddedRedis:
         write_private(self.folder / "redis.url", self.url + "\n")
         write_private(self.folder / BINARY_RECORD, self.binary + "\n")
         log.info(
-            "embedded redis-server started",
+            "embedded Redis started",
             extra={"port": self.port, "dir": str(self.folder), "appendfsync": self.appendfsync,
                    "binary": self.binary},
         )
@@ -232,7 +232,7 @@ class EmbeddedRedis:
             if self.process is not None and self.process.poll() is not None:
                 stderr = self.process.stderr.read().decode() if self.process.stderr else ""
                 raise RuntimeError(
-                    f"redis-server exited at start: {stderr.strip()} (see {self.folder}/redis.log)"
+                    f"{self.binary} exited at start: {stderr.strip()} (see {self.folder}/redis.log)"
                 )
             with contextlib.suppress(OSError), socket.create_connection(
                 ("127.0.0.1", self.port), timeout=0.2
@@ -241,7 +241,7 @@ class EmbeddedRedis:
                 if b"+PONG" in _read_replies(sock, 2):
                     return
             time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT_S}s")
+        raise RuntimeError(f"{self.binary} did not answer within {START_TIMEOUT_S}s")
 
     def stop(self) -> None:
         """SIGTERM lets Redis fsync its AOF and exit cleanly."""
@@ -255,4 +255,4 @@ class EmbeddedRedis:
             self.process.wait()
         if self.process.stderr is not None:
             self.process.stderr.close()
-        log.info("embedded redis-server stopped")
+        log.info("embedded Redis stopped", extra={"binary": self.binary})
