@@ -23,11 +23,13 @@ from importlib import resources
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_PROTOS = HERE.parent / "protos"
+# The repository's protos/; an sdist carries its own copy (setup.py).
+DEFAULT_PROTOS = HERE / "protos" if (HERE / "protos").is_dir() else HERE.parent / "protos"
 DEFAULT_OUT = HERE / "src" / "tally_client" / "v1"
-# tally.v1.quota_pb2 / tally.v1.quota_pb2_grpc, as imports and as module names
-GENERATED_MODULE = re.compile(r"\btally\.v1\.(\w+_pb2(?:_grpc)?)\b")
+# The imports between the modules, and the module name each _pb2.py gives its
+# classes; nothing else (the serialized descriptors keep tally/v1 and tally.v1).
 GENERATED_IMPORT = re.compile(r"^from tally\.v1 import ", re.MULTILINE)
+GENERATED_MODULE = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')tally\.v1\.")
 SERVICE_CONFIG = "service_config.json"
 
 
@@ -39,6 +41,17 @@ def _plugin(name: str) -> str:
     if found is None:
         raise SystemExit(f"gen_stubs: {name} not found (pip install mypy-protobuf)")
     return found
+
+
+def _renamed(generated: Path) -> str:
+    text = GENERATED_IMPORT.sub("from tally_client.v1 import ", generated.read_text())
+    text, named = GENERATED_MODULE.subn(r"\1tally_client.v1.", text)
+    if generated.name.endswith("_pb2.py") and named != 1:
+        raise SystemExit(f"gen_stubs: {generated.name}: the module name was not found once "
+                         "(a new protoc layout?)")
+    if re.search(r"^(from|import) tally\.v1\b", text, re.MULTILINE):
+        raise SystemExit(f"gen_stubs: {generated.name} still imports tally.v1")
+    return text
 
 
 def generate(protos: Path = DEFAULT_PROTOS, out: Path = DEFAULT_OUT) -> None:
@@ -63,9 +76,7 @@ def generate(protos: Path = DEFAULT_PROTOS, out: Path = DEFAULT_OUT) -> None:
         for stale in [*out.glob("*_pb2*.py"), *out.glob("*_pb2*.pyi")]:
             stale.unlink()
         for generated in sorted((Path(tmp) / "tally" / "v1").iterdir()):
-            text = GENERATED_IMPORT.sub("from tally_client.v1 import ", generated.read_text())
-            text = GENERATED_MODULE.sub(r"tally_client.v1.\1", text)
-            (out / generated.name).write_text(text)
+            (out / generated.name).write_text(_renamed(generated))
     shutil.copyfile(protos / "tally" / "v1" / SERVICE_CONFIG, out / SERVICE_CONFIG)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from collections.abc import Iterator
@@ -119,6 +120,26 @@ def test_the_wheel_holds_the_stubs_and_needs_only_the_client_s_dependencies(
     assert not [name for name in names if name.startswith("tally/")]
     names_required = sorted(re.split(r"[<>=!~ ;]", r)[0] for r in _requirements(wheel))
     assert names_required == ["googleapis-common-protos", "grpcio", "protobuf"]
+
+
+def test_the_sdist_builds_the_same_wheel(
+    wheel: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Proves the sdist carries what its wheel build needs (protos/, gen_stubs.py) and
+    no stale stubs, and builds a wheel holding the same files."""
+    out = tmp_path_factory.mktemp("sdist")
+    _run([sys.executable, "setup.py", "-q", "sdist", "-d", str(out)], BUILD_TIMEOUT_S, cwd=CLIENT)
+    [sdist] = out.glob("tally_client-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        members = [name.split("/", 1)[1] for name in archive.getnames() if "/" in name]
+    assert {"gen_stubs.py", "protos/tally/v1/quota.proto",
+            "protos/tally/v1/service_config.json"} <= set(members)
+    assert not [name for name in members if name.startswith("src/") and "_pb2" in name]
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(sdist)],
+         BUILD_TIMEOUT_S)
+    [rebuilt] = out.glob("tally_client-*.whl")
+    with zipfile.ZipFile(wheel) as first, zipfile.ZipFile(rebuilt) as second:
+        assert sorted(first.namelist()) == sorted(second.namelist())
 
 
 def test_the_oldest_supported_versions_drive_the_server(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-from tally_client.errors import TallyRpcError
 from tally_client.v1 import quota_pb2
 
 log = logging.getLogger("tally_client")
@@ -20,16 +19,26 @@ class HoldState:
     committed on normal exit (the whole quantity, or what `deliver()` set),
     released on an exception, which is then re-raised."""
 
-    def __init__(self, request: quota_pb2.ReserveRequest, heartbeat: bool) -> None:
+    def __init__(
+        self, request: quota_pb2.ReserveRequest, heartbeat: bool, timeout_s: float | None
+    ) -> None:
         # Sent on enter (and on each retry); its key also names the release on failure.
         self.request = request
         self.heartbeat = heartbeat
+        # The deadline of each of the hold's calls (None: the client's).
+        self.timeout_s = timeout_s
         self._delivered: int | None = None
         self.reservation: quota_pb2.ReserveResponse | None = None
         self.committed: quota_pb2.CommitResponse | None = None
         self.released: quota_pb2.RefundResponse | None = None
-        # The heartbeat's last refusal: the hold may be gone (Commit will say).
-        self.heartbeat_error: TallyRpcError | None = None
+        # Why the heartbeat stopped early: the hold may be gone (Commit will say).
+        self.heartbeat_error: Exception | None = None
+
+    def entering(self) -> None:
+        """A hold is one reservation: entered once (again would replay the first
+        Reserve, already committed, and charge the second job nothing)."""
+        if self.reservation is not None:
+            raise RuntimeError("a hold is entered once: call hold() for each job")
 
     def _reserved(self) -> quota_pb2.ReserveResponse:
         if self.reservation is None:
@@ -47,7 +56,7 @@ class HoldState:
 
     def deliver(self, quantity: int) -> None:
         """Commits `quantity` (at most what was reserved) instead of the whole."""
-        reserved = self.request.quantity
+        reserved = self.request.quantity or 1  # 0 asks for the default, 1
         if not 0 <= quantity <= reserved:
             raise ValueError(f"deliver() takes 0..{reserved}, got {quantity}")
         self._delivered = quantity
@@ -66,12 +75,17 @@ class HoldState:
     def beat_interval_s(self) -> float:
         return self.lifetime_s() / BEATS_PER_LIFETIME
 
+    def beat_timeout_s(self) -> float:
+        """A beat's Extend may take no longer than the hold has left: past that,
+        extending is moot."""
+        return self.lifetime_s() - self.beat_interval_s()
+
     def extended(self, reply: quota_pb2.ExtendResponse) -> None:
         reservation = self._reserved()
         reservation.expires_at.CopyFrom(reply.expires_at)
         reservation.balance.CopyFrom(reply.balance)
 
-    def beat_failed(self, error: TallyRpcError) -> None:
+    def beat_failed(self, error: Exception) -> None:
         self.heartbeat_error = error
         log.warning(
             "tally: the heartbeat of hold %s stopped: %s", self.reservation_id, error

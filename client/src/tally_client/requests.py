@@ -3,6 +3,7 @@ made once per logical call when the caller gives none."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -12,6 +13,9 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tally_client.v1 import account_pb2, quota_pb2
+
+# The server refuses longer idempotency keys (README, Limits).
+IDEMPOTENCY_KEY_BYTES_MAX = 128
 
 
 def key(value: str | None) -> str:
@@ -140,5 +144,9 @@ def refund_batch(items: Sequence[quota_pb2.RefundRequest]) -> quota_pb2.RefundBa
 
 
 def release_key(reserve_key: str) -> str:
-    """The idempotency key of a hold's release, derived from its Reserve's."""
-    return f"release-{reserve_key}"[:128]
+    """The idempotency key of a hold's release, derived from its Reserve's: distinct
+    for distinct keys, within the server's limit on key length."""
+    key = f"release-{reserve_key}"
+    if len(key.encode()) <= IDEMPOTENCY_KEY_BYTES_MAX:
+        return key
+    return f"release-{hashlib.sha256(reserve_key.encode()).hexdigest()}"

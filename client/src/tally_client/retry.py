@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 
-# Below this, an attempt cannot reach the server and answer: give up instead.
-MIN_ATTEMPT_S = 0.001
+# Below this, an attempt cannot reach the server and answer: give up instead,
+# raising what the last attempt got.
+MIN_ATTEMPT_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,12 @@ class RetryPolicy:
         if now + pause + MIN_ATTEMPT_S >= deadline:
             return None
         return pause
+
+
+def no_time_for_attempt(deadline: float, now: float) -> bool:
+    """True when too little of the call's deadline is left for one more attempt (a
+    pause may oversleep)."""
+    return deadline - now < MIN_ATTEMPT_S
 
 
 def check_timeout(timeout_s: float) -> float:

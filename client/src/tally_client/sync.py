@@ -26,7 +26,7 @@ from tally_client import requests
 from tally_client.channel import call_metadata, channel_target, sync_channel
 from tally_client.errors import TallyRpcError
 from tally_client.hold import HoldState
-from tally_client.retry import RetryPolicy, check_timeout
+from tally_client.retry import RetryPolicy, check_timeout, no_time_for_attempt
 from tally_client.tls import ClientTls
 from tally_client.v1 import account_pb2_grpc, common_pb2, quota_pb2, quota_pb2_grpc
 
@@ -84,7 +84,9 @@ class SyncTallyClient:
         request: Req,
         timeout_s: float | None,
     ) -> Resp:
-        deadline = time.monotonic() + check_timeout(timeout_s or self.timeout_s)
+        deadline = time.monotonic() + check_timeout(
+            self.timeout_s if timeout_s is None else timeout_s
+        )
         attempt = 0
         while True:
             attempt += 1
@@ -101,6 +103,8 @@ class SyncTallyClient:
                 if pause is None:
                     raise TallyRpcError.from_call(error) from None
                 time.sleep(pause)
+                if no_time_for_attempt(deadline, time.monotonic()):
+                    raise TallyRpcError.from_call(error) from None
 
     # --- the hot path ---------------------------------------------------------------
 
@@ -233,31 +237,37 @@ class SyncTallyClient:
         idempotency_key: str | None = None,
         price_version: int = 0,
         heartbeat: bool = True,
+        timeout_s: float | None = None,
     ) -> SyncHold:
         """A hold as a context manager (hold.HoldState). With `heartbeat`, a
         thread extends it every third of its lifetime while the block runs, so a
         job may outlast `ttl_s`; a worker that dies stops extending, and the hold
-        expires one lifetime later."""
+        expires one lifetime later. `timeout_s`: the deadline of each of its calls."""
         request = requests.reserve(
             account_id, operation, quantity, labels=labels, ttl_s=ttl_s,
             idempotency_key=idempotency_key, price_version=price_version,
         )
-        return SyncHold(self, request, heartbeat)
+        return SyncHold(self, request, heartbeat, timeout_s)
 
 
 class SyncHold(HoldState):
     def __init__(
-        self, client: SyncTallyClient, request: quota_pb2.ReserveRequest, heartbeat: bool
+        self, client: SyncTallyClient, request: quota_pb2.ReserveRequest, heartbeat: bool,
+        timeout_s: float | None,
     ) -> None:
-        super().__init__(request, heartbeat)
+        super().__init__(request, heartbeat, timeout_s)
         self._client = client
         self._stop = threading.Event()
         self._beating: threading.Thread | None = None
 
-    def extend(self, ttl_s: float) -> quota_pb2.ExtendResponse:
+    def extend(
+        self, ttl_s: float, *, timeout_s: float | None = None
+    ) -> quota_pb2.ExtendResponse:
         """Keeps the hold alive for `ttl_s` more seconds from now; `reservation`
         then shows the new expiry and balance."""
-        reply = self._client.extend(self.reservation_id, ttl_s)
+        reply = self._client.extend(
+            self.reservation_id, ttl_s, timeout_s=timeout_s or self.timeout_s
+        )
         self.extended(reply)
         return reply
 
@@ -265,13 +275,16 @@ class SyncHold(HoldState):
         interval = self.beat_interval_s()
         while not self._stop.wait(interval):
             try:
-                self.extend(self.lifetime_s())
-            except TallyRpcError as error:
+                self.extend(self.lifetime_s(), timeout_s=self.beat_timeout_s())
+            except Exception as error:  # a refusal, a closed channel: record and stop
                 self.beat_failed(error)
                 return
 
     def __enter__(self) -> Self:
-        self.reservation = self._client._call(self._client._quota.Reserve, self.request, None)
+        self.entering()
+        self.reservation = self._client._call(
+            self._client._quota.Reserve, self.request, self.timeout_s
+        )
         if self.heartbeat:
             self._beating = threading.Thread(
                 target=self._beat, name=f"tally-heartbeat-{self.reservation_id}", daemon=True
@@ -290,13 +303,16 @@ class SyncHold(HoldState):
             self._beating.join()
         reservation_id = self.reservation_id
         if exc is None:
-            self.committed = self._client.commit(reservation_id, self._delivered)
+            self.committed = self._client.commit(
+                reservation_id, self._delivered, timeout_s=self.timeout_s
+            )
             return
         try:
             self.released = self._client.refund(
                 reservation_id,
                 reason=self.release_reason(exc_type),
                 idempotency_key=requests.release_key(self.request.idempotency_key),
+                timeout_s=self.timeout_s,
             )
         except Exception as release_error:
             # The original exception matters more; the hold expires on its own.

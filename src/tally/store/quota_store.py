@@ -9,7 +9,7 @@ these.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -18,7 +18,7 @@ import msgpack
 from tally.clock import Clock
 from tally.deployment import record_in_redis
 from tally.domain.catalog import DEFAULT_CATALOG
-from tally.domain.errors import TallyError
+from tally.domain.errors import TallyError, Unavailable
 from tally.domain.usage import Usage
 from tally.store.client import ScriptCall, ScriptRunner, script_error, store_errors
 from tally.store.contract import (
@@ -81,6 +81,8 @@ from tally.store.usage_counters import usage_of
 
 ItemT = TypeVar("ItemT", bound=ScriptRequest[Any])
 SpendT = TypeVar("SpendT", ReserveRequest, ChargeRequest)
+# Tries of a Reserve or Charge whose new reservation id another server also made.
+NEW_ID_TRIES = 3
 ContextT = TypeVar("ContextT", bound=ScriptContext)
 
 
@@ -255,14 +257,35 @@ class QuotaStore:
         ]
 
     async def reserve(self, request: ReserveRequest, timeout_s: float | None) -> HoldReply:
-        request = self._with_new_id(request)
-        context = self._spend_context(request.account_id)
-        return await self._run(request, context, self._spend_keys(request), timeout_s)
+        return await self._under_a_new_id(
+            request,
+            lambda fresh: self._run(
+                fresh, self._spend_context(fresh.account_id), self._spend_keys(fresh), timeout_s
+            ),
+        )
 
     async def charge(self, request: ChargeRequest, timeout_s: float | None) -> ChargeReply:
-        request = self._with_new_id(request)
-        context = self._spend_context(request.account_id)
-        return await self._run(request, context, self._spend_keys(request), timeout_s)
+        return await self._under_a_new_id(
+            request,
+            lambda fresh: self._run(
+                fresh, self._spend_context(fresh.account_id), self._spend_keys(fresh), timeout_s
+            ),
+        )
+
+    async def _under_a_new_id(
+        self, request: SpendT, spend: Callable[[SpendT], Awaitable[ReplyT]]
+    ) -> ReplyT:
+        """Runs `spend` under a new reservation id. An id another server made too is
+        refused by the script (nothing moved); a new one, drawn out of step with
+        that server's, is tried at once, so the caller never sees the clash."""
+        for tries_left in reversed(range(NEW_ID_TRIES)):
+            try:
+                return await spend(self._with_new_id(request))
+            except Unavailable as error:
+                if error.field_name != "reservation_id" or not tries_left:
+                    raise
+                self.reservation_ids.leap()
+        raise AssertionError("unreachable: the last try returns or raises")
 
     async def commit(self, request: CommitRequest, timeout_s: float | None) -> CommitReply:
         account_id, keys = self._on_reservation(request.reservation_id)

@@ -8,8 +8,10 @@ rebuild ids from it) and domain/ids.SEQUENCE's 16 digits take it: the
 milliseconds since EPOCH_MS times 2^RANDOM_BITS, plus RANDOM_BITS random bits,
 and above the last one this process made, so one process never makes one twice
 (a batch makes many in one millisecond). Two processes make the same one only
-in the same millisecond, with one chance in 2^RANDOM_BITS; the script refuses
-an id already taken (UNAVAILABLE: a retry makes a new one).
+in the same millisecond, with one chance in 2^RANDOM_BITS, or when their clocks
+stand still (a test's manual clock) and both count up from close starts; the
+script refuses an id already taken, and the store tries a new one after a
+random leap (leap()), which puts this process out of step with the other.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class ReservationIds:
             raise ValueError("reservation ids ran past their range")
         self._last = sequence
         return sequence
+
+    def leap(self) -> None:
+        """Moves the next sequence a random distance ahead (below one millisecond's
+        worth), away from another process's."""
+        self._last += 1 + secrets.randbelow(1 << RANDOM_BITS)
 
     @staticmethod
     def reservation_id(tag: str, sequence: int, account_id: str) -> str:
