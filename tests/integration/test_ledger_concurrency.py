@@ -1,16 +1,20 @@
-"""Several flushers write one PostgreSQL ledger at once (a fleet of servers and
-`tally flusher` processes): their batches touch the same accounts' rows in
-whatever order the streams gave them, and must never deadlock."""
+"""Processes sharing one ledger at once. Several flushers write one PostgreSQL
+ledger (a fleet of servers and `tally flusher` processes): their batches touch
+the same accounts' rows in whatever order the streams gave them, and must never
+deadlock. Servers starting together on one fresh SQLite file must not fail on
+each other's locks."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tally.domain.events import EntryImages, StreamEntry
-from tally.ledger.backend import SqlLedger, open_ledger
+from tally.ledger.backend import SqliteLedger, SqlLedger, open_ledger
 from tests.integration.test_ledger_reads import stream_entry
 from tests.support import T0_MS, PostgresServer, unique
 
@@ -71,3 +75,26 @@ def test_two_writers_of_the_same_accounts_in_opposite_orders_never_deadlock(
             assert len(ledger.entries(account_id, limit=10 * ROUNDS)) == 2 * ROUNDS
     finally:
         ledger.close()
+
+
+def test_a_fresh_sqlite_ledger_opens_while_another_process_writes_to_it(
+    tmp_path: Path,
+) -> None:
+    """Proves opening a new SQLite ledger (its switch to WAL) waits for another
+    connection's write transaction instead of failing at once with 'database is
+    locked', as two servers starting together on one fresh ledger would."""
+    path = tmp_path / "ledger.sqlite3"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE other_process (x INTEGER)")
+    release = threading.Timer(0.3, lambda: writer.execute("COMMIT"))
+    release.start()
+    try:
+        ledger = SqliteLedger(path)
+        with ledger.transaction() as cursor:  # the writer's connection: it switches to WAL
+            cursor.execute("SELECT 1")
+        assert ledger.pragma("journal_mode") == "wal"
+        ledger.close()
+    finally:
+        release.join()
+        writer.close()

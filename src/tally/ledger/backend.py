@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from tally.ledger.schema import MIGRATIONS
 from tally.redaction import redact
 
 BUSY_TIMEOUT_MS = 10_000
+WAL_RETRY_S = 0.01
 READ_CONNECTIONS_MAX = 4  # read connections per ledger, beside its one writer
 ENTRY_COLUMNS = (
     "entry_id, account_id, seq, type, reservation_id, operation, quantity, units, "
@@ -767,9 +769,24 @@ class SqliteLedger(SqlLedger):
 
     def _connect(self) -> Any:
         conn = self._open()
-        conn.execute("PRAGMA journal_mode=WAL")
+        self._enter_wal(conn)
         conn.execute("PRAGMA synchronous=FULL")
         return conn
+
+    @staticmethod
+    def _enter_wal(conn: sqlite3.Connection) -> None:
+        """Switching a new file to WAL fails at once, without the busy handler, while
+        another process writes to it (two servers starting together on one fresh
+        ledger): it is tried again for as long as a busy write would wait."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(WAL_RETRY_S)
 
     def _connect_reader(self) -> Any:
         conn = self._open()
