@@ -343,7 +343,9 @@ def flushers(count: int, redis_url: str, dsn: str, folder: Path) -> Iterator[lis
     env = servers.python_env() | {
         "TALLY_REDIS_URL": redis_url, "TALLY_LEDGER_URL": dsn,
         "TALLY_DATA_DIR": str(folder / "flusher-var"),
-        "TALLY_FLUSH_INTERVAL": FLUSHER_INTERVAL, "TALLY_LOG_LEVEL": "WARNING"}
+        "TALLY_FLUSH_INTERVAL": FLUSHER_INTERVAL, "TALLY_LOG_LEVEL": "WARNING",
+        # no metrics endpoint: the default port may be taken (another server, a test)
+        "TALLY_METRICS_LISTEN": ""}
     processes = []
     for old in folder.glob("flusher-*.log"):
         old.unlink()

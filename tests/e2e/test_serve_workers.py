@@ -323,7 +323,8 @@ def test_a_killed_worker_is_replaced_logged_and_counted(
                 if line.get("msg") == "worker exited; restarting"]
     assert len(restarts) == 1 and restarts[0]["pid"] == killed
     index = str(restarts[0]["worker"])
-    assert metric(served.metrics_port, "tally_worker_restarts_total", worker=index) == 1
+    wait_for(lambda: metric(served.metrics_port, "tally_worker_restarts_total",
+                            worker=index) == 1, "the restart counted once")
     wait_for(lambda: serving(served.address), "SERVING after the restart")
     for i in range(CALLS):
         charge(served, "survivor", f"c{i}")
