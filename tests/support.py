@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -28,11 +29,33 @@ REDIS_START_ATTEMPTS = 3
 T0_MS = int(datetime(2026, 11, 25, 12, 0, tzinfo=UTC).timestamp() * 1000)
 
 
+# Test servers listen below the kernel's ephemeral range: the source ports of
+# outgoing connections come from that range, and under a parallel run they would
+# take a port a test frees to restart a server on it (a killed worker, a restarted
+# Redis). Each test process (pytest-xdist worker) draws from a slice of its own.
+PORTS_FROM = 10_000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _port_slice() -> range:
+    below = int(EPHEMERAL_RANGE.read_text().split()[0]) if EPHEMERAL_RANGE.exists() else 32768
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    width = (below - PORTS_FROM) // workers
+    return range(PORTS_FROM + worker * width, PORTS_FROM + (worker + 1) * width)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free now, from this test process's slice below the ephemeral range."""
+    ports = _port_slice()
+    while True:
+        port = random.choice(ports)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def unique(prefix: str = "acct") -> str:
