@@ -40,8 +40,12 @@ WINDOWS = {"idempotency_window": "5s", "closed_reservation_window": "5s",
            "flush_interval": "200ms", "flush_claim_idle": "500ms", "stream_retention": "0s"}
 WINDOW_MS = 5000
 # What a round may leave in Redis once its windows have passed, as a part of what it
-# brought: an account's grants and the stream's tail are a few percent.
+# brought: an account's grants and the stream's tail are a few percent. Beside it,
+# Redis' own allocations move by tens of kilobytes from round to round (a stream
+# node, a hash table's resize), whatever the traffic: far below a round's records
+# (about 500 KB), which a leak would leave whole.
 LEFT_BEHIND_PART = 10
+ALLOCATION_SLACK_BYTES = 128 * 1024
 POLL_BOUND_S = 60.0  # how long the test waits for Redis to expire keys (never a threshold)
 
 
@@ -187,7 +191,8 @@ async def test_mixed_traffic_from_256_callers_is_never_refused_and_leaves_memory
         assert len({keys for _, keys in settled[1:]}) == 1
         for (then, _), (now, _), brought in zip(settled[1:-1], settled[2:], grown[1:],
                                                  strict=True):
-            assert now - then < brought / LEFT_BEHIND_PART, (settled, grown)
+            assert now - then < brought / LEFT_BEHIND_PART + ALLOCATION_SLACK_BYTES, (
+                settled, grown)
         await check_books(running, ids, tally)
     finally:
         await stop_running(running)
