@@ -13,7 +13,6 @@ Retries follow retry.py; every call takes `timeout_s`, its own deadline
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -23,9 +22,8 @@ import grpc
 
 from tally_client import requests
 from tally_client.channel import aio_channel, call_metadata, channel_target
-from tally_client.errors import TallyRpcError
 from tally_client.hold import HoldState
-from tally_client.retry import RetryPolicy, check_timeout, no_time_for_attempt
+from tally_client.retry import CallAttempts, RetryPolicy, check_timeout
 from tally_client.tls import ClientTls
 from tally_client.v1 import account_pb2_grpc, common_pb2, quota_pb2, quota_pb2_grpc
 
@@ -84,25 +82,14 @@ class TallyClient:
         request: Req,
         timeout_s: float | None,
     ) -> Resp:
-        deadline = time.monotonic() + check_timeout(
-            self.timeout_s if timeout_s is None else timeout_s
-        )
-        attempt = 0
+        attempts = CallAttempts(self.retry, self.timeout_s if timeout_s is None else timeout_s)
         while True:
-            attempt += 1
             try:
                 return await method(
-                    request, timeout=deadline - time.monotonic(), metadata=self._metadata
+                    request, timeout=attempts.next_timeout_s(), metadata=self._metadata
                 )
             except grpc.aio.AioRpcError as error:
-                pause = self.retry.pause_before_retry(
-                    error.code(), attempt, time.monotonic(), deadline
-                )
-                if pause is None:
-                    raise TallyRpcError.from_call(error) from None
-                await asyncio.sleep(pause)
-                if no_time_for_attempt(deadline, time.monotonic()):
-                    raise TallyRpcError.from_call(error) from None
+                await asyncio.sleep(attempts.pause_after(error))
 
     # --- the hot path ---------------------------------------------------------------
 
@@ -157,9 +144,8 @@ class TallyClient:
         timeout_s: float | None = None,
     ) -> quota_pb2.ChargeResponse:
         """Reserves and commits in one step."""
-        request = requests.spend(
-            quota_pb2.ChargeRequest, account_id, operation, quantity, labels,
-            idempotency_key, price_version,
+        request = requests.charge(
+            account_id, operation, quantity, labels, idempotency_key, price_version
         )
         return await self._call(self._quota.Charge, request, timeout_s)
 
@@ -175,9 +161,7 @@ class TallyClient:
         timeout_s: float | None = None,
     ) -> quota_pb2.QuoteResponse:
         """The exact cost now and whether it is affordable; moves nothing."""
-        request = quota_pb2.QuoteRequest(
-            account_id=account_id, operation=operation, quantity=quantity
-        )
+        request = requests.quote(account_id, operation, quantity)
         return await self._call(self._quota.Quote, request, timeout_s)
 
     async def balance(

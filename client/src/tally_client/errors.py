@@ -13,6 +13,8 @@ from tally_client.v1 import common_pb2
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 Metadata = Iterable[tuple[str, str | bytes]]
+# A failed call of either API.
+FailedCall = grpc.Call | grpc.aio.AioRpcError
 
 
 class TallyRpcError(Exception):
@@ -52,7 +54,7 @@ class TallyRpcError(Exception):
         return self.insufficient.budget_id
 
     @classmethod
-    def from_call(cls, error: grpc.Call | grpc.aio.AioRpcError) -> TallyRpcError:
+    def from_call(cls, error: FailedCall) -> TallyRpcError:
         """From a failed call of either API (grpc.RpcError or grpc.aio.AioRpcError)."""
         shortfall = insufficient_units(error.trailing_metadata())
         return cls(error.code(), error.details() or "", shortfall)

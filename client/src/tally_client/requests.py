@@ -80,6 +80,24 @@ def reserve(
     return request
 
 
+def charge(
+    account_id: str,
+    operation: str,
+    quantity: int,
+    labels: Mapping[str, str] | None,
+    idempotency_key: str | None,
+    price_version: int,
+) -> quota_pb2.ChargeRequest:
+    return spend(
+        quota_pb2.ChargeRequest, account_id, operation, quantity, labels,
+        idempotency_key, price_version,
+    )
+
+
+def quote(account_id: str, operation: str, quantity: int) -> quota_pb2.QuoteRequest:
+    return quota_pb2.QuoteRequest(account_id=account_id, operation=operation, quantity=quantity)
+
+
 def commit(reservation_id: str, quantity: int | None) -> quota_pb2.CommitRequest:
     request = quota_pb2.CommitRequest(reservation_id=reservation_id)
     if quantity is not None:

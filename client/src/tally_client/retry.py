@@ -10,9 +10,12 @@ timeout, so a retry never runs past it.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 
 import grpc
+
+from tally_client.errors import FailedCall, TallyRpcError
 
 # Below this, an attempt cannot reach the server and answer: give up instead,
 # raising what the last attempt got.
@@ -49,10 +52,36 @@ class RetryPolicy:
         return pause
 
 
-def no_time_for_attempt(deadline: float, now: float) -> bool:
-    """True when too little of the call's deadline is left for one more attempt (a
-    pause may oversleep)."""
-    return deadline - now < MIN_ATTEMPT_S
+class CallAttempts:
+    """The attempts of one logical call under the policy and the call's deadline:
+    what each attempt may take, and what follows a failed one. Both clients' loops
+    are this and their own way to wait."""
+
+    def __init__(self, policy: RetryPolicy, timeout_s: float) -> None:
+        self.policy = policy
+        self.deadline = time.monotonic() + check_timeout(timeout_s)
+        self.attempts = 0
+        self._failed: FailedCall | None = None
+
+    def next_timeout_s(self) -> float:
+        """The next attempt's timeout: what is left of the deadline. When a pause
+        left too little for an attempt, the last failure is raised instead."""
+        remaining = self.deadline - time.monotonic()
+        if self._failed is not None and remaining < MIN_ATTEMPT_S:
+            raise TallyRpcError.from_call(self._failed) from None
+        self.attempts += 1
+        return remaining
+
+    def pause_after(self, failed: FailedCall) -> float:
+        """The pause before retrying after `failed`; raises it (as a TallyRpcError)
+        when it is not to be retried."""
+        pause = self.policy.pause_before_retry(
+            failed.code(), self.attempts, time.monotonic(), self.deadline
+        )
+        if pause is None:
+            raise TallyRpcError.from_call(failed) from None
+        self._failed = failed
+        return pause
 
 
 def check_timeout(timeout_s: float) -> float:

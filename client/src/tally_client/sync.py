@@ -24,9 +24,8 @@ import grpc
 
 from tally_client import requests
 from tally_client.channel import call_metadata, channel_target, sync_channel
-from tally_client.errors import TallyRpcError
 from tally_client.hold import HoldState
-from tally_client.retry import RetryPolicy, check_timeout, no_time_for_attempt
+from tally_client.retry import CallAttempts, RetryPolicy, check_timeout
 from tally_client.tls import ClientTls
 from tally_client.v1 import account_pb2_grpc, common_pb2, quota_pb2, quota_pb2_grpc
 
@@ -84,27 +83,16 @@ class SyncTallyClient:
         request: Req,
         timeout_s: float | None,
     ) -> Resp:
-        deadline = time.monotonic() + check_timeout(
-            self.timeout_s if timeout_s is None else timeout_s
-        )
-        attempt = 0
+        attempts = CallAttempts(self.retry, self.timeout_s if timeout_s is None else timeout_s)
         while True:
-            attempt += 1
             try:
                 return method(
-                    request, timeout=deadline - time.monotonic(), metadata=self._metadata
+                    request, timeout=attempts.next_timeout_s(), metadata=self._metadata
                 )
             except grpc.RpcError as error:
                 if not isinstance(error, grpc.Call):
                     raise
-                pause = self.retry.pause_before_retry(
-                    error.code(), attempt, time.monotonic(), deadline
-                )
-                if pause is None:
-                    raise TallyRpcError.from_call(error) from None
-                time.sleep(pause)
-                if no_time_for_attempt(deadline, time.monotonic()):
-                    raise TallyRpcError.from_call(error) from None
+                time.sleep(attempts.pause_after(error))
 
     # --- the hot path ---------------------------------------------------------------
 
@@ -159,9 +147,8 @@ class SyncTallyClient:
         timeout_s: float | None = None,
     ) -> quota_pb2.ChargeResponse:
         """Reserves and commits in one step."""
-        request = requests.spend(
-            quota_pb2.ChargeRequest, account_id, operation, quantity, labels,
-            idempotency_key, price_version,
+        request = requests.charge(
+            account_id, operation, quantity, labels, idempotency_key, price_version
         )
         return self._call(self._quota.Charge, request, timeout_s)
 
@@ -177,9 +164,7 @@ class SyncTallyClient:
         timeout_s: float | None = None,
     ) -> quota_pb2.QuoteResponse:
         """The exact cost now and whether it is affordable; moves nothing."""
-        request = quota_pb2.QuoteRequest(
-            account_id=account_id, operation=operation, quantity=quantity
-        )
+        request = requests.quote(account_id, operation, quantity)
         return self._call(self._quota.Quote, request, timeout_s)
 
     def balance(
