@@ -43,7 +43,6 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import status_pb2
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -59,6 +58,7 @@ from hypothesis.stateful import (
 
 from tally.store.contract import ExpireHoldRequest
 from tally.store.state_images import StateImages, unpack_image
+from tally_client.errors import insufficient_units
 from tally_client.v1 import account_pb2, catalog_pb2, common_pb2, quota_pb2
 from tests.cluster_support import RedisClusterProcesses
 from tests.integration.model import (
@@ -124,20 +124,6 @@ def duration(ms: int) -> Duration:
     d = Duration()
     d.FromMilliseconds(ms)
     return d
-
-
-def insufficient_units(error: grpc.aio.AioRpcError) -> common_pb2.InsufficientUnits | None:
-    """The InsufficientUnits detail of a RESOURCE_EXHAUSTED status, if it carries one."""
-    for key, value in error.trailing_metadata() or ():
-        if key != "grpc-status-details-bin":
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(common_pb2.InsufficientUnits.DESCRIPTOR):
-                found = common_pb2.InsufficientUnits()
-                detail.Unpack(found)
-                return found
-    return None
 
 
 def balance_figures(b: common_pb2.Balance) -> dict[str, Any]:
@@ -244,7 +230,7 @@ class QuotaMachine(RuleBasedStateMachine):
             f"expected {expected.code}, got {reply.code()}: {reply.details()}"
         )
         if expected.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            detail = insufficient_units(reply)
+            detail = insufficient_units(reply.trailing_metadata())
             assert detail is not None, "RESOURCE_EXHAUSTED without InsufficientUnits"
             assert (detail.available, detail.required) == (expected.available, expected.required)
 
